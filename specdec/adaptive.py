@@ -1,0 +1,80 @@
+"""Adaptive draft length: choose K from measured costs and the running acceptance rate.
+
+With a per-token acceptance rate ``alpha``, a chain of ``K`` candidates yields
+``(1 - alpha**(K+1)) / (1 - alpha)`` tokens per step (accepted + 1) and costs
+``K * draft_seconds + verify_seconds(K + 1)``. The controller picks the ``K``
+that maximises tokens per second. Costs are exponential moving averages of
+what the engine measures; verify cost per row count starts from a prior
+shaped like the CPU curve measured in DESIGN (16 rows ~1.3x one row) and is
+replaced by measurements as they come.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DraftLengthController:
+    """Chooses the number of speculative tokens per step.
+
+    Attributes:
+        fixed: a fixed K (``num_speculative_tokens``), or None for adaptive.
+        k_max: the largest K considered.
+        initial_k: K used before anything is measured.
+        decay: weight of the newest observation in the moving averages.
+    """
+
+    fixed: int | None = None
+    k_max: int = 12
+    initial_k: int = 4
+    decay: float = 0.25
+    alpha_accepted: float = 3.0  # prior: 3 accepted per 1 rejection (alpha = 0.75)
+    alpha_rejected: float = 1.0
+    draft_seconds: float | None = None
+    verify_seconds: dict[int, float] = field(default_factory=dict)
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.draft_seconds is None or not self.verify_seconds:
+            return self.initial_k
+        alpha = self.acceptance
+        best_k, best_rate = 0, 0.0
+        for k in range(0, self.k_max + 1):
+            tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+            seconds = k * self.draft_seconds + self._verify_cost(k + 1)
+            rate = tokens / seconds
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that one candidate is accepted, in [0, 0.99]."""
+        return min(0.99, self.alpha_accepted / (self.alpha_accepted + self.alpha_rejected))
+
+    def record_step(self, proposed: int, accepted: int) -> None:
+        """One verified chain: ``accepted`` of ``proposed`` candidates kept."""
+        if proposed == 0:
+            return
+        keep = 1.0 - self.decay
+        rejected = 1.0 if accepted < proposed else 0.0
+        self.alpha_accepted = keep * self.alpha_accepted + accepted
+        self.alpha_rejected = keep * self.alpha_rejected + rejected
+
+    def record_draft(self, seconds_per_token: float) -> None:
+        self.draft_seconds = _ema(self.draft_seconds, seconds_per_token, self.decay)
+
+    def record_verify(self, rows: int, seconds: float) -> None:
+        self.verify_seconds[rows] = _ema(self.verify_seconds.get(rows), seconds, self.decay)
+
+    def _verify_cost(self, rows: int) -> float:
+        if rows in self.verify_seconds:
+            return self.verify_seconds[rows]
+        # scale the nearest measurement by the prior shape 1 + 0.02 * (rows - 1)
+        near = min(self.verify_seconds, key=lambda r: abs(r - rows))
+        return self.verify_seconds[near] * (1 + 0.02 * (rows - 1)) / (1 + 0.02 * (near - 1))
+
+
+def _ema(old: float | None, new: float, decay: float) -> float:
+    return new if old is None else (1 - decay) * old + decay * new

@@ -1,0 +1,396 @@
+"""The one decode loop: propose, verify in one target forward, commit, stream.
+
+:class:`SpeculativeGenerator` is the API every front end uses (CLI, bench,
+webui extension). The method only chooses the proposer; the loop, the
+verifier and the KV bookkeeping are shared.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import kvcache
+from .errors import ContextLengthError, SpecdecError
+from .proposers import ProposerContext, build_proposer, resolve_method
+from .proposers.base import DecodeState, Draft, StepOutcome
+from .sampling import SamplingConfig
+from .stream import IncrementalDecoder, StopStringMatcher
+from .tree import ancestor_mask, depths
+from .verify import verify
+from .vocab import check_vocabularies
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one generation.
+
+    ``mean_accepted_length`` is new tokens per step, *including* the recovered
+    or bonus token of each step; ``acceptance_rate`` is accepted / proposed
+    candidates.
+    """
+
+    method: str = ""
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(
+            mean_accepted_length=self.mean_accepted_length,
+            acceptance_rate=self.acceptance_rate,
+            tokens_per_second=self.tokens_per_second,
+        )
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"{self.new_tokens} tokens in {self.seconds:.2f}s ({self.tokens_per_second:.2f} tok/s), "
+            f"method {self.method}, mean accepted length {self.mean_accepted_length:.2f} (incl. bonus), "
+            f"acceptance rate {self.acceptance_rate:.1%}"
+        )
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`SpeculativeGenerator.generate` returns.
+
+    Attributes:
+        token_ids: the new tokens only (an EOS that ended generation included;
+            with a stop string, up to the token that completed it).
+        text: decoded new text (special tokens skipped, cut before a stop
+            string), or None without a tokenizer.
+        finish_reason: ``"eos"``, ``"stop"``, ``"length"`` or ``"context"``.
+    """
+
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+    finish_reason: str
+    prompt_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StreamEvent:
+    """One increment of a stream: the new stable text and the tokens accepted in this step."""
+
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    done: bool = False
+    finish_reason: str | None = None
+
+
+class SpeculativeGenerator:
+    """Lossless speculative decoding over a transformers causal LM.
+
+    Args:
+        target: the model whose output is reproduced.
+        tokenizer: its tokenizer (needed for ``str``/chat prompts, text and stop strings).
+        method: ``"none"``, ``"draft"``, ``"prompt_lookup"``, ``"lookahead"``,
+            ``"medusa"`` or ``"auto"``.
+        draft: a draft model sharing the target's tokenizer (method ``"draft"``).
+        num_speculative_tokens: fixed number of candidates per step; None adapts it.
+        draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
+        **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
+            ``medusa_heads``, ``tree``, ``max_ngram``...), validated by the method.
+    """
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        tokenizer: Any = None,
+        method: str = "auto",
+        draft: torch.nn.Module | None = None,
+        num_speculative_tokens: int | None = None,
+        *,
+        draft_tokenizer: Any = None,
+        **options: Any,
+    ) -> None:
+        self.target = target.eval()
+        self.tokenizer = tokenizer
+        self.draft = draft.eval() if draft is not None else None
+        self.method = resolve_method(method, draft=draft, options=options)
+        if num_speculative_tokens is not None and (int(num_speculative_tokens) != num_speculative_tokens or num_speculative_tokens < 0):
+            raise SpecdecError(
+                f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens}",
+                "leave it unset for an adaptive draft length",
+            )
+        if self.draft is not None and self.method == "draft":
+            check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
+        self.device = next(target.parameters()).device
+        self.context_length = _context_length(target)
+        self.proposer = build_proposer(
+            self.method,
+            ProposerContext(
+                target=target,
+                draft=self.draft,
+                tokenizer=tokenizer,
+                num_speculative_tokens=num_speculative_tokens,
+                options=options,
+            ),
+        )
+        self.last_stats: GenerationStats | None = None
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a ``str`` (raw text), chat messages, or a list of ids."""
+        if isinstance(prompt, str):
+            self._need_tokenizer("a text prompt")
+            return list(self.tokenizer(prompt)["input_ids"])
+        items = list(prompt)
+        if items and isinstance(items[0], dict):
+            self._need_tokenizer("chat messages")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise SpecdecError(
+                    "this tokenizer has no chat template, so chat messages cannot be rendered",
+                    "pass a plain text prompt (--raw in the CLI)",
+                )
+            text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not all(isinstance(t, int) for t in items):
+            raise SpecdecError("a prompt must be a str, a list of token ids or a list of chat messages")
+        return items
+
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise SpecdecError(f"{what} needs a tokenizer", "pass tokenizer= to SpeculativeGenerator or give token ids")
+
+    def eos_token_ids(self) -> set[int]:
+        """Every EOS id of the target's generation config (else the tokenizer's)."""
+        ids = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
+        if ids is None and self.tokenizer is not None:
+            ids = getattr(self.tokenizer, "eos_token_id", None)
+        if ids is None:
+            return set()
+        return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+
+    # ------------------------------------------------------------------ API
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs: Any) -> GenerationResult:
+        """Generate and return the whole result. Keyword arguments are those of :meth:`stream`."""
+        tokens: list[int] = []
+        texts: list[str] = []
+        event = None
+        for event in self.stream(prompt, max_new_tokens=max_new_tokens, **kwargs):
+            tokens.extend(event.token_ids)
+            texts.append(event.text)
+        assert event is not None
+        return GenerationResult(
+            token_ids=tokens,
+            text="".join(texts) if self.tokenizer is not None else None,
+            stats=event.stats,
+            finish_reason=event.finish_reason or "length",
+            prompt_ids=self._last_prompt_ids,
+        )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        suppress_tokens: Sequence[int] = (),
+    ) -> Iterator[StreamEvent]:
+        """Generate incrementally; each event carries the new stable text and new token ids.
+
+        Args:
+            prompt: text, chat messages or token ids.
+            max_new_tokens: most tokens to generate.
+            temperature: 0 for greedy, else sampling temperature.
+            top_k: keep the k most likely tokens (0 = off).
+            top_p: nucleus sampling mass (1 = off).
+            repetition_penalty: transformers-style penalty on tokens already seen (1 = off).
+            seed: seed of the random draws (None = random).
+            stop: stop string(s): generation ends and the text is cut before it.
+            eos_token_id: EOS ids to stop at instead of the model's (``[]`` = never stop at EOS).
+            suppress_tokens: ids never generated (e.g. a banned EOS).
+        """
+        cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, tuple(int(t) for t in suppress_tokens))
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise SpecdecError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if stops and self.tokenizer is None:
+            raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise SpecdecError("the prompt is empty", "give at least one token of prompt")
+        self._check_context(len(prompt_ids), max_new_tokens)
+        self._last_prompt_ids = prompt_ids
+        eos = self.eos_token_ids() if eos_token_id is None else (
+            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
+        )
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+        yield from self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        cfg: SamplingConfig,
+        generator: torch.Generator,
+        stops: list[str],
+        eos: set[int],
+    ) -> Iterator[StreamEvent]:
+        stats = GenerationStats(method=self.method, prompt_tokens=len(prompt_ids))
+        self.last_stats = stats
+        limit = min(max_new_tokens, self.context_length - len(prompt_ids))
+        buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
+        buf[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        length = len(prompt_ids)
+        decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
+        matcher = StopStringMatcher(stops)
+        start = time.perf_counter()
+        cache = kvcache.new_cache(self.target)
+        with torch.inference_mode():
+            if length > 1:
+                self.target(input_ids=buf[None, : length - 1], cache=cache, use_cache=True, logits_to_keep=1)
+        stats.prefill_seconds = time.perf_counter() - start
+        state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator)
+        self.proposer.reset(state)
+        finish: str | None = None
+        while finish is None:
+            generated = length - len(prompt_ids)
+            budget = min(limit - generated - 1, self.context_length - length - 1)
+            with torch.inference_mode():
+                draft = self.proposer.propose(state, max(budget, 0))
+                new_tokens, outcome = self._step(draft, state, cache, cfg, generator)
+            stats.steps += 1
+            stats.proposed += draft.num_nodes
+            stats.accepted += len(outcome.accepted_nodes)
+            keep = new_tokens.tolist()[: limit - generated]
+            for i, t in enumerate(keep):
+                if t in eos:
+                    keep, finish = keep[: i + 1], "eos"
+                    break
+            buf[length : length + len(keep)] = torch.tensor(keep, dtype=torch.long)
+            length += len(keep)
+            state.tokens = buf[:length]
+            outcome.tokens = state.tokens
+            if finish is None:
+                with torch.inference_mode():
+                    self.proposer.observe(outcome)
+            text = ""
+            if decoder is not None:
+                delta = decoder.add(keep) + (decoder.flush() if finish or length - len(prompt_ids) >= limit else "")
+                text, hit = matcher.push(delta)
+                if hit:
+                    finish = "stop"
+            if finish is None and length - len(prompt_ids) >= limit:
+                finish = "length" if limit == max_new_tokens else "context"
+            if finish is not None and finish != "stop":
+                text += matcher.finish()
+            stats.new_tokens = length - len(prompt_ids)
+            stats.seconds = time.perf_counter() - start
+            yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
+
+    def _step(
+        self, draft: Draft, state: DecodeState, cache: Any, cfg: SamplingConfig, generator: torch.Generator
+    ) -> tuple[torch.Tensor, StepOutcome]:
+        """One target forward over ``[pending] + draft``; verify; keep the accepted KV.
+
+        Returns ``[a+1]`` new tokens and the outcome for the proposer.
+        """
+        base = state.tokens.numel() - 1  # cached positions; the pending token is at ``base``
+        n, m = draft.num_nodes, draft.num_extra
+        parts = [state.tokens[-1:], draft.tokens.to(self.device)]
+        if m:
+            parts.append(draft.extra_tokens.to(self.device))
+        input_ids = torch.cat(parts)[None]
+        position_ids = attention_mask = None
+        if not draft.is_chain or m:
+            position_ids, attention_mask = self._tree_inputs(draft, base)
+        t0 = time.perf_counter()
+        out = self.target(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=draft.need_hidden,
+        )
+        logits = out.logits[0]  # [1+n+m, V]
+        verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator)
+        self.proposer_verify_seconds = time.perf_counter() - t0
+        controller = getattr(self.proposer, "controller", None)
+        if controller is not None:
+            controller.record_verify(1 + n, self.proposer_verify_seconds)
+            if draft.is_chain:
+                controller.record_step(n, len(verdict.accepted_nodes))
+        kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
+        accepted = draft.tokens[verdict.accepted_nodes].to(self.device) if verdict.accepted_nodes else draft.tokens[:0].to(self.device)
+        new_tokens = torch.cat([accepted, torch.tensor([verdict.next_token], device=self.device)])
+        outcome = StepOutcome(
+            draft=draft,
+            accepted_nodes=verdict.accepted_nodes,
+            new_tokens=new_tokens,
+            tokens=state.tokens,
+            logits=logits,
+            hidden=out.hidden_states[-1][0] if draft.need_hidden else None,
+            last_row=verdict.last_row,
+        )
+        return new_tokens, outcome
+
+    def _tree_inputs(self, draft: Draft, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[1, q]`` and a 4D float mask ``[1, 1, q, base+q]`` for a tree and extra rows."""
+        n, m = draft.num_nodes, draft.num_extra
+        q = 1 + n + m
+        parents = draft.parents if draft.parents is not None else torch.arange(-1, n - 1)
+        offsets = [torch.zeros(1, dtype=torch.long), depths(parents.cpu())]
+        allowed = torch.zeros(q, q, dtype=torch.bool)
+        allowed[: 1 + n, : 1 + n] = ancestor_mask(parents.cpu())
+        if m:
+            offsets.append(draft.extra_positions.cpu().long())
+            allowed[1 + n :] = draft.extra_mask.cpu()
+        positions = (base + torch.cat(offsets))[None].to(self.device)
+        full = torch.cat([torch.ones(q, base, dtype=torch.bool), allowed], dim=1)
+        dtype = self.target.dtype
+        mask = torch.zeros(q, base + q, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
+        return positions, mask[None, None].to(self.device)
+
+    def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.context_length:
+            room = self.context_length - prompt_len
+            raise ContextLengthError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {self.context_length} tokens",
+                f"shorten the prompt or set max_new_tokens to at most {room}" if room > 0 else "shorten the prompt",
+            )
+
+
+def _context_length(model: torch.nn.Module) -> int:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

@@ -1,0 +1,51 @@
+"""Errors that carry a message for the user: what is wrong and what to do.
+
+Every error raised on purpose by specdec derives from :class:`SpecdecError`, so
+the CLI and the webui extension can show ``str(error)`` without a traceback.
+"""
+from __future__ import annotations
+
+
+class SpecdecError(Exception):
+    """Base class: ``message`` says what is wrong, ``hint`` what to do about it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}\n  hint: {hint}" if hint else message)
+
+
+class ModelNotFoundError(SpecdecError):
+    """A model name, folder or file that cannot be found or read."""
+
+
+class VocabularyMismatchError(SpecdecError):
+    """A draft model whose tokens differ from the target's."""
+
+
+class ContextLengthError(SpecdecError):
+    """Prompt plus max_new_tokens does not fit the model's context."""
+
+
+class InvalidSamplingError(SpecdecError, ValueError):
+    """A sampling value outside its valid range."""
+
+
+class UnknownMethodError(SpecdecError, ValueError):
+    """A method name that specdec does not know."""
+
+
+class MissingExtraError(SpecdecError, ImportError):
+    """An optional dependency is not installed."""
+
+    def __init__(self, extra: str, package: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the package '{package}', which is not installed.",
+            f"install it with: pip install 'specdec[{extra}]'",
+        )
+        self.extra = extra
+        self.package = package
+
+
+class UnsupportedModelError(SpecdecError):
+    """A model that a method cannot run on (e.g. attention that takes no custom mask)."""

@@ -1,0 +1,131 @@
+"""The proposer protocol: every method is a proposer behind one loop and one verifier.
+
+One decode step (see :mod:`specdec.engine`)::
+
+    draft  = proposer.propose(state, budget)           # 1. candidate tokens
+    logits = target forward over [pending] + draft      # 2. one target forward
+    verdict = verify(draft, logits, sampling)           # 3. accepted + recovered/bonus
+    commit KV of the accepted path; proposer.observe(step)   # 4.
+    stream the new tokens                                # 5.
+
+Terms: the *pending* token is the last committed token, whose KV is not yet in
+the target cache; it is the root (row 0) of every target forward. *Nodes* are
+the candidate tokens (rows ``1..n``); a chain is a tree whose node ``i`` has
+parent ``i-1``. *Extra rows* (rows ``1+n..``) ride along in the same forward
+without being verified, e.g. the lookahead window; their logits go back to the
+proposer in :class:`StepOutcome`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..sampling import SamplingConfig
+
+
+@dataclass
+class Draft:
+    """What a proposer offers for one step.
+
+    Attributes:
+        tokens: ``[n]`` long, candidate tokens, in topological order (a parent
+            before its children; siblings in order of preference).
+        parents: ``[n]`` long, index of each node's parent in ``tokens``, ``-1``
+            for a child of the root; ``None`` means a chain (``parents[i] = i-1``).
+        draft_probs: ``[n, V]`` float32, the (processed) distribution each node
+            was sampled from, for sampling verification; ``None`` treats every
+            node as a deterministic (point-mass) candidate.
+        extra_tokens: ``[m]`` long, unverified rows appended to the forward.
+        extra_positions: ``[m]`` long, position of each extra row relative to the
+            root's position (the root is at offset 0).
+        extra_mask: ``[m, 1+n+m]`` bool, which rows of this forward (root, nodes,
+            extra rows) each extra row attends to, besides the whole cache.
+            Nodes never attend to extra rows.
+        need_hidden: ask the engine for the target's final hidden states.
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor | None = None
+    draft_probs: torch.Tensor | None = None
+    extra_tokens: torch.Tensor | None = None
+    extra_positions: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
+    need_hidden: bool = False
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def num_extra(self) -> int:
+        return 0 if self.extra_tokens is None else int(self.extra_tokens.numel())
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
+
+    @classmethod
+    def empty(cls, device: torch.device | str = "cpu") -> "Draft":
+        return cls(tokens=torch.empty(0, dtype=torch.long, device=device))
+
+
+@dataclass
+class DecodeState:
+    """What a proposer may read when proposing.
+
+    Attributes:
+        tokens: ``[L]`` long, every committed token (prompt + generated); the
+            last one is the pending token.
+        prompt_length: number of prompt tokens at the start of ``tokens``.
+        sampling: the sampling configuration of this generation.
+        generator: the seeded random generator of this generation.
+    """
+
+    tokens: torch.Tensor
+    prompt_length: int
+    sampling: SamplingConfig
+    generator: torch.Generator | None
+
+
+@dataclass
+class StepOutcome:
+    """What happened to a draft, told to the proposer after the step.
+
+    Attributes:
+        draft: the draft that was verified.
+        accepted_nodes: indices (into ``draft.tokens``) of the accepted path, in order.
+        new_tokens: ``[a+1]`` long, the accepted tokens followed by the recovered
+            or bonus token (before any truncation for stops).
+        tokens: ``[L']`` long, every committed token after the step.
+        logits: ``[1+n+m, V]`` raw target logits of every row of the forward.
+        hidden: ``[1+n+m, H]`` target final hidden states (only when the draft
+            asked for them).
+        last_row: row of the forward whose logits gave the last new token (the
+            root if nothing was accepted, else the last accepted node's row).
+    """
+
+    draft: Draft
+    accepted_nodes: list[int]
+    new_tokens: torch.Tensor
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    last_row: int = 0
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """A source of candidate tokens. One module per method implements it."""
+
+    name: str
+
+    def reset(self, state: DecodeState) -> None:
+        """Start a new generation; ``state.tokens`` is the prompt."""
+
+    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+        """Offer at most ``max_nodes`` candidate tokens continuing ``state.tokens``."""
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Learn what was accepted (update caches, pools, hidden states)."""

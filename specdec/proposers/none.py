@@ -1,0 +1,27 @@
+"""Method ``none``: no candidates, so every step is one plain decoding step.
+
+The in-house baseline: the same loop, verifier and cache as every other method.
+"""
+from __future__ import annotations
+
+from .base import DecodeState, Draft, StepOutcome
+
+
+class NoProposer:
+    name = "none"
+
+    def reset(self, state: DecodeState) -> None:
+        self._device = state.tokens.device
+
+    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+        return Draft.empty(state.tokens.device)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+
+def build(ctx) -> NoProposer:
+    from . import take_options
+
+    take_options(ctx.options, (), "none")
+    return NoProposer()

@@ -1,0 +1,97 @@
+"""Method ``prompt_lookup``: candidates copied from the context after a matching n-gram.
+
+An index maps every n-gram (``min_ngram <= n <= max_ngram``) of the committed
+tokens to the position right after its latest occurrence that has a
+continuation, so a lookup costs one dict access per n instead of a rescan of
+the context. Longer matches are tried first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DecodeState, Draft, StepOutcome
+
+
+@dataclass(frozen=True)
+class PromptLookupConfig:
+    """Options of prompt lookup.
+
+    Attributes:
+        max_ngram: longest suffix matched.
+        min_ngram: shortest suffix matched.
+        num_speculative_tokens: candidates copied per step (fixed when given).
+    """
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+    num_speculative_tokens: int = 10
+
+    def __post_init__(self) -> None:
+        from ..errors import SpecdecError
+
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise SpecdecError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+
+
+class NgramIndex:
+    """n-gram -> position after its latest occurrence, over a growing token list.
+
+    An n-gram ending at position ``e`` is indexed only once ``e + 1`` exists,
+    so a lookup of the current suffix finds an earlier occurrence with at
+    least one token to copy.
+    """
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self.table: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams ending before this position are in the table
+
+    def extend(self, new_tokens: list[int]) -> None:
+        self.tokens.extend(new_tokens)
+        toks, end = self.tokens, len(self.tokens) - 1  # an n-gram may end at most at len - 2
+        for e in range(self._indexed, end):
+            for n in range(self.min_n, self.max_n + 1):
+                if e - n + 1 < 0:
+                    break
+                self.table[tuple(toks[e - n + 1 : e + 1])] = e + 1
+        self._indexed = max(self._indexed, end)
+
+    def lookup(self, k: int) -> list[int]:
+        """Up to ``k`` tokens following the latest earlier occurrence of the longest matching suffix."""
+        toks = self.tokens
+        for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
+            start = self.table.get(tuple(toks[-n:]))
+            if start is not None:
+                return toks[start : start + k]
+        return []
+
+
+class PromptLookupProposer:
+    name = "prompt_lookup"
+
+    def __init__(self, cfg: PromptLookupConfig, fixed: int | None) -> None:
+        self.cfg = cfg
+        self.fixed = fixed
+        self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
+
+    def reset(self, state: DecodeState) -> None:
+        self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
+        self.index.extend(state.tokens.tolist())
+
+    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+        k = min(self.fixed if self.fixed is not None else self.cfg.num_speculative_tokens, max_nodes)
+        found = self.index.lookup(k) if k > 0 else []
+        return Draft(tokens=torch.tensor(found, dtype=torch.long, device=state.tokens.device))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
+
+
+def build(ctx) -> PromptLookupProposer:
+    from . import take_options
+
+    opts = take_options(ctx.options, ("max_ngram", "min_ngram"), "prompt_lookup")
+    return PromptLookupProposer(PromptLookupConfig(**opts), ctx.num_speculative_tokens)

@@ -1,0 +1,144 @@
+"""The one verifier: which candidates to keep, and the one token the target adds.
+
+Terms (see DESIGN): candidates are *accepted* while they pass; at the first
+rejection the target's *recovered* token is sampled from the residual; when a
+path is accepted to its leaf, the target adds a *bonus* token. Either way a
+step yields ``accepted + 1`` tokens.
+
+- Greedy (``temperature == 0``): a candidate is accepted when it equals the
+  target's argmax at its parent's row. Output equals greedy decoding.
+- Sampling: at each row the residual starts as ``target_probs``. Children are
+  tried in order; child ``x`` with draft distribution ``draft_probs`` (a point
+  mass when the proposer gives none) is accepted with probability
+  ``min(1, residual[x] / draft_probs[x])``; on rejection
+  ``residual = norm(max(0, residual - draft_probs))``. When no child is
+  accepted the recovered token is sampled from the residual. For a chain
+  with draft-model probabilities this is standard speculative sampling; for
+  deterministic candidates (n-grams, tree tops) it is recursive rejection over
+  siblings. Each emitted token is distributed exactly as the target's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .proposers.base import Draft
+from .sampling import SamplingConfig, presence_rows, process_logits
+from .tree import chain_parents, children, path_tokens
+
+
+@dataclass
+class Verdict:
+    """Result of verifying one draft.
+
+    Attributes:
+        accepted_nodes: node indices of the accepted path, root first excluded.
+        next_token: the recovered or bonus token.
+        last_row: forward row whose distribution gave ``next_token``.
+    """
+
+    accepted_nodes: list[int]
+    next_token: int
+    last_row: int
+
+
+def process_rows(
+    logits: torch.Tensor, draft: Draft, cfg: SamplingConfig, context: torch.Tensor
+) -> torch.Tensor:
+    """Processed target rows for the root and the nodes.
+
+    Args:
+        logits: ``[1+n, V]`` raw target logits of the root and node rows.
+        context: ``[L]`` committed tokens (the pending token last).
+    Returns:
+        ``[1+n, V]`` float32 (processed logits if greedy, else probabilities).
+    """
+    presence = None
+    if cfg.uses_prefix:
+        parents = draft.parents if draft.parents is not None else chain_parents(draft.num_nodes, logits.device)
+        presence = presence_rows(context, logits.shape[-1], path_tokens(draft.tokens, parents))
+    return process_logits(logits, cfg, presence)
+
+
+def verify(
+    draft: Draft,
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    context: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """Verify ``draft`` against the target.
+
+    Args:
+        draft: the candidates (``n`` nodes).
+        logits: ``[1+n, V]`` raw target logits: row 0 is the pending token's,
+            row ``i+1`` node ``i``'s.
+        cfg: sampling configuration (applied identically to the proposer's).
+        context: ``[L]`` committed tokens, the pending token last.
+        generator: seeded generator for the random draws.
+    """
+    processed = process_rows(logits, draft, cfg, context)
+    if cfg.greedy:
+        return _verify_greedy(draft, processed)
+    return _verify_sampling(draft, processed, generator)
+
+
+def _verify_greedy(draft: Draft, processed: torch.Tensor) -> Verdict:
+    """processed: ``[1+n, V]``."""
+    best = processed.argmax(dim=-1)  # [1+n]
+    n = draft.num_nodes
+    if draft.is_chain:
+        if n == 0:
+            return Verdict([], int(best[0]), 0)
+        match = (draft.tokens == best[:n]).long()
+        a = int(match.cumprod(0).sum())
+        return Verdict(list(range(a)), int(best[a]), a)
+    best_l = best.tolist()
+    toks = draft.tokens.tolist()
+    kids = children(draft.parents)
+    row, accepted = 0, []
+    while True:
+        nxt = next((c for c in kids[row] if toks[c] == best_l[row]), None)
+        if nxt is None:
+            return Verdict(accepted, best_l[row], row)
+        accepted.append(nxt)
+        row = nxt + 1
+
+
+def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """target_probs: ``[1+n, V]`` probabilities."""
+    parents = draft.parents if draft.parents is not None else chain_parents(draft.num_nodes, target_probs.device)
+    kids = children(parents)
+    toks = draft.tokens.tolist()
+    row, accepted = 0, []
+    while True:
+        residual = target_probs[row].clone()
+        moved = False
+        for c in kids[row]:
+            x = toks[c]
+            u = float(torch.rand((), generator=generator, device=target_probs.device))
+            if draft.draft_probs is None:
+                total = float(residual.sum())
+                p_accept = float(residual[x]) / total if total > 0 else 0.0
+                if u < p_accept:
+                    moved = True
+                else:
+                    residual[x] = 0.0
+            else:
+                q = draft.draft_probs[c]
+                total = float(residual.sum())
+                p_accept = min(1.0, float(residual[x]) / total / max(float(q[x]), 1e-30)) if total > 0 else 0.0
+                if u < p_accept:
+                    moved = True
+                else:
+                    residual = torch.clamp(residual / max(total, 1e-30) - q, min=0.0)
+            if moved:
+                accepted.append(c)
+                row = c + 1
+                break
+        if not moved:
+            if float(residual.sum()) <= 0.0:  # numerically exhausted: fall back to the row itself
+                residual = target_probs[row]
+            token = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+            return Verdict(accepted, token, row)

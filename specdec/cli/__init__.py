@@ -1,0 +1,35 @@
+"""The ``specdec-local`` command line.
+
+Each subcommand lives in its own module of this package and exposes
+``commands: list[click.Command]``; this module only assembles them.
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# modules of this package that define subcommands, in help order
+_COMMAND_MODULES = ("generate", "models", "bench", "profiles", "medusa")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="specdec")
+def main() -> None:
+    """specdec: lossless speculative decoding for local LLMs."""
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        module_name = f"{__name__}.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # that subcommand is not part of this build
+                continue
+            raise
+        for command in module.commands:
+            main.add_command(command)
+
+
+_register()

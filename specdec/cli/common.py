@@ -1,0 +1,69 @@
+"""Shared pieces of the CLI: error reporting, quiet library output, model options."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..errors import SpecdecError
+from ..proposers import METHODS
+
+
+def quiet_libraries() -> None:
+    """Hide transformers' progress bars and advisory warnings from CLI output."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers always importable with specdec
+        pass
+
+
+def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SpecdecError as e:
+            click.echo(f"error: {e.message}", err=True)
+            if e.hint:
+                click.echo(f"  hint: {e.hint}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--target/--draft/--method/... shared by generate and bench."""
+    options = [
+        click.option("--method", "-m", type=click.Choice(METHODS), default="auto", show_default=True,
+                     help="Proposer: none (plain decoding), draft, prompt_lookup, lookahead, medusa, auto."),
+        click.option("--num-speculative-tokens", "-k", type=click.IntRange(min=0), default=None,
+                     help="Fixed candidates per step (default: adaptive)."),
+        click.option("--window-size", type=click.IntRange(min=1), default=None, help="Lookahead window W."),
+        click.option("--ngram-size", type=click.IntRange(min=2), default=None, help="Lookahead n-gram size N."),
+        click.option("--guess-size", type=click.IntRange(min=1), default=None, help="Lookahead candidates per step G."),
+        click.option("--medusa-heads", type=click.Path(), default=None, help="Folder of trained Medusa heads."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True, help="auto = bfloat16 on CPU."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps..."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the method options of :func:`model_options` into a dict for ``specdec.load``."""
+    return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads")}

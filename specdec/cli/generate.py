@@ -1,0 +1,72 @@
+"""``specdec-local generate``: stream a reply, then one stats line."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from ..models import DEFAULT_MODEL
+from .common import method_options, model_options, quiet_libraries, report_errors
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--target", "-t", default=DEFAULT_MODEL, show_default=True,
+              help="Packaged model name, local folder, .gguf file or hub id.")
+@click.option("--draft", "-d", default=None, help="Draft model (same tokenizer family as the target).")
+@model_options
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
+@click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template, or not.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@report_errors
+def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: bool, **kwargs: Any) -> None:
+    """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone)."""
+    import specdec
+
+    quiet_libraries()
+    options = method_options(kwargs)
+    gen = specdec.load(
+        target,
+        draft=draft,
+        method=kwargs.pop("method"),
+        dtype=kwargs.pop("dtype"),
+        device=kwargs.pop("device"),
+        num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
+        threads=kwargs.pop("threads"),
+        **options,
+    )
+    messages = [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
+    sampling = dict(kwargs, stop=list(kwargs.pop("stop")) or None)
+    if as_json:
+        res = gen.generate(messages, **sampling)
+        click.echo(json.dumps({"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                               "stats": res.stats.to_dict()}))
+        return
+    stats = None
+    try:
+        for event in gen.stream(messages, **sampling):
+            stats = event.stats
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        stats = gen.last_stats
+        if stats is not None:
+            click.echo(f"[interrupted] {stats.summary()}", err=True)
+        sys.exit(130)
+    sys.stdout.write("\n")
+    if stats is not None:
+        click.echo(stats.summary(), err=True)
+
+
+commands = [generate]

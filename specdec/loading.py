@@ -77,7 +77,31 @@ def locate(name_or_path: str, pull: bool = True) -> tuple[str, str | None]:
             f"packaged models: {', '.join(models.CATALOGUE)} (see `specdec-local models list`); "
             "or give a local folder, a .gguf file or a hub id like org/name",
         )
+    _check_hub_reachable(ref)
     return ref, None  # a hub id
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail fast (instead of minutes of retries) when a hub id is neither cached nor reachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+        endpoint = urlparse(constants.ENDPOINT)
+        host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        host, port = "huggingface.co", 443
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local cache and the model hub ({host}) cannot be reached",
+            f"use a packaged model ({', '.join(models.CATALOGUE)}), a local folder or a .gguf file",
+        ) from None
 
 
 def load_model(

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models built in-process, and the packaged real model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, sharpness: float = 1.0,
+               attn: str = "sdpa", max_positions: int = 512, eos: int | None = None) -> torch.nn.Module:
+    """A tiny random causal LM in fp32. ``sharpness`` scales the lm_head so the
+    output distributions are peaked (random models are otherwise near uniform)."""
+    config_cls, model_cls = ARCHS[arch]
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, eos_token_id=eos, bos_token_id=None,
+        pad_token_id=None, tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn
+    model = model_cls(config).eval()
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = None
+    if sharpness != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpness)
+    return model
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' own greedy decoding: the reference every method must reproduce."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M (fp32) and its tokenizer; skipped when the model was not pulled."""
+    from specdec import models
+    from specdec.loading import load_model
+
+    if not models.is_pulled("smollm2-135m"):
+        pytest.skip("smollm2-135m is not pulled: run `specdec-local models pull smollm2-135m`")
+    return load_model("smollm2-135m", dtype="float32", device="cpu")

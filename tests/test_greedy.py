@@ -1,0 +1,104 @@
+"""Greedy output of every core method equals transformers' greedy decoding, token for token (fp32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from conftest import hf_greedy, tiny_model
+
+
+def _prompt(seed: int = 1, length: int = 12, vocab: int = 96, repeat: bool = True) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(0, vocab, (length,), generator=g).tolist()
+    return p + p[:6] if repeat else p  # a repeated span gives prompt lookup something to copy
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "method,draft_kind,k",
+    [
+        ("none", None, None),
+        ("prompt_lookup", None, None),
+        ("prompt_lookup", None, 2),
+        ("draft", "random", None),
+        ("draft", "random", 1),
+        ("draft", "random", 2),
+        ("draft", "random", 5),
+        ("draft", "self", None),
+        ("draft", "self", 1),
+        ("draft", "self", 2),
+        ("draft", "self", 5),
+        ("auto", "random", None),
+        ("auto", None, None),
+    ],
+)
+def test_matches_hf_greedy(arch, method, draft_kind, k):
+    target = tiny_model(arch, seed=0)
+    draft = {"random": tiny_model(arch, seed=7), "self": target, None: None}[draft_kind]
+    prompt = _prompt()
+    ref = hf_greedy(target, prompt, 48)
+    gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=k)
+    res = gen.generate(prompt, max_new_tokens=48)
+    assert res.token_ids == ref
+    assert res.stats.new_tokens == 48 and res.finish_reason == "length"
+    if draft_kind == "self" and k:
+        assert res.stats.acceptance_rate == 1.0  # the target as its own draft is always accepted
+        assert res.stats.mean_accepted_length > 1.0
+
+
+@pytest.mark.parametrize("method,draft_kind", [("none", None), ("prompt_lookup", None), ("draft", "random")])
+def test_repetition_penalty_matches_hf(method, draft_kind):
+    target = tiny_model("llama", seed=0)
+    draft = tiny_model("llama", seed=7) if draft_kind else None
+    prompt = _prompt(seed=3)
+    ref = hf_greedy(target, prompt, 40, repetition_penalty=1.3)
+    gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=3)
+    assert gen.generate(prompt, max_new_tokens=40, repetition_penalty=1.3).token_ids == ref
+
+
+def test_eager_attention_matches_hf():
+    target = tiny_model("qwen2", seed=2, attn="eager")
+    prompt = _prompt(seed=4)
+    gen = specdec.SpeculativeGenerator(target, method="draft", draft=tiny_model("qwen2", seed=5, attn="eager"),
+                                       num_speculative_tokens=3)
+    assert gen.generate(prompt, max_new_tokens=32).token_ids == hf_greedy(target, prompt, 32)
+
+
+def test_eos_stops_like_hf():
+    probe = tiny_model("llama", seed=0)
+    prompt = _prompt()
+    eos = hf_greedy(probe, prompt, 20)[9]  # a token greedy decoding reaches
+    target = tiny_model("llama", seed=0, eos=eos)
+    ref = hf_greedy(target, prompt, 40)
+    assert ref[-1] == eos and len(ref) <= 10
+    for method, draft in [("none", None), ("draft", target), ("prompt_lookup", None)]:
+        res = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=4).generate(
+            prompt, max_new_tokens=40)
+        assert res.token_ids == ref and res.finish_reason == "eos"
+    # eos_token_id=[] ignores EOS; suppress_tokens bans it (never generated)
+    res = specdec.SpeculativeGenerator(target, method="none").generate(prompt, max_new_tokens=30, suppress_tokens=[eos])
+    assert eos not in res.token_ids and len(res.token_ids) == 30
+
+
+def test_context_limit_ends_generation_at_context():
+    target = tiny_model("llama", seed=0, max_positions=64)
+    prompt = _prompt()
+    gen = specdec.SpeculativeGenerator(target, method="draft", draft=target, num_speculative_tokens=8)
+    res = gen.generate(prompt, max_new_tokens=64 - len(prompt))
+    assert res.token_ids == hf_greedy(target, prompt, 64 - len(prompt))
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
+    model, tok = smollm2
+    messages = [{"role": "user", "content": "Repeat this list exactly: apples, pears, plums, apples, pears, plums."}]
+    gen = specdec.SpeculativeGenerator(model, tok, method="prompt_lookup")
+    ids = gen.encode(messages)
+    ref = hf_greedy(model, ids, 40)
+    res = gen.generate(messages, max_new_tokens=40)
+    assert res.token_ids == ref
+    assert res.stats.mean_accepted_length > 1.0
+    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4).generate(
+        messages, max_new_tokens=40)
+    assert res.token_ids == ref and res.stats.acceptance_rate == 1.0

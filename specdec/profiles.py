@@ -1,0 +1,628 @@
+"""Hardware profiles and auto-configuration.
+
+A *profile* (``profiles/*.yaml``) describes a tier of consumer hardware
+(CPU-only, Apple unified memory, GPUs of 4/6/8/10-12/16/24+ GB): the methods
+to try in order, the quantization of target and draft in order of
+preference, ``num_speculative_tokens``, lookahead ``W/N/G``, the Medusa tree
+size and the context length assumed for the KV cache.
+
+:func:`select` is a pure function of (:class:`~specdec.hardware.DeviceInfo`,
+catalogue, profiles, target) to a :class:`Configuration` whose memory
+estimate fits the device, found by falling back step by step and saying why
+each earlier step was rejected::
+
+    for each target (the user's, else the profile's suggestions):
+      for each method of the profile (medusa, draft, lookahead, prompt_lookup, none):
+        for each target quantization (profile order, smaller last):
+          draft:  for each draft (larger first), for each draft quantization
+          others: the target alone, plus the method's wider verify step
+        -> the first that fits
+
+:func:`profile_settings` turns a profile into the arguments of
+:func:`specdec.load` without overriding what the caller gave explicitly;
+front ends (``generate --profile``, ``bench --profile``, the webui) call it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sysconfig
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from . import catalogue as cat
+from .errors import SpecdecError
+from .hardware import BACKENDS, DeviceInfo, format_bytes, parse_size
+from .quantization import FLOAT_KINDS, KINDS, torch_dtype_name
+
+log = logging.getLogger(__name__)
+
+PROFILE_SUFFIX = ".yaml"
+AUTO = "auto"
+SPECULATIVE_METHODS: tuple[str, ...] = ("medusa", "draft", "lookahead", "prompt_lookup", "none")
+
+
+# ---------------------------------------------------------------------- schema
+def _size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like 8GiB")
+    if isinstance(value, (int, str)):
+        return parse_size(value)
+    raise ValueError("a size must be a number of bytes or a string like 8GiB")
+
+
+Size = Annotated[int, BeforeValidator(_size), Field(ge=0)]
+Kind = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq", "gguf"]
+Method = Literal["medusa", "draft", "lookahead", "prompt_lookup", "none"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Strict):
+    """Which devices a profile is for: backends and a range of *total* memory."""
+
+    backends: list[Literal["cuda", "rocm", "mps", "cpu"]] = Field(min_length=1)
+    min_memory: Size = 0
+    max_memory: Size | None = Field(default=None, description="exclusive upper bound; none = no limit")
+
+    def covers(self, device: DeviceInfo) -> bool:
+        return (device.backend in self.backends and device.total_bytes >= self.min_memory
+                and (self.max_memory is None or device.total_bytes < self.max_memory))
+
+
+class Quantization(_Strict):
+    """Quantization kinds in order of preference."""
+
+    target: list[Kind] = Field(min_length=1)
+    draft: list[Kind] = Field(min_length=1)
+
+
+class Lookahead(_Strict):
+    """Lookahead decoding: window ``W``, n-gram size ``N``, candidates per step ``G``."""
+
+    window_size: int = Field(ge=1)
+    ngram_size: int = Field(ge=2)
+    guess_size: int = Field(ge=1)
+
+    @property
+    def verify_tokens(self) -> int:
+        """Rows of one lookahead verify forward: the window's levels plus the guesses."""
+        return (self.window_size + self.guess_size) * (self.ngram_size - 1) + 1
+
+
+class Medusa(_Strict):
+    """Medusa: the number of nodes of the candidate tree."""
+
+    tree_size: int = Field(ge=1)
+
+
+class Memory(_Strict):
+    """How the estimate is padded: a fraction of it, plus a fixed reserve (CUDA context, desktop)."""
+
+    margin: float = Field(ge=0.0, lt=1.0)
+    reserve: Size = 0
+
+
+class Profile(_Strict):
+    """One hardware tier, as written in ``profiles/<name>.yaml``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    description: str
+    match: Match
+    methods: list[Method] = Field(min_length=1)
+    targets: list[str] = Field(min_length=1, description="suggested targets when the user names none")
+    quantization: Quantization
+    num_speculative_tokens: int | None = Field(ge=1, description="fixed draft length; null = adaptive")
+    lookahead: Lookahead
+    medusa: Medusa
+    context_length: int = Field(ge=128)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    memory: Memory
+
+    @model_validator(mode="after")
+    def _unique_methods(self) -> Profile:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods must not repeat")
+        return self
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a profile file is invalid."""
+
+    file: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.reason}"
+
+
+class ProfileError(SpecdecError):
+    """Invalid profile files; ``problems`` lists file, field and reason of each."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid profile:\n" + "\n".join(f"  {p}" for p in self.problems),
+                         "see `specdec-local profiles show cpu` for a valid profile")
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def parse_profile(text: str, file: str = "<string>") -> Profile:
+    """Validate one profile's YAML text; :class:`ProfileError` names file, field and reason."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
+        raise ProfileError([Problem(file, where, f"not valid YAML: {getattr(e, 'problem', None) or e}")]) from None
+    if not isinstance(data, dict):
+        raise ProfileError([Problem(file, "(top level)", f"expected a mapping of fields, got {type(data).__name__}")])
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            reason = err["msg"]
+            if err["type"] == "extra_forbidden":
+                reason = "unknown field"
+            elif err["type"] != "missing" and "input" in err:
+                reason += f" (got {err['input']!r})"
+            problems.append(Problem(file, _field_path(err["loc"]), reason))
+        raise ProfileError(problems) from None
+    stem = Path(file).stem
+    if file != "<string>" and stem != profile.name:
+        raise ProfileError([Problem(file, "name", f"must match the file name {stem!r} (got {profile.name!r})")])
+    return profile
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ProfileError([Problem(str(path), "(file)", e.strerror or str(e))]) from None
+    return parse_profile(text, str(path))
+
+
+def profiles_dir() -> Path:
+    """Where the packaged profiles are: the checkout's ``profiles/``, else the installed copy.
+
+    A wheel installs them as data files under ``<prefix>/share/specdec/profiles``.
+    """
+    checkout = Path(__file__).resolve().parents[1] / "profiles"
+    if any(checkout.glob(f"*{PROFILE_SUFFIX}")):
+        return checkout
+    try:
+        for file in metadata.files("specdec") or ():
+            if file.parts[-3:-1] == ("specdec", "profiles") and file.name.endswith(PROFILE_SUFFIX):
+                return Path(str(file.locate())).resolve().parent
+    except metadata.PackageNotFoundError:
+        pass
+    for scheme in (None, "posix_user", "nt_user", "osx_framework_user"):
+        try:
+            base = sysconfig.get_path("data", scheme) if scheme else sysconfig.get_path("data")
+        except KeyError:
+            continue
+        candidate = Path(base) / "share" / "specdec" / "profiles"
+        if any(candidate.glob(f"*{PROFILE_SUFFIX}")):
+            return candidate
+    raise SpecdecError("the packaged hardware profiles are missing", "reinstall specdec (pip install --force-reinstall specdec)")
+
+
+@lru_cache(maxsize=4)
+def _load_dir(directory: str) -> tuple[Profile, ...]:
+    problems: list[Problem] = []
+    loaded = []
+    for path in sorted(Path(directory).glob(f"*{PROFILE_SUFFIX}")):
+        try:
+            loaded.append(load_profile_file(path))
+        except ProfileError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ProfileError(problems)
+    return tuple(loaded)
+
+
+def load_profiles(directory: str | Path | None = None) -> list[Profile]:
+    """Every profile of ``directory`` (default: the packaged ones), sorted by file name."""
+    return list(_load_dir(str(directory or profiles_dir())))
+
+
+def find_profile(name: str, profiles: Sequence[Profile]) -> Profile:
+    for profile in profiles:
+        if profile.name == name:
+            return profile
+    raise SpecdecError(f"unknown profile {name!r}", f"profiles: auto, {', '.join(p.name for p in profiles)}")
+
+
+def match_profile(device: DeviceInfo, profiles: Sequence[Profile]) -> Profile:
+    """The profile for ``device``: among those that cover it, the one with the largest lower bound."""
+    covering = [p for p in profiles if p.match.covers(device)]
+    if not covering:  # memory unknown or outside every range: the smallest tier of the backend
+        covering = sorted((p for p in profiles if device.backend in p.match.backends), key=lambda p: p.match.min_memory)[:1]
+    if not covering:
+        raise SpecdecError(f"no profile matches a {device.backend} device",
+                           f"profiles: {', '.join(p.name for p in profiles)}; choose one with --profile")
+    return max(covering, key=lambda p: p.match.min_memory)
+
+
+# ---------------------------------------------------------------------- selection
+@dataclass(frozen=True)
+class Configuration:
+    """What :func:`select` chose, with the estimate and the reasons for each fallback.
+
+    ``target_ref``/``draft_ref`` are what to load (a hub id of a quantized
+    variant, a packaged name...); ``target``/``draft`` are catalogue names
+    when known, else the references as given.
+    """
+
+    profile: str
+    device: DeviceInfo
+    target: str
+    target_ref: str
+    draft: str | None
+    draft_ref: str | None
+    method: str
+    target_quantization: str
+    draft_quantization: str | None
+    dtype: str
+    num_speculative_tokens: int | None
+    lookahead: Lookahead
+    medusa_tree_size: int
+    context_length: int
+    estimated_bytes: int
+    budget_bytes: int
+    fits: bool
+    reasons: tuple[str, ...] = ()
+    breakdown: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object ``specdec-local detect --json`` prints."""
+        return {
+            "device": self.device.to_dict(),
+            "profile": self.profile,
+            "target": self.target_ref,
+            "draft": self.draft_ref,
+            "method": self.method,
+            "quantization": {"target": self.target_quantization, "draft": self.draft_quantization},
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "lookahead": self.lookahead.model_dump(),
+            "estimated_bytes": int(self.estimated_bytes),
+            "budget_bytes": int(self.budget_bytes),
+            "fits": self.fits,
+            "dtype": self.dtype,
+            "context_length": self.context_length,
+            "medusa": {"tree_size": self.medusa_tree_size},
+            "reasons": list(self.reasons),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def padded(estimate: int, profile: Profile, reserve: bool = True) -> int:
+    """An estimate plus the profile's margin (and reserve)."""
+    return int(estimate * (1 + profile.memory.margin)) + (profile.memory.reserve if reserve else 0)
+
+
+def compute_dtype(device: DeviceInfo, profile: Profile) -> str:
+    """``bfloat16``/``float16``/``float32`` for quantized matmuls, KV cache and activations."""
+    if profile.dtype != AUTO:
+        return profile.dtype
+    return "bfloat16" if device.supports_bf16 else "float16"
+
+
+_DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+_FLOAT_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _kinds(model: cat.ResolvedModel, preferred: Sequence[str], dtype: str, available: frozenset[str],
+           reasons: list[str], role: str) -> list[str]:
+    """The profile's kinds that ``model`` can be loaded as, in order; 16-bit floats follow the dtype."""
+    own = model.kinds()
+    if model.fixed_kind:  # a .gguf or GPTQ reference has only its own format
+        kinds = [model.fixed_kind]
+    else:
+        kinds = []
+        for kind in preferred:
+            if kind in ("bf16", "fp16"):
+                kind = _FLOAT_OF_DTYPE[dtype] if dtype != "float32" else "fp32"
+            if kind in own and kind not in kinds:
+                kinds.append(kind)
+    usable = [k for k in kinds if k in available]
+    for k in kinds:
+        if k not in available:
+            reasons.append(f"{role} {model.ref} as {k}: its backend is not installed "
+                           f"(install specdec[{'bnb' if k in ('int8', 'nf4', 'fp4') else k}])")
+    return usable
+
+
+def select(
+    device: DeviceInfo,
+    catalogue: Mapping[str, cat.ModelSpec] = cat.CATALOGUE,
+    profiles: Sequence[Profile] | None = None,
+    target: str | cat.ResolvedModel | None = None,
+    *,
+    profile: str = AUTO,
+    target_loaded: bool = False,
+    has_medusa_heads: bool = False,
+    available: Iterable[str] = KINDS,
+) -> Configuration:
+    """Choose target/draft/method/quantization for ``device``; pure (no probing, no imports of backends).
+
+    Args:
+        device: what :func:`specdec.hardware.detect` found (or a fake one).
+        catalogue: model specs (default :data:`specdec.catalogue.CATALOGUE`).
+        profiles: the profiles (default: the packaged ones).
+        target: the model the user asked for (a reference, or already
+            resolved); None = the profile's suggestions, first that fits.
+        profile: ``auto`` (match the device) or a profile name.
+        target_loaded: the target's weights are already in memory (webui), so
+            ``device.free_bytes`` must hold only the draft, caches and activations.
+        has_medusa_heads: Medusa heads were given for the target.
+        available: quantization kinds whose backends are installed.
+    Returns:
+        The first configuration that fits; if none does, the smallest one
+        tried, with ``fits=False``.
+    """
+    profiles = load_profiles() if profiles is None else profiles
+    chosen = match_profile(device, profiles) if profile == AUTO else find_profile(profile, profiles)
+    available = frozenset(available)
+    dtype = compute_dtype(device, chosen)
+    dtype_bits = _DTYPE_BITS[dtype]
+    context = chosen.context_length
+    budget = device.available_bytes
+    known_memory = budget > 0
+    reasons: list[str] = []
+    if not known_memory:
+        reasons.append("device memory unknown: the first configuration is taken without a memory check")
+
+    if target is None:
+        targets = [cat.resolve(name, catalogue) for name in chosen.targets]
+    else:
+        targets = [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
+
+    best: Configuration | None = None
+
+    def make(tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: dict[str, int],
+             draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Configuration:
+        run_dtype = torch_dtype_name(t_kind, dtype) if t_kind in FLOAT_KINDS else dtype
+        return Configuration(
+            profile=chosen.name, device=device,
+            target=tgt.spec.name if tgt.spec is not None and tgt.is_short_name else tgt.ref,
+            target_ref=tgt.reference(t_kind) if t_kind != "loaded" else tgt.ref,
+            draft=draft.name if draft else None, draft_ref=draft.reference(d_kind) if draft and d_kind else None,
+            method=method, target_quantization=t_kind, draft_quantization=d_kind if draft else None, dtype=run_dtype,
+            num_speculative_tokens=chosen.num_speculative_tokens if method == "draft" else None,
+            lookahead=chosen.lookahead, medusa_tree_size=chosen.medusa.tree_size, context_length=context,
+            estimated_bytes=total, budget_bytes=budget, fits=fits, reasons=tuple(dict.fromkeys(reasons)),
+            breakdown=dict(parts))
+
+    for tgt in targets:
+        if tgt.spec is None:
+            reasons.append(f"target {tgt.ref} is not in the catalogue: memory not estimated, no draft chosen")
+            kind = tgt.fixed_kind or _FLOAT_OF_DTYPE[dtype]
+            method = next((m for m in chosen.methods if m in ("lookahead", "prompt_lookup", "none")), "none")
+            return make(tgt, method, "loaded" if target_loaded else kind, 0, {}, fits=not known_memory)
+        t_kinds = ["loaded"] if target_loaded else _kinds(tgt, chosen.quantization.target, dtype, available, reasons, "target")
+        if not t_kinds:
+            reasons.append(f"target {tgt.ref}: no quantization of the profile is usable")
+            continue
+        too_big: set[str] = set()
+        for method in chosen.methods:
+            if method == "medusa" and not has_medusa_heads:
+                reasons.append("medusa: no Medusa heads given for the target")
+                continue
+            verify = {"lookahead": chosen.lookahead.verify_tokens, "medusa": chosen.medusa.tree_size,
+                      "draft": (chosen.num_speculative_tokens or 8) + 1, "prompt_lookup": 11}.get(method, 1)
+            for t_kind in t_kinds:
+                if t_kind in too_big:
+                    continue
+                t_est = cat.estimate_memory(tgt.spec, "bf16" if t_kind == "loaded" else t_kind, context, dtype_bits,
+                                            verify, weights_loaded=target_loaded)
+                t_total = padded(t_est.total, chosen, reserve=not target_loaded)
+                parts = {"target_weights": t_est.weights, "target_kv_cache": t_est.kv_cache,
+                         "target_activations": t_est.activations}
+                if known_memory and t_total > budget:
+                    too_big.add(t_kind)
+                    reasons.append(f"target {tgt.ref} as {t_kind}: needs {format_bytes(t_total)}, "
+                                   f"{format_bytes(budget)} available")
+                    if best is None or t_total < best.estimated_bytes:
+                        best = make(tgt, method, t_kind, t_total, parts, fits=False)
+                    continue
+                if method != "draft":
+                    return make(tgt, method, t_kind, t_total, parts)
+                drafts = cat.drafts_for(tgt.spec, catalogue)
+                if not drafts:
+                    reasons.append(f"draft: no model in the catalogue shares the tokenizer of {tgt.ref} and is smaller")
+                    break
+                for draft in drafts:
+                    if draft.family != tgt.spec.family:
+                        reasons.append(f"draft {draft.name}: tokenizer family {draft.family}, not {tgt.spec.family}")
+                        continue
+                    d_model = cat.ResolvedModel(draft.name, draft, is_short_name=True)
+                    for d_kind in _kinds(d_model, chosen.quantization.draft, dtype, available, reasons, "draft"):
+                        d_est = cat.estimate_memory(draft, d_kind, context, dtype_bits, verify)
+                        total = padded(t_est.total + d_est.total, chosen, reserve=not target_loaded)
+                        if known_memory and total > budget:
+                            reasons.append(f"target {tgt.ref} as {t_kind} + draft {draft.name} as {d_kind}: needs "
+                                           f"{format_bytes(total)}, {format_bytes(budget)} available")
+                            continue
+                        parts.update(draft_weights=d_est.weights, draft_kv_cache=d_est.kv_cache,
+                                     draft_activations=d_est.activations)
+                        return make(tgt, method, t_kind, total, parts, draft, d_kind)
+    if best is not None:
+        reasons.append("nothing fits: this is the smallest configuration tried")
+        return Configuration(**{**best.__dict__, "reasons": tuple(dict.fromkeys(reasons))})
+    raise SpecdecError("no configuration could be chosen: " + "; ".join(reasons[-3:]),
+                       "name another target, or choose a profile with --profile")
+
+
+# ---------------------------------------------------------------------- front ends
+@dataclass
+class LoadSettings:
+    """Arguments for :func:`specdec.loading.load_model`/``load`` that a profile filled in."""
+
+    configuration: Configuration
+    target: str
+    method: str
+    draft: str | None
+    dtype: str
+    num_speculative_tokens: int | None
+    options: dict[str, Any]
+    target_quantization: str | None
+    draft_quantization: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def quantization_configs(self) -> tuple[Any, Any]:
+        """``quantization_config`` for target and draft; a missing backend falls back (noted in ``notes``)."""
+        from .loading import resolve_dtype
+        from .quantization import build_quantization_config
+
+        configs = []
+        for kind in (self.target_quantization, self.draft_quantization):
+            if kind is None:
+                configs.append(None)
+                continue
+            choice = build_quantization_config(kind, resolve_dtype(self.dtype), fallback=True)
+            if choice.note:
+                self.notes.append(choice.note)
+            configs.append(choice.config)
+        return configs[0], configs[1]
+
+
+def _local_config(ref: str) -> dict[str, Any] | None:
+    path = Path(ref).expanduser()
+    try:
+        if (path / "config.json").is_file():
+            return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def configure(
+    profile: str = AUTO,
+    target: str | None = None,
+    *,
+    device: DeviceInfo | None = None,
+    target_loaded: bool = False,
+    has_medusa_heads: bool = False,
+) -> Configuration:
+    """Detect the device (unless given) and :func:`select` with the packaged profiles and catalogue.
+
+    The entry point for front ends (``detect``, ``generate``, ``bench``, the webui).
+    """
+    from .hardware import detect
+    from .quantization import available_kinds
+
+    device = device or detect()
+    resolved = None
+    if target is not None:
+        resolved = cat.resolve(target, cat.CATALOGUE, config=_local_config(target))
+    return select(device, cat.CATALOGUE, load_profiles(), resolved, profile=profile, target_loaded=target_loaded,
+                  has_medusa_heads=has_medusa_heads, available=available_kinds())
+
+
+def profile_settings(
+    profile: str,
+    target: str,
+    *,
+    method: str = AUTO,
+    draft: str | None = None,
+    dtype: str = AUTO,
+    num_speculative_tokens: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    device: DeviceInfo | str | None = None,
+    target_loaded: bool = False,
+) -> LoadSettings:
+    """What ``specdec.load(..., profile=profile)`` loads: the profile fills only what was not given.
+
+    "Not given" means: ``method="auto"``, ``draft=None``, ``dtype="auto"``,
+    ``num_speculative_tokens=None`` and lookahead options absent or None. A
+    draft given explicitly is loaded unquantized unless the profile chose the
+    same draft.
+    """
+    options = dict(options or {})
+    if isinstance(device, str):
+        from .hardware import detect_for
+
+        device = detect_for(device)
+    config = configure(profile, target, device=device, target_loaded=target_loaded,
+                       has_medusa_heads=options.get("medusa_heads") is not None)
+    notes = [f"profile {config.profile}: {config.method}"
+             + (f" with draft {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "")
+             + f", target {config.target_ref} ({config.target_quantization}), "
+             f"estimate {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)}"]
+    if not config.fits:
+        notes.append("the estimate exceeds the available memory; loading may fail")
+    chosen_method = method if method != AUTO else config.method
+    if method == AUTO and draft is not None and config.method != "draft":
+        chosen_method = "draft"  # the user gave a draft: use it
+    chosen_draft = draft if draft is not None else (config.draft_ref if chosen_method == "draft" else None)
+    draft_kind = config.draft_quantization if chosen_draft is not None and chosen_draft == config.draft_ref else None
+    if chosen_method == "draft" and chosen_draft is None:
+        notes.append("method draft was asked for but the profile found no draft that fits")
+    for name in ("window_size", "ngram_size", "guess_size"):
+        if options.get(name) is None:
+            options[name] = getattr(config.lookahead, name)
+    target_kind = None if config.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else config.target_quantization
+    if target_loaded:
+        target_kind = None
+    return LoadSettings(
+        configuration=config,
+        target=config.target_ref if not target_loaded else target,
+        method=chosen_method,
+        draft=chosen_draft,
+        dtype=dtype if dtype != AUTO else config.dtype,
+        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else config.num_speculative_tokens,
+        options=options,
+        target_quantization=target_kind,
+        draft_quantization=None if draft_kind in (None, *FLOAT_KINDS, "gguf") else draft_kind,
+        notes=notes,
+    )
+
+
+def describe(config: Configuration) -> list[str]:
+    """Human-readable lines for ``detect``."""
+    d = config.device
+    lines = [
+        f"device:       {d.backend} {d.name}, {format_bytes(d.total_bytes)} total, {format_bytes(d.free_bytes)} free"
+        + (f", compute capability {d.compute_capability[0]}.{d.compute_capability[1]}" if d.compute_capability else "")
+        + f" (via {d.source})",
+        f"profile:      {config.profile}",
+        f"target:       {config.target_ref} ({config.target_quantization})",
+        f"draft:        {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "draft:        none",
+        f"method:       {config.method}"
+        + (f", num_speculative_tokens {config.num_speculative_tokens}" if config.method == "draft" else "")
+        + (f", W={config.lookahead.window_size} N={config.lookahead.ngram_size} G={config.lookahead.guess_size}"
+           if config.method == "lookahead" else ""),
+        f"dtype:        {config.dtype}, context {config.context_length} tokens",
+        f"estimate:     {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)} available"
+        + ("" if config.fits else "  (DOES NOT FIT)"),
+    ]
+    if config.reasons:
+        lines.append("fallbacks:")
+        lines.extend(f"  - {r}" for r in config.reasons)
+    return lines
+
+
+__all__ = ["Profile", "ProfileError", "Problem", "Configuration", "LoadSettings", "parse_profile", "load_profiles",
+           "load_profile_file", "profiles_dir", "match_profile", "find_profile", "select", "configure",
+           "profile_settings", "describe", "BACKENDS"]

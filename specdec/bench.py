@@ -1,0 +1,596 @@
+"""The benchmark harness behind ``specdec-local bench``.
+
+Every speed claim of specdec comes from here: specdec's methods against
+transformers' own greedy decoding, assisted generation and prompt lookup, in
+one process, on the same prompt ids, dtype and threads.
+
+Order of work, per prompt: for each repeat, every runner once, in a fixed
+order (``hf-greedy``, ``hf-assisted``, ``hf-prompt-lookup``, then
+``specdec-<method>``...), so that machine noise hits all methods alike. A
+short warm-up generation per runner precedes the timed runs. The reported
+time of a (prompt, runner) is the median over the repeats; tokens/s is the
+number of new tokens over that median; ``speedup`` is tokens/s over
+``hf-greedy``'s on the same prompt in the same run.
+
+Length handling: every runner is greedy, starts from the same prompt ids and
+stops at the same EOS set (the target's, as :meth:`SpeculativeGenerator.eos_token_ids`
+gives it) or after ``max_new_tokens``; the EOS token, when reached, is counted
+among the new tokens by all runners. ``identical`` compares the full new-token
+lists, so two runs that diverge always differ, also in length.
+
+The harness draws nothing on screen: pass ``on_event`` to follow progress
+(the CLI draws a rich progress bar with it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MissingExtraError, SpecdecError
+from .proposers import METHODS
+
+BASELINE = "hf-greedy"
+"""The runner every speedup is relative to."""
+
+DEFAULT_METHODS: tuple[str, ...] = ("none", "draft", "prompt_lookup", "lookahead", "auto")
+"""specdec methods benchmarked when none are named (medusa needs trained heads)."""
+
+HF_PROMPT_LOOKUP_TOKENS = 10
+"""``prompt_lookup_num_tokens`` of the ``hf-prompt-lookup`` baseline."""
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark; every default of the bench is defined here once.
+
+    Attributes:
+        target: packaged model name, folder, ``.gguf`` file or hub id.
+        draft: the draft model (enables ``hf-assisted`` and ``specdec-draft``).
+        prompts: a ``.jsonl`` prompt file; None = the set shipped with specdec.
+        categories: keep only prompts of these categories (empty = all).
+        methods: specdec methods, each benchmarked as ``specdec-<method>``.
+        max_new_tokens: most new tokens per generation.
+        dtype: ``bfloat16``, ``float32`` or ``float16``, for target and draft.
+        threads: ``torch.set_num_threads`` (None = leave torch's default).
+        repeats: timed runs per (prompt, runner); the median time is reported.
+        warmup_tokens: new tokens of the untimed warm-up run of each runner (0 = none).
+        device: ``auto`` or a torch device string.
+    """
+
+    target: str
+    draft: str | None = None
+    prompts: str | None = None
+    categories: tuple[str, ...] = ()
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    max_new_tokens: int = 128
+    dtype: str = "bfloat16"
+    threads: int | None = None
+    repeats: int = 1
+    warmup_tokens: int = 16
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise SpecdecError(f"unknown method(s): {', '.join(unknown)}", f"choose from: {', '.join(METHODS)}")
+        if not self.methods:
+            raise SpecdecError("no method to benchmark", f"name at least one of: {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise SpecdecError(f"a method is named twice in {', '.join(self.methods)}")
+        for name, value, low in (("max_new_tokens", self.max_new_tokens, 1), ("repeats", self.repeats, 1),
+                                 ("warmup_tokens", self.warmup_tokens, 0)):
+            if int(value) != value or value < low:
+                raise SpecdecError(f"{name} must be an integer >= {low}, got {value}")
+        if self.threads is not None and (int(self.threads) != self.threads or self.threads < 1):
+            raise SpecdecError(f"threads must be an integer >= 1, got {self.threads}")
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise SpecdecError(f"unknown dtype {self.dtype!r}", "choose bfloat16, float32 or float16")
+
+
+# --------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One line of a prompt file: ``{"id": ..., "category": ..., "prompt": ...}``.
+
+    ``prompt`` is the user message; it is wrapped in the target's chat template
+    when the tokenizer has one.
+    """
+
+    id: str
+    category: str
+    prompt: str
+
+
+def default_prompts_path() -> Path:
+    """The prompt set shipped with specdec (``specdec/data/prompts.jsonl``)."""
+    return Path(str(resources.files("specdec") / "data" / "prompts.jsonl"))
+
+
+def load_prompts(path: str | Path | None = None, categories: Iterable[str] = ()) -> list[BenchPrompt]:
+    """Read a ``.jsonl`` prompt file (None = the shipped set), keeping only ``categories`` if given."""
+    file = Path(path) if path is not None else default_prompts_path()
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SpecdecError(f"cannot read the prompt file {file}: {e.strerror or e}", "give a .jsonl file") from None
+    prompts: list[BenchPrompt] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecdecError(f"{file}:{number}: not JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in ("id", "category", "prompt")):
+            raise SpecdecError(f"{file}:{number}: each line needs non-empty string fields id, category and prompt")
+        prompts.append(BenchPrompt(item["id"], item["category"], item["prompt"]))
+    ids = [p.id for p in prompts]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise SpecdecError(f"{file}: duplicate prompt id(s): {', '.join(duplicates)}")
+    wanted = set(categories)
+    if wanted:
+        known = {p.category for p in prompts}
+        missing = sorted(wanted - known)
+        if missing:
+            raise SpecdecError(f"no prompt of category {', '.join(missing)} in {file}",
+                               f"categories there: {', '.join(sorted(known))}")
+        prompts = [p for p in prompts if p.category in wanted]
+    if not prompts:
+        raise SpecdecError(f"{file} holds no prompt")
+    return prompts
+
+
+# --------------------------------------------------------------------------- runners
+@dataclass
+class RunResult:
+    """One generation: the new tokens (EOS included when reached) and its wall-clock time."""
+
+    token_ids: list[int]
+    seconds: float
+    mean_accepted_length: float | None = None
+    acceptance_rate: float | None = None
+
+
+Runner = Callable[[list[int], int], RunResult]
+"""``runner(prompt_ids, max_new_tokens) -> RunResult``."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_runner(
+    model: torch.nn.Module,
+    eos_token_ids: Iterable[int],
+    reset: Sequence[torch.nn.Module] = (),
+    **generate_kwargs: Any,
+) -> Runner:
+    """A runner over ``model.generate(do_sample=False)`` with extra ``generate_kwargs``.
+
+    Args:
+        model: the target.
+        eos_token_ids: the EOS set to stop at (the same as specdec's).
+        reset: models whose ``generation_config`` is restored before every call;
+            assisted generation stores its adapted draft length in the draft's
+            ``generation_config``, which would carry over from run to run.
+        **generate_kwargs: e.g. ``assistant_model=`` or ``prompt_lookup_num_tokens=``.
+    """
+    eos = sorted(int(t) for t in eos_token_ids)
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    saved = [(m, copy.deepcopy(m.generation_config)) for m in (model, *reset)]
+    device = next(model.parameters()).device
+
+    def run(prompt_ids: list[int], max_new_tokens: int) -> RunResult:
+        for m, config in saved:
+            m.generation_config = copy.deepcopy(config)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        attention_mask = torch.ones_like(input_ids)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos or None,
+                pad_token_id=pad,
+                **generate_kwargs,
+            )
+        _sync(device)
+        seconds = time.perf_counter() - start
+        return RunResult(token_ids=out[0, len(prompt_ids):].tolist(), seconds=seconds)
+
+    return run
+
+
+def specdec_runner(generator: Any) -> Runner:
+    """A runner over :meth:`SpeculativeGenerator.generate` (greedy)."""
+    device = generator.device
+
+    def run(prompt_ids: list[int], max_new_tokens: int) -> RunResult:
+        _sync(device)
+        start = time.perf_counter()
+        result = generator.generate(list(prompt_ids), max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        stats = result.stats
+        return RunResult(
+            token_ids=list(result.token_ids),
+            seconds=seconds,
+            mean_accepted_length=stats.mean_accepted_length if stats.steps else None,
+            acceptance_rate=stats.acceptance_rate if stats.proposed else None,
+        )
+
+    return run
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class BenchRow:
+    """One row of the JSON report: one runner on one prompt (median over repeats)."""
+
+    prompt_id: str
+    category: str
+    method: str
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    speedup: float | None
+    mean_accepted_length: float | None
+    acceptance_rate: float | None
+    identical: bool | None
+    first_divergence: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key, digits in (("seconds", 4), ("tokens_per_second", 3), ("speedup", 3),
+                            ("mean_accepted_length", 3), ("acceptance_rate", 4)):
+            if d[key] is not None:
+                d[key] = round(d[key], digits)
+        return d
+
+
+@dataclass
+class BenchEvent:
+    """Progress of a bench: ``kind`` is ``"start"`` (with ``total`` runs), ``"warmup"`` or ``"run"``."""
+
+    kind: str
+    total: int = 0
+    prompt_id: str = ""
+    method: str = ""
+    repeat: int = 0
+    result: RunResult | None = None
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first token where ``a`` and ``b`` differ (a shorter list differs where it ends); None if equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def geometric_mean(values: Iterable[float | None]) -> float | None:
+    """Geometric mean of the positive values (None and non-positive ones skipped); None if there are none."""
+    logs = [math.log(v) for v in values if v is not None and v > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else None
+
+
+def make_row(prompt: BenchPrompt, method: str, results: Sequence[RunResult], baseline: RunResult | None,
+             baseline_tps: float | None) -> BenchRow:
+    """Reduce the repeats of one runner on one prompt to a row (tokens of the first repeat, median time)."""
+    first = results[0]
+    seconds = statistics.median(r.seconds for r in results)
+    tps = len(first.token_ids) / seconds if seconds > 0 else 0.0
+    if baseline is None:
+        identical, divergence = None, None
+    else:
+        divergence = first_divergence(first.token_ids, baseline.token_ids)
+        identical = divergence is None
+    return BenchRow(
+        prompt_id=prompt.id,
+        category=prompt.category,
+        method=method,
+        new_tokens=len(first.token_ids),
+        seconds=seconds,
+        tokens_per_second=tps,
+        speedup=tps / baseline_tps if baseline_tps else None,
+        mean_accepted_length=first.mean_accepted_length,
+        acceptance_rate=first.acceptance_rate,
+        identical=identical,
+        first_divergence=divergence,
+    )
+
+
+@dataclass
+class BenchReport:
+    """Rows plus the machine and config they were measured with; renders JSON, Markdown and a plot."""
+
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[BenchRow]
+    skipped: dict[str, str] = field(default_factory=dict)
+    repeats: int = 1
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def methods(self) -> list[str]:
+        """Runner names in the order they ran."""
+        return list(dict.fromkeys(r.method for r in self.rows))
+
+    @property
+    def categories(self) -> list[str]:
+        return list(dict.fromkeys(r.category for r in self.rows))
+
+    def geomean_speedup(self, method: str, category: str | None = None) -> float | None:
+        """Geometric mean of ``method``'s speedups over the prompts (of ``category`` if given)."""
+        return geometric_mean(r.speedup for r in self.rows
+                              if r.method == method and (category is None or r.category == category))
+
+    def relative(self, method: str, reference: str) -> float | None:
+        """Geometric mean over prompts of tokens/s of ``method`` over that of ``reference``."""
+        ref = {r.prompt_id: r.tokens_per_second for r in self.rows if r.method == reference}
+        return geometric_mean(r.tokens_per_second / ref[r.prompt_id] for r in self.rows
+                              if r.method == method and ref.get(r.prompt_id))
+
+    # ---------------------------------------------------------------- outputs
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape other tools read: ``machine``, ``config``, ``rows``."""
+        return {"machine": dict(self.machine), "config": dict(self.config), "rows": [r.to_dict() for r in self.rows]}
+
+    def write_json(self, path: str | Path) -> None:
+        _write(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchReport":
+        """Read back what :meth:`to_dict` wrote (to re-render a table or a plot)."""
+        return cls(machine=data["machine"], config=data["config"], rows=[BenchRow(**r) for r in data["rows"]])
+
+    def to_markdown(self) -> str:
+        """Speedup table (per prompt, geometric mean per category and overall), then specdec's acceptance."""
+        methods = [m for m in self.methods if m != BASELINE]
+        cfg, mach = self.config, self.machine
+        draft = f", draft `{cfg['draft']}`" if cfg.get("draft") else ""
+        lines = [
+            f"Target `{cfg['target']}`{draft}, {cfg['dtype']}, {cfg['max_new_tokens']} new tokens, greedy; "
+            f"{mach.get('cpu')}, {mach.get('threads')} threads, device {mach.get('device')}; "
+            f"torch {mach.get('torch')}, transformers {mach.get('transformers')}; "
+            f"median of {self.repeats} run(s) per prompt and method.",
+            "",
+            f"Speedup = tokens/s over `{BASELINE}` on the same prompt in the same run "
+            "(geometric means in bold). † = output differs from hf-greedy, at the token index in brackets.",
+            "",
+            "| prompt | category | hf-greedy tok/s | " + " | ".join(methods) + " |",
+            "|---|---|---:|" + "---:|" * len(methods),
+        ]
+        by_key = {(r.prompt_id, r.method): r for r in self.rows}
+        prompts = list(dict.fromkeys((r.prompt_id, r.category) for r in self.rows))
+        for category in self.categories:
+            for pid, cat in prompts:
+                if cat != category:
+                    continue
+                base = by_key.get((pid, BASELINE))
+                cells = [_speedup_cell(by_key.get((pid, m))) for m in methods]
+                lines.append(f"| {pid} | {cat} | {_num(base.tokens_per_second if base else None)} | " + " | ".join(cells) + " |")
+            base_tps = geometric_mean(r.tokens_per_second for r in self.rows if r.method == BASELINE and r.category == category)
+            cells = [_bold(_times(self.geomean_speedup(m, category))) for m in methods]
+            lines.append(f"| **{category}** | geomean | {_num(base_tps)} | " + " | ".join(cells) + " |")
+        base_tps = geometric_mean(r.tokens_per_second for r in self.rows if r.method == BASELINE)
+        cells = [_bold(_times(self.geomean_speedup(m))) for m in methods]
+        lines.append(f"| **all** | geomean | {_num(base_tps)} | " + " | ".join(cells) + " |")
+
+        spec = [m for m in methods if m.startswith("specdec-")]
+        if spec:
+            lines += ["", "Mean accepted length (tokens per target forward, including the bonus token) / acceptance rate:", "",
+                      "| prompt | " + " | ".join(spec) + " |", "|---|" + "---:|" * len(spec)]
+            for pid, _ in prompts:
+                cells = []
+                for m in spec:
+                    r = by_key.get((pid, m))
+                    if r is None or r.mean_accepted_length is None:
+                        cells.append("–")
+                    else:
+                        rate = f" / {r.acceptance_rate:.0%}" if r.acceptance_rate is not None else ""
+                        cells.append(f"{r.mean_accepted_length:.2f}{rate}")
+                lines.append(f"| {pid} | " + " | ".join(cells) + " |")
+
+        pairs = [(a, b) for a, b in (("specdec-draft", "hf-assisted"), ("specdec-prompt_lookup", "hf-prompt-lookup"))
+                 if a in methods and b in methods]
+        if pairs:
+            lines += [""] + [f"- `{a}` / `{b}`: {_times(self.relative(a, b))} (geometric mean over prompts)" for a, b in pairs]
+        if self.skipped:
+            lines += [""] + [f"- skipped `specdec-{m}`: {why}" for m, why in self.skipped.items()]
+        return "\n".join(lines) + "\n"
+
+    def write_markdown(self, path: str | Path) -> None:
+        _write(path, self.to_markdown())
+
+    def plot(self, path: str | Path) -> None:
+        """Bar chart of geometric-mean speedup by method and category (PNG); needs matplotlib."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise MissingExtraError("plot", "matplotlib", "the bench plot") from None
+        methods = [m for m in self.methods if m != BASELINE]
+        groups = [*self.categories, "all"]
+        fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) / 2.5), 4.5), dpi=120)
+        ax = fig.add_subplot()
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            values = [self.geomean_speedup(method, None if g == "all" else g) or 0.0 for g in groups]
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
+            bars = ax.bar(xs, values, width, label=method)
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=7, padding=1)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=f"{BASELINE} = 1")
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_ylabel(f"speedup over {BASELINE} (geometric mean)")
+        draft = f" / {self.config['draft']}" if self.config.get("draft") else ""
+        ax.set_title(f"{self.config['target']}{draft}, {self.config['dtype']}, {self.machine.get('threads')} threads, "
+                     f"{self.machine.get('device')}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, format="png")
+
+
+def _write(path: str | Path, text: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _bold(text: str) -> str:
+    return text if text == "–" else f"**{text}**"
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _speedup_cell(row: BenchRow | None) -> str:
+    if row is None:
+        return "–"
+    cell = _times(row.speedup)
+    return cell if row.identical in (True, None) else f"{cell} †({row.first_divergence})"
+
+
+# --------------------------------------------------------------------------- the harness
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """``cpu``, ``threads``, ``torch``, ``transformers``, ``device`` of this process."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = device.type
+    if device.type == "cuda":
+        name = f"cuda ({torch.cuda.get_device_name(device)})"
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": name}
+
+
+class Bench:
+    """Runs the bench on loaded models (see :func:`run_bench` to load them by name).
+
+    Args:
+        target: the target model.
+        tokenizer: its tokenizer (to render the prompts).
+        config: what to run; ``config.target``/``draft`` only label the report here.
+        draft: the draft model, if any.
+        draft_tokenizer: the draft's tokenizer (vocabulary check of ``specdec-draft``).
+    """
+
+    def __init__(self, target: torch.nn.Module, tokenizer: Any, config: BenchConfig,
+                 draft: torch.nn.Module | None = None, draft_tokenizer: Any = None) -> None:
+        from .engine import SpeculativeGenerator
+
+        self.config = config
+        self.target = target.eval()
+        self.tokenizer = tokenizer
+        self.draft = draft.eval() if draft is not None else None
+        self.encoder = SpeculativeGenerator(target, tokenizer, method="none")
+        eos = self.encoder.eos_token_ids()
+        self.runners: dict[str, Runner] = {BASELINE: hf_runner(target, eos)}
+        if self.draft is not None:
+            self.runners["hf-assisted"] = hf_runner(target, eos, reset=(self.draft,), assistant_model=self.draft)
+        self.runners["hf-prompt-lookup"] = hf_runner(target, eos, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS)
+        self.skipped: dict[str, str] = {}
+        for method in config.methods:
+            try:
+                gen = SpeculativeGenerator(target, tokenizer, method=method, draft=self.draft,
+                                           draft_tokenizer=draft_tokenizer)
+            except SpecdecError as e:
+                self.skipped[method] = e.message
+                continue
+            self.runners[f"specdec-{method}"] = specdec_runner(gen)
+
+    def encode(self, prompt: BenchPrompt) -> list[int]:
+        """Prompt ids, shared by every runner: the chat template when the tokenizer has one, else raw text."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.encoder.encode([{"role": "user", "content": prompt.prompt}])
+        return self.encoder.encode(prompt.prompt)
+
+    def run(self, prompts: Sequence[BenchPrompt], on_event: Callable[[BenchEvent], None] | None = None) -> BenchReport:
+        """Warm up every runner, then time them per prompt, interleaved; return the report."""
+        emit = on_event or (lambda event: None)
+        cfg = self.config
+        encoded = [(p, self.encode(p)) for p in prompts]
+        warm = cfg.warmup_tokens > 0
+        emit(BenchEvent("start", total=len(self.runners) * (len(prompts) * cfg.repeats + int(warm))))
+        if warm:
+            for name, runner in self.runners.items():
+                result = runner(encoded[0][1], cfg.warmup_tokens)
+                emit(BenchEvent("warmup", prompt_id=encoded[0][0].id, method=name, result=result))
+        rows: list[BenchRow] = []
+        for prompt, ids in encoded:
+            results: dict[str, list[RunResult]] = {name: [] for name in self.runners}
+            for repeat in range(cfg.repeats):
+                for name, runner in self.runners.items():
+                    result = runner(ids, cfg.max_new_tokens)
+                    results[name].append(result)
+                    emit(BenchEvent("run", prompt_id=prompt.id, method=name, repeat=repeat, result=result))
+            base = make_row(prompt, BASELINE, results[BASELINE], None, None)
+            base.speedup, base.identical = 1.0, True
+            rows.append(base)
+            for name in self.runners:
+                if name != BASELINE:
+                    rows.append(make_row(prompt, name, results[name], results[BASELINE][0], base.tokens_per_second))
+        device = next(self.target.parameters()).device
+        return BenchReport(
+            machine=machine_info(device),
+            config={"target": cfg.target, "draft": cfg.draft, "dtype": cfg.dtype, "max_new_tokens": cfg.max_new_tokens},
+            rows=rows,
+            skipped=dict(self.skipped),
+            repeats=cfg.repeats,
+        )
+
+
+def run_bench(config: BenchConfig, on_event: Callable[[BenchEvent], None] | None = None,
+              on_status: Callable[[str], None] | None = None) -> BenchReport:
+    """Load the prompts and models of ``config``, set the threads, run the bench.
+
+    ``on_status`` receives one line per slow preparation step (loading a model).
+    """
+    from .loading import load_model
+
+    status = on_status or (lambda text: None)
+    prompts = load_prompts(config.prompts, config.categories)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    status(f"loading target {config.target} ({config.dtype})")
+    target, tokenizer = load_model(config.target, dtype=config.dtype, device=config.device)
+    draft = draft_tokenizer = None
+    if config.draft is not None:
+        status(f"loading draft {config.draft} ({config.dtype})")
+        draft, draft_tokenizer = load_model(config.draft, dtype=config.dtype, device=str(target.device))
+    bench = Bench(target, tokenizer, config, draft=draft, draft_tokenizer=draft_tokenizer)
+    return bench.run(prompts, on_event)

@@ -1,0 +1,98 @@
+"""``specdec-local bench``: specdec against transformers' greedy, assisted and prompt-lookup decoding."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..bench import DEFAULT_METHODS, BenchConfig, BenchEvent
+from ..proposers import METHODS
+from .common import quiet_libraries, report_errors
+
+_DEFAULTS = BenchConfig(target="")  # the option defaults below come from the config's own
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``("a,b", "c")`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+@click.command()
+@click.option("--target", "-t", required=True, help="Packaged model name, local folder, .gguf file or hub id.")
+@click.option("--draft", "-d", default=None, help="Draft model: adds hf-assisted and enables specdec-draft.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Prompt file (.jsonl with id, category, prompt); default: the set shipped with specdec.")
+@click.option("--category", multiple=True, help="Only prompts of this category (repeatable or comma-separated).")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help=f"Comma-separated specdec methods, of: {', '.join(METHODS)}.")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=_DEFAULTS.max_new_tokens, show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default=_DEFAULTS.dtype,
+              show_default=True, help="Of target and draft, for every runner.")
+@click.option("--threads", type=click.IntRange(min=1), default=_DEFAULTS.threads,
+              help="torch CPU threads (default: torch's).")
+@click.option("--repeats", type=click.IntRange(min=1), default=_DEFAULTS.repeats, show_default=True,
+              help="Timed runs per prompt and method; the median is reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=_DEFAULTS.warmup_tokens, show_default=True,
+              help="New tokens of the untimed warm-up run of each method (0 = no warm-up).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON here.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the Markdown table here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG plot of speedup by method and category (needs specdec[plot]).")
+@report_errors
+def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str,
+          max_new_tokens: int, dtype: str, threads: int | None, repeats: int, warmup: int,
+          json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+    """Benchmark specdec against transformers on a prompt set; print a Markdown table.
+
+    Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),
+    hf-prompt-lookup, then specdec-<method> for each of --methods.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..bench import run_bench
+
+    quiet_libraries()
+    config = BenchConfig(
+        target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),
+        max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, repeats=repeats, warmup_tokens=warmup,
+    )
+    if plot_path:  # fail before the long run, not after it
+        from ..errors import MissingExtraError
+
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    task: dict[str, Any] = {}
+
+    def on_event(event: BenchEvent) -> None:
+        if event.kind == "start":
+            task["id"] = progress.add_task("bench", total=event.total)
+            return
+        result = event.result
+        assert result is not None
+        tps = len(result.token_ids) / result.seconds if result.seconds > 0 else 0.0
+        what = "warm-up" if event.kind == "warmup" else f"#{event.repeat + 1}"
+        progress.console.print(f"[dim]{event.prompt_id:<22} {event.method:<24} {what:<8} "
+                               f"{len(result.token_ids):>4} tok {result.seconds:7.2f} s {tps:7.2f} tok/s[/dim]")
+        progress.update(task["id"], advance=1, description=f"{event.prompt_id} {event.method}")
+
+    with progress:
+        report = run_bench(config, on_event=on_event, on_status=lambda text: console.print(f"[bold]{text}[/bold]"))
+    for method, why in report.skipped.items():
+        console.print(f"[yellow]skipped specdec-{method}: {why}[/yellow]")
+    if json_path:
+        report.write_json(json_path)
+    if markdown_path:
+        report.write_markdown(markdown_path)
+    if plot_path:
+        report.plot(plot_path)
+    click.echo(report.to_markdown())
+
+
+commands = [bench]

@@ -1,0 +1,287 @@
+"""The bench's plumbing on tiny random models: prompts, rows, JSON shape, arithmetic, table, plot, CLI.
+
+Nothing here measures speed: timings on tiny models mean nothing, and speed
+is shown by running ``specdec-local bench`` on real models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from specdec.bench import (
+    BASELINE,
+    Bench,
+    BenchConfig,
+    BenchPrompt,
+    BenchReport,
+    BenchRow,
+    RunResult,
+    first_divergence,
+    geometric_mean,
+    load_prompts,
+    make_row,
+)
+from specdec.errors import MissingExtraError, SpecdecError
+
+WORDS = [f"w{i}" for i in range(60)]
+ROW_KEYS = ["prompt_id", "category", "method", "new_tokens", "seconds", "tokens_per_second", "speedup",
+            "mean_accepted_length", "acceptance_rate", "identical", "first_divergence"]
+
+
+# --------------------------------------------------------------------------- fixtures
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
+
+
+def _model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _model(), _tokenizer()
+
+
+def _prompt_file(tmp_path: Path) -> Path:
+    lines = [
+        {"id": "copy-a", "category": "edit", "prompt": " ".join(WORDS[:12] + WORDS[:12])},
+        {"id": "copy-b", "category": "edit", "prompt": " ".join(WORDS[5:20])},
+        {"id": "chat-a", "category": "chat", "prompt": " ".join(WORDS[30:40])},
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in lines))
+    return path
+
+
+def _row(pid: str, cat: str, method: str, speedup: float, tps: float = 10.0) -> BenchRow:
+    return BenchRow(pid, cat, method, 8, 8 / tps, tps, speedup, None, None, True, None)
+
+
+# --------------------------------------------------------------------------- prompts
+def test_shipped_prompts_load():
+    prompts = load_prompts()
+    assert len(prompts) >= 8
+    assert {"codegen", "edit", "summarize", "chat"} <= {p.category for p in prompts}
+    edit = load_prompts(categories=["edit"])
+    assert edit and all(p.category == "edit" for p in edit)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "category": "c"}\n', "needs non-empty string fields"),
+    ("not json\n", "not JSON"),
+    ('{"id": "a", "category": "c", "prompt": "x"}\n{"id": "a", "category": "c", "prompt": "y"}\n', "duplicate"),
+    ("\n", "holds no prompt"),
+])
+def test_bad_prompt_files(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(SpecdecError, match=message):
+        load_prompts(path)
+
+
+def test_unknown_category(tmp_path):
+    with pytest.raises(SpecdecError, match="no prompt of category nope"):
+        load_prompts(_prompt_file(tmp_path), ["nope"])
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kwargs", [{"methods": ("warp",)}, {"methods": ()}, {"methods": ("none", "none")},
+                                    {"repeats": 0}, {"max_new_tokens": 0}, {"threads": 0}, {"dtype": "int8"}])
+def test_config_validation(kwargs):
+    with pytest.raises(SpecdecError):
+        BenchConfig(target="t", **kwargs)
+
+
+# --------------------------------------------------------------------------- arithmetic
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+    assert first_divergence([], []) is None
+
+
+def test_geometric_mean():
+    assert geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert geometric_mean([1.0, None, 4.0]) == pytest.approx(2.0)
+    assert geometric_mean([]) is None
+
+
+def test_make_row_median_speedup_and_divergence():
+    prompt = BenchPrompt("p", "edit", "x")
+    base = RunResult([1, 2, 3, 4], 2.0)
+    runs = [RunResult([1, 2, 9, 4], 1.0, 2.5, 0.5), RunResult([1, 2, 9, 4], 3.0), RunResult([1, 2, 9, 4], 0.5)]
+    row = make_row(prompt, "specdec-x", runs, base, baseline_tps=2.0)
+    assert row.seconds == 1.0  # median of 1.0, 3.0, 0.5
+    assert row.new_tokens == 4 and row.tokens_per_second == pytest.approx(4.0)
+    assert row.speedup == pytest.approx(2.0)
+    assert row.identical is False and row.first_divergence == 2
+    assert row.mean_accepted_length == 2.5 and row.acceptance_rate == 0.5
+    same = make_row(prompt, "specdec-y", [RunResult([1, 2, 3, 4], 4.0)], base, baseline_tps=2.0)
+    assert same.identical is True and same.first_divergence is None and same.speedup == pytest.approx(0.5)
+
+
+def _report() -> BenchReport:
+    rows = [
+        _row("e1", "edit", BASELINE, 1.0), _row("e1", "edit", "hf-assisted", 2.0), _row("e1", "edit", "specdec-draft", 4.0),
+        _row("e2", "edit", BASELINE, 1.0), _row("e2", "edit", "hf-assisted", 2.0), _row("e2", "edit", "specdec-draft", 1.0),
+        _row("c1", "chat", BASELINE, 1.0), _row("c1", "chat", "hf-assisted", 1.0), _row("c1", "chat", "specdec-draft", 1.0),
+    ]
+    rows[5].identical, rows[5].first_divergence = False, 7
+    for row in rows:  # tokens/s consistent with the speedups, baseline 10 tok/s
+        row.tokens_per_second = 10.0 * row.speedup
+    machine = {"cpu": "test cpu", "threads": 2, "torch": "t", "transformers": "t", "device": "cpu"}
+    config = {"target": "tiny", "draft": "tinier", "dtype": "float32", "max_new_tokens": 8}
+    return BenchReport(machine, config, rows, skipped={"medusa": "needs heads"})
+
+
+def test_report_geomeans_and_relative():
+    report = _report()
+    assert report.geomean_speedup("specdec-draft", "edit") == pytest.approx(2.0)
+    assert report.geomean_speedup("specdec-draft") == pytest.approx(4 ** (1 / 3))
+    assert report.geomean_speedup("hf-assisted", "chat") == pytest.approx(1.0)
+    # specdec-draft over hf-assisted: 4/2, 1/2, 1/1
+    assert report.relative("specdec-draft", "hf-assisted") == pytest.approx(1.0)
+
+
+def test_report_json_shape_and_roundtrip(tmp_path):
+    report = _report()
+    path = tmp_path / "out" / "bench.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert list(data) == ["machine", "config", "rows"]
+    assert set(data["machine"]) == {"cpu", "threads", "torch", "transformers", "device"}
+    assert set(data["config"]) == {"target", "draft", "dtype", "max_new_tokens"}
+    assert all(list(row) == ROW_KEYS for row in data["rows"])
+    again = BenchReport.from_dict(data)
+    assert again.geomean_speedup("specdec-draft") == pytest.approx(report.geomean_speedup("specdec-draft"))
+
+
+def test_markdown_table():
+    text = _report().to_markdown()
+    assert "| prompt | category | hf-greedy tok/s | hf-assisted | specdec-draft |" in text
+    assert "| **edit** | geomean | 10.00 | **2.00×** | **2.00×** |" in text
+    assert "| **all** | geomean |" in text
+    assert "1.00× †(7)" in text  # the divergent row is marked
+    assert "`specdec-draft` / `hf-assisted`: 1.00×" in text
+    assert "skipped `specdec-medusa`: needs heads" in text
+
+
+def test_plot_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "plot.png"
+    _report().plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(MissingExtraError, match=r"specdec\[plot\]"):
+        _report().plot(tmp_path / "plot.png")
+
+
+# --------------------------------------------------------------------------- the harness on a tiny model
+def test_bench_rows_on_tiny_model(tiny, tmp_path):
+    model, tok = tiny
+    draft = _model(seed=1)
+    config = BenchConfig(target="tiny", draft="tiny-draft", methods=("none", "draft", "prompt_lookup", "medusa"),
+                         max_new_tokens=10, dtype="float32", repeats=2, warmup_tokens=2)
+    events = []
+    bench = Bench(model, tok, config, draft=draft, draft_tokenizer=tok)
+    assert "medusa" in bench.skipped  # no heads: reported as skipped, not a crash
+    report = bench.run(load_prompts(_prompt_file(tmp_path)), on_event=events.append)
+    runners = [BASELINE, "hf-assisted", "hf-prompt-lookup", "specdec-none", "specdec-draft", "specdec-prompt_lookup"]
+    assert report.methods == runners
+    assert len(report.rows) == 3 * len(runners)
+    assert events[0].kind == "start" and events[0].total == len(runners) * (3 * 2 + 1)
+    assert sum(e.kind == "run" for e in events) == len(runners) * 3 * 2
+    for row in report.rows:
+        assert row.new_tokens >= 1 and row.seconds > 0
+        assert row.tokens_per_second == pytest.approx(row.new_tokens / row.seconds)
+        if row.method == BASELINE:
+            assert row.speedup == 1.0 and row.identical
+        else:
+            base = next(r for r in report.rows if r.prompt_id == row.prompt_id and r.method == BASELINE)
+            assert row.speedup == pytest.approx(row.tokens_per_second / base.tokens_per_second)
+        if row.method.startswith("specdec-"):
+            assert row.identical, f"{row.method} on {row.prompt_id} differs from greedy at {row.first_divergence}"
+            assert row.mean_accepted_length is not None and row.mean_accepted_length >= 1.0
+        if row.method == "specdec-none":
+            assert row.mean_accepted_length == 1.0 and row.acceptance_rate is None
+    assert report.machine["device"] == "cpu" and report.config["draft"] == "tiny-draft"
+    assert math.isfinite(report.geomean_speedup("specdec-none"))
+
+
+def test_bench_without_draft_skips_assisted(tiny, tmp_path):
+    model, tok = tiny
+    config = BenchConfig(target="tiny", methods=("none", "draft"), max_new_tokens=4, dtype="float32", warmup_tokens=0)
+    bench = Bench(model, tok, config)
+    assert "hf-assisted" not in bench.runners and "draft" in bench.skipped
+    report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
+    assert report.methods == [BASELINE, "hf-prompt-lookup", "specdec-none"]
+
+
+# --------------------------------------------------------------------------- the CLI on a saved tiny model
+def test_cli_bench(tiny, tmp_path):
+    from specdec.cli import main
+
+    model, tok = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "runs"
+    args = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
+            "--methods", "none,prompt_lookup", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
+            "--warmup", "0", "--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
+    if _has_matplotlib():
+        args += ["--plot", str(out / "b.png")]
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "b.json").read_text())
+    assert [r["method"] for r in data["rows"]][:4] == [BASELINE, "hf-prompt-lookup", "specdec-none", "specdec-prompt_lookup"]
+    assert {r["prompt_id"] for r in data["rows"]} == {"copy-a", "copy-b"}
+    assert data["config"]["dtype"] == "float32" and data["machine"]["threads"] == 1
+    assert all(r["identical"] for r in data["rows"])
+    assert "| **all** | geomean |" in (out / "b.md").read_text()
+    assert "| **all** | geomean |" in result.output
+    if _has_matplotlib():
+        assert (out / "b.png").stat().st_size > 0
+
+
+def test_cli_bench_unknown_method():
+    from specdec.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--target", "x", "--methods", "none,warp"])
+    assert result.exit_code == 1 and "unknown method(s): warp" in result.output
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

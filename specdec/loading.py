@@ -155,6 +155,7 @@ def load(
     device: str = "auto",
     num_speculative_tokens: int | None = None,
     threads: int | None = None,
+    profile: str | None = None,
     **options: Any,
 ):
     """Load a target (and a draft) and return a ready :class:`~specdec.SpeculativeGenerator`.
@@ -169,21 +170,35 @@ def load(
         threads: CPU threads for torch (None = torch's default).
         **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
             ``medusa_heads`` (a folder or a MedusaHeads), ``tree``...).
+        profile: ``"auto"`` or a hardware profile name: detect the device and let the
+            profile fill method, draft, quantization, dtype, num_speculative_tokens and
+            lookahead options that were not given (see :func:`specdec.profiles.profile_settings`);
+            the generator then has a ``configuration`` attribute saying what was chosen.
     """
     from .engine import SpeculativeGenerator
 
     if threads:
         torch.set_num_threads(int(threads))
-    model, tokenizer = load_model(target, dtype=dtype, device=device)
+    target_qc = draft_qc = settings = None
+    if profile is not None:
+        from .profiles import profile_settings
+
+        settings = profile_settings(profile, target, method=method, draft=draft, dtype=dtype, device=device,
+                                    num_speculative_tokens=num_speculative_tokens, options=options)
+        target, draft, method, dtype = settings.target, settings.draft, settings.method, settings.dtype
+        num_speculative_tokens, options = settings.num_speculative_tokens, settings.options
+        target_qc, draft_qc = settings.quantization_configs()
+        log.info("; ".join(settings.notes))
+    model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
     if draft is not None and method in ("auto", "draft"):
-        draft_model, draft_tokenizer = load_model(draft, dtype=dtype, device=str(model.device))
+        draft_model, draft_tokenizer = load_model(draft, dtype=dtype, device=str(model.device), quantization_config=draft_qc)
     heads = options.get("medusa_heads")
     if isinstance(heads, (str, os.PathLike)):
         from .medusa import MedusaHeads
 
         options["medusa_heads"] = MedusaHeads.from_pretrained(heads, model)
-    return SpeculativeGenerator(
+    generator = SpeculativeGenerator(
         model,
         tokenizer,
         method=method,
@@ -192,3 +207,7 @@ def load(
         draft_tokenizer=draft_tokenizer,
         **options,
     )
+    if settings is not None:
+        generator.configuration = settings.configuration
+        generator.profile_notes = settings.notes
+    return generator

@@ -350,6 +350,10 @@ def _kinds(model: cat.ResolvedModel, preferred: Sequence[str], dtype: str, avail
         if k not in available:
             reasons.append(f"{role} {model.ref} as {k}: its backend is not installed "
                            f"(install specdec[{'bnb' if k in ('int8', 'nf4', 'fp4') else k}])")
+    if not usable and not model.fixed_kind and model.spec is not None:
+        float_kind = _FLOAT_OF_DTYPE[dtype]
+        reasons.append(f"{role} {model.ref}: none of the profile's quantizations is installed, trying {float_kind}")
+        usable = [float_kind]
     return usable
 
 

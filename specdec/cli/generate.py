@@ -26,8 +26,12 @@ from .common import method_options, model_options, quiet_libraries, report_error
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template, or not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@click.option("--profile", default=None, metavar="auto|NAME",
+              help="Hardware profile: fills method, draft, quantization and their options not given "
+                   "(see `specdec-local detect`, `specdec-local profiles list`).")
 @report_errors
-def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: bool, **kwargs: Any) -> None:
+def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: bool, profile: str | None,
+             **kwargs: Any) -> None:
     """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone)."""
     import specdec
 
@@ -41,8 +45,11 @@ def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: b
         device=kwargs.pop("device"),
         num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
         threads=kwargs.pop("threads"),
+        profile=profile,
         **options,
     )
+    for note in getattr(gen, "profile_notes", ()):
+        click.echo(f"[{note}]", err=True)
     messages = [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
     sampling = dict(kwargs, stop=list(kwargs.pop("stop")) or None)
     if as_json:

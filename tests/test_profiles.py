@@ -1,0 +1,278 @@
+"""Profiles: schema errors, the catalogue, the estimator, selection on fake devices, the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from specdec import catalogue as cat
+from specdec.cli import main
+from specdec.errors import SpecdecError
+from specdec.hardware import GIB, DeviceInfo, assumed_gpu
+from specdec.profiles import (
+    ProfileError, find_profile, load_profile_file, load_profiles, match_profile, parse_profile, profile_settings,
+    profiles_dir, select,
+)
+from specdec.quantization import FLOAT_KINDS, KINDS
+
+PROFILES = load_profiles()
+LAPTOP_4GB = DeviceInfo("cuda", "GeForce GTX 1650 (laptop)", 4 * GIB, int(3.7 * GIB), (7, 5))
+APPLE_16GB = DeviceInfo("mps", "Apple M2", 16 * GIB, int(10.7 * GIB))
+CPU_16GB = DeviceInfo("cpu", "CPU", 16 * GIB, 12 * GIB)
+ONE_GB_FREE = DeviceInfo("cuda", "RTX 3070 (target loaded)", 8 * GIB, 1 * GIB, (8, 6))
+
+# device -> (profile, target, draft, method, target quantization, draft quantization)
+EXPECTED = {
+    "4gb laptop": (LAPTOP_4GB, ("gpu-4gb", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "int8")),
+    "8gb": (assumed_gpu(8 * GIB), ("gpu-8gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "bf16")),
+    "12gb": (assumed_gpu(12 * GIB), ("gpu-12gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "int8", "bf16")),
+    "16gb": (assumed_gpu(16 * GIB), ("gpu-16gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "nf4", "int8")),
+    "24gb": (assumed_gpu(24 * GIB), ("gpu-24gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "int8", "bf16")),
+    "apple 16gb": (APPLE_16GB, ("apple", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "fp16", "fp16")),
+    "cpu only": (CPU_16GB, ("cpu", "qwen-coder-1.5b", "qwen-coder-0.5b", "draft", "gguf", "gguf")),
+}
+
+
+# ---------------------------------------------------------------------- selection
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_fake_devices_get_the_expected_configuration_within_memory(name):
+    device, expected = EXPECTED[name]
+    config = select(device, cat.CATALOGUE, PROFILES)
+    got = (config.profile, config.target_ref, config.draft_ref, config.method,
+           config.target_quantization, config.draft_quantization)
+    assert got == expected
+    assert config.fits and 0 < config.estimated_bytes <= device.available_bytes
+    assert config.estimated_bytes >= sum(config.breakdown.values())  # margin and reserve come on top
+
+
+def test_one_gb_free_after_the_target_drops_the_draft_and_says_why():
+    config = select(ONE_GB_FREE, cat.CATALOGUE, PROFILES, "qwen2.5-7b", target_loaded=True)
+    assert config.profile == "gpu-8gb" and config.fits
+    assert config.method == "lookahead" and config.draft_ref is None
+    assert config.estimated_bytes <= ONE_GB_FREE.free_bytes
+    assert config.breakdown["target_weights"] == 0
+    tried = [r for r in config.reasons if "draft qwen2.5-0.5b as" in r]
+    assert [r.split(" as ")[-1].split(":")[0] for r in tried] == ["bf16", "int8", "nf4"]  # smaller each step
+
+
+def test_falls_back_to_a_smaller_target_quantization_then_a_smaller_target():
+    config = select(assumed_gpu(6 * GIB), cat.CATALOGUE, PROFILES)
+    assert any("qwen2.5-7b as nf4: needs" in r for r in config.reasons)
+    assert config.target == "qwen2.5-3b" and config.fits
+
+
+def test_missing_backends_are_skipped_with_the_extra_to_install():
+    config = select(assumed_gpu(8 * GIB), cat.CATALOGUE, PROFILES, available=FLOAT_KINDS + ("gguf",))
+    assert config.target_quantization in FLOAT_KINDS and config.fits
+    assert any("install specdec[bnb]" in r for r in config.reasons)
+    assert any("install specdec[gptq]" in r for r in config.reasons)
+
+
+def test_explicit_hub_id_is_quantized_on_load_not_swapped_for_another_checkpoint():
+    config = select(assumed_gpu(8 * GIB), cat.CATALOGUE, PROFILES, "Qwen/Qwen2.5-7B-Instruct")
+    assert config.target_ref == "Qwen/Qwen2.5-7B-Instruct" and config.target_quantization == "nf4"
+
+
+def test_short_name_may_load_the_gptq_variant():
+    config = select(assumed_gpu(8 * GIB), cat.CATALOGUE, PROFILES, "qwen2.5-7b", available=("bf16", "gptq"))
+    assert config.target_ref == "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4" and config.target_quantization == "gptq"
+
+
+def test_packaged_gguf_target_keeps_its_format():
+    config = select(assumed_gpu(8 * GIB), cat.CATALOGUE, PROFILES, "qwen-coder-1.5b")
+    assert config.target_quantization == "gguf" and config.target_ref == "qwen-coder-1.5b"
+    assert config.draft == "qwen2.5-coder-0.5b"
+
+
+def test_unknown_target_gets_no_draft():
+    config = select(CPU_16GB, cat.CATALOGUE, PROFILES, "someone/unknown-model")
+    assert config.method in ("lookahead", "prompt_lookup", "none") and config.draft_ref is None
+    assert any("not in the catalogue" in r for r in config.reasons)
+
+
+def test_target_without_a_smaller_relative_gets_no_draft():
+    config = select(CPU_16GB, cat.CATALOGUE, PROFILES, "smollm2-135m")
+    assert config.method == "lookahead" and any("shares the tokenizer" in r for r in config.reasons)
+
+
+def test_medusa_is_chosen_only_with_heads():
+    assert select(CPU_16GB, cat.CATALOGUE, PROFILES, "smollm2-135m", has_medusa_heads=True).method == "medusa"
+
+
+def test_unknown_memory_takes_the_first_configuration_and_says_so():
+    config = select(DeviceInfo("cpu", "unknown", 0, 0, source="none"), cat.CATALOGUE, PROFILES)
+    assert config.profile == "cpu" and config.budget_bytes == 0
+    assert "memory unknown" in config.reasons[0]
+
+
+def test_nothing_fits_returns_the_smallest_with_fits_false():
+    config = select(assumed_gpu(1 * GIB), cat.CATALOGUE, PROFILES, "qwen2.5-14b")
+    assert not config.fits and "nothing fits" in config.reasons[-1]
+
+
+def test_profile_by_name_and_unknown_name():
+    assert select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-4gb").profile == "gpu-4gb"
+    with pytest.raises(SpecdecError, match="unknown profile"):
+        select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-3gb")
+
+
+@pytest.mark.parametrize("gib,name", [(2, "gpu-4gb"), (4, "gpu-4gb"), (6, "gpu-6gb"), (8, "gpu-8gb"), (10, "gpu-12gb"),
+                                      (12, "gpu-12gb"), (16, "gpu-16gb"), (24, "gpu-24gb"), (80, "gpu-24gb")])
+def test_gpu_tiers_cover_every_size(gib, name):
+    assert match_profile(assumed_gpu(gib * GIB), PROFILES).name == name
+    assert match_profile(assumed_gpu(gib * GIB, backend="rocm"), PROFILES).name == name
+
+
+def test_profile_settings_fill_only_what_was_not_given():
+    auto = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB))
+    assert (auto.method, auto.draft, auto.num_speculative_tokens) == ("draft", "Qwen/Qwen2.5-0.5B-Instruct", 5)
+    assert auto.target_quantization == "nf4" and auto.draft_quantization is None and auto.dtype == "bfloat16"
+    assert auto.options == {"window_size": 6, "ngram_size": 4, "guess_size": 6}
+    given = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="none", dtype="float16",
+                             num_speculative_tokens=2, options={"window_size": 3, "ngram_size": None})
+    assert (given.method, given.draft, given.dtype, given.num_speculative_tokens) == ("none", None, "float16", 2)
+    assert given.options == {"window_size": 3, "ngram_size": 4, "guess_size": 6}
+    own_draft = profile_settings("auto", "smollm2-135m", device=CPU_16GB, draft="/my/draft")
+    assert own_draft.method == "draft" and own_draft.draft == "/my/draft" and own_draft.draft_quantization is None
+
+
+# ---------------------------------------------------------------------- catalogue and estimator
+def test_catalogue_is_sound():
+    assert cat.validate_catalogue() == []
+    for spec in cat.CATALOGUE.values():
+        for draft in cat.drafts_for(spec):
+            assert draft.family == spec.family
+
+
+def test_catalogue_covers_the_issue_pairs():
+    assert [d.name for d in cat.drafts_for(cat.CATALOGUE["llama-3.1-8b"])] == ["llama-3.2-1b"]
+    assert "smollm2-135m" in [d.name for d in cat.drafts_for(cat.CATALOGUE["smollm2-1.7b"])]
+    for size in ("1.5b", "3b", "7b", "14b"):
+        assert "qwen2.5-0.5b" in cat.CATALOGUE[f"qwen2.5-{size}"].drafts
+        assert "qwen2.5-coder-0.5b" in cat.CATALOGUE[f"qwen2.5-coder-{size}"].drafts
+
+
+def test_validate_catalogue_flags_a_draft_of_another_tokenizer_family():
+    bad = dict(cat.CATALOGUE)
+    spec = bad["llama-3.1-8b"]
+    bad["llama-3.1-8b"] = cat.ModelSpec(**{**spec.__dict__, "drafts": ("qwen2.5-0.5b",)})
+    assert any("tokenizer family" in p for p in cat.validate_catalogue(bad))
+
+
+def test_estimator_parts():
+    spec = cat.CATALOGUE["qwen2.5-7b"]
+    sizes = [cat.estimate_memory(spec, k, 4096).weights for k in ("nf4", "int8", "bf16", "fp32")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    est = cat.estimate_memory(spec, "bf16", 4096)
+    assert est.kv_cache == 2 * 28 * 4 * 128 * 4096 * 2
+    assert abs(est.weights - 2 * spec.params) < 0.03 * 2 * spec.params
+    assert cat.estimate_memory(spec, "bf16", 4096, weights_loaded=True).weights == 0
+    assert cat.estimate_memory(spec, "gguf", 4096, dtype_bits=32).weights == cat.estimate_memory(spec, "fp32", 4096).weights
+
+
+def test_spec_from_a_local_config_guesses_the_family(tmp_path):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2).to_dict()
+    resolved = cat.resolve(str(tmp_path), config=config)
+    assert resolved.spec.family == "qwen2.5" and resolved.spec.num_layers == 2
+    assert [d.family for d in cat.drafts_for(resolved.spec)] == []  # nothing 4x smaller than a tiny model
+
+
+# ---------------------------------------------------------------------- profile files
+VALID = (profiles_dir() / "cpu.yaml").read_text()
+
+
+def _write(tmp_path: Path, text: str, name: str = "cpu") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_packaged_profiles_cover_the_tiers():
+    names = {p.name for p in PROFILES}
+    assert {"cpu", "apple", "gpu-4gb", "gpu-6gb", "gpu-8gb", "gpu-12gb", "gpu-16gb", "gpu-24gb"} <= names
+    for p in PROFILES:
+        assert set(p.quantization.target) <= set(KINDS)
+        assert all(t in cat.CATALOGUE for t in p.targets)
+
+
+def test_wrong_type_names_file_field_and_reason(tmp_path):
+    path = _write(tmp_path, VALID.replace("context_length: 4096", "context_length: lots"))
+    with pytest.raises(ProfileError) as e:
+        load_profile_file(path)
+    (problem,) = e.value.problems
+    assert (problem.file, problem.field) == (str(path), "context_length")
+    assert "integer" in problem.reason and "lots" in problem.reason
+
+
+def test_unknown_key_names_file_field_and_reason(tmp_path):
+    path = _write(tmp_path, VALID.replace("lookahead: {", "lookahead: {window: 3, "))
+    with pytest.raises(ProfileError) as e:
+        load_profile_file(path)
+    assert [(p.field, p.reason) for p in e.value.problems] == [("lookahead.window", "unknown field")]
+    assert str(path) in str(e.value)
+
+
+def test_missing_field_names_file_field_and_reason(tmp_path):
+    path = _write(tmp_path, "\n".join(l for l in VALID.splitlines() if not l.startswith("num_speculative_tokens")))
+    with pytest.raises(ProfileError) as e:
+        load_profile_file(path)
+    assert [(p.file, p.field, p.reason) for p in e.value.problems] == [(str(path), "num_speculative_tokens", "Field required")]
+
+
+def test_nested_list_item_and_invalid_yaml(tmp_path):
+    with pytest.raises(ProfileError) as e:
+        parse_profile(VALID.replace("target: [gguf, bf16, int8]", "target: [gguf, int3]"), "x/cpu.yaml")
+    assert e.value.problems[0].field == "quantization.target[1]"
+    with pytest.raises(ProfileError) as e:
+        parse_profile("name: [cpu\n", "x/cpu.yaml")
+    assert e.value.problems[0].field.startswith("line ")
+    with pytest.raises(ProfileError, match="must match the file name"):
+        parse_profile(VALID, "x/other.yaml")
+
+
+def test_find_profile():
+    assert find_profile("cpu", PROFILES).match.backends == ["cpu"]
+
+
+# ---------------------------------------------------------------------- CLI
+REQUIRED = {"device", "profile", "target", "draft", "method", "quantization", "num_speculative_tokens", "lookahead",
+            "estimated_bytes"}
+
+
+def test_detect_json_here_and_for_an_assumed_card():
+    runner = CliRunner()
+    here = json.loads(runner.invoke(main, ["detect", "--json"]).output)
+    assert REQUIRED <= set(here) and set(here["device"]) == {"backend", "name", "total_bytes", "free_bytes"}
+    assert set(here["quantization"]) == {"target", "draft"}
+    assert set(here["lookahead"]) == {"window_size", "ngram_size", "guess_size"}
+    assert isinstance(here["estimated_bytes"], int)
+    result = runner.invoke(main, ["detect", "--vram", "8GiB", "--json"])
+    card = json.loads(result.output)
+    assert card["device"]["total_bytes"] == 8 * GIB and card["profile"] == "gpu-8gb"
+    assert card["estimated_bytes"] <= 8 * GIB
+
+
+def test_detect_text_and_bad_size():
+    runner = CliRunner()
+    result = runner.invoke(main, ["detect", "--vram", "6GiB", "--free", "1GiB", "--target", "qwen2.5-7b", "--target-loaded"])
+    assert result.exit_code == 0 and "profile:      gpu-6gb" in result.output
+    assert runner.invoke(main, ["detect", "--vram", "lots"]).exit_code == 2
+
+
+def test_profiles_commands(tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(main, ["profiles", "list"])
+    assert listed.exit_code == 0 and "gpu-8gb" in listed.output
+    shown = runner.invoke(main, ["profiles", "show", "gpu-8gb"])
+    assert shown.exit_code == 0 and "name: gpu-8gb" in shown.output
+    assert runner.invoke(main, ["profiles", "show", "nope"]).exit_code == 1
+    good = _write(tmp_path, VALID)
+    bad = _write(tmp_path, VALID.replace("dtype: bfloat16", "dtype: int4"), name="bad")
+    result = runner.invoke(main, ["profiles", "validate", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert f"{good}: ok" in result.output and f"{bad}: dtype:" in result.output

@@ -81,10 +81,15 @@ def find_webui(folder: Path) -> Webui:
     return Webui(root, extensions, Path(sys.executable), False)
 
 
-def _run(cmd: list[str], what: str) -> str:
-    """Run ``cmd``; raise :class:`InstallError` with its output when it fails."""
+def _run(cmd: list[str], what: str, cwd: Path) -> str:
+    """Run ``cmd`` in ``cwd``; raise :class:`InstallError` with its output when it fails.
+
+    ``cwd`` is the webui checkout, never this repository: Python puts the
+    current folder on ``sys.path``, and this repository's ``specdec.egg-info``
+    would make specdec look installed.
+    """
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     except OSError as e:
         raise InstallError(f"{what} could not start ({e}): {' '.join(cmd)}") from None
     if proc.returncode != 0:
@@ -93,9 +98,9 @@ def _run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def installed_distributions(python: Path) -> set[str]:
-    """Lower-case names of the distributions installed in ``python``'s environment."""
-    return set(json.loads(_run([str(python), "-c", _LIST_DISTRIBUTIONS], "listing installed packages")))
+def installed_distributions(webui: Webui) -> set[str]:
+    """Lower-case names of the distributions installed in the webui's Python environment."""
+    return set(json.loads(_run([str(webui.python), "-c", _LIST_DISTRIBUTIONS], "listing installed packages", webui.root)))
 
 
 def read_record(webui: Webui) -> dict:
@@ -133,12 +138,12 @@ def install(webui: Webui, link: bool, pip: bool) -> None:
     if pip:
         where = "the webui's own environment" if webui.python_is_webui_env else "the current Python environment"
         print(f"Installing specdec into {where}: {webui.python}")
-        before = installed_distributions(webui.python)
+        before = installed_distributions(webui)
         cmd = [str(webui.python), "-m", "pip", "install"]
         cmd += ["-e", str(REPO)] if link else [str(REPO)]
         cmd += ["-r", str(PLUGIN / "requirements.txt")]
-        _run(cmd, "pip install")
-        installed |= installed_distributions(webui.python) - before
+        _run(cmd, "pip install", webui.root)
+        installed |= installed_distributions(webui) - before
     else:
         print("Skipping pip (--no-pip): install specdec into the webui's Python yourself, e.g. "
               f"{webui.python} -m pip install {REPO}")
@@ -176,7 +181,7 @@ def uninstall(webui: Webui, pip: bool) -> None:
     if pip and packages:
         python = Path(record.get("python") or webui.python)
         print(f"Uninstalling {', '.join(packages)} from {python}")
-        _run([str(python), "-m", "pip", "uninstall", "-y", *packages], "pip uninstall")
+        _run([str(python), "-m", "pip", "uninstall", "-y", *packages], "pip uninstall", webui.root)
     elif packages:
         print(f"Skipping pip (--no-pip); installed by install.py: {', '.join(packages)}")
     if webui.record.exists():

@@ -602,7 +602,7 @@ def ui() -> None:
             k = gr.Slider(0, 16, step=1, value=params["num_speculative_tokens"], label="Speculative tokens per step (0 = adaptive)")
         with gr.Row():
             draft = gr.Dropdown(choices=list_draft_models(), value=params["draft_model"], label="Draft model (from the models folder; same tokenizer as the loaded model)")
-            refresh = gr.Button("Refresh list", elem_classes="refresh-button")
+            refresh = gr.Button("Refresh list", elem_classes="refresh-button", scale=0, min_width=120)
         with gr.Accordion("Lookahead and Medusa", open=False):
             with gr.Row():
                 window = gr.Slider(1, 16, step=1, value=params["window_size"], label="Lookahead window W")
@@ -611,7 +611,7 @@ def ui() -> None:
             medusa = gr.Textbox(value=params["medusa_heads"], label="Medusa heads folder")
         with gr.Row():
             stats = gr.Markdown(last_reply.markdown)
-            show = gr.Button("Refresh stats", elem_classes="refresh-button")
+            show = gr.Button("Refresh stats", elem_classes="refresh-button", scale=0, min_width=120)
 
     for control, name in (
         (enabled, "enabled"), (auto, "auto_configure"), (method, "method"), (k, "num_speculative_tokens"),

@@ -287,3 +287,28 @@ def _first_greedy_token(model: Any, tokenizer: Any) -> int:
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
     with torch.inference_mode():
         return int(model(torch.tensor([ids])).logits[0, -1].argmax())
+
+
+def test_auto_configure_uses_the_hardware_profiles(ext, webui, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    from specdec import profiles
+
+    seen: dict[str, Any] = {}
+
+    def configure(**kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return types.SimpleNamespace(
+            profile="fake-cpu", device=types.SimpleNamespace(backend="cpu"), method="lookahead",
+            num_speculative_tokens=None,
+            lookahead=types.SimpleNamespace(model_dump=lambda: {"window_size": 3, "ngram_size": 3, "guess_size": 2}),
+        )
+
+    monkeypatch.setattr(profiles, "configure", configure)
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(*tiny)
+    assert ext.last_reply.method == "lookahead" and seen["target_loaded"] is True
+    # a profile that wants a draft model when none is picked gets prompt lookup (nothing is downloaded)
+    assert ext.auto_configuration(has_draft=False)[0] == "lookahead"
+    ext._auto_cache.clear()
+    monkeypatch.setattr(profiles, "configure", lambda **kw: types.SimpleNamespace(
+        profile="p", device=types.SimpleNamespace(backend="cpu"), method="draft", num_speculative_tokens=4, lookahead=None))
+    assert ext.auto_configuration(has_draft=False) == ("prompt_lookup", None, {})
+    assert ext.auto_configuration(has_draft=True) == ("draft", 4, {})

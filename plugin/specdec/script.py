@@ -428,6 +428,47 @@ def _fallback(request: Request, key: str, reason: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- generation
+_auto_cache: dict[tuple[str, bool, bool], tuple[str, int | None, dict[str, Any]]] = {}
+
+
+def auto_configuration(has_draft: bool) -> tuple[str, int | None, dict[str, Any]]:
+    """Method, draft length and options chosen by specdec's hardware profiles for the loaded model.
+
+    Uses :func:`specdec.profiles.configure` (device detection, profile
+    matching) once per model and draft choice. A draft picked in the panel
+    means method ``draft``; a profile that wants a draft when none is picked
+    gets prompt lookup instead (the extension never downloads models).
+    Without profiles, or when they fail: draft with a draft, else prompt lookup.
+    """
+    medusa = bool(params["medusa_heads"])
+    key = (str(getattr(shared, "model_name", "")), has_draft, medusa)
+    if key not in _auto_cache:
+        method, k, options = ("draft" if has_draft else "prompt_lookup"), None, {}
+        try:
+            from specdec import profiles
+
+            target_ref = models_dir() / key[0]
+            config = profiles.configure(target=str(target_ref) if target_ref.exists() else None,
+                                        target_loaded=True, has_medusa_heads=medusa)
+            method = "draft" if has_draft else config.method
+            if method == "draft" and not has_draft:
+                method = "prompt_lookup"
+            if method == "medusa" and not medusa:
+                method = "prompt_lookup"
+            k = config.num_speculative_tokens if method == "draft" else None
+            if method == "lookahead":
+                options = dict(config.lookahead.model_dump())
+            logger.info(f"specdec: profile {config.profile} on {config.device.backend}: method {method}"
+                        + (f", {k} speculative tokens" if k else ""))
+        except ImportError:
+            pass
+        except Exception as e:  # noqa: BLE001 - auto-configuration is best effort
+            _note_once(f"profile:{type(e).__name__}", f"auto-configuration failed ({e}); using {method}")
+        _auto_cache[key] = (method, k, options)
+    method, k, options = _auto_cache[key]
+    return method, k, dict(options)
+
+
 def build_generator(target: Any, tokenizer: Any) -> Any:
     """A :class:`specdec.SpeculativeGenerator` for the current params (cheap; models are cached)."""
     from specdec import SpeculativeGenerator
@@ -437,8 +478,8 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
     options: dict[str, Any] = {}
     k = params["num_speculative_tokens"] or None
     if params["auto_configure"]:
-        method, k = "auto", None
-        if draft is None and params["medusa_heads"]:
+        method, k, options = auto_configuration(draft is not None)
+        if method == "medusa":
             options["medusa_heads"] = _load_medusa(params["medusa_heads"], target)
     else:
         method = params["method"]

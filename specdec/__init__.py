@@ -1,50 +1,47 @@
-"""specdec: lossless speculative decoding for local LLMs."""
+"""specdec: lossless speculative decoding for local LLMs.
+
+Public names are imported lazily, so ``import specdec`` (and the CLI's start)
+does not pay for importing transformers until a model is used.
+"""
 from __future__ import annotations
 
-from .engine import GenerationResult, GenerationStats, SpeculativeGenerator, StreamEvent
-from .errors import (
-    ContextLengthError,
-    InvalidSamplingError,
-    MissingExtraError,
-    ModelNotFoundError,
-    SpecdecError,
-    UnknownMethodError,
-    VocabularyMismatchError,
-)
-from .proposers import METHODS
-from .sampling import SamplingConfig
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "SpeculativeGenerator": "specdec.engine",
+    "GenerationResult": "specdec.engine",
+    "GenerationStats": "specdec.engine",
+    "StreamEvent": "specdec.engine",
+    "SamplingConfig": "specdec.sampling",
+    "METHODS": "specdec.proposers",
+    "load": "specdec.loading",
+    "load_model": "specdec.loading",
+    "MedusaHeads": "specdec.medusa",
+    "SpecdecError": "specdec.errors",
+    "ModelNotFoundError": "specdec.errors",
+    "VocabularyMismatchError": "specdec.errors",
+    "ContextLengthError": "specdec.errors",
+    "InvalidSamplingError": "specdec.errors",
+    "UnknownMethodError": "specdec.errors",
+    "MissingExtraError": "specdec.errors",
+    "UnsupportedModelError": "specdec.errors",
+}
 
-def load(*args, **kwargs):
-    """Load target (and draft) by name, folder or .gguf file; see :func:`specdec.loading.load`."""
-    from .loading import load as _load
 
-    return _load(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    if name == "MedusaHeads":
-        from .medusa import MedusaHeads
-
-        return MedusaHeads
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'specdec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "SpeculativeGenerator",
-    "GenerationResult",
-    "GenerationStats",
-    "StreamEvent",
-    "SamplingConfig",
-    "METHODS",
-    "load",
-    "SpecdecError",
-    "ModelNotFoundError",
-    "VocabularyMismatchError",
-    "ContextLengthError",
-    "InvalidSamplingError",
-    "UnknownMethodError",
-    "MissingExtraError",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = list(_EXPORTS)

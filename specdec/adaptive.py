@@ -7,6 +7,11 @@ that maximises tokens per second. Costs are exponential moving averages of
 what the engine measures; verify cost per row count starts from a prior
 shaped like the CPU curve measured in DESIGN (16 rows ~1.3x one row) and is
 replaced by measurements as they come.
+
+Seeded sampling must be reproducible, and measured times are not: with
+``deterministic`` set, the controller ignores timings and uses the static
+cost ratio (from parameter counts) instead, so the same seed gives the same
+draft lengths and hence the same tokens.
 """
 from __future__ import annotations
 
@@ -32,17 +37,23 @@ class DraftLengthController:
     alpha_rejected: float = 1.0
     draft_seconds: float | None = None
     verify_seconds: dict[int, float] = field(default_factory=dict)
+    static_draft_cost: float = 0.4  # draft step / target step, from parameter counts
+    deterministic: bool = False
 
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.draft_seconds is None or not self.verify_seconds:
+        if self.deterministic:
+            draft_cost, verify_cost = self.static_draft_cost, _prior_shape
+        elif self.draft_seconds is None or not self.verify_seconds:
             return self.initial_k
+        else:
+            draft_cost, verify_cost = self.draft_seconds, self._verify_cost
         alpha = self.acceptance
         best_k, best_rate = 0, 0.0
         for k in range(0, self.k_max + 1):
             tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-            seconds = k * self.draft_seconds + self._verify_cost(k + 1)
+            seconds = k * draft_cost + verify_cost(k + 1)
             rate = tokens / seconds
             if rate > best_rate:
                 best_k, best_rate = k, rate
@@ -71,9 +82,14 @@ class DraftLengthController:
     def _verify_cost(self, rows: int) -> float:
         if rows in self.verify_seconds:
             return self.verify_seconds[rows]
-        # scale the nearest measurement by the prior shape 1 + 0.02 * (rows - 1)
+        # scale the nearest measurement by the prior shape
         near = min(self.verify_seconds, key=lambda r: abs(r - rows))
-        return self.verify_seconds[near] * (1 + 0.02 * (rows - 1)) / (1 + 0.02 * (near - 1))
+        return self.verify_seconds[near] * _prior_shape(rows) / _prior_shape(near)
+
+
+def _prior_shape(rows: int) -> float:
+    """Relative cost of a target forward over ``rows`` tokens (CPU, bf16: 16 rows ~1.3x one)."""
+    return 1 + 0.02 * (rows - 1)
 
 
 def _ema(old: float | None, new: float, decay: float) -> float:

@@ -249,7 +249,7 @@ class SpeculativeGenerator:
         )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.randrange(2**63))
-        yield from self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos)
+        yield from self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
 
     # ------------------------------------------------------------------ the loop
     def _run(
@@ -260,6 +260,7 @@ class SpeculativeGenerator:
         generator: torch.Generator,
         stops: list[str],
         eos: set[int],
+        seeded: bool = False,
     ) -> Iterator[StreamEvent]:
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt_ids))
         self.last_stats = stats
@@ -275,7 +276,8 @@ class SpeculativeGenerator:
             if length > 1:
                 self.target(input_ids=buf[None, : length - 1], cache=cache, use_cache=True, logits_to_keep=1)
         stats.prefill_seconds = time.perf_counter() - start
-        state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator)
+        state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator,
+                            seeded=seeded)
         self.proposer.reset(state)
         finish: str | None = None
         while finish is None:

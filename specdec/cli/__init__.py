@@ -6,8 +6,12 @@ Each subcommand lives in its own module of this package and exposes
 from __future__ import annotations
 
 import importlib
+import os
 
-import click
+# transformers' GGUF loader draws a tqdm bar per model; tqdm reads this when it is first imported
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import click  # noqa: E402
 
 # modules of this package that define subcommands, in help order
 _COMMAND_MODULES = ("generate", "models", "bench", "profiles", "medusa")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from ..proposers import METHODS
 def quiet_libraries() -> None:
     """Hide transformers' progress bars and advisory warnings from CLI output."""
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF de-quantization bar
     try:
         from transformers.utils import logging as hf_logging
 

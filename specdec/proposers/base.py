@@ -80,13 +80,15 @@ class DecodeState:
             last one is the pending token.
         prompt_length: number of prompt tokens at the start of ``tokens``.
         sampling: the sampling configuration of this generation.
-        generator: the seeded random generator of this generation.
+        generator: the random generator of this generation.
+        seeded: whether the caller gave a seed (the run must then be reproducible).
     """
 
     tokens: torch.Tensor
     prompt_length: int
     sampling: SamplingConfig
     generator: torch.Generator | None
+    seeded: bool = False
 
 
 @dataclass

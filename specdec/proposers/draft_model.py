@@ -30,6 +30,8 @@ class DraftModelProposer:
         self.cached = 0  # committed tokens whose KV is in the draft cache
 
     def reset(self, state: DecodeState) -> None:
+        # seeded sampling must not depend on measured times (see DraftLengthController)
+        self.controller.deterministic = state.seeded and not state.sampling.greedy
         self.cache = kvcache.new_cache(self.model)
         self.cached = 0
         self.device = next(self.model.parameters()).device
@@ -81,4 +83,10 @@ def build(ctx) -> DraftModelProposer:
 
     take_options(ctx.options, (), "draft")
     target_vocab = int(ctx.target.get_output_embeddings().weight.shape[0])
-    return DraftModelProposer(ctx.draft, target_vocab, DraftLengthController(fixed=ctx.num_speculative_tokens))
+    ratio = _parameters(ctx.draft) / max(_parameters(ctx.target), 1)
+    controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
+    return DraftModelProposer(ctx.draft, target_vocab, controller)
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

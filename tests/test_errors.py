@@ -1,0 +1,94 @@
+"""Bad input gets a clear error that says what is wrong and what to do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from conftest import tiny_model
+from specdec.errors import (ContextLengthError, InvalidSamplingError, ModelNotFoundError, SpecdecError,
+                            UnknownMethodError, VocabularyMismatchError)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama", seed=0, max_positions=64)
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=0.5, top_p=0.0), "top_p"),
+        (dict(temperature=0.5, top_k=-3), "top_k"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_invalid_sampling_values(target, kwargs, fragment):
+    gen = specdec.SpeculativeGenerator(target, method="none")
+    with pytest.raises(InvalidSamplingError, match=fragment):
+        gen.generate([1, 2, 3], max_new_tokens=4, **kwargs)
+
+
+def test_prompt_longer_than_context(target):
+    gen = specdec.SpeculativeGenerator(target, method="none")
+    with pytest.raises(ContextLengthError) as e:
+        gen.generate(list(range(1, 60)), max_new_tokens=10)
+    assert "context of 64" in str(e.value) and "at most 5" in str(e.value)
+
+
+def test_unknown_method(target):
+    with pytest.raises(UnknownMethodError, match="choose one of"):
+        specdec.SpeculativeGenerator(target, method="telepathy")
+
+
+def test_draft_method_without_draft(target):
+    with pytest.raises(SpecdecError, match="needs a draft model"):
+        specdec.SpeculativeGenerator(target, method="draft")
+
+
+def test_draft_with_another_vocabulary(target):
+    other = tiny_model("llama", seed=1, vocab=4000)
+    with pytest.raises(VocabularyMismatchError) as e:
+        specdec.SpeculativeGenerator(target, method="draft", draft=other)
+    assert "prompt_lookup" in str(e.value)
+
+
+def test_text_prompt_without_tokenizer(target):
+    with pytest.raises(SpecdecError, match="needs a tokenizer"):
+        specdec.SpeculativeGenerator(target, method="none").generate("hello")
+
+
+def test_unknown_packaged_name_and_missing_paths(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="packaged models"):
+        specdec.load("smollm-does-not-exist")
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        specdec.load(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        specdec.load(str(tmp_path))
+
+
+def test_unreadable_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SpecdecError, match="could not load model"):
+        specdec.load(str(tmp_path))
+
+
+def test_hub_id_without_network():
+    with pytest.raises(ModelNotFoundError, match="cannot be reached|could not load"):
+        specdec.load("specdec-test/no-such-model-anywhere")
+
+
+@pytest.mark.real_model
+def test_draft_with_other_tokenizer_is_refused(smollm2, tmp_path):
+    """Same vocabulary size, different tokens: refused, with prompt lookup suggested."""
+    model, tok = smollm2
+    from tokenizers import Tokenizer, models as tmodels
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"tok{i}": i for i in range(len(tok))}
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.WordLevel(vocab, unk_token="tok0")))
+    with pytest.raises(VocabularyMismatchError, match="prompt_lookup"):
+        specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, draft_tokenizer=other)
+    # the same tokenizer passes
+    specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, draft_tokenizer=tok)

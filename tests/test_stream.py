@@ -1,0 +1,67 @@
+"""Streaming: incremental text that never breaks a UTF-8 character, stop strings, and their edges."""
+from __future__ import annotations
+
+import pytest
+
+import specdec
+from specdec.stream import IncrementalDecoder, StopStringMatcher
+
+
+def test_stop_matcher_holds_back_partial_and_cuts_before_stop():
+    m = StopStringMatcher(["</end>"])
+    assert m.push("hello </e") == ("hello ", False)  # "</e" may start the stop string: held back
+    assert m.push("nd> more") == ("", True)
+    assert m.text == "hello "
+
+
+def test_stop_matcher_releases_false_alarm_and_finishes():
+    m = StopStringMatcher(["STOP"])
+    assert m.push("a ST") == ("a ", False)
+    assert m.push("ART") == ("START", False)
+    assert m.push(" S") == (" ", False)
+    assert m.finish() == "S"
+
+
+def test_stop_matcher_without_stops_passes_through():
+    m = StopStringMatcher(None)
+    assert m.push("abc") == ("abc", False)
+    assert m.finish() == ""
+
+
+def test_earliest_of_several_stops_wins():
+    m = StopStringMatcher(["bb", "a"])
+    out, hit = m.push("xxbba")
+    assert (out, hit) == ("xx", True)
+
+
+@pytest.mark.real_model
+def test_incremental_decoder_never_emits_broken_characters(smollm2):
+    _, tok = smollm2
+    text = "Grüße aus Köln 🌊🏞️ — 日本語のテキスト."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.add([i]) for i in ids] + [dec.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+    # the emoji is split over several byte tokens, so some steps emit nothing
+    assert any(p == "" for p in pieces[:-1])
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["none", "prompt_lookup", "draft"])
+def test_stream_equals_generate_and_stop_strings_cut(smollm2, method):
+    model, tok = smollm2
+    gen = specdec.SpeculativeGenerator(model, tok, method=method, draft=model if method == "draft" else None,
+                                       num_speculative_tokens=3 if method == "draft" else None)
+    messages = [{"role": "user", "content": "List three colours, one per line."}]
+    full = gen.generate(messages, max_new_tokens=40)
+    events = list(gen.stream(messages, max_new_tokens=40))
+    assert "".join(e.text for e in events) == full.text
+    assert [t for e in events for t in e.token_ids] == full.token_ids
+    assert events[-1].done and all(not e.done for e in events[:-1])
+    # a stop string taken from the middle of the reply cuts the text right before it
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]
+    cut = gen.generate(messages, max_new_tokens=40, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids

@@ -1,0 +1,56 @@
+"""Measure the target's forward cost against the number of rows in one step.
+
+Speculative methods trade rows per forward for steps: whether a 16-row step
+pays off depends on how much more it costs than a 1-row step on this machine.
+:func:`forward_cost` times that directly (median over repeats, on a cached
+prompt, the way the decode loop calls the model), so defaults such as
+lookahead's window and the hardware profiles can be chosen from measurements.
+Timings are noisy: compare the returned ratios, measured in one process.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from . import kvcache
+
+
+def forward_cost(
+    model: torch.nn.Module,
+    rows: Sequence[int] = (1, 4, 8, 16, 32, 64),
+    prompt_length: int = 128,
+    repeats: int = 3,
+) -> dict[int, float]:
+    """Median seconds of one forward over ``k`` new rows on a cached prompt, for each ``k`` in ``rows``.
+
+    The prompt's KV cache is built once; each timed forward appends ``k`` rows
+    (``input_ids`` ``[1, k]``, full logits ``[1, k, V]``) and is then cropped
+    away again, so every forward sees the same ``prompt_length`` cached positions.
+    """
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(vocab, (1, prompt_length), generator=gen).to(device)
+    cache = kvcache.new_cache(model)
+    out: dict[int, float] = {}
+    with torch.inference_mode():
+        model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        for k in rows:
+            ids = torch.randint(vocab, (1, k), generator=gen).to(device)
+            times = []
+            for _ in range(repeats + 1):  # the first one warms up
+                t0 = time.perf_counter()
+                model(input_ids=ids, cache=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+                kvcache.truncate(cache, prompt_length)
+            out[k] = statistics.median(times[1:])
+    return out
+
+
+def relative_cost(costs: dict[int, float]) -> dict[int, float]:
+    """Each cost divided by the cost of the fewest rows (``{1: 1.0, 16: 1.3, ...}``)."""
+    base = costs[min(costs)]
+    return {k: v / base for k, v in costs.items()}

@@ -1,0 +1,122 @@
+"""``specdec-local train-medusa``: train Medusa heads for a target on this machine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import SpecdecError
+from ..medusa.train import Progress, TrainConfig
+from .common import quiet_libraries, report_errors
+
+_D = TrainConfig.__dataclass_fields__  # defaults are defined once, in TrainConfig
+
+
+def _default(name: str) -> Any:
+    return _D[name].default
+
+
+@click.command("train-medusa")
+@click.option("--target", "-t", required=True, help="Packaged model name, local folder, .gguf file or hub id.")
+@click.option("--data", required=True, type=click.Path(),
+              help="Training text: a text file, a .jsonl file or a folder of files "
+                   "(e.g. Python's stdlib: python -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])').")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the heads.")
+@click.option("--heads", "num_heads", type=click.IntRange(min=1), default=_default("num_heads"), show_default=True)
+@click.option("--layers", "num_layers", type=click.IntRange(min=1), default=_default("num_layers"), show_default=True,
+              help="Residual blocks per head.")
+@click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=8), default=_default("seq_len"), show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"), show_default=True,
+              help="Positions per step.")
+@click.option("--cache-tokens", type=click.IntRange(min=8), default=_default("cache_tokens"), show_default=True,
+              help="Positions whose target hidden states are computed once and cached (the costly part).")
+@click.option("--subset-size", type=click.IntRange(min=0), default=_default("subset_size"), show_default=True,
+              help="Heads propose only the N tokens the target predicts most often (0 = all); verification stays exact.")
+@click.option("--own-lm-head", is_flag=True, help="Train a projection per head instead of sharing the target's lm_head.")
+@click.option("--chat-wrap/--no-chat-wrap", default=_default("chat_wrap"), show_default=True,
+              help="Put the training text in the assistant turn of the chat template.")
+@click.option("--seed", type=int, default=_default("seed"), show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=_default("checkpoint_every"), show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (and reuse OUT/cache).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+@report_errors
+def train_medusa(target: str, data: str, out: str, resume: bool, dtype: str, device: str, threads: int | None,
+                 **options: Any) -> None:
+    """Train Medusa heads for TARGET by self-distillation (the target stays frozen).
+
+    Each head learns the target's own greedy prediction k+2 tokens ahead, so
+    acceptance tracks the target. Decoding with the heads is lossless by
+    default (--method medusa --medusa-heads OUT).
+    """
+    import torch
+
+    quiet_libraries()
+    cfg = TrainConfig(**options)
+    if not Path(data).expanduser().exists():
+        raise SpecdecError(f"training data not found: {data}", "give a text file, a .jsonl file or a folder of files")
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = _load_target(target, dtype, device)
+    from ..medusa.train import train
+
+    with _ProgressView(cfg) as view:
+        heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
+    top1 = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1"]))
+    click.echo(f"saved {cfg.num_heads} heads to {out}")
+    click.echo(f"held-out top-1 accuracy: {top1}")
+    click.echo(f"tree: {report['tree_nodes']} nodes, expected {report['expected_tokens_per_step']:.2f} tokens/step "
+               f"(incl. the +1); cache {report['cache_seconds']:.0f}s, training {report['train_seconds']:.0f}s")
+    click.echo(json.dumps({k: report[k] for k in ("top1", "top5", "tree_nodes", "expected_tokens_per_step")}))
+
+
+def _load_target(target: str, dtype: str, device: str) -> tuple[Any, Any]:
+    from ..loading import load_model
+
+    try:
+        return load_model(target, dtype=dtype, device=device)
+    except MemoryError:
+        raise SpecdecError(f"the target {target!r} does not fit in memory",
+                           "train heads for a smaller target, or use --dtype bfloat16") from None
+    except RuntimeError as e:
+        if "memory" in str(e).lower() or "alloc" in str(e).lower():
+            raise SpecdecError(f"the target {target!r} does not fit in memory: {str(e).splitlines()[0]}",
+                               "train heads for a smaller target, or use --dtype bfloat16") from None
+        raise
+
+
+class _ProgressView:
+    """A rich progress bar: cache phase, then steps with loss and per-head top-1 accuracy."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "_ProgressView":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, p: Progress) -> None:
+        names = {"cache": "caching target states", "train": "training heads", "eval": "measuring accuracy"}
+        if p.phase not in self.tasks:
+            self.tasks[p.phase] = self.bar.add_task(names[p.phase], total=p.total, info="")
+        info = ""
+        if p.loss is not None:
+            accs = " ".join(f"{a:.0%}" for a in (p.head_acc or []))
+            info = f"loss {p.loss:.3f}  top-1 {accs}  lr {p.lr:.2e}"
+        self.bar.update(self.tasks[p.phase], completed=p.done, total=p.total, info=info)
+
+
+commands = [train_medusa]

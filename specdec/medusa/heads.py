@@ -1,0 +1,427 @@
+"""Medusa heads: small residual blocks on the target's final hidden state.
+
+Head ``k`` (0-based) reads the final, post-norm hidden state ``h_t`` of the
+target at position ``t`` and predicts the token at ``t + 2 + k`` (the target's
+own lm_head predicts ``t + 1``)::
+
+    z = h_t
+    for block in blocks:            # num_layers residual SiLU blocks
+        z = z + silu(W z + b)       # W zero-initialised: a fresh head is the identity
+    logits_k = lm_head(z)           # shared with the target (default) or the head's own
+
+Because ``W`` starts at zero, an untrained head predicts what the target's
+lm_head predicts from ``h_t``, which is a sensible start for training.
+
+Output vocabulary: heads may be restricted to a *token subset* (the most
+frequent tokens of the training corpus). That only limits which candidates a
+head can offer; verification by the target stays exact.
+
+On disk (:meth:`MedusaHeads.save`): ``medusa_heads.safetensors`` plus
+``medusa_config.json`` (:class:`MedusaConfig`, with the base model and a
+fingerprint of its vocabulary/output layer). :meth:`MedusaHeads.from_pretrained`
+also reads the layout the Medusa project publishes (``config.json`` with
+``medusa_num_heads``, ``medusa_num_layers``, ``base_model_name_or_path`` and
+``medusa_lm_head.safetensors`` or ``medusa_lm_head.pt``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SpecdecError
+
+CONFIG_NAME = "medusa_config.json"
+WEIGHTS_NAME = "medusa_heads.safetensors"
+PUBLISHED_CONFIG = "config.json"
+PUBLISHED_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+FORMAT_VERSION = 1
+# rows of the output layer sampled for the target fingerprint
+_FINGERPRINT_ROWS = 32
+_FINGERPRINT_COLS = 16
+_FINGERPRINT_RTOL = 0.05
+
+DEFAULT_NUM_HEADS = 4
+DEFAULT_NUM_LAYERS = 1
+
+
+@dataclass
+class MedusaConfig:
+    """Shape and provenance of a set of heads (saved as ``medusa_config.json``).
+
+    Attributes:
+        hidden_size: ``H`` of the target's final hidden state.
+        vocab_size: ``V`` of the target's output layer.
+        num_heads: heads; head ``k`` predicts the token ``k + 2`` after its hidden state.
+        num_layers: residual blocks per head.
+        own_lm_head: each head has its own ``[V', H]`` projection instead of sharing
+            the target's lm_head.
+        subset_size: size of the output token subset (0 = the whole vocabulary).
+        base_model_name_or_path: what the heads were trained for (informative).
+        model_type: the target's ``config.model_type``.
+        fingerprint: a few values of the target's output layer, to refuse other targets.
+        tree: a recommended tree (``medusa_choices`` style), e.g. from measured accuracies.
+        head_accuracy: measured top-k accuracy ``[num_heads][k]`` (cumulative) of each head.
+        format_version: on-disk format.
+    """
+
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = DEFAULT_NUM_HEADS
+    num_layers: int = DEFAULT_NUM_LAYERS
+    own_lm_head: bool = False
+    subset_size: int = 0
+    base_model_name_or_path: str = ""
+    model_type: str = ""
+    fingerprint: list[float] = field(default_factory=list)
+    tree: list[list[int]] | None = None
+    head_accuracy: list[list[float]] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "num_heads", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SpecdecError(f"Medusa config: {name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.subset_size <= self.vocab_size:
+            raise SpecdecError(f"Medusa config: subset_size must be in [0, vocab_size], got {self.subset_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MedusaConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class ResBlock(nn.Module):
+    """``x + silu(linear(x))``, the linear layer zero-initialised.
+
+    Shapes: ``[..., H] -> [..., H]``.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+def output_layer(target: nn.Module) -> nn.Module:
+    """The target's lm_head (its output embeddings)."""
+    head = target.get_output_embeddings() if hasattr(target, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise SpecdecError(
+            f"{type(target).__name__} exposes no output layer with a weight",
+            "Medusa heads need a causal LM with an lm_head (get_output_embeddings())",
+        )
+    return head
+
+
+def output_weight(target: nn.Module) -> torch.Tensor:
+    """``[V, H]`` the target's lm_head weight as a plain dense tensor."""
+    weight = output_layer(target).weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise SpecdecError("the target's lm_head weight is not a dense [vocab, hidden] matrix",
+                           "Medusa heads with a shared lm_head need a dense output layer; try own_lm_head=True")
+    return weight.detach()
+
+
+def target_fingerprint(target: nn.Module) -> list[float]:
+    """A few fixed values of the target's output layer (float, rounded), identifying it."""
+    weight = output_weight(target)
+    v, h = weight.shape
+    rows = torch.linspace(0, v - 1, _FINGERPRINT_ROWS).long()
+    cols = torch.linspace(0, h - 1, _FINGERPRINT_COLS).long()
+    sample = weight.index_select(0, rows.to(weight.device)).index_select(1, cols.to(weight.device)).float().cpu()
+    return [round(float(x), 5) for x in sample.flatten()]
+
+
+def _target_dims(target: nn.Module) -> tuple[int, int]:
+    weight = output_weight(target)
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def _target_name(target: nn.Module) -> str:
+    return str(getattr(target.config, "_name_or_path", "") or getattr(target, "name_or_path", "") or "")
+
+
+class MedusaHeads(nn.Module):
+    """``num_heads`` Medusa heads for one target.
+
+    Create untrained heads with :meth:`init`, load trained ones with
+    :meth:`from_pretrained`. :meth:`forward` maps hidden states to head logits;
+    :meth:`topk` gives each head's best candidate tokens.
+    """
+
+    def __init__(self, config: MedusaConfig, target: nn.Module | None = None,
+                 token_subset: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        out = config.subset_size or config.vocab_size
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(ResBlock(h) for _ in range(config.num_layers)) for _ in range(config.num_heads)
+        )
+        self.proj: nn.ModuleList | None = None
+        if config.own_lm_head:
+            self.proj = nn.ModuleList(nn.Linear(h, out, bias=False) for _ in range(config.num_heads))
+        if config.subset_size:
+            if token_subset is None:
+                token_subset = torch.arange(config.subset_size)
+            token_subset = token_subset.long().flatten()
+            if token_subset.numel() != config.subset_size:
+                raise SpecdecError(f"token subset has {token_subset.numel()} ids, config says {config.subset_size}")
+            self.register_buffer("token_subset", token_subset, persistent=True)
+        else:
+            self.token_subset = None
+        self._shared: torch.Tensor | None = None  # [V', H], the target's lm_head (rows of the subset)
+        if target is not None:
+            self.attach(target)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def init(
+        cls,
+        target: nn.Module,
+        num_heads: int = DEFAULT_NUM_HEADS,
+        num_layers: int = DEFAULT_NUM_LAYERS,
+        own_lm_head: bool = False,
+        token_subset: torch.Tensor | None = None,
+    ) -> "MedusaHeads":
+        """Untrained heads for ``target`` (each starts as the target's own next-token prediction).
+
+        Args:
+            target: the causal LM whose final hidden state the heads read.
+            num_heads: number of heads.
+            num_layers: residual blocks per head.
+            own_lm_head: give each head its own projection (initialised from the
+                target's lm_head) instead of sharing it.
+            token_subset: ``[V']`` token ids the heads may propose (None = all).
+        """
+        hidden, vocab = _target_dims(target)
+        if token_subset is not None:
+            token_subset = torch.as_tensor(token_subset).long().flatten().cpu()
+            if token_subset.numel() == 0 or int(token_subset.max()) >= vocab or int(token_subset.min()) < 0:
+                raise SpecdecError(f"token subset must be non-empty ids below the vocabulary size {vocab}")
+        config = MedusaConfig(
+            hidden_size=hidden,
+            vocab_size=vocab,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            own_lm_head=own_lm_head,
+            subset_size=0 if token_subset is None else int(token_subset.numel()),
+            base_model_name_or_path=_target_name(target),
+            model_type=str(getattr(target.config, "model_type", "")),
+            fingerprint=target_fingerprint(target),
+        )
+        heads = cls(config, token_subset=token_subset)
+        weight = output_weight(target)
+        ref = next(target.parameters())
+        heads.to(device=ref.device, dtype=torch.float32 if ref.dtype == torch.float32 else ref.dtype)
+        if heads.proj is not None:
+            rows = weight if heads.token_subset is None else weight[heads.token_subset.to(weight.device)]
+            with torch.no_grad():
+                for p in heads.proj:
+                    p.weight.copy_(rows.to(p.weight.dtype))
+        heads.attach(target)
+        return heads
+
+    def attach(self, target: nn.Module) -> None:
+        """Check that the heads fit ``target`` and, for a shared lm_head, take its weight."""
+        self.check_target(target)
+        if self.proj is None:
+            weight = output_weight(target)
+            if self.token_subset is not None:
+                weight = weight.index_select(0, self.token_subset.to(weight.device))
+            self._shared = weight
+        ref = next(target.parameters())
+        self.to(device=ref.device)
+
+    def check_target(self, target: nn.Module) -> None:
+        """Raise :class:`SpecdecError` unless these heads were made for ``target``."""
+        hidden, vocab = _target_dims(target)
+        cfg = self.config
+        name = cfg.base_model_name_or_path or "another model"
+        if (hidden, vocab) != (cfg.hidden_size, cfg.vocab_size):
+            raise SpecdecError(
+                f"these Medusa heads were trained for {name} (hidden size {cfg.hidden_size}, vocabulary "
+                f"{cfg.vocab_size}), not for this target (hidden size {hidden}, vocabulary {vocab})",
+                "train heads for this target with `specdec-local train-medusa --target ...`",
+            )
+        if cfg.fingerprint:
+            mine = torch.tensor(target_fingerprint(target))
+            theirs = torch.tensor(cfg.fingerprint)
+            if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=_FINGERPRINT_RTOL, atol=1e-3):
+                raise SpecdecError(
+                    f"these Medusa heads were trained for {name}, whose output layer differs from this target's",
+                    "heads only help the exact model they were trained on; train heads for this target "
+                    "with `specdec-local train-medusa --target ...`",
+                )
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` -> ``[..., K, H]``: each head's residual blocks (K = num_heads)."""
+        outs = []
+        for blocks in self.blocks:
+            z = hidden
+            for block in blocks:
+                z = block(z)
+            outs.append(z)
+        return torch.stack(outs, dim=-2)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """``[..., K, H]`` -> ``[..., K, V']`` logits over the head vocabulary (V' = subset or V)."""
+        if self.proj is not None:
+            return torch.stack([p(z[..., k, :]) for k, p in enumerate(self.proj)], dim=-2)
+        if self._shared is None:
+            raise SpecdecError("these Medusa heads share the target's lm_head but are not attached to a target",
+                               "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)")
+        return z @ self._shared.to(z.dtype).T
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` final hidden states -> ``[..., K, V']`` head logits."""
+        return self.project(self.transform(hidden))
+
+    def to_vocab(self, index: torch.Tensor) -> torch.Tensor:
+        """Map indices into the head vocabulary to token ids (identity without a subset)."""
+        if self.token_subset is None:
+            return index
+        return self.token_subset.to(index.device)[index]
+
+    @torch.no_grad()
+    def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
+        """``[H]`` one hidden state -> ``[K, k]`` token ids, each head's ``k`` best, best first."""
+        logits = self.forward(hidden.to(self._param_dtype()))  # [K, V']
+        k = min(k, logits.shape[-1])
+        return self.to_vocab(logits.topk(k, dim=-1).indices)
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.blocks[0][0].linear.weight.dtype
+
+    # ------------------------------------------------------------------ disk
+    def save(self, directory: str | Path) -> Path:
+        """Write ``medusa_heads.safetensors`` and ``medusa_config.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "specdec-medusa"})
+        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, target: nn.Module) -> "MedusaHeads":
+        """Load heads saved by :meth:`save`, or in the Medusa project's published layout.
+
+        Raises :class:`SpecdecError` if the folder holds neither, or if the heads
+        were trained for another target.
+        """
+        path = Path(directory).expanduser()
+        if not path.is_dir():
+            raise SpecdecError(f"Medusa heads folder not found: {path}",
+                               "give the --out folder of `specdec-local train-medusa`")
+        if (path / CONFIG_NAME).is_file():
+            heads = cls._load_native(path)
+        elif (path / PUBLISHED_CONFIG).is_file() and any((path / w).is_file() for w in PUBLISHED_WEIGHTS):
+            heads = cls._load_published(path)
+        else:
+            raise SpecdecError(
+                f"{path} holds no Medusa heads",
+                f"expected {CONFIG_NAME} + {WEIGHTS_NAME} (specdec) or config.json + "
+                "medusa_lm_head.safetensors/.pt (Medusa project)",
+            )
+        ref = next(target.parameters())
+        heads.to(dtype=ref.dtype if ref.dtype != torch.float32 else torch.float32)
+        heads.attach(target)
+        return heads.eval()
+
+    @classmethod
+    def _load_native(cls, path: Path) -> "MedusaHeads":
+        from safetensors.torch import load_file
+
+        try:
+            config = MedusaConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SpecdecError(f"unreadable Medusa config {path / CONFIG_NAME}: {e}") from None
+        if not (path / WEIGHTS_NAME).is_file():
+            raise SpecdecError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        state = load_file(str(path / WEIGHTS_NAME))
+        heads = cls(config, token_subset=state.get("token_subset"))
+        _load_state(heads, state, path / WEIGHTS_NAME)
+        return heads
+
+    @classmethod
+    def _load_published(cls, path: Path) -> "MedusaHeads":
+        try:
+            raw = json.loads((path / PUBLISHED_CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise SpecdecError(f"unreadable Medusa config {path / PUBLISHED_CONFIG}: {e}") from None
+        if "medusa_num_heads" not in raw:
+            raise SpecdecError(f"{path / PUBLISHED_CONFIG} has no medusa_num_heads: not a Medusa checkpoint")
+        state = _read_published_weights(path)
+        num_heads = int(raw["medusa_num_heads"])
+        num_layers = int(raw.get("medusa_num_layers", 1))
+        state = {k.removeprefix("medusa_head."): v for k, v in state.items()}
+        try:
+            proj0 = state[f"0.{num_layers}.weight"]
+        except KeyError:
+            raise SpecdecError(f"Medusa weights in {path} lack the key '0.{num_layers}.weight' of the published layout") from None
+        vocab, hidden = int(proj0.shape[0]), int(proj0.shape[1])
+        config = MedusaConfig(
+            hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers, own_lm_head=True,
+            base_model_name_or_path=str(raw.get("base_model_name_or_path", "")),
+        )
+        mapped: dict[str, torch.Tensor] = {}
+        for i in range(num_heads):
+            for j in range(num_layers):
+                for p in ("weight", "bias"):
+                    mapped[f"blocks.{i}.{j}.linear.{p}"] = state.get(f"{i}.{j}.linear.{p}")
+            mapped[f"proj.{i}.weight"] = state.get(f"{i}.{num_layers}.weight")
+        missing = [k for k, v in mapped.items() if v is None]
+        if missing:
+            raise SpecdecError(f"Medusa weights in {path} miss {len(missing)} tensors (e.g. {missing[0]})",
+                               "the checkpoint does not match its config.json (medusa_num_heads/medusa_num_layers)")
+        heads = cls(config)
+        _load_state(heads, mapped, path)
+        return heads
+
+
+def _read_published_weights(path: Path) -> dict[str, torch.Tensor]:
+    sft = path / PUBLISHED_WEIGHTS[0]
+    if sft.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(sft))
+    pt = path / PUBLISHED_WEIGHTS[1]
+    try:
+        state = torch.load(str(pt), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary pickles; anything else is unreadable too
+        raise SpecdecError(
+            f"refusing to load {pt}: it is not a plain tensor state dict ({type(e).__name__})",
+            "only weights-only .pt files are loaded (no arbitrary pickles); convert it to safetensors",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SpecdecError(f"{pt} is not a state dict of tensors")
+    return state
+
+
+def _load_state(heads: MedusaHeads, state: dict[str, torch.Tensor], where: Path) -> None:
+    own = heads.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise SpecdecError(f"Medusa weights in {where} lack '{k}'")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise SpecdecError(f"Medusa weights in {where}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    heads.load_state_dict({k: state[k] for k in own}, strict=True)

@@ -1,0 +1,426 @@
+"""Self-distillation of Medusa heads, cheap enough for a CPU.
+
+The target stays frozen. Steps:
+
+1. *Windows*: documents are shuffled (seeded) and one window of
+   ``seq_len`` tokens is cut from each (optionally after a chat-template
+   prefix, so the hidden states look like an assistant's answer).
+2. *Cache*: one target forward per window gives the final hidden state
+   ``h_t`` and the target's own greedy prediction ``g_t = argmax lm_head(h_t)``
+   at every position. This is the only expensive part; it is stored in
+   ``OUT/cache`` so a resumed run skips it.
+3. *Train*: head ``k`` at position ``t`` learns ``g_{t+1+k}``, the token the
+   target itself predicts ``k + 2`` positions after ``t`` (self-distillation:
+   acceptance tracks the target, not the corpus). Each step samples
+   ``batch_size`` cached positions; the heads' output may be restricted to the
+   ``subset_size`` tokens the target predicts most often, which makes a step
+   ~10x cheaper and leaves verification exact. Loss = sum over heads of
+   ``distance_decay**k * cross_entropy``; AdamW with warmup + cosine schedule.
+4. *Evaluate*: per-head, per-rank accuracy on held-out windows, then the
+   tree that maximises expected tokens per unit of forward cost (measured on
+   the target) is stored with the heads.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SpecdecError
+from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
+from .tree import measure_row_cost, row_cost, tree_from_accuracies
+
+CACHE_DIR = "cache"
+CHECKPOINT_DIR = "checkpoint"
+CHAT_INSTRUCTION = "Write some Python code."
+EVAL_RANKS = 10
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train` (the CLI's defaults come from here).
+
+    Attributes:
+        num_heads: heads to train.
+        num_layers: residual blocks per head.
+        steps: optimiser steps.
+        seq_len: tokens per window.
+        lr: peak learning rate (AdamW).
+        batch_size: positions per step.
+        cache_tokens: positions whose hidden states are computed and cached.
+        subset_size: restrict head outputs to this many most-predicted tokens (0 = whole vocabulary).
+        distance_decay: loss weight of head ``k`` is ``distance_decay**k``.
+        warmup_steps: linear warmup before the cosine decay.
+        weight_decay: AdamW weight decay.
+        eval_fraction: share of windows held out for the accuracy measurement.
+        seed: seeds window choice, sampling of positions and initialisation.
+        checkpoint_every: steps between checkpoints (0 = only at the end).
+        own_lm_head: train a projection per head instead of sharing the target's lm_head.
+        chat_wrap: put each window in the assistant turn of the chat template (if any).
+        max_docs: most documents read from the data (None = all).
+        measure_cost: time target forwards of several sizes to size the tree.
+        max_tree_nodes: largest tree considered.
+    """
+
+    num_heads: int = DEFAULT_NUM_HEADS
+    num_layers: int = DEFAULT_NUM_LAYERS
+    steps: int = 600
+    seq_len: int = 256
+    lr: float = 1e-3
+    batch_size: int = 256
+    cache_tokens: int = 32768
+    subset_size: int = 16384
+    distance_decay: float = 0.8
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    eval_fraction: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 100
+    own_lm_head: bool = False
+    chat_wrap: bool = True
+    max_docs: int | None = None
+    measure_cost: bool = True
+    max_tree_nodes: int = 64
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_heads": self.num_heads >= 1, "num_layers": self.num_layers >= 1, "steps": self.steps >= 1,
+            "seq_len": self.seq_len >= self.num_heads + 4, "lr": self.lr > 0, "batch_size": self.batch_size >= 1,
+            "cache_tokens": self.cache_tokens >= self.seq_len, "subset_size": self.subset_size >= 0,
+            "distance_decay": 0 < self.distance_decay <= 1, "warmup_steps": self.warmup_steps >= 0,
+            "eval_fraction": 0 <= self.eval_fraction < 1, "checkpoint_every": self.checkpoint_every >= 0,
+            "max_tree_nodes": self.max_tree_nodes >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise SpecdecError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}",
+                               "seq_len must exceed num_heads + 3 and cache_tokens be at least seq_len")
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after each step (or during the cache phase)."""
+
+    phase: str  # "cache", "train" or "eval"
+    done: int
+    total: int
+    loss: float | None = None
+    head_acc: list[float] | None = None
+    lr: float | None = None
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+# ---------------------------------------------------------------------- windows
+def chat_prefix(tokenizer: Any) -> list[int]:
+    """Token ids that open an assistant answer to :data:`CHAT_INSTRUCTION` (``[]`` without a chat template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION}],
+                                         add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def make_windows(texts: list[str], tokenizer: Any, cfg: TrainConfig, prefix: list[int]) -> torch.Tensor:
+    """``[N, seq_len]`` long: one random window per shuffled document (prefix first).
+
+    Documents too short for a full window are concatenated with the next ones.
+    """
+    body = cfg.seq_len - len(prefix)
+    if body < cfg.num_heads + 4:
+        raise SpecdecError(f"seq_len {cfg.seq_len} is too short for the chat prefix of {len(prefix)} tokens",
+                           "raise --seq-len or pass --no-chat-wrap")
+    need = math.ceil(cfg.cache_tokens / cfg.seq_len)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    windows: list[list[int]] = []
+    carry: list[int] = []
+    sep = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    for i in order:
+        if len(windows) >= need:
+            break
+        ids = carry + list(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        if len(ids) < body:
+            carry = ids + sep
+            continue
+        carry = []
+        start = rng.randrange(0, len(ids) - body + 1)
+        windows.append(prefix + ids[start : start + body])
+    if not windows:
+        raise SpecdecError("the training data holds too little text for one window",
+                           f"give more text or lower --seq-len (now {cfg.seq_len})")
+    return torch.tensor(windows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------- cache
+def _body(target: torch.nn.Module) -> torch.nn.Module:
+    body = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
+    if body is None:
+        raise SpecdecError(f"cannot find the decoder body of {type(target).__name__}")
+    return body
+
+
+@torch.inference_mode()
+def collect_features(
+    target: torch.nn.Module, windows: torch.Tensor, progress: ProgressFn | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target hidden states and greedy predictions of every window.
+
+    Args:
+        windows: ``[N, L]`` token ids.
+    Returns:
+        ``hidden [N, L, H]`` (target dtype, final post-norm hidden states) and
+        ``preds [N, L]`` int32, ``preds[:, t] = argmax lm_head(hidden[:, t])``.
+    """
+    body, lm_head = _body(target), target.get_output_embeddings()
+    device = next(target.parameters()).device
+    hiddens, preds = [], []
+    for i, w in enumerate(windows):
+        h = body(input_ids=w[None].to(device)).last_hidden_state[0]  # [L, H]
+        preds.append(lm_head(h).argmax(-1).to(torch.int32).cpu())
+        hiddens.append(h.cpu())
+        if progress:
+            progress(Progress("cache", i + 1, len(windows)))
+    return torch.stack(hiddens), torch.stack(preds)
+
+
+def _cache_meta(target: torch.nn.Module, cfg: TrainConfig, data: str) -> dict[str, Any]:
+    return {"data": str(data), "seq_len": cfg.seq_len, "cache_tokens": cfg.cache_tokens, "seed": cfg.seed,
+            "chat_wrap": cfg.chat_wrap, "fingerprint": target_fingerprint(target),
+            "dtype": str(next(target.parameters()).dtype)}
+
+
+def load_or_collect(
+    target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
+    progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(hidden [N, L, H], preds [N, L], first usable position)``, from ``out/cache`` when it matches."""
+    from safetensors.torch import load_file, save_file
+
+    from .data import read_corpus
+
+    cache = out / CACHE_DIR
+    meta = _cache_meta(target, cfg, str(data))
+    prefix = chat_prefix(tokenizer) if cfg.chat_wrap else []
+    if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
+        saved = json.loads((cache / "meta.json").read_text())
+        if {k: saved.get(k) for k in meta} == meta:
+            t = load_file(str(cache / "features.safetensors"))
+            return t["hidden"], t["preds"], int(saved["start"])
+    texts = read_corpus(data)
+    if cfg.max_docs:
+        texts = texts[: cfg.max_docs]
+    windows = make_windows(texts, tokenizer, cfg, prefix)
+    hidden, preds = collect_features(target, windows, progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({"hidden": hidden.contiguous(), "preds": preds.contiguous()}, str(cache / "features.safetensors"))
+    start = max(len(prefix) - 1, 0)
+    (cache / "meta.json").write_text(json.dumps({**meta, "start": start}))
+    return hidden, preds, start
+
+
+# ---------------------------------------------------------------------- training
+def frequent_tokens(preds: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor | None:
+    """``[size]`` the ``size`` token ids the target predicts most often (None if ``size`` is 0 or >= V)."""
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.bincount(preds.flatten().long(), minlength=vocab_size)
+    return counts.topk(size).indices.sort().values
+
+
+def head_labels(preds: torch.Tensor, num_heads: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and labels of every head.
+
+    Args:
+        preds: ``[N, L]`` target predictions.
+    Returns:
+        ``positions [P, 2]`` (window, t) and ``labels [P, K]`` token ids:
+        ``labels[p, k] = preds[n, t + 1 + k]``.
+    """
+    n, length = preds.shape
+    ts = torch.arange(start, length - num_heads)
+    pos = torch.stack(torch.meshgrid(torch.arange(n), ts, indexing="ij"), dim=-1).reshape(-1, 2)
+    labels = torch.stack([preds[pos[:, 0], pos[:, 1] + 1 + k] for k in range(num_heads)], dim=-1).long()
+    return pos, labels
+
+
+def to_subset(labels: torch.Tensor, subset: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Map token ids to indices of the head vocabulary; ids outside it become -100 (ignored)."""
+    if subset is None:
+        return labels
+    lookup = torch.full((vocab_size,), -100, dtype=torch.long)
+    lookup[subset] = torch.arange(subset.numel())
+    return lookup[labels]
+
+
+def medusa_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance-weighted cross entropy.
+
+    Args:
+        logits: ``[B, K, V']`` head logits.
+        labels: ``[B, K]`` indices into the head vocabulary (-100 = no valid label).
+    Returns:
+        ``(loss, top1 [K])``: the weighted mean loss and each head's top-1 accuracy
+        (an ignored label counts as a miss).
+    """
+    k = logits.shape[1]
+    weights = torch.tensor([decay**i for i in range(k)])
+    losses = torch.stack([F.cross_entropy(logits[:, i].float(), labels[:, i], ignore_index=-100) for i in range(k)])
+    losses = torch.nan_to_num(losses)  # a head whose labels are all ignored
+    top1 = (logits.argmax(-1) == labels).float().mean(0)
+    return (losses * weights).sum() / weights.sum(), top1
+
+
+def cosine_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate multiplier: linear warmup, then cosine decay to 10%."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.no_grad()
+def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, ranks: int = EVAL_RANKS,
+                  batch: int = 512) -> list[list[float]]:
+    """``[K][ranks]`` share of positions where head ``k``'s rank-``r`` candidate is the label.
+
+    Args:
+        hidden: ``[P, H]``; labels: ``[P, K]`` token ids.
+    """
+    hits = torch.zeros(heads.num_heads, ranks)
+    for i in range(0, hidden.shape[0], batch):
+        logits = heads(hidden[i : i + batch].float())  # [b, K, V']
+        top = heads.to_vocab(logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices)  # [b, K, r]
+        hits[:, : top.shape[-1]] += (top == labels[i : i + batch, :, None]).float().sum(0)
+    return (hits / max(1, hidden.shape[0])).tolist()
+
+
+def _save_checkpoint(heads: MedusaHeads, opt: torch.optim.Optimizer, step: int, out: Path, cfg: TrainConfig) -> None:
+    ck = out / CHECKPOINT_DIR
+    heads.save(ck)
+    torch.save({"step": step, "optimizer": opt.state_dict()}, ck / "train_state.pt")
+    (ck / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+
+def train(
+    target: torch.nn.Module,
+    tokenizer: Any,
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[MedusaHeads, dict[str, Any]]:
+    """Train Medusa heads for ``target`` on ``data`` and save them to ``out``.
+
+    Returns the heads and a report: per-head top-1 accuracy, per-rank accuracy,
+    the chosen tree with its expected tokens per step, wall times.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.seq_len > int(getattr(target.config, "max_position_embeddings", cfg.seq_len) or cfg.seq_len):
+        raise SpecdecError(f"seq_len {cfg.seq_len} exceeds the target's context", "lower --seq-len")
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    hidden, preds, start = load_or_collect(target, tokenizer, data, cfg, out, progress)
+    cache_seconds = time.perf_counter() - t0
+    vocab = int(target.get_output_embeddings().weight.shape[0])
+
+    n_eval = int(round(hidden.shape[0] * cfg.eval_fraction)) if hidden.shape[0] > 1 else 0
+    n_train = hidden.shape[0] - n_eval
+    pos, labels = head_labels(preds[:n_train], cfg.num_heads, start)
+    epos, elabels = head_labels(preds[n_train:], cfg.num_heads, start) if n_eval else (pos[:0], labels[:0])
+    subset = frequent_tokens(preds[:n_train], cfg.subset_size, vocab)
+    sub_labels = to_subset(labels, subset, vocab)
+    train_hidden = hidden[:n_train]
+
+    ck = out / CHECKPOINT_DIR
+    first_step = 0
+    if resume and (ck / "train_state.pt").is_file():
+        heads = MedusaHeads.from_pretrained(ck, target)
+        if heads.config.num_heads != cfg.num_heads or heads.config.num_layers != cfg.num_layers:
+            raise SpecdecError(f"the checkpoint in {ck} has {heads.config.num_heads} heads x {heads.config.num_layers} "
+                               f"layers, not {cfg.num_heads} x {cfg.num_layers}", "resume with the same --heads")
+        state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
+        first_step = int(state["step"])
+    else:
+        if resume:
+            pass  # nothing to resume from: start afresh
+        heads = MedusaHeads.init(target, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                                 own_lm_head=cfg.own_lm_head, token_subset=subset)
+        state = None
+    heads.float().train()
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+
+    t1 = time.perf_counter()
+    loss_ema: float | None = None
+    acc_ema: torch.Tensor | None = None
+    for step in range(first_step, cfg.steps):
+        lr = cfg.lr * cosine_lr(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
+        p = pos[idx]
+        h = train_hidden[p[:, 0], p[:, 1]].float()  # [B, H]
+        logits = heads(h)  # [B, K, V']
+        loss, top1 = medusa_loss(logits, sub_labels[idx], cfg.distance_decay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        acc_ema = top1.detach() if acc_ema is None else 0.9 * acc_ema + 0.1 * top1.detach()
+        if progress:
+            progress(Progress("train", step + 1, cfg.steps, loss_ema, acc_ema.tolist(), lr))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(heads, opt, step + 1, out, cfg)
+    train_seconds = time.perf_counter() - t1
+
+    heads.eval()
+    if progress:
+        progress(Progress("eval", 0, 1))
+    eh = hidden[n_train:][epos[:, 0], epos[:, 1]] if n_eval else train_hidden[pos[:2048, 0], pos[:2048, 1]]
+    el = elabels if n_eval else labels[:2048]
+    accuracy = rank_accuracy(heads, eh, el)
+    costs = measure_row_cost(target) if cfg.measure_cost else None
+    tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
+                                          (lambda r: row_cost(r, costs)) if costs else None)
+    heads.config.head_accuracy = [[round(a, 4) for a in row] for row in accuracy]
+    heads.config.tree = tree or None
+    heads.to(dtype=next(target.parameters()).dtype)
+    heads.save(out)
+    _save_checkpoint(heads, opt, cfg.steps, out, cfg)
+    report = {
+        "top1": [row[0] for row in accuracy],
+        "top5": [sum(row[:5]) for row in accuracy],
+        "rank_accuracy": accuracy,
+        "tree": tree,
+        "tree_nodes": len(tree),
+        "expected_tokens_per_step": expected,
+        "row_cost": costs,
+        "cache_positions": int(hidden.shape[0] * hidden.shape[1]),
+        "train_positions": int(pos.shape[0]),
+        "eval_positions": int(eh.shape[0]),
+        "subset_size": 0 if subset is None else int(subset.numel()),
+        "subset_coverage": float((sub_labels >= 0).float().mean()) if subset is not None else 1.0,
+        "cache_seconds": cache_seconds,
+        "train_seconds": train_seconds,
+        "final_loss": loss_ema,
+        "steps_run": cfg.steps - first_step,
+    }
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    return heads, report

@@ -1,0 +1,253 @@
+"""Medusa trees: ``medusa_choices``-style paths -> the buffers of one tree forward.
+
+A tree is a list of paths. Path ``[i0, i1, ..., id]`` is the node at depth
+``d + 1`` whose token is head ``d``'s rank-``id`` candidate, below the node
+``[i0, ..., i(d-1)]``; ``[0]`` is head 0's best guess right after the pending
+token, ``[0, 1]`` head 1's second-best guess after it. Every prefix of a path
+must itself be in the tree.
+
+Nodes are ordered by depth, then lexicographically, so a parent precedes its
+children and siblings come in order of preference, which is what
+:class:`~specdec.proposers.base.Draft` asks for. Row 0 of every buffer is the
+root (the pending token); node ``i`` is row ``i + 1``.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpecdecError
+from ..tree import ancestor_mask, depths
+
+Choices = Sequence[Sequence[int]]
+
+# Relative cost of one target forward over r rows (root + nodes) on a cached
+# prompt, measured on the reference CPU (2 cores, bf16, Qwen2.5-Coder-1.5B):
+# 16 rows cost 1.3x one, 64 rows 2.7x. Used when no measurement is given.
+CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Everything a tree forward needs, derived once from the paths.
+
+    Attributes:
+        choices: the sorted paths, one per node.
+        parents: ``[n]`` long, parent node index (``-1`` = child of the root).
+        head_index: ``[n]`` long, which head proposes each node (its depth - 1).
+        rank: ``[n]`` long, which of that head's candidates (0 = best).
+        depths: ``[n]`` long, depth of each node (children of the root: 1).
+        attn_mask: ``[1+n, 1+n]`` bool, row may attend column (root, ancestors, itself).
+        position_offsets: ``[1+n]`` long, position of each row after the root's (root 0).
+        retrieve_indices: ``[leaves, 1+max_depth]`` long, for each root-to-leaf path the
+            rows on it (root first), padded with ``-1``.
+        topk: how many candidates each head must provide (max rank + 1).
+    """
+
+    choices: tuple[tuple[int, ...], ...]
+    parents: torch.Tensor
+    head_index: torch.Tensor
+    rank: torch.Tensor
+    depths: torch.Tensor
+    attn_mask: torch.Tensor
+    position_offsets: torch.Tensor
+    retrieve_indices: torch.Tensor
+    topk: int
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.choices)
+
+    @property
+    def max_depth(self) -> int:
+        return max((len(c) for c in self.choices), default=0)
+
+
+def normalize_choices(choices: Choices) -> tuple[tuple[int, ...], ...]:
+    """Validate paths and sort them by depth, then lexicographically.
+
+    Raises :class:`SpecdecError` on an empty path, a negative rank, a duplicate
+    or a path whose prefix is missing.
+    """
+    paths: list[tuple[int, ...]] = []
+    for c in choices:
+        try:
+            path = tuple(int(i) for i in c)
+        except (TypeError, ValueError):
+            raise SpecdecError(f"a Medusa tree path must be a list of integers, got {c!r}") from None
+        if not path or any(i < 0 for i in path) or any(int(i) != i for i in c):
+            raise SpecdecError(f"invalid Medusa tree path {list(c)!r}", "paths are non-empty lists of ranks >= 0, e.g. [0, 1]")
+        paths.append(path)
+    if len(set(paths)) != len(paths):
+        raise SpecdecError("the Medusa tree lists a path twice")
+    present = set(paths)
+    for p in paths:
+        if len(p) > 1 and p[:-1] not in present:
+            raise SpecdecError(f"Medusa tree path {list(p)} has no parent {list(p[:-1])}",
+                               "every prefix of a path must also be in the tree")
+    return tuple(sorted(paths, key=lambda p: (len(p), p)))
+
+
+def build_tree(choices: Choices) -> TreeBuffers:
+    """The :class:`TreeBuffers` of ``choices`` (see the module docstring)."""
+    paths = normalize_choices(choices)
+    index = {p: i for i, p in enumerate(paths)}
+    parents = torch.tensor([index[p[:-1]] if len(p) > 1 else -1 for p in paths], dtype=torch.long)
+    head_index = torch.tensor([len(p) - 1 for p in paths], dtype=torch.long)
+    rank = torch.tensor([p[-1] for p in paths], dtype=torch.long)
+    node_depths = depths(parents) if paths else torch.zeros(0, dtype=torch.long)
+    has_child = {p[:-1] for p in paths if len(p) > 1}
+    leaves = [p for p in paths if p not in has_child]
+    width = 1 + max((len(p) for p in paths), default=0)
+    retrieve = torch.full((len(leaves), width), -1, dtype=torch.long)
+    for r, leaf in enumerate(leaves):
+        rows = [0] + [index[leaf[:d]] + 1 for d in range(1, len(leaf) + 1)]
+        retrieve[r, : len(rows)] = torch.tensor(rows)
+    return TreeBuffers(
+        choices=paths,
+        parents=parents,
+        head_index=head_index,
+        rank=rank,
+        depths=node_depths,
+        attn_mask=ancestor_mask(parents),
+        position_offsets=torch.cat([torch.zeros(1, dtype=torch.long), node_depths]),
+        retrieve_indices=retrieve,
+        topk=1 + max((p[-1] for p in paths), default=-1),
+    )
+
+
+def truncate_choices(choices: Choices, max_nodes: int) -> tuple[tuple[int, ...], ...]:
+    """The first ``max_nodes`` paths in tree order (still a valid tree)."""
+    return normalize_choices(choices)[: max(0, max_nodes)]
+
+
+def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
+    """Relative cost of a forward over ``rows`` rows, interpolated linearly in ``table``."""
+    table = table or CPU_ROW_COST
+    xs = sorted(table)
+    if rows <= xs[0]:
+        return table[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if rows <= b:
+            return table[a] + (table[b] - table[a]) * (rows - a) / (b - a)
+    a, b = xs[-2], xs[-1]  # extrapolate the last segment
+    return table[b] + (table[b] - table[a]) * (rows - b) / (b - a)
+
+
+def tree_from_accuracies(
+    accuracy: Sequence[Sequence[float]],
+    max_nodes: int = 64,
+    cost: Callable[[int], float] | None = None,
+) -> tuple[list[list[int]], float]:
+    """The tree that maximises expected tokens per unit of forward cost.
+
+    Nodes are added best-first by the probability of their whole path being
+    accepted (the product of the per-rank accuracies along it, assuming heads
+    err independently); a node's next sibling is only considered after it, so
+    siblings stay in order of preference. The tree size is then chosen to
+    maximise ``(1 + expected accepted) / cost(1 + n)``.
+
+    Args:
+        accuracy: ``[num_heads][k]`` probability that head ``h``'s rank-``r``
+            candidate is the target's token (not cumulative).
+        max_nodes: largest tree considered.
+        cost: relative cost of a forward over ``r`` rows (default :func:`row_cost`).
+
+    Returns:
+        ``(paths, expected tokens per step)``; ``expected`` counts the +1 token.
+    """
+    cost = cost or row_cost
+    num_heads = len(accuracy)
+    if num_heads == 0 or max_nodes <= 0:
+        return [], 1.0
+
+    def acc(depth: int, r: int) -> float:
+        row = accuracy[depth]
+        return float(row[r]) if r < len(row) else 0.0
+
+    heap: list[tuple[float, tuple[int, ...]]] = [(-acc(0, 0), (0,))]
+    chosen: list[tuple[int, ...]] = []
+    gains: list[float] = []
+    while heap and len(chosen) < max_nodes:
+        neg, path = heapq.heappop(heap)
+        value = -neg
+        if value <= 0.0:
+            break
+        chosen.append(path)
+        gains.append(value)
+        parent_value = value / acc(len(path) - 1, path[-1]) if acc(len(path) - 1, path[-1]) > 0 else 0.0
+        sibling = path[:-1] + (path[-1] + 1,)
+        heapq.heappush(heap, (-parent_value * acc(len(path) - 1, sibling[-1]), sibling))
+        if len(path) < num_heads:
+            heapq.heappush(heap, (-value * acc(len(path), 0), path + (0,)))
+    best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
+    total = 0.0
+    for n, g in enumerate(gains, start=1):
+        total += g
+        rate = (1.0 + total) / cost(1 + n)
+        if rate > best_rate:
+            best_n, best_rate, expected = n, rate, 1.0 + total
+    return [list(p) for p in normalize_choices(chosen[:best_n])], expected
+
+
+# A default for CPUs, sized for "16 rows cost 1.3x one": 15 nodes, most of them
+# on the first two heads, whose guesses are right most often.
+CPU_DEFAULT_TREE: tuple[tuple[int, ...], ...] = (
+    (0,), (1,), (2,), (3,),
+    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
+    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
+    (0, 0, 0, 0),
+)
+
+
+def default_tree(num_heads: int) -> list[list[int]]:
+    """:data:`CPU_DEFAULT_TREE` restricted to ``num_heads`` heads."""
+    return [list(p) for p in CPU_DEFAULT_TREE if len(p) <= num_heads]
+
+
+@torch.inference_mode()
+def measure_row_cost(
+    target: torch.nn.Module,
+    rows: Sequence[int] = (1, 4, 8, 16, 32, 64),
+    context: int = 128,
+    repeats: int = 3,
+) -> dict[int, float]:
+    """Relative cost of a target forward over ``r`` rows on a cached context (1 row = 1.0).
+
+    Times the median of ``repeats`` forwards per size after one warm-up, on
+    random tokens. Use it with :func:`row_cost` / :func:`tree_from_accuracies`.
+    """
+    import time
+
+    from transformers import DynamicCache
+
+    device = next(target.parameters()).device
+    vocab = int(target.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+    cache = DynamicCache(config=target.config)
+    target(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+    for _ in range(2):  # warm up
+        target(input_ids=prompt[:, :8], cache=cache, use_cache=True)
+        cache.crop(-8)
+    medians: dict[int, float] = {}
+    for r in rows:
+        ids = torch.randint(0, vocab, (1, r), generator=gen).to(device)
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            target(input_ids=ids, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            cache.crop(-r)
+        times = sorted(times[1:])
+        medians[r] = times[len(times) // 2]
+    base = medians[min(medians)]
+    out: dict[int, float] = {}
+    floor = 0.0
+    for r in sorted(medians):  # a bigger forward never costs less than a smaller one
+        floor = max(floor, medians[r] / base)
+        out[r] = round(floor, 3)
+    return out

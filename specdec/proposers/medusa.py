@@ -1,0 +1,117 @@
+"""Method ``medusa``: Medusa heads propose a tree of candidates from the target's last hidden state.
+
+Each step costs one target forward:
+
+1. *generate candidates* (:meth:`MedusaProposer.propose`): the heads' top-k
+   tokens, read from the hidden state of the previous step, are laid out as
+   the tree of :mod:`specdec.medusa.tree` (node ``[i0, i1]`` = head 0's
+   rank-``i0`` token, then head 1's rank-``i1`` token).
+2. *tree decoding* and *evaluate posterior*: the engine runs the tree in one
+   target forward (tree mask, depth positions) and verifies it with the one
+   lossless verifier (greedy: longest matching path; sampling: recursive
+   rejection over siblings with point-mass candidates).
+3. *update inputs* (:meth:`MedusaProposer.observe`): the engine returns the
+   target's final hidden states; the heads read the row that produced the last
+   new token, which gives the next step's candidates without another forward.
+
+The first step has no hidden state yet, so it proposes nothing and asks for one.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpecdecError
+from ..medusa.heads import MedusaHeads
+from ..medusa.tree import TreeBuffers, build_tree, default_tree
+from .base import DecodeState, Draft, StepOutcome
+
+
+@dataclass(frozen=True)
+class MedusaOptions:
+    """Options of method ``medusa``.
+
+    Attributes:
+        tree: ``medusa_choices``-style paths, or None for the tree stored with the
+            heads (built from their measured accuracy) or else the CPU default.
+    """
+
+    tree: tuple[tuple[int, ...], ...] | None = None
+
+
+class MedusaProposer:
+    """Candidates from Medusa heads, laid out as a fixed tree (see the module docstring)."""
+
+    name = "medusa"
+
+    def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]]) -> None:
+        self.heads = heads.eval()
+        self.tree: TreeBuffers = build_tree(tree)
+        if self.tree.num_nodes == 0:
+            raise SpecdecError("the Medusa tree is empty", "give at least one path, e.g. [[0]]")
+        if self.tree.max_depth > heads.num_heads:
+            raise SpecdecError(
+                f"the Medusa tree is {self.tree.max_depth} deep but the heads number {heads.num_heads}",
+                "use paths no longer than the number of heads",
+            )
+        self._topk: torch.Tensor | None = None  # [num_heads, topk] token ids for the next step
+
+    def reset(self, state: DecodeState) -> None:
+        self._topk = None
+        self._device = state.tokens.device
+
+    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+        """A tree of at most ``max_nodes`` nodes (an empty draft on the first step)."""
+        if self._topk is None or max_nodes <= 0:
+            return Draft(tokens=torch.empty(0, dtype=torch.long, device=state.tokens.device), need_hidden=True)
+        n = min(max_nodes, self.tree.num_nodes)
+        tokens = self._topk[self.tree.head_index[:n], self.tree.rank[:n]]  # [n]
+        return Draft(tokens=tokens.to(state.tokens.device), parents=self.tree.parents[:n], need_hidden=True)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Read the heads at the hidden state of the row that produced the last new token."""
+        if outcome.hidden is None:
+            self._topk = None
+            return
+        hidden = outcome.hidden[outcome.last_row]  # [H]
+        self._topk = self.heads.topk(hidden, self.tree.topk)[:, :].cpu()  # [num_heads, topk]
+
+
+def _resolve_heads(value: object, target: torch.nn.Module) -> MedusaHeads:
+    if value is None:
+        raise SpecdecError(
+            "method 'medusa' needs Medusa heads",
+            "pass medusa_heads= (a MedusaHeads or a folder; --medusa-heads DIR in the CLI); "
+            "train some with `specdec-local train-medusa`",
+        )
+    if isinstance(value, MedusaHeads):
+        value.attach(target)  # refuses heads made for another target
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return MedusaHeads.from_pretrained(value, target)
+    raise SpecdecError(f"medusa_heads must be a MedusaHeads or a folder, got {type(value).__name__}")
+
+
+def _resolve_tree(value: object, heads: MedusaHeads) -> tuple[tuple[int, ...], ...]:
+    if value is None or value == "auto":
+        tree = heads.config.tree or default_tree(heads.num_heads)
+    elif value == "default":
+        tree = default_tree(heads.num_heads)
+    elif isinstance(value, (list, tuple)):
+        tree = value
+    else:
+        raise SpecdecError(f"tree must be a list of paths such as [[0], [0, 0], [1]], got {value!r}",
+                           "or leave it unset for the tree stored with the heads")
+    return tuple(tuple(int(i) for i in p) for p in tree)
+
+
+def build(ctx) -> MedusaProposer:
+    from . import take_options
+
+    opts = take_options(ctx.options, ("medusa_heads", "tree"), "medusa")
+    heads = _resolve_heads(opts.get("medusa_heads"), ctx.target)
+    options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads))
+    return MedusaProposer(heads, options.tree)

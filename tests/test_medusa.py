@@ -1,0 +1,382 @@
+"""Medusa heads: tree buffers, lossless decoding, save/load, training, the CLI.
+
+Decoding checks use tiny random models in fp32 with untrained (or randomly
+perturbed) heads: the heads' quality only changes speed, never the output.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import specdec
+from conftest import hf_greedy, tiny_model
+from specdec.errors import SpecdecError
+from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
+from specdec.medusa.train import TrainConfig, head_labels, medusa_loss, train
+from specdec.medusa.tree import row_cost
+from specdec.sampling import SamplingConfig, process_logits
+
+TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+def perturbed_heads(target, num_heads: int = 3, seed: int = 5, scale: float = 0.3) -> MedusaHeads:
+    """Heads whose blocks are random (a fresh head is the identity), so heads differ from each other."""
+    heads = MedusaHeads.init(target, num_heads=num_heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blocks in heads.blocks:
+            for block in blocks:
+                block.linear.weight.copy_(torch.randn(block.linear.weight.shape, generator=g) * scale)
+    return heads
+
+
+# ---------------------------------------------------------------- tree buffers
+def test_tree_buffers_table():
+    t = build_tree([[1], [0, 0], [0], [0, 1], [1, 0], [0, 0, 0]])  # any order in, tree order out
+    assert t.choices == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+    assert t.parents.tolist() == [-1, -1, 0, 0, 1, 2]
+    assert t.head_index.tolist() == [0, 0, 1, 1, 1, 2]
+    assert t.rank.tolist() == [0, 1, 0, 1, 0, 0]
+    assert t.depths.tolist() == [1, 1, 2, 2, 2, 3]
+    assert t.position_offsets.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert t.topk == 2 and t.max_depth == 3 and t.num_nodes == 6
+    assert t.attn_mask.int().tolist() == [
+        # root n0 n1 n2 n3 n4 n5
+        [1, 0, 0, 0, 0, 0, 0],  # root
+        [1, 1, 0, 0, 0, 0, 0],  # [0]
+        [1, 0, 1, 0, 0, 0, 0],  # [1]
+        [1, 1, 0, 1, 0, 0, 0],  # [0,0]
+        [1, 1, 0, 0, 1, 0, 0],  # [0,1]
+        [1, 0, 1, 0, 0, 1, 0],  # [1,0]
+        [1, 1, 0, 1, 0, 0, 1],  # [0,0,0]
+    ]
+    # leaves [0,1], [1,0], [0,0,0] (in tree order); rows on each root-to-leaf path
+    assert t.retrieve_indices.tolist() == [[0, 1, 4, -1], [0, 2, 5, -1], [0, 1, 3, 6]]
+
+
+@pytest.mark.parametrize("bad", [[[0, 0]], [[0], [0]], [[]], [[-1]], [["a"]]])
+def test_invalid_trees_are_refused(bad):
+    with pytest.raises(SpecdecError):
+        build_tree(bad)
+
+
+def test_default_tree_fits_heads_and_is_valid():
+    for k in (1, 2, 3, 4, 5):
+        t = build_tree(default_tree(k))
+        assert t.max_depth <= k and 1 <= t.num_nodes <= 16
+
+
+def test_tree_from_accuracies_prefers_likely_paths_and_stops_when_cost_wins():
+    acc = [[0.6, 0.15, 0.05], [0.4, 0.1], [0.3]]
+    tree, expected = tree_from_accuracies(acc, max_nodes=5, cost=lambda r: 1.0)  # free rows: take all 5
+    # best-first by path probability: [0] .6, [0,0] .24, [1] .15, [0,0,0] .072, then [0,1] or [1,0] (.06 each)
+    assert tree[:3] == [[0], [1], [0, 0]] and [0, 0, 0] in tree and len(tree) == 5
+    assert expected == pytest.approx(1 + 0.6 + 0.24 + 0.15 + 0.072 + 0.06)
+    build_tree(tree)  # valid
+    tree, expected = tree_from_accuracies(acc, max_nodes=64, cost=lambda r: float(r))  # rows cost linearly: none pays
+    assert tree == [] and expected == 1.0
+    assert row_cost(16) == pytest.approx(1.32) and row_cost(24) == pytest.approx((1.32 + 1.78) / 2)
+
+
+# ---------------------------------------------------------------- greedy: lossless
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_equals_generate(arch):
+    target = tiny_model(arch, seed=0, vocab=96, sharpness=3.0)
+    prompt = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_greedy(target, prompt, 32)
+    wide = [[i] for i in range(12)] + [[0, j] for j in range(6)] + [[1, j] for j in range(3)] + [[0, 0, 0], [0, 0, 1]]
+    accepted = 0
+    fresh, perturbed = MedusaHeads.init(target, num_heads=3), perturbed_heads(target)
+    cases = [(fresh, TREE), (fresh, wide), (perturbed, None), (perturbed, [[0], [1], [2]]),
+             (perturbed, [[0], [0, 0], [0, 0, 0]]), (perturbed, wide)]
+    for heads, tree in cases:
+        gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree)
+        res = gen.generate(prompt, max_new_tokens=32)
+        assert res.token_ids == ref, (tree, res.token_ids, ref)
+        accepted += res.stats.accepted
+    assert accepted > 0  # the tree paths were exercised, not only the root
+
+
+def test_first_step_asks_for_hidden_states():
+    target = tiny_model("llama", vocab=32)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2))
+    state = specdec.engine.DecodeState(tokens=torch.tensor([1, 2, 3]), prompt_length=3, sampling=SamplingConfig(),
+                                       generator=None)
+    gen.proposer.reset(state)
+    draft = gen.proposer.propose(state, 10)
+    assert draft.num_nodes == 0 and draft.need_hidden
+
+
+# ---------------------------------------------------------------- sampling: lossless
+VOCAB = 8
+N_RUNS = 600
+
+
+def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.Tensor:
+    """Exact joint distribution ``[V*V]`` of the 2nd and 3rd generated tokens (1st marginalised)."""
+    with torch.no_grad():
+        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1:], cfg)[0]  # [V]
+        b2 = torch.tensor([prompt + [a] for a in range(VOCAB)])
+        p2 = process_logits(target(b2).logits[:, -1], cfg)  # [V(a), V(b)]
+        b3 = torch.tensor([prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)])
+        p3 = process_logits(target(b3).logits[:, -1], cfg).view(VOCAB, VOCAB, VOCAB)  # [a, b, c]
+    joint = p1[:, None, None] * p2[:, :, None] * p3
+    return joint.sum(0).reshape(-1)
+
+
+def test_sampling_distribution_matches_target():
+    from test_sampling import histogram, noise_bound, tv
+
+    target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
+    heads = perturbed_heads(target, num_heads=2)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=[[0], [1], [0, 0], [2]])
+    cfg = SamplingConfig(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2]
+    exact = _exact_tokens_2_3(target, prompt, cfg)
+    samples, accepted = [], 0
+    for seed in range(N_RUNS):
+        res = gen.generate(prompt, max_new_tokens=4, temperature=1.0, seed=seed)
+        samples.append(res.token_ids[1] * VOCAB + res.token_ids[2])
+        accepted += res.stats.accepted
+    assert accepted > N_RUNS // 4  # candidates were accepted often, so the rejection path matters
+    hist = histogram(samples, VOCAB * VOCAB)
+    assert tv(hist, exact) < noise_bound(exact, N_RUNS)
+
+
+def test_seeded_sampling_is_reproducible():
+    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=perturbed_heads(target), tree=TREE)
+    kw = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=77)
+    assert gen.generate([1, 5, 9, 2], **kw).token_ids == gen.generate([1, 5, 9, 2], **kw).token_ids
+    assert len({tuple(gen.generate([1, 5, 9, 2], **dict(kw, seed=s)).token_ids) for s in range(5)}) > 1
+
+
+# ---------------------------------------------------------------- save / load
+def test_save_load_round_trip(tmp_path):
+    target = tiny_model("llama", vocab=64)
+    heads = perturbed_heads(target, num_heads=3)
+    heads.config.tree = [[0], [1], [0, 0]]
+    heads.save(tmp_path / "h")
+    cfg = json.loads((tmp_path / "h" / "medusa_config.json").read_text())
+    assert cfg["num_heads"] == 3 and cfg["vocab_size"] == 64 and cfg["hidden_size"] == 32 and cfg["fingerprint"]
+    loaded = MedusaHeads.from_pretrained(tmp_path / "h", target)
+    h = torch.randn(5, 32)
+    torch.testing.assert_close(loaded(h), heads(h))
+    assert loaded.config.tree == [[0], [1], [0, 0]]
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=str(tmp_path / "h"))
+    assert gen.proposer.tree.num_nodes == 3  # the stored tree is the default
+
+
+def test_token_subset_and_own_lm_head(tmp_path):
+    target = tiny_model("qwen2", vocab=64, sharpness=3.0)
+    subset = torch.tensor([3, 7, 9, 20, 40, 63])
+    heads = MedusaHeads.init(target, num_heads=2, own_lm_head=True, token_subset=subset)
+    top = heads.topk(torch.randn(32), 3)
+    assert top.shape == (2, 3) and set(top.flatten().tolist()) <= set(subset.tolist())
+    heads.save(tmp_path / "s")
+    loaded = MedusaHeads.from_pretrained(tmp_path / "s", target)
+    assert loaded.token_subset.tolist() == subset.tolist() and loaded.proj is not None
+    prompt = [1, 2, 3, 4]
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=loaded, tree=TREE[:3])
+    assert gen.generate(prompt, max_new_tokens=20).token_ids == hf_greedy(target, prompt, 20)
+
+
+def test_heads_for_another_target_are_refused(tmp_path):
+    target = tiny_model("llama", seed=0, vocab=64)
+    MedusaHeads.init(target, num_heads=2).save(tmp_path / "h")
+    same_shape_other_weights = tiny_model("llama", seed=9, vocab=64)
+    with pytest.raises(SpecdecError, match="trained for"):
+        MedusaHeads.from_pretrained(tmp_path / "h", same_shape_other_weights)
+    with pytest.raises(SpecdecError, match="vocabulary"):
+        MedusaHeads.from_pretrained(tmp_path / "h", tiny_model("llama", seed=0, vocab=80))
+    with pytest.raises(SpecdecError, match="trained for"):
+        specdec.SpeculativeGenerator(same_shape_other_weights, method="medusa",
+                                     medusa_heads=MedusaHeads.init(target, num_heads=2))
+    with pytest.raises(SpecdecError, match="needs Medusa heads"):
+        specdec.SpeculativeGenerator(target, method="medusa")
+    with pytest.raises(SpecdecError, match="deep"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=1),
+                                     tree=[[0], [0, 0]])
+    with pytest.raises(SpecdecError, match="no Medusa heads"):
+        MedusaHeads.from_pretrained(tmp_path, target)
+
+
+def _published_state(num_heads: int, num_layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(num_heads):
+        for j in range(num_layers):
+            state[f"{i}.{j}.linear.weight"] = torch.randn(hidden, hidden, generator=g) * 0.1
+            state[f"{i}.{j}.linear.bias"] = torch.randn(hidden, generator=g) * 0.1
+        state[f"{i}.{num_layers}.weight"] = torch.randn(vocab, hidden, generator=g)
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_published_layout(tmp_path, fmt):
+    target = tiny_model("llama", vocab=64)
+    state = _published_state(num_heads=3, num_layers=2, hidden=32, vocab=64)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"medusa_num_heads": 3, "medusa_num_layers": 2, "base_model_name_or_path": "tiny/llama"}))
+    if fmt == "pt":
+        torch.save(state, tmp_path / "medusa_lm_head.pt")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    heads = MedusaHeads.from_pretrained(tmp_path, target)
+    assert heads.config.num_heads == 3 and heads.config.num_layers == 2 and heads.config.own_lm_head
+    h = torch.randn(4, 32)
+    expected = []
+    for i in range(3):
+        z = h
+        for j in range(2):
+            z = z + torch.nn.functional.silu(z @ state[f"{i}.{j}.linear.weight"].T + state[f"{i}.{j}.linear.bias"])
+        expected.append(z @ state[f"{i}.2.weight"].T)
+    torch.testing.assert_close(heads(h), torch.stack(expected, dim=1))
+    prompt = [5, 6, 7]
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads)
+    assert gen.generate(prompt, max_new_tokens=16).token_ids == hf_greedy(target, prompt, 16)
+
+
+class _NotATensor:
+    pass
+
+
+def test_published_pickle_with_objects_is_refused(tmp_path):
+    target = tiny_model("llama", vocab=64)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1}))
+    torch.save({"0.0.linear.weight": _NotATensor()}, tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(SpecdecError, match="refusing"):
+        MedusaHeads.from_pretrained(tmp_path, target)
+
+
+def test_published_layout_for_another_vocabulary_is_refused(tmp_path):
+    target = tiny_model("llama", vocab=64)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1,
+                                                       "base_model_name_or_path": "org/big"}))
+    torch.save(_published_state(1, 1, 32, 100), tmp_path / "medusa_lm_head.pt")
+    with pytest.raises(SpecdecError, match="org/big"):
+        MedusaHeads.from_pretrained(tmp_path, target)
+
+
+# ---------------------------------------------------------------- training
+class ByteTokenizer:
+    """Bytes as tokens (vocabulary 256 + EOS 0), no chat template."""
+
+    eos_token_id = 0
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [b or 1 for b in text.encode()]}
+
+
+def _corpus(tmp_path: Path) -> Path:
+    data = tmp_path / "corpus"
+    data.mkdir()
+    src = Path(specdec.__file__).parent
+    for f in sorted(src.glob("*.py"))[:6]:
+        (data / f.name).write_text(f.read_text())
+    return data
+
+
+def test_training_lowers_the_loss(tmp_path):
+    target = tiny_model("llama", vocab=256, sharpness=4.0)
+    cfg = TrainConfig(num_heads=3, steps=60, seq_len=64, cache_tokens=1024, batch_size=64, subset_size=0, lr=2e-2,
+                      measure_cost=False, chat_wrap=False, checkpoint_every=0, eval_fraction=0.0)
+    losses = []
+    heads, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "out", cfg,
+                          progress=lambda p: losses.append(p.loss) if p.loss is not None else None)
+    from safetensors.torch import load_file
+
+    feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
+    pos, labels = head_labels(feats["preds"], 3, 0)
+    hidden = feats["hidden"][pos[:, 0], pos[:, 1]]
+    fresh = MedusaHeads.init(target, num_heads=3)
+    with torch.no_grad():
+        before, _ = medusa_loss(fresh(hidden), labels, cfg.distance_decay)
+        after, _ = medusa_loss(heads.float()(hidden), labels, cfg.distance_decay)
+    assert float(after) < 0.85 * float(before)
+    assert len(losses) == 60 and (tmp_path / "out" / "medusa_config.json").is_file()
+    assert len(report["top1"]) == 3
+
+
+def test_training_is_seeded_and_resumes(tmp_path):
+    target = tiny_model("qwen2", vocab=256, sharpness=4.0)
+    data = _corpus(tmp_path)
+    base = dict(num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False,
+                chat_wrap=False)
+    a, _ = train(target, ByteTokenizer(), data, tmp_path / "a", TrainConfig(steps=12, checkpoint_every=0, **base))
+    # 6 steps, checkpoint at 6 is not written (last step); so run 12 with a checkpoint at 6 and stop there by resume
+    b, _ = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=12, checkpoint_every=6, **base))
+    h = torch.randn(3, 32)
+    torch.testing.assert_close(a.float()(h), b.float()(h))
+    state = torch.load(tmp_path / "b" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 12
+    c, rep = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=14, checkpoint_every=0, **base),
+                   resume=True)
+    assert rep["steps_run"] == 2 and rep["cache_seconds"] < 5  # resumed from step 12, cached states reused
+
+
+# ---------------------------------------------------------------- the CLI
+def _tiny_folder(tmp_path: Path) -> Path:
+    """A tiny Llama saved with a byte-level tokenizer, loadable by ``specdec.loading.load_model``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    folder = tmp_path / "tiny"
+    model = tiny_model("llama", vocab=len(vocab), sharpness=3.0)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_cli_train_medusa(tmp_path):
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    folder = _tiny_folder(tmp_path)
+    data = _corpus(tmp_path)
+    out = tmp_path / "heads"
+    args = ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--heads", "2",
+            "--steps", "4", "--seq-len", "32", "--cache-tokens", "256", "--batch-size", "16", "--subset-size", "0",
+            "--dtype", "float32", "--checkpoint-every", "2"]
+    runner = CliRunner()
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "held-out top-1 accuracy" in res.output
+    assert (out / "medusa_heads.safetensors").is_file() and (out / "checkpoint" / "train_state.pt").is_file()
+    res = runner.invoke(main, args[:-4] + ["--steps", "6", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "train_report.json").read_text())["steps_run"] == 2
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(empty), "--out", str(out)])
+    assert res.exit_code == 1 and "empty" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(tmp_path / "nope"), "--out", str(out)])
+    assert res.exit_code == 1 and "not found" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(bad), "--out", str(out)])
+    assert res.exit_code == 1 and "not valid JSON" in res.output
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out),
+                               "--seq-len", "1024"])
+    assert res.exit_code == 1 and "seq_len" in res.output
+
+    from specdec.loading import load_model
+
+    model, tokenizer = load_model(str(folder), dtype="float32")
+    gen = specdec.SpeculativeGenerator(model, tokenizer, method="medusa", medusa_heads=str(out))
+    prompt = tokenizer("def f(x):")["input_ids"]
+    assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(model, prompt, 12)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -330,6 +331,8 @@ class BenchReport:
     rows: list[BenchRow]
     skipped: dict[str, str] = field(default_factory=dict)
     repeats: int = 1
+    load: tuple[float, float] | None = None
+    """1-minute load average before and after the runs (None where unknown); not in the JSON."""
 
     # ---------------------------------------------------------------- queries
     @property
@@ -374,7 +377,9 @@ class BenchReport:
             f"Target `{cfg['target']}`{draft}, {cfg['dtype']}, {cfg['max_new_tokens']} new tokens, greedy; "
             f"{mach.get('cpu')}, {mach.get('threads')} threads, device {mach.get('device')}; "
             f"torch {mach.get('torch')}, transformers {mach.get('transformers')}; "
-            f"median of {self.repeats} run(s) per prompt and method.",
+            f"median of {self.repeats} run(s) per prompt and method"
+            + (f"; load average {self.load[0]:.1f} before, {self.load[1]:.1f} after, on {os.cpu_count()} cores."
+               if self.load else "."),
             "",
             f"Speedup = tokens/s over `{BASELINE}` on the same prompt in the same run "
             "(geometric means in bold). † = output differs from hf-greedy, at the token index in brackets.",
@@ -498,6 +503,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "transformers": transformers.__version__, "device": name}
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): other work skews every timing."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 class Bench:
     """Runs the bench on loaded models (see :func:`run_bench` to load them by name).
 
@@ -550,6 +563,7 @@ class Bench:
             for name, runner in self.runners.items():
                 result = runner(encoded[0][1], cfg.warmup_tokens)
                 emit(BenchEvent("warmup", prompt_id=encoded[0][0].id, method=name, result=result))
+        load_before = load_average()
         rows: list[BenchRow] = []
         for prompt, ids in encoded:
             results: dict[str, list[RunResult]] = {name: [] for name in self.runners}
@@ -571,6 +585,7 @@ class Bench:
             rows=rows,
             skipped=dict(self.skipped),
             repeats=cfg.repeats,
+            load=(load_before, load_average()) if load_before is not None else None,
         )
 
 

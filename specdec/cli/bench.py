@@ -1,11 +1,12 @@
 """``specdec-local bench``: specdec against transformers' greedy, assisted and prompt-lookup decoding."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
 
-from ..bench import DEFAULT_METHODS, BenchConfig, BenchEvent
+from ..bench import DEFAULT_METHODS, BenchConfig, BenchEvent, load_average
 from ..proposers import METHODS
 from .common import quiet_libraries, report_errors
 
@@ -66,6 +67,10 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
         except ImportError:
             raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
     console = Console(stderr=True)
+    load, cores = load_average(), os.cpu_count() or 1
+    if load is not None and load > cores / 2:
+        console.print(f"[yellow]warning: load average {load:.1f} on {cores} cores: other work is running, "
+                      "so timings will be noisy (threads that wait for a busy core stall torch)[/yellow]")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False)
     task: dict[str, Any] = {}

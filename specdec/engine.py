@@ -143,6 +143,7 @@ class SpeculativeGenerator:
             check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
         self.device = next(target.parameters()).device
         self.context_length = _context_length(target)
+        self._cache_arg = kvcache.cache_argument(target)
         self.proposer = build_proposer(
             self.method,
             ProposerContext(
@@ -274,7 +275,7 @@ class SpeculativeGenerator:
         cache = kvcache.new_cache(self.target)
         with torch.inference_mode():
             if length > 1:
-                self.target(input_ids=buf[None, : length - 1], cache=cache, use_cache=True, logits_to_keep=1)
+                self.target(input_ids=buf[None, : length - 1], use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         stats.prefill_seconds = time.perf_counter() - start
         state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator,
                             seeded=seeded)
@@ -336,18 +337,13 @@ class SpeculativeGenerator:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            cache=cache,
             use_cache=True,
             output_hidden_states=draft.need_hidden,
+            **{self._cache_arg: cache},
         )
         logits = out.logits[0]  # [1+n+m, V]
         verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator)
-        self.proposer_verify_seconds = time.perf_counter() - t0
-        controller = getattr(self.proposer, "controller", None)
-        if controller is not None:
-            controller.record_verify(1 + n, self.proposer_verify_seconds)
-            if draft.is_chain:
-                controller.record_step(n, len(verdict.accepted_nodes))
+        verify_seconds = time.perf_counter() - t0
         kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
         accepted = draft.tokens[verdict.accepted_nodes].to(self.device) if verdict.accepted_nodes else draft.tokens[:0].to(self.device)
         new_tokens = torch.cat([accepted, torch.tensor([verdict.next_token], device=self.device)])
@@ -359,6 +355,7 @@ class SpeculativeGenerator:
             logits=logits,
             hidden=out.hidden_states[-1][0] if draft.need_hidden else None,
             last_row=verdict.last_row,
+            verify_seconds=verify_seconds,
         )
         return new_tokens, outcome
 

@@ -11,6 +11,16 @@ import torch
 from transformers import DynamicCache
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the forward argument that takes the cache: ``cache`` (transformers >= 5.2x)
+    or ``past_key_values`` (earlier 5.x, e.g. the version text-generation-webui pins).
+    Passing the wrong one silently runs without a cache there, so it is looked up once."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def new_cache(model) -> DynamicCache:
     """An empty dynamic cache for ``model``."""
     return DynamicCache(config=model.config)

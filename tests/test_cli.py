@@ -55,7 +55,7 @@ def test_unknown_method_choice():
 def test_generate_json_on_default_model(smollm2):
     res = run("generate", "Write a haiku about rivers.", "--json", "--max-new-tokens", "16", "--dtype", "float32",
               "--method", "prompt_lookup")
-    data = json.loads(res.output.strip().splitlines()[-1])
+    data = json.loads(res.stdout.strip().splitlines()[-1])
     assert data["stats"]["new_tokens"] == len(data["token_ids"]) <= 16
     assert data["stats"]["method"] == "prompt_lookup" and data["text"]
 

@@ -43,6 +43,11 @@ def test_matches_hf_greedy(arch, method, draft_kind, k):
     assert res.token_ids == ref
     assert res.stats.new_tokens == 48 and res.finish_reason == "length"
     if draft_kind == "self" and k:
+        # the draft model alone (no n-gram candidates): the target as its own draft is always accepted
+        gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=k,
+                                           ngram_first=False, confidence_stop=0.0)
+        res = gen.generate(prompt, max_new_tokens=48)
+        assert res.token_ids == ref
         assert res.stats.acceptance_rate == 1.0  # the target as its own draft is always accepted
         assert res.stats.mean_accepted_length > 1.0
 
@@ -99,6 +104,6 @@ def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
     res = gen.generate(messages, max_new_tokens=40)
     assert res.token_ids == ref
     assert res.stats.mean_accepted_length > 1.0
-    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4).generate(
-        messages, max_new_tokens=40)
+    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4,
+                                       ngram_first=False).generate(messages, max_new_tokens=40)
     assert res.token_ids == ref and res.stats.acceptance_rate == 1.0

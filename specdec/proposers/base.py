@@ -106,6 +106,7 @@ class StepOutcome:
             asked for them).
         last_row: row of the forward whose logits gave the last new token (the
             root if nothing was accepted, else the last accepted node's row).
+        verify_seconds: wall time of the target forward and verification.
     """
 
     draft: Draft
@@ -115,6 +116,7 @@ class StepOutcome:
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
     last_row: int = 0
+    verify_seconds: float = 0.0
 
 
 @runtime_checkable

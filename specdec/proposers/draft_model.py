@@ -6,47 +6,115 @@ the committed tokens the draft has not seen (the recovered/bonus token and,
 when all were accepted, the last candidate). The chain length comes from a
 :class:`~specdec.adaptive.DraftLengthController` (measured draft and verify
 costs, running acceptance rate) unless fixed.
+
+Two ways to spend less on the draft, both lossless (they only change what is
+proposed, never how it is verified):
+
+- *n-grams first*: when the context already contains the current suffix
+  followed by at least ``ngram_min_tokens`` tokens (copying, editing), those
+  tokens are proposed as point-mass candidates and the draft model is not run
+  this step; it catches up on the next one in a single forward.
+- *confidence stop*: drafting stops early once the draft's own probability of
+  its token falls below ``confidence_stop``.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from .. import kvcache
 from ..adaptive import DraftLengthController
+from ..errors import SpecdecError
 from ..sampling import choose, presence_rows, process_logits
 from .base import DecodeState, Draft, StepOutcome
+from .prompt_lookup import NgramIndex
+
+
+@dataclass(frozen=True)
+class DraftModelConfig:
+    """Options of the draft-model method.
+
+    Attributes:
+        ngram_first: propose n-gram matches from the context before running the draft.
+        ngram_min_tokens: shortest n-gram continuation used instead of the draft.
+        ngram_tokens: most tokens copied from an n-gram match.
+        max_ngram: longest context suffix matched.
+        confidence_stop: stop drafting when the draft's probability of its token
+            is below this (0 = never stop early).
+    """
+
+    ngram_first: bool = True
+    ngram_min_tokens: int = 3
+    ngram_tokens: int = 10
+    max_ngram: int = 3
+    confidence_stop: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence_stop < 1.0:
+            raise SpecdecError(f"confidence_stop must be in [0, 1), got {self.confidence_stop}")
+        if self.ngram_min_tokens < 1 or self.ngram_tokens < self.ngram_min_tokens or self.max_ngram < 1:
+            raise SpecdecError("need 1 <= ngram_min_tokens <= ngram_tokens and max_ngram >= 1")
 
 
 class DraftModelProposer:
     name = "draft"
 
-    def __init__(self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController) -> None:
+    def __init__(
+        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftModelConfig
+    ) -> None:
         self.model = draft
         self.target_vocab = target_vocab
         self.controller = controller
+        self.cfg = cfg
         self.cache = kvcache.new_cache(draft)
+        self._cache_arg = kvcache.cache_argument(draft)
         self.cached = 0  # committed tokens whose KV is in the draft cache
+        self._unfed = 0  # drafted tokens whose KV is in the draft cache
+        self._ran = False  # whether the draft model ran for the current step
+        self._idle = 0  # steps in which the controller chose not to draft
+        self.index: NgramIndex | None = None
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
         self.controller.deterministic = state.seeded and not state.sampling.greedy
         self.cache = kvcache.new_cache(self.model)
-        self.cached = 0
+        self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
+        self.index = None
+        if self.cfg.ngram_first:
+            self.index = NgramIndex(1, self.cfg.max_ngram)
+            self.index.extend(state.tokens.tolist())
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        k = min(self.controller.choose(), max_nodes)
+        self._unfed, self._ran = 0, False
+        if max_nodes <= 0:
+            return Draft.empty(state.tokens.device)
+        if self.index is not None:
+            limit = min(self.cfg.ngram_tokens, max_nodes, self.controller.fixed or max_nodes)
+            copied = self.index.lookup(limit)
+            if len(copied) >= self.cfg.ngram_min_tokens:
+                return Draft(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
+        k = self.controller.choose()
+        if k == 0:  # drafting looks unprofitable; still probe now and then so the estimate can recover
+            self._idle += 1
+            k = 1 if self._idle % 16 == 0 else 0
+        k = min(k, max_nodes)
         if k <= 0:
             return Draft.empty(state.tokens.device)
+        return self._draft_chain(state, k)
+
+    def _draft_chain(self, state: DecodeState, k: int) -> Draft:
+        """Run the draft model for up to ``k`` tokens (fewer on a confidence stop)."""
         cfg = state.sampling
+        self._ran = True
         feed = state.tokens[self.cached :].to(self.device)
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         t0 = time.perf_counter()
         for i in range(k):
-            out = self.model(input_ids=feed[None], cache=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=feed[None], use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
             logits = out.logits[0, -1:, : self.target_vocab]  # [1, Vd]
             presence = None
             if cfg.uses_prefix:
@@ -57,23 +125,35 @@ class DraftModelProposer:
             drafted.append(token)
             if not cfg.greedy:
                 probs.append(processed[0])
+            if i + 1 < k and self.cfg.confidence_stop > 0 and self._confidence(processed[0], token, cfg.greedy) < self.cfg.confidence_stop:
+                break
             feed = torch.tensor([token], dtype=torch.long, device=self.device)
-        self.controller.record_draft((time.perf_counter() - t0) / k)
-        # the cache now holds the committed tokens and drafted[:-1]
-        self._pending_draft = len(drafted) - 1
+        self.controller.record_draft((time.perf_counter() - t0) / len(drafted))
+        self.cached = state.tokens.numel()
+        self._unfed = len(drafted) - 1  # the last drafted token was never fed
         draft_probs = None
         if probs:
             draft_probs = torch.stack(probs)
             if draft_probs.shape[-1] < self.target_vocab:
                 draft_probs = torch.nn.functional.pad(draft_probs, (0, self.target_vocab - draft_probs.shape[-1]))
-        self.cached = state.tokens.numel()
         return Draft(tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs)
 
+    @staticmethod
+    def _confidence(processed: torch.Tensor, token: int, greedy: bool) -> float:
+        """The draft's probability of ``token``; ``processed``: ``[V]`` logits (greedy) or probabilities."""
+        if greedy:
+            return float(torch.softmax(processed, dim=-1)[token])
+        return float(processed[token])
+
     def observe(self, outcome: StepOutcome) -> None:
-        n = len(outcome.accepted_nodes)
-        if outcome.draft.num_nodes == 0:
-            return
-        valid = self.cached + min(n, self._pending_draft)
+        if self.index is not None:
+            self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
+        n = outcome.draft.num_nodes
+        self.controller.record_verify(1 + n, outcome.verify_seconds)
+        if not self._ran:
+            return  # an n-gram (or empty) step: the draft cache is unchanged and catches up next time
+        self.controller.record_step(n, len(outcome.accepted_nodes))
+        valid = self.cached + min(len(outcome.accepted_nodes), self._unfed)
         kvcache.truncate(self.cache, valid)
         self.cached = valid
 
@@ -81,11 +161,13 @@ class DraftModelProposer:
 def build(ctx) -> DraftModelProposer:
     from . import take_options
 
-    take_options(ctx.options, (), "draft")
+    opts = take_options(
+        ctx.options, ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_ngram", "confidence_stop"), "draft"
+    )
     target_vocab = int(ctx.target.get_output_embeddings().weight.shape[0])
     ratio = _parameters(ctx.draft) / max(_parameters(ctx.target), 1)
     controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
-    return DraftModelProposer(ctx.draft, target_vocab, controller)
+    return DraftModelProposer(ctx.draft, target_vocab, controller, DraftModelConfig(**opts))
 
 
 def _parameters(model: torch.nn.Module) -> int:

@@ -389,3 +389,20 @@ def test_cli_train_medusa(tmp_path):
     gen = specdec.SpeculativeGenerator(model, tokenizer, method="medusa", medusa_heads=str(out))
     prompt = tokenizer("def f(x):")["input_ids"]
     assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(model, prompt, 12)
+
+
+def test_feature_cache_grows_without_recomputing(tmp_path):
+    from specdec.medusa.train import load_or_collect
+
+    target = tiny_model("llama", vocab=256)
+    data = _corpus(tmp_path)
+    small = TrainConfig(num_heads=2, seq_len=48, cache_tokens=144, chat_wrap=False)
+    h1, p1, _ = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
+    calls = []
+    big = TrainConfig(num_heads=2, seq_len=48, cache_tokens=288, chat_wrap=False)
+    h2, p2, _ = load_or_collect(target, ByteTokenizer(), data, big, tmp_path / "o", progress=calls.append)
+    assert h1.shape[0] == 3 and h2.shape[0] == 6 and len(calls) == 3  # only the 3 new windows were run
+    torch.testing.assert_close(h2[:3], h1)
+    assert torch.equal(p2[:3], p1)
+    h3, _, _ = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
+    torch.testing.assert_close(h3, h1)  # a bigger cache serves a smaller request

@@ -224,7 +224,7 @@ class MedusaHeads(nn.Module):
         heads = cls(config, token_subset=token_subset)
         weight = output_weight(target)
         ref = next(target.parameters())
-        heads.to(device=ref.device, dtype=torch.float32 if ref.dtype == torch.float32 else ref.dtype)
+        heads.to(device=ref.device, dtype=ref.dtype)
         if heads.proj is not None:
             rows = weight if heads.token_subset is None else weight[heads.token_subset.to(weight.device)]
             with torch.no_grad():
@@ -342,8 +342,7 @@ class MedusaHeads(nn.Module):
                 f"expected {CONFIG_NAME} + {WEIGHTS_NAME} (specdec) or config.json + "
                 "medusa_lm_head.safetensors/.pt (Medusa project)",
             )
-        ref = next(target.parameters())
-        heads.to(dtype=ref.dtype if ref.dtype != torch.float32 else torch.float32)
+        heads.to(dtype=next(target.parameters()).dtype)
         heads.attach(target)
         return heads.eval()
 

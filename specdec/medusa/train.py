@@ -195,8 +195,9 @@ def collect_features(
 
 
 def _cache_meta(target: torch.nn.Module, cfg: TrainConfig, data: str) -> dict[str, Any]:
-    return {"data": str(data), "seq_len": cfg.seq_len, "cache_tokens": cfg.cache_tokens, "seed": cfg.seed,
-            "chat_wrap": cfg.chat_wrap, "fingerprint": target_fingerprint(target),
+    """What a cache must match to be reused (its size may differ: windows are a seeded prefix order)."""
+    return {"data": str(data), "seq_len": cfg.seq_len, "seed": cfg.seed, "chat_wrap": cfg.chat_wrap,
+            "max_docs": cfg.max_docs, "fingerprint": target_fingerprint(target),
             "dtype": str(next(target.parameters()).dtype)}
 
 
@@ -204,7 +205,12 @@ def load_or_collect(
     target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
     progress: ProgressFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(hidden [N, L, H], preds [N, L], first usable position)``, from ``out/cache`` when it matches."""
+    """``(hidden [N, L, H], preds [N, L], first usable position)``, reusing ``out/cache``.
+
+    Windows come in a seeded order, so a cache made with fewer ``cache_tokens``
+    holds the first windows of a bigger request: only the missing ones are
+    computed, and a bigger cache is cut to the request.
+    """
     from safetensors.torch import load_file, save_file
 
     from .data import read_corpus
@@ -212,21 +218,30 @@ def load_or_collect(
     cache = out / CACHE_DIR
     meta = _cache_meta(target, cfg, str(data))
     prefix = chat_prefix(tokenizer) if cfg.chat_wrap else []
+    start = max(len(prefix) - 1, 0)
+    need = math.ceil(cfg.cache_tokens / cfg.seq_len)
+    hidden = preds = None
     if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
         saved = json.loads((cache / "meta.json").read_text())
         if {k: saved.get(k) for k in meta} == meta:
             t = load_file(str(cache / "features.safetensors"))
-            return t["hidden"], t["preds"], int(saved["start"])
+            hidden, preds = t["hidden"], t["preds"]
+            if hidden.shape[0] >= need:
+                return hidden[:need], preds[:need], int(saved["start"])
     texts = read_corpus(data)
     if cfg.max_docs:
         texts = texts[: cfg.max_docs]
     windows = make_windows(texts, tokenizer, cfg, prefix)
-    hidden, preds = collect_features(target, windows, progress)
+    have = 0 if hidden is None else hidden.shape[0]
+    if hidden is not None and have >= windows.shape[0]:  # the data holds no more windows than cached
+        return hidden, preds, start
+    new_hidden, new_preds = collect_features(target, windows[have:], progress)
+    if hidden is not None:
+        new_hidden, new_preds = torch.cat([hidden, new_hidden]), torch.cat([preds, new_preds])
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({"hidden": hidden.contiguous(), "preds": preds.contiguous()}, str(cache / "features.safetensors"))
-    start = max(len(prefix) - 1, 0)
-    (cache / "meta.json").write_text(json.dumps({**meta, "start": start}))
-    return hidden, preds, start
+    save_file({"hidden": new_hidden.contiguous(), "preds": new_preds.contiguous()}, str(cache / "features.safetensors"))
+    (cache / "meta.json").write_text(json.dumps({**meta, "start": start, "windows": int(new_hidden.shape[0])}))
+    return new_hidden, new_preds, start
 
 
 # ---------------------------------------------------------------------- training

@@ -77,7 +77,7 @@ class MedusaProposer:
             self._topk = None
             return
         hidden = outcome.hidden[outcome.last_row]  # [H]
-        self._topk = self.heads.topk(hidden, self.tree.topk)[:, :].cpu()  # [num_heads, topk]
+        self._topk = self.heads.topk(hidden, self.tree.topk).cpu()  # [num_heads, topk]
 
 
 def _resolve_heads(value: object, target: torch.nn.Module) -> MedusaHeads:

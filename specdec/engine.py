@@ -272,11 +272,7 @@ class SpeculativeGenerator:
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         matcher = StopStringMatcher(stops)
         start = time.perf_counter()
-        cache = kvcache.new_cache(self.target)
-        with torch.inference_mode():
-            if length > 1:
-                self.target(input_ids=buf[None, : length - 1], use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        stats.prefill_seconds = time.perf_counter() - start
+        cache = kvcache.new_cache(self.target)  # the first step fills it with the prompt
         state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator,
                             seeded=seeded)
         self.proposer.reset(state)
@@ -287,6 +283,8 @@ class SpeculativeGenerator:
             with torch.inference_mode():
                 draft = self.proposer.propose(state, max(budget, 0))
                 new_tokens, outcome = self._step(draft, state, cache, cfg, generator)
+            if stats.steps == 0:
+                stats.prefill_seconds = time.perf_counter() - start
             stats.steps += 1
             stats.proposed += draft.num_nodes
             stats.accepted += len(outcome.accepted_nodes)
@@ -319,19 +317,24 @@ class SpeculativeGenerator:
     def _step(
         self, draft: Draft, state: DecodeState, cache: Any, cfg: SamplingConfig, generator: torch.Generator
     ) -> tuple[torch.Tensor, StepOutcome]:
-        """One target forward over ``[pending] + draft``; verify; keep the accepted KV.
+        """One target forward over the uncached tokens and the draft; verify; keep the accepted KV.
 
-        Returns ``[a+1]`` new tokens and the outcome for the proposer.
+        The uncached tokens are the pending token (the root) and, on the first
+        step, the rest of the prompt before it, so prefill and the first
+        verification share one forward. Returns ``[a+1]`` new tokens and the
+        outcome for the proposer.
         """
-        base = state.tokens.numel() - 1  # cached positions; the pending token is at ``base``
+        cached = kvcache.cache_length(cache)
+        base = state.tokens.numel() - 1  # position of the pending token (the root)
         n, m = draft.num_nodes, draft.num_extra
-        parts = [state.tokens[-1:], draft.tokens.to(self.device)]
+        q = 1 + n + m  # rows whose logits are needed
+        parts = [state.tokens[cached:], draft.tokens.to(self.device)]
         if m:
             parts.append(draft.extra_tokens.to(self.device))
         input_ids = torch.cat(parts)[None]
         position_ids = attention_mask = None
         if not draft.is_chain or m:
-            position_ids, attention_mask = self._tree_inputs(draft, base)
+            position_ids, attention_mask = self._tree_inputs(draft, cached, base)
         t0 = time.perf_counter()
         out = self.target(
             input_ids=input_ids,
@@ -339,9 +342,10 @@ class SpeculativeGenerator:
             attention_mask=attention_mask,
             use_cache=True,
             output_hidden_states=draft.need_hidden,
+            logits_to_keep=q,
             **{self._cache_arg: cache},
         )
-        logits = out.logits[0]  # [1+n+m, V]
+        logits = out.logits[0, -q:]  # [1+n+m, V]
         verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator)
         verify_seconds = time.perf_counter() - t0
         kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
@@ -353,16 +357,23 @@ class SpeculativeGenerator:
             new_tokens=new_tokens,
             tokens=state.tokens,
             logits=logits,
-            hidden=out.hidden_states[-1][0] if draft.need_hidden else None,
+            hidden=out.hidden_states[-1][0, -q:] if draft.need_hidden else None,
             last_row=verdict.last_row,
             verify_seconds=verify_seconds,
         )
         return new_tokens, outcome
 
-    def _tree_inputs(self, draft: Draft, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``[1, q]`` and a 4D float mask ``[1, 1, q, base+q]`` for a tree and extra rows."""
+    def _tree_inputs(self, draft: Draft, cached: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[1, p+q]`` and a 4D float mask ``[1, 1, p+q, base+q]`` for a tree and extra rows.
+
+        ``cached`` positions are in the KV cache; the ``p = base - cached``
+        uncached prompt tokens before the root attend causally; every row of
+        the draft sees the whole prefix, the root, and then what the tree (or
+        ``extra_mask``) allows.
+        """
         n, m = draft.num_nodes, draft.num_extra
         q = 1 + n + m
+        p = base - cached
         parents = draft.parents if draft.parents is not None else torch.arange(-1, n - 1)
         offsets = [torch.zeros(1, dtype=torch.long), depths(parents.cpu())]
         allowed = torch.zeros(q, q, dtype=torch.bool)
@@ -370,10 +381,14 @@ class SpeculativeGenerator:
         if m:
             offsets.append(draft.extra_positions.cpu().long())
             allowed[1 + n :] = draft.extra_mask.cpu()
-        positions = (base + torch.cat(offsets))[None].to(self.device)
-        full = torch.cat([torch.ones(q, base, dtype=torch.bool), allowed], dim=1)
+        positions = torch.cat([torch.arange(cached, base), base + torch.cat(offsets)])[None].to(self.device)
+        full = torch.zeros(p + q, base + q, dtype=torch.bool)
+        full[:, :cached] = True
+        full[:p, cached:base] = torch.ones(p, p, dtype=torch.bool).tril()
+        full[p:, :base] = True
+        full[p:, base:] = allowed
         dtype = self.target.dtype
-        mask = torch.zeros(q, base + q, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
+        mask = torch.zeros(p + q, base + q, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
         return positions, mask[None, None].to(self.device)
 
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:

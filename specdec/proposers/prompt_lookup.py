@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adaptive import DraftLengthController
 from .base import DecodeState, Draft, StepOutcome
 
 
@@ -74,19 +75,32 @@ class PromptLookupProposer:
 
     def __init__(self, cfg: PromptLookupConfig, fixed: int | None) -> None:
         self.cfg = cfg
-        self.fixed = fixed
+        self.controller = DraftLengthController(
+            fixed=fixed, k_max=cfg.num_speculative_tokens, initial_k=cfg.num_speculative_tokens,
+            draft_seconds=0.0, static_draft_cost=0.0,
+        )
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
+        self._shadow: int | None = None  # first token a match offered when nothing was proposed
 
     def reset(self, state: DecodeState) -> None:
+        self.controller.deterministic = state.seeded and not state.sampling.greedy
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
+        self._shadow = None
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        k = min(self.fixed if self.fixed is not None else self.cfg.num_speculative_tokens, max_nodes)
-        found = self.index.lookup(k) if k > 0 else []
-        return Draft(tokens=torch.tensor(found, dtype=torch.long, device=state.tokens.device))
+        k = min(self.controller.choose(), max_nodes)
+        found = self.index.lookup(max(k, 1)) if max_nodes > 0 else []
+        self._shadow = found[0] if found and k == 0 else None
+        return Draft(tokens=torch.tensor(found[:k], dtype=torch.long, device=state.tokens.device))
 
     def observe(self, outcome: StepOutcome) -> None:
+        n = outcome.draft.num_nodes
+        self.controller.record_verify(1 + n, outcome.verify_seconds)
+        if n:
+            self.controller.record_step(n, len(outcome.accepted_nodes))
+        elif self._shadow is not None:
+            self.controller.record_step(1, int(int(outcome.new_tokens[0]) == self._shadow))
         self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
 
 

@@ -129,7 +129,12 @@ class Proposer(Protocol):
         """Start a new generation; ``state.tokens`` is the prompt."""
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        """Offer at most ``max_nodes`` candidate tokens continuing ``state.tokens``."""
+        """Offer candidates continuing ``state.tokens``.
+
+        ``max_nodes`` bounds the depth of the deepest path (for a chain: its
+        length), so that accepted + 1 tokens never pass the length or context
+        limit; a proposer without its own length setting may use it as a size.
+        """
 
     def observe(self, outcome: StepOutcome) -> None:
         """Learn what was accepted (update caches, pools, hidden states)."""

@@ -35,22 +35,32 @@ def forward_cost(
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (1, prompt_length), generator=gen).to(device)
     cache = kvcache.new_cache(model)
+    arg = kvcache.cache_argument(model)
     out: dict[int, float] = {}
     with torch.inference_mode():
-        model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{arg: cache})
         for k in rows:
             ids = torch.randint(vocab, (1, k), generator=gen).to(device)
             times = []
             for _ in range(repeats + 1):  # the first one warms up
                 t0 = time.perf_counter()
-                model(input_ids=ids, cache=cache, use_cache=True)
+                model(input_ids=ids, use_cache=True, **{arg: cache})
                 times.append(time.perf_counter() - t0)
                 kvcache.truncate(cache, prompt_length)
             out[k] = statistics.median(times[1:])
     return out
 
 
-def relative_cost(costs: dict[int, float]) -> dict[int, float]:
-    """Each cost divided by the cost of the fewest rows (``{1: 1.0, 16: 1.3, ...}``)."""
+def relative_cost(costs: dict[int, float], monotone: bool = False) -> dict[int, float]:
+    """Each cost divided by the cost of the fewest rows (``{1: 1.0, 16: 1.3, ...}``).
+
+    With ``monotone``, a bigger forward is never reported cheaper than a smaller
+    one (timing noise otherwise makes small trees look free).
+    """
     base = costs[min(costs)]
-    return {k: v / base for k, v in costs.items()}
+    out: dict[int, float] = {}
+    floor = 0.0
+    for k in sorted(costs):
+        floor = max(floor, costs[k] / base) if monotone else costs[k] / base
+        out[k] = round(floor, 3) if monotone else floor
+    return out

@@ -58,15 +58,6 @@ def _model(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy machine stall on barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return _model(), _tokenizer()

@@ -22,15 +22,6 @@ from specdec.sampling import SamplingConfig, process_logits
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def perturbed_heads(target, num_heads: int = 3, seed: int = 5, scale: float = 0.3) -> MedusaHeads:
     """Heads whose blocks are random (a fresh head is the identity), so heads differ from each other."""
     heads = MedusaHeads.init(target, num_heads=num_heads)

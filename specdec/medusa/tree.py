@@ -208,46 +208,14 @@ def default_tree(num_heads: int) -> list[list[int]]:
     return [list(p) for p in CPU_DEFAULT_TREE if len(p) <= num_heads]
 
 
-@torch.inference_mode()
 def measure_row_cost(
     target: torch.nn.Module,
     rows: Sequence[int] = (1, 4, 8, 16, 32, 64),
     context: int = 128,
     repeats: int = 3,
 ) -> dict[int, float]:
-    """Relative cost of a target forward over ``r`` rows on a cached context (1 row = 1.0).
+    """Relative cost of a target forward over ``r`` rows on a cached context (1 row = 1.0),
+    never decreasing with ``r``. Use it with :func:`row_cost` / :func:`tree_from_accuracies`."""
+    from ..measure import forward_cost, relative_cost
 
-    Times the median of ``repeats`` forwards per size after one warm-up, on
-    random tokens. Use it with :func:`row_cost` / :func:`tree_from_accuracies`.
-    """
-    import time
-
-    from transformers import DynamicCache
-
-    device = next(target.parameters()).device
-    vocab = int(target.config.vocab_size)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, context), generator=gen).to(device)
-    cache = DynamicCache(config=target.config)
-    target(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
-    for _ in range(2):  # warm up
-        target(input_ids=prompt[:, :8], cache=cache, use_cache=True)
-        cache.crop(-8)
-    medians: dict[int, float] = {}
-    for r in rows:
-        ids = torch.randint(0, vocab, (1, r), generator=gen).to(device)
-        times = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            target(input_ids=ids, cache=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-            cache.crop(-r)
-        times = sorted(times[1:])
-        medians[r] = times[len(times) // 2]
-    base = medians[min(medians)]
-    out: dict[int, float] = {}
-    floor = 0.0
-    for r in sorted(medians):  # a bigger forward never costs less than a smaller one
-        floor = max(floor, medians[r] / base)
-        out[r] = round(floor, 3)
-    return out
+    return relative_cost(forward_cost(target, rows, prompt_length=context, repeats=repeats), monotone=True)

@@ -68,6 +68,9 @@ class BenchConfig:
         repeats: timed runs per (prompt, runner); the median time is reported.
         warmup_tokens: new tokens of the untimed warm-up run of each runner (0 = none).
         device: ``auto`` or a torch device string.
+        num_speculative_tokens: fixed candidates per step for the specdec rows (None = adaptive).
+        method_options: method options for the specdec rows (e.g. lookahead's
+            ``window_size``), as ``(name, value)`` pairs; a hardware profile fills them.
     """
 
     target: str
@@ -81,6 +84,8 @@ class BenchConfig:
     repeats: int = 1
     warmup_tokens: int = 16
     device: str = "auto"
+    num_speculative_tokens: int | None = None
+    method_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -540,7 +545,9 @@ class Bench:
         for method in config.methods:
             try:
                 gen = SpeculativeGenerator(target, tokenizer, method=method, draft=self.draft,
-                                           draft_tokenizer=draft_tokenizer)
+                                           draft_tokenizer=draft_tokenizer,
+                                           num_speculative_tokens=config.num_speculative_tokens,
+                                           **dict(config.method_options))
             except SpecdecError as e:
                 self.skipped[method] = e.message
                 continue

@@ -286,3 +286,27 @@ def _has_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_cli_bench_with_profile(tiny, tmp_path):
+    """--profile fills the specdec rows' lookahead settings; every row stays identical in float32."""
+    from specdec.cli import main
+
+    model, tok = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "b.json"
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, [
+            "bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
+            "--methods", "none,lookahead", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
+            "--warmup", "0", "--profile", "cpu", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert "profile cpu" in result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"specdec-none", "specdec-lookahead"}
+    assert all(r["identical"] for r in rows)

@@ -35,6 +35,9 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Timed runs per prompt and method; the median is reported.")
 @click.option("--warmup", type=click.IntRange(min=0), default=_DEFAULTS.warmup_tokens, show_default=True,
               help="New tokens of the untimed warm-up run of each method (0 = no warm-up).")
+@click.option("--profile", default=None,
+              help="Hardware profile (auto or a name): fills --draft, the draft length and lookahead W/N/G "
+                   "of the specdec rows. Every row keeps --dtype and unquantized weights, so all compare alike.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Markdown table here.")
@@ -43,7 +46,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @report_errors
 def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str,
           max_new_tokens: int, dtype: str, threads: int | None, repeats: int, warmup: int,
-          json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+          profile: str | None, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
     Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),
@@ -55,9 +58,20 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
     from ..bench import run_bench
 
     quiet_libraries()
+    console = Console(stderr=True)
+    num_speculative_tokens, method_options = None, ()
+    if profile:
+        from ..profiles import profile_settings
+
+        settings = profile_settings(profile, target, draft=draft)
+        draft, num_speculative_tokens = settings.draft, settings.num_speculative_tokens
+        method_options = tuple(sorted((k, v) for k, v in settings.options.items() if v is not None))
+        for note in settings.notes:
+            console.print(f"[bold]{note}[/bold]")
     config = BenchConfig(
         target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),
         max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, repeats=repeats, warmup_tokens=warmup,
+        num_speculative_tokens=num_speculative_tokens, method_options=method_options,
     )
     if plot_path:  # fail before the long run, not after it
         from ..errors import MissingExtraError
@@ -66,7 +80,6 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
             import matplotlib  # noqa: F401
         except ImportError:
             raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
-    console = Console(stderr=True)
     load, cores = load_average(), os.cpu_count() or 1
     if load is not None and load > cores / 2:
         console.print(f"[yellow]warning: load average {load:.1f} on {cores} cores: other work is running, "

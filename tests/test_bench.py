@@ -246,10 +246,7 @@ def test_bench_without_draft_skips_assisted(tiny, tmp_path):
 def test_cli_bench(tiny, tmp_path):
     from specdec.cli import main
 
-    model, tok = tiny
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _saved(tiny, tmp_path)
     out = tmp_path / "runs"
     args = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
             "--methods", "none,prompt_lookup", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
@@ -280,6 +277,15 @@ def test_cli_bench_unknown_method():
     assert result.exit_code == 1 and "unknown method(s): warp" in result.output
 
 
+def _saved(tiny, tmp_path: Path) -> Path:
+    """The tiny model and tokenizer saved as a model folder, for the CLI."""
+    model, tok = tiny
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -292,10 +298,7 @@ def test_cli_bench_with_profile(tiny, tmp_path):
     """--profile fills the specdec rows' lookahead settings; every row stays identical in float32."""
     from specdec.cli import main
 
-    model, tok = tiny
-    folder = tmp_path / "tiny-model"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _saved(tiny, tmp_path)
     out = tmp_path / "b.json"
     threads = torch.get_num_threads()
     try:

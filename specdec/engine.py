@@ -349,7 +349,7 @@ class SpeculativeGenerator:
         verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator)
         verify_seconds = time.perf_counter() - t0
         kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
-        accepted = draft.tokens[verdict.accepted_nodes].to(self.device) if verdict.accepted_nodes else draft.tokens[:0].to(self.device)
+        accepted = draft.tokens[verdict.accepted_nodes].to(self.device)  # [a]; empty when nothing was accepted
         new_tokens = torch.cat([accepted, torch.tensor([verdict.next_token], device=self.device)])
         outcome = StepOutcome(
             draft=draft,

@@ -35,9 +35,7 @@ class IncrementalDecoder:
             delta = after[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
             return delta
-        if not after.startswith(before):  # a tokenizer that rewrites earlier text: fall back to a full decode
-            return ""
-        return ""
+        return ""  # not stable yet (an incomplete character): held until a later token completes it
 
     def flush(self) -> str:
         """Whatever is left at the end (a trailing incomplete character included)."""

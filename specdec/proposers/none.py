@@ -11,7 +11,7 @@ class NoProposer:
     name = "none"
 
     def reset(self, state: DecodeState) -> None:
-        self._device = state.tokens.device
+        pass
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
         return Draft.empty(state.tokens.device)

@@ -42,12 +42,15 @@ def _default(name: str) -> Any:
 @click.option("--seed", type=int, default=_default("seed"), show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=_default("checkpoint_every"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (and reuse OUT/cache).")
+@click.option("--cache-only", is_flag=True,
+              help="Only compute OUT/cache (the target's states) and stop; a later run with the same data, "
+                   "--seq-len, --seed and at most as many --cache-tokens reuses it.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @report_errors
-def train_medusa(target: str, data: str, out: str, resume: bool, dtype: str, device: str, threads: int | None,
-                 **options: Any) -> None:
+def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: bool, dtype: str, device: str,
+                 threads: int | None, **options: Any) -> None:
     """Train Medusa heads for TARGET by self-distillation (the target stays frozen).
 
     Each head learns the target's own greedy prediction k+2 tokens ahead, so
@@ -63,8 +66,17 @@ def train_medusa(target: str, data: str, out: str, resume: bool, dtype: str, dev
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load_target(target, dtype, device)
-    from ..medusa.train import train
+    from ..medusa.train import load_or_collect, train
 
+    if cache_only:
+        import time
+
+        t0 = time.perf_counter()
+        with _ProgressView(cfg) as view:
+            hidden, _, _, _ = load_or_collect(model, tokenizer, data, cfg, Path(out), progress=view.update)
+        click.echo(f"cached {hidden.shape[0]} windows ({hidden.shape[0] * hidden.shape[1]} positions) in {out}/cache "
+                   f"in {time.perf_counter() - t0:.0f}s")
+        return
     with _ProgressView(cfg) as view:
         heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
     top1 = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1"]))

@@ -68,6 +68,7 @@ class TrainConfig:
         max_docs: most documents read from the data (None = all).
         measure_cost: time target forwards of several sizes to size the tree.
         max_tree_nodes: largest tree considered.
+        cache_save_every: windows between saves of the cache while it is computed (0 = only at the end).
     """
 
     num_heads: int = DEFAULT_NUM_HEADS
@@ -89,6 +90,7 @@ class TrainConfig:
     max_docs: int | None = None
     measure_cost: bool = True
     max_tree_nodes: int = 64
+    cache_save_every: int = 32
 
     def __post_init__(self) -> None:
         checks = {
@@ -97,7 +99,7 @@ class TrainConfig:
             "cache_tokens": self.cache_tokens >= self.seq_len, "subset_size": self.subset_size >= 0,
             "distance_decay": 0 < self.distance_decay <= 1, "warmup_steps": self.warmup_steps >= 0,
             "eval_fraction": 0 <= self.eval_fraction < 1, "checkpoint_every": self.checkpoint_every >= 0,
-            "max_tree_nodes": self.max_tree_nodes >= 1,
+            "max_tree_nodes": self.max_tree_nodes >= 1, "cache_save_every": self.cache_save_every >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -204,14 +206,16 @@ def _cache_meta(target: torch.nn.Module, cfg: TrainConfig, data: str) -> dict[st
 def load_or_collect(
     target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
     progress: ProgressFn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(hidden [N, L, H], preds [N, L], first usable position)``, reusing ``out/cache``.
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """``(hidden [N, L, H], preds [N, L], first usable position, tokens [N, L])``, reusing ``out/cache``.
 
-    Windows come in a seeded order, so a cache made with fewer ``cache_tokens``
-    holds the first windows of a bigger request: only the missing ones are
-    computed, and a bigger cache is cut to the request.
+    ``tokens`` are the windows' own (corpus) token ids. Windows come in a
+    seeded order, so a cache made with fewer ``cache_tokens`` holds the first
+    windows of a bigger request: only the missing ones are computed, and a
+    bigger cache is cut to the request. The cache is saved every
+    ``cfg.cache_save_every`` windows, so an interrupted run loses little.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .data import read_corpus
 
@@ -220,28 +224,57 @@ def load_or_collect(
     prefix = chat_prefix(tokenizer) if cfg.chat_wrap else []
     start = max(len(prefix) - 1, 0)
     need = math.ceil(cfg.cache_tokens / cfg.seq_len)
-    hidden = preds = None
+    hidden = preds = tokens = None
     if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
         saved = json.loads((cache / "meta.json").read_text())
         if {k: saved.get(k) for k in meta} == meta:
             t = load_file(str(cache / "features.safetensors"))
-            hidden, preds = t["hidden"], t["preds"]
-            if hidden.shape[0] >= need:
-                return hidden[:need], preds[:need], int(saved["start"])
+            hidden, preds, tokens = t["hidden"], t["preds"], t.get("tokens")
+            if hidden.shape[0] >= need and tokens is not None:
+                return hidden[:need], preds[:need], int(saved["start"]), tokens[:need].long()
     texts = read_corpus(data)
     if cfg.max_docs:
         texts = texts[: cfg.max_docs]
     windows = make_windows(texts, tokenizer, cfg, prefix)
     have = 0 if hidden is None else hidden.shape[0]
-    if hidden is not None and have >= windows.shape[0]:  # the data holds no more windows than cached
-        return hidden, preds, start
-    new_hidden, new_preds = collect_features(target, windows[have:], progress)
-    if hidden is not None:
-        new_hidden, new_preds = torch.cat([hidden, new_hidden]), torch.cat([preds, new_preds])
+    if hidden is not None and have >= min(need, windows.shape[0]):  # cached enough (or all the data holds)
+        n = min(need, have)
+        return hidden[:n], preds[:n], start, windows[:n]
+    hiddens = [] if hidden is None else [hidden]
+    predss = [] if preds is None else [preds]
+    total = windows.shape[0] - have
+    chunk = max(1, cfg.cache_save_every) if cfg.cache_save_every else total
+    for first in range(have, windows.shape[0], chunk):
+        done = first - have
+
+        def chunk_progress(p: Progress, done: int = done) -> None:
+            if progress:
+                progress(Progress("cache", done + p.done, total))
+
+        h, pr = collect_features(target, windows[first : first + chunk], chunk_progress)
+        hiddens.append(h)
+        predss.append(pr)
+        n = first + h.shape[0]
+        if n < windows.shape[0]:
+            _save_cache(cache, meta, start, hiddens, predss, windows[:n])
+    hidden, preds = torch.cat(hiddens), torch.cat(predss)
+    _save_cache(cache, meta, start, [hidden], [preds], windows)
+    return hidden, preds, start, windows
+
+
+def _save_cache(cache: Path, meta: dict[str, Any], start: int, hiddens: list[torch.Tensor],
+                preds: list[torch.Tensor], windows: torch.Tensor) -> None:
+    """Write ``cache/features.safetensors`` (hidden, preds, tokens) and ``meta.json`` atomically enough."""
+    from safetensors.torch import save_file
+
     cache.mkdir(parents=True, exist_ok=True)
-    save_file({"hidden": new_hidden.contiguous(), "preds": new_preds.contiguous()}, str(cache / "features.safetensors"))
-    (cache / "meta.json").write_text(json.dumps({**meta, "start": start, "windows": int(new_hidden.shape[0])}))
-    return new_hidden, new_preds, start
+    hidden = torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0]
+    tensors = {"hidden": hidden.contiguous(), "preds": (torch.cat(preds) if len(preds) > 1 else preds[0]).contiguous(),
+               "tokens": windows[: hidden.shape[0]].to(torch.int32).contiguous()}
+    tmp = cache / "features.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(cache / "features.safetensors")
+    (cache / "meta.json").write_text(json.dumps({**meta, "start": start, "windows": int(hidden.shape[0])}))
 
 
 # ---------------------------------------------------------------------- training
@@ -348,7 +381,7 @@ def train(
         raise SpecdecError(f"seq_len {cfg.seq_len} exceeds the target's context", "lower --seq-len")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    hidden, preds, start = load_or_collect(target, tokenizer, data, cfg, out, progress)
+    hidden, preds, start, tokens = load_or_collect(target, tokenizer, data, cfg, out, progress)
     cache_seconds = time.perf_counter() - t0
     vocab = int(target.get_output_embeddings().weight.shape[0])
 

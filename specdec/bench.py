@@ -45,7 +45,8 @@ BASELINE = "hf-greedy"
 """The runner every speedup is relative to."""
 
 DEFAULT_METHODS: tuple[str, ...] = ("none", "draft", "prompt_lookup", "lookahead", "auto")
-"""specdec methods benchmarked when none are named (medusa needs trained heads)."""
+"""specdec methods benchmarked when none are named (medusa needs trained heads: with
+``medusa_heads`` the bench's CLI adds it)."""
 
 HF_PROMPT_LOOKUP_TOKENS = 10
 """``prompt_lookup_num_tokens`` of the ``hf-prompt-lookup`` baseline."""
@@ -71,6 +72,8 @@ class BenchConfig:
         num_speculative_tokens: fixed candidates per step for the specdec rows (None = adaptive).
         method_options: method options for the specdec rows (e.g. lookahead's
             ``window_size``), as ``(name, value)`` pairs; a hardware profile fills them.
+        medusa_heads: folder of trained Medusa heads for the target, given to the
+            ``specdec-medusa`` row only (without them that row is skipped).
     """
 
     target: str
@@ -86,6 +89,7 @@ class BenchConfig:
     device: str = "auto"
     num_speculative_tokens: int | None = None
     method_options: tuple[tuple[str, Any], ...] = ()
+    medusa_heads: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -543,11 +547,13 @@ class Bench:
         self.runners["hf-prompt-lookup"] = hf_runner(target, eos, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS)
         self.skipped: dict[str, str] = {}
         for method in config.methods:
+            options = dict(config.method_options)
+            if method == "medusa" and config.medusa_heads is not None:
+                options["medusa_heads"] = config.medusa_heads
             try:
                 gen = SpeculativeGenerator(target, tokenizer, method=method, draft=self.draft,
                                            draft_tokenizer=draft_tokenizer,
-                                           num_speculative_tokens=config.num_speculative_tokens,
-                                           **dict(config.method_options))
+                                           num_speculative_tokens=config.num_speculative_tokens, **options)
             except SpecdecError as e:
                 self.skipped[method] = e.message
                 continue

@@ -21,7 +21,7 @@ from .proposers.base import DecodeState, Draft, StepOutcome
 from .sampling import SamplingConfig
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
-from .verify import verify
+from .verify import TypicalAcceptance, verify
 from .vocab import check_vocabularies
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -116,7 +116,14 @@ class SpeculativeGenerator:
         num_speculative_tokens: fixed number of candidates per step; None adapts it.
         draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
         **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
-            ``medusa_heads``, ``tree``, ``max_ngram``...), validated by the method.
+            ``medusa_heads``, ``tree``, ``tree_size``, ``max_ngram``...), validated by the method.
+            Medusa's ``typical_acceptance=True`` (with ``posterior_threshold``,
+            ``posterior_alpha``) is LOSSY when sampling and off by default: see
+            :class:`specdec.verify.TypicalAcceptance`.
+
+    Verification is exact unless the proposer carries a ``typical_acceptance``
+    attribute that is not None (only Medusa's, and only when asked for); that
+    option is handed to the one verifier, which applies it when sampling.
     """
 
     def __init__(
@@ -154,6 +161,7 @@ class SpeculativeGenerator:
                 options=options,
             ),
         )
+        self.typical_acceptance: TypicalAcceptance | None = getattr(self.proposer, "typical_acceptance", None)
         self.last_stats: GenerationStats | None = None
 
     # ------------------------------------------------------------------ prompts
@@ -346,7 +354,7 @@ class SpeculativeGenerator:
             **{self._cache_arg: cache},
         )
         logits = out.logits[0, -q:]  # [1+n+m, V]
-        verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator)
+        verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator, typical=self.typical_acceptance)
         verify_seconds = time.perf_counter() - t0
         kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
         accepted = draft.tokens[verdict.accepted_nodes].to(self.device)  # [a]; empty when nothing was accepted

@@ -559,7 +559,9 @@ def profile_settings(
     """What ``specdec.load(..., profile=profile)`` loads: the profile fills only what was not given.
 
     "Not given" means: ``method="auto"``, ``draft=None``, ``dtype="auto"``,
-    ``num_speculative_tokens=None`` and lookahead options absent or None. A
+    ``num_speculative_tokens=None``, lookahead options and Medusa's ``tree_size``
+    absent or None (``tree_size`` is filled only when ``medusa_heads`` are given
+    and no ``tree`` is). A
     draft given explicitly is loaded unquantized unless the profile chose the
     same draft.
     """
@@ -586,6 +588,8 @@ def profile_settings(
     for name in ("window_size", "ngram_size", "guess_size"):
         if options.get(name) is None:
             options[name] = getattr(config.lookahead, name)
+    if options.get("medusa_heads") is not None and options.get("tree_size") is None and options.get("tree") is None:
+        options["tree_size"] = config.medusa_tree_size  # the most Medusa tree nodes this hardware verifies well
     target_kind = None if config.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else config.target_quantization
     if target_loaded:
         target_kind = None

@@ -16,6 +16,10 @@ step yields ``accepted + 1`` tokens.
   with draft-model probabilities this is standard speculative sampling; for
   deterministic candidates (n-grams, tree tops) it is recursive rejection over
   siblings. Each emitted token is distributed exactly as the target's.
+- Typical acceptance (LOSSY, opt-in per proposer, sampling only; see
+  :class:`TypicalAcceptance`): Medusa's rule (arXiv 2401.10774, sec. 2.3.1)
+  accepts a candidate whose target probability is high enough instead of
+  sampling against it; greedy decoding ignores it and stays exact.
 """
 from __future__ import annotations
 
@@ -43,6 +47,47 @@ class Verdict:
     last_row: int
 
 
+@dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's *typical acceptance* (LOSSY: output is no longer distributed as the target's).
+
+    Only used when sampling (``temperature > 0``); greedy verification is
+    unchanged. At each row, with ``target_probs`` the processed target
+    distribution (temperature, top-k/top-p, penalties applied) and ``H`` its
+    entropy, a candidate ``x`` passes when::
+
+        target_probs[x] > min(posterior_threshold, posterior_alpha * exp(-H))
+
+    The accepted path is the longest root-to-node path whose every node passes
+    (ties: the highest sum of log target probabilities); the token after it
+    is sampled from the target's processed distribution at its last row.
+    Plausible candidates are kept more often than by exact rejection sampling,
+    so more tokens come per step, but the text is not a sample of the target's
+    distribution. Never on by default.
+
+    Attributes:
+        posterior_threshold: hard probability threshold (Medusa's default 0.09).
+        posterior_alpha: scale of the entropy-dependent threshold (Medusa's
+            default 0.3, about ``sqrt(posterior_threshold)``).
+    """
+
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        from .errors import SpecdecError
+
+        if not 0.0 <= self.posterior_threshold <= 1.0:
+            raise SpecdecError(f"posterior_threshold must be in [0, 1], got {self.posterior_threshold}")
+        if self.posterior_alpha < 0.0:
+            raise SpecdecError(f"posterior_alpha must be >= 0, got {self.posterior_alpha}")
+
+    def thresholds(self, target_probs: torch.Tensor) -> torch.Tensor:
+        """``[R]`` per-row acceptance threshold of ``target_probs [R, V]``."""
+        entropy = -(target_probs * torch.log(target_probs.clamp_min(1e-30))).sum(-1)  # [R]
+        return torch.clamp(self.posterior_alpha * torch.exp(-entropy), max=self.posterior_threshold)
+
+
 def process_rows(
     logits: torch.Tensor, draft: Draft, cfg: SamplingConfig, context: torch.Tensor
 ) -> torch.Tensor:
@@ -67,6 +112,7 @@ def verify(
     cfg: SamplingConfig,
     context: torch.Tensor,
     generator: torch.Generator | None = None,
+    typical: TypicalAcceptance | None = None,
 ) -> Verdict:
     """Verify ``draft`` against the target.
 
@@ -77,10 +123,14 @@ def verify(
         cfg: sampling configuration (applied identically to the proposer's).
         context: ``[L]`` committed tokens, the pending token last.
         generator: seeded generator for the random draws.
+        typical: LOSSY typical acceptance for sampling (None = exact; see
+            :class:`TypicalAcceptance`); greedy verification ignores it.
     """
     processed = process_rows(logits, draft, cfg, context)
     if cfg.greedy:
         return _verify_greedy(draft, processed)
+    if typical is not None:
+        return _verify_typical(draft, processed, typical, generator)
     return _verify_sampling(draft, processed, generator)
 
 
@@ -142,3 +192,37 @@ def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.
                 residual = target_probs[row]
             token = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
             return Verdict(accepted, token, row)
+
+
+def _verify_typical(draft: Draft, target_probs: torch.Tensor, typical: TypicalAcceptance,
+                    generator: torch.Generator | None) -> Verdict:
+    """LOSSY typical acceptance (see :class:`TypicalAcceptance`). target_probs: ``[1+n, V]`` probabilities."""
+    n = draft.num_nodes
+    parents = draft.parents if draft.parents is not None else chain_parents(n, target_probs.device)
+    if n:
+        parent_rows = (parents.to(target_probs.device).long() + 1)  # [n] row whose distribution judges each node
+        node_probs = target_probs[parent_rows, draft.tokens.to(target_probs.device)]  # [n]
+        passes = (node_probs > typical.thresholds(target_probs)[parent_rows]).tolist()
+        logp = torch.log(node_probs.clamp_min(1e-30)).tolist()
+    par = parents.tolist() if n else []
+    # nodes come parents first, so one pass gives each node's path length (0 = not all of its path passes)
+    length = [0] * n
+    score = [0.0] * n
+    best, best_key = -1, (0, 0.0)
+    for i in range(n):
+        up = par[i]
+        if not passes[i] or (up >= 0 and length[up] == 0):
+            continue
+        length[i] = 1 + (length[up] if up >= 0 else 0)
+        score[i] = logp[i] + (score[up] if up >= 0 else 0.0)
+        if (length[i], score[i]) > best_key:
+            best, best_key = i, (length[i], score[i])
+    accepted: list[int] = []
+    node = best
+    while node >= 0:
+        accepted.append(node)
+        node = par[node]
+    accepted.reverse()
+    row = accepted[-1] + 1 if accepted else 0
+    token = int(torch.multinomial(target_probs[row], 1, generator=generator))
+    return Verdict(accepted, token, row)

@@ -313,3 +313,87 @@ def test_cli_bench_with_profile(tiny, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} >= {"specdec-none", "specdec-lookahead"}
     assert all(r["identical"] for r in rows)
+
+
+def _saved_heads(tiny, tmp_path: Path, tree: list[list[int]]) -> Path:
+    """Untrained Medusa heads for the tiny model, saved with a recommended tree."""
+    from specdec.medusa.heads import MedusaHeads
+
+    model, _ = tiny
+    heads = MedusaHeads.init(model, num_heads=2)
+    heads.config.tree = tree
+    heads.config.head_accuracy = [[0.5 / (r + 1) for r in range(10)], [0.3 / (r + 1) for r in range(10)]]
+    folder = tmp_path / "heads"
+    heads.save(folder)
+    return folder
+
+
+def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatch):
+    """--medusa-heads enables specdec-medusa (added to the default methods); --profile caps its tree."""
+    import specdec.proposers.medusa as medusa_proposer
+    from specdec.cli import main
+    from specdec.profiles import load_profiles
+
+    trees: list[int] = []
+    original = medusa_proposer.MedusaProposer.__init__
+
+    def spy(self, heads, tree, *args, **kwargs):
+        trees.append(len(tree))
+        original(self, heads, tree, *args, **kwargs)
+
+    monkeypatch.setattr(medusa_proposer.MedusaProposer, "__init__", spy)
+    folder = _saved(tiny, tmp_path)
+    big_tree = [[i] for i in range(10)] + [[0, j] for j in range(10)] + [[1, 0]]
+    heads = _saved_heads(tiny, tmp_path, big_tree)
+    cpu_tree_size = next(p for p in load_profiles() if p.name == "cpu").medusa.tree_size
+    assert cpu_tree_size < len(big_tree)
+    out = tmp_path / "b.json"
+    common = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
+              "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1", "--warmup", "0",
+              "--medusa-heads", str(heads)]
+    threads = torch.get_num_threads()
+    try:
+        plain = CliRunner().invoke(main, common + ["--methods", "none,medusa", "--json", str(out)])
+        assert plain.exit_code == 0, plain.output
+        rows = json.loads(out.read_text())["rows"]
+        assert {r["method"] for r in rows} == {BASELINE, "hf-prompt-lookup", "specdec-none", "specdec-medusa"}
+        assert all(r["identical"] for r in rows)  # greedy Medusa is lossless
+        assert all(r["mean_accepted_length"] >= 1.0 for r in rows if r["method"] == "specdec-medusa")
+        assert trees == [len(big_tree)]  # no profile: the tree stored with the heads
+        profiled = CliRunner().invoke(main, common + ["--profile", "cpu", "--json", str(out)])
+        assert profiled.exit_code == 0, profiled.output
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["rows"]
+    methods = {r["method"] for r in rows}
+    assert "specdec-medusa" in methods and "specdec-auto" in methods  # medusa joins the default methods
+    assert trees[1:] == [cpu_tree_size]  # the profile's tree size reached the proposer
+    assert all(r["identical"] for r in rows if r["method"].startswith("specdec-"))
+
+
+def test_bench_gives_heads_to_the_medusa_row_only(tiny, tmp_path):
+    model, tok = tiny
+    heads = _saved_heads(tiny, tmp_path, [[0], [1], [0, 0]])
+    config = BenchConfig(target="tiny", methods=("auto", "medusa"), max_new_tokens=4, dtype="float32",
+                         warmup_tokens=0, medusa_heads=str(heads))
+    bench = Bench(model, tok, config)
+    assert not bench.skipped and {"specdec-auto", "specdec-medusa"} <= set(bench.runners)
+    report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
+    assert all(r.identical for r in report.rows)
+
+
+def test_cli_generate_typical_acceptance(tiny, tmp_path):
+    """generate --typical-acceptance (lossy, opt-in) reaches the Medusa proposer; its knobs alone are refused."""
+    from specdec.cli import main
+
+    folder = _saved(tiny, tmp_path)
+    heads = _saved_heads(tiny, tmp_path, [[0], [1], [0, 0]])
+    base = ["generate", " ".join(WORDS[:8]), "--target", str(folder), "--method", "medusa", "--medusa-heads",
+            str(heads), "--dtype", "float32", "--max-new-tokens", "8", "--raw", "--json"]
+    sampled = base + ["--temperature", "0.8", "--seed", "3", "--typical-acceptance", "--posterior-threshold", "0.05"]
+    first = CliRunner().invoke(main, sampled)
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, sampled)
+    assert json.loads(first.output)["token_ids"] == json.loads(again.output)["token_ids"]  # seeded
+    refused = CliRunner().invoke(main, base + ["--posterior-alpha", "0.2"])
+    assert refused.exit_code == 1 and "only apply with typical acceptance" in refused.output

@@ -154,6 +154,106 @@ def test_seeded_sampling_is_reproducible():
     assert len({tuple(gen.generate([1, 5, 9, 2], **dict(kw, seed=s)).token_ids) for s in range(5)}) > 1
 
 
+# ---------------------------------------------------------------- typical acceptance (opt-in, LOSSY)
+def _typical_draft():
+    from specdec.proposers.base import Draft
+
+    # root -> a(0) -> c(2); root -> b(1) -> d(3), b -> e(4)
+    return Draft(tokens=torch.tensor([1, 2, 3, 4, 5]), parents=torch.tensor([-1, -1, 0, 1, 1]))
+
+
+def _rows(*dists: dict[int, float], vocab: int = 8) -> torch.Tensor:
+    """Logits ``[len(dists), vocab]`` whose softmax is the given distributions (rest near zero)."""
+    probs = torch.full((len(dists), vocab), 1e-9)
+    for i, d in enumerate(dists):
+        for t, v in d.items():
+            probs[i, t] = v
+    return torch.log(probs / probs.sum(-1, keepdim=True))
+
+
+def test_typical_acceptance_rule_table():
+    from specdec.verify import TypicalAcceptance, verify
+
+    draft = _typical_draft()
+    typical = TypicalAcceptance(posterior_threshold=0.09, posterior_alpha=0.3)
+    cfg = SamplingConfig(temperature=1.0)
+    ctx = torch.tensor([0])
+    cases = [
+        # root: a 0.5, b 0.4; a's row: c 0.05 (fails); b's row: d 0.6, e 0.3 -> longest path b->d
+        ((_rows({1: 0.5, 2: 0.4, 7: 0.1}), _rows({3: 0.05, 7: 0.95}), _rows({4: 0.6, 5: 0.3, 7: 0.1}),
+          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), [1, 3]),
+        # both depth-2 paths pass: the likelier one wins (a->c: 0.5*0.9 > b->d: 0.4*0.6)
+        ((_rows({1: 0.5, 2: 0.4, 7: 0.1}), _rows({3: 0.9, 7: 0.1}), _rows({4: 0.6, 5: 0.3, 7: 0.1}),
+          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), [0, 2]),
+        # nothing at the root is likely enough: no candidate accepted
+        ((_rows({1: 0.05, 2: 0.05, 7: 0.9}), _rows({3: 1.0}), _rows({4: 1.0}),
+          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), []),
+    ]
+    for rows, expected in cases:
+        logits = torch.cat(rows)  # [1+n, V]
+        v = verify(draft, logits, cfg, ctx, torch.Generator().manual_seed(0), typical=typical)
+        assert v.accepted_nodes == expected
+        assert v.last_row == (expected[-1] + 1 if expected else 0)
+        if not expected:
+            assert v.next_token == 7  # sampled from the root row, where 7 holds ~all the mass
+        # greedy ignores typical acceptance: exactly the greedy verdict
+        g = SamplingConfig()
+        assert verify(draft, logits, g, ctx, typical=typical) == verify(draft, logits, g, ctx)
+    # the entropy term: a flat row lowers the threshold below posterior_threshold
+    flat = torch.full((1, 100), 0.01)
+    assert float(typical.thresholds(flat)[0]) == pytest.approx(0.3 * 0.01, rel=1e-3)
+
+
+def test_typical_acceptance_is_off_by_default_and_validated():
+    target = tiny_model("llama", vocab=32)
+    heads = MedusaHeads.init(target, num_heads=2)
+    assert specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads).typical_acceptance is None
+    on = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, typical_acceptance=True,
+                                      posterior_threshold=0.2, posterior_alpha=0.5)
+    assert (on.typical_acceptance.posterior_threshold, on.typical_acceptance.posterior_alpha) == (0.2, 0.5)
+    with pytest.raises(SpecdecError, match="only apply with typical acceptance"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, posterior_threshold=0.2)
+    with pytest.raises(SpecdecError, match="posterior_threshold"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, typical_acceptance=True,
+                                     posterior_threshold=1.5)
+    with pytest.raises(SpecdecError, match="do not apply"):
+        specdec.SpeculativeGenerator(target, method="prompt_lookup", typical_acceptance=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_typical_acceptance_output_is_well_formed_and_seeded(arch):
+    target = tiny_model(arch, seed=0, vocab=32, sharpness=4.0)
+    heads = perturbed_heads(target)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE,
+                                       typical_acceptance=True)
+    prompt = [1, 5, 9, 2]
+    kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95, seed=11, eos_token_id=[])
+    first = gen.generate(prompt, **kw)
+    assert len(first.token_ids) == 24 and first.finish_reason == "length"
+    assert all(0 <= t < 32 for t in first.token_ids)
+    assert first.stats.new_tokens == 24
+    assert gen.generate(prompt, **kw).token_ids == first.token_ids  # seeded: reproducible
+    assert len({tuple(gen.generate(prompt, **dict(kw, seed=s)).token_ids) for s in range(5)}) > 1
+    # greedy stays exact with typical acceptance on
+    assert gen.generate(prompt, max_new_tokens=16).token_ids == hf_greedy(target, prompt, 16)
+
+
+def test_typical_acceptance_accepts_plausible_candidates_that_exact_sampling_may_reject():
+    """On a peaked model typical acceptance keeps at least as many candidates per step as exact sampling."""
+    target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
+    heads = perturbed_heads(target, num_heads=2)
+    tree = [[0], [1], [0, 0], [2]]
+    exact = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree)
+    typical = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree,
+                                           typical_acceptance=True, posterior_threshold=0.0, posterior_alpha=0.0)
+    prompt = [1, 2, 3, 1, 2]
+    # threshold 0: every candidate the target gives any mass passes, so every step accepts a full path
+    res = typical.generate(prompt, max_new_tokens=30, temperature=1.0, seed=3, eos_token_id=[])
+    assert res.stats.mean_accepted_length > exact.generate(prompt, max_new_tokens=30, temperature=1.0, seed=3,
+                                                           eos_token_id=[]).stats.mean_accepted_length
+    assert res.stats.steps == 1 + -(-29 // 3)  # the first step has no hidden state; then depth-2 paths + 1
+
+
 # ---------------------------------------------------------------- save / load
 def test_save_load_round_trip(tmp_path):
     target = tiny_model("llama", vocab=64)
@@ -388,12 +488,14 @@ def test_feature_cache_grows_without_recomputing(tmp_path):
     target = tiny_model("llama", vocab=256)
     data = _corpus(tmp_path)
     small = TrainConfig(num_heads=2, seq_len=48, cache_tokens=144, chat_wrap=False)
-    h1, p1, _ = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
+    h1, p1, _, t1 = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
     calls = []
-    big = TrainConfig(num_heads=2, seq_len=48, cache_tokens=288, chat_wrap=False)
-    h2, p2, _ = load_or_collect(target, ByteTokenizer(), data, big, tmp_path / "o", progress=calls.append)
+    big = TrainConfig(num_heads=2, seq_len=48, cache_tokens=288, chat_wrap=False, cache_save_every=2)
+    h2, p2, _, t2 = load_or_collect(target, ByteTokenizer(), data, big, tmp_path / "o", progress=calls.append)
     assert h1.shape[0] == 3 and h2.shape[0] == 6 and len(calls) == 3  # only the 3 new windows were run
+    assert [c.done for c in calls] == [1, 2, 3] and all(c.total == 3 for c in calls)
     torch.testing.assert_close(h2[:3], h1)
-    assert torch.equal(p2[:3], p1)
-    h3, _, _ = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
+    assert torch.equal(p2[:3], p1) and torch.equal(t2[:3], t1) and t2.shape == p2.shape
+    h3, _, _, t3 = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
     torch.testing.assert_close(h3, h1)  # a bigger cache serves a smaller request
+    assert torch.equal(t3, t1)

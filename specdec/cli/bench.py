@@ -24,8 +24,12 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt file (.jsonl with id, category, prompt); default: the set shipped with specdec.")
 @click.option("--category", multiple=True, help="Only prompts of this category (repeatable or comma-separated).")
-@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
-              help=f"Comma-separated specdec methods, of: {', '.join(METHODS)}.")
+@click.option("--methods", default=None,
+              help=f"Comma-separated specdec methods, of: {', '.join(METHODS)}. "
+                   f"[default: {','.join(DEFAULT_METHODS)}, plus medusa with --medusa-heads]")
+@click.option("--medusa-heads", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of Medusa heads trained for the target (specdec-local train-medusa): "
+                   "enables the specdec-medusa row.")
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=_DEFAULTS.max_new_tokens, show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default=_DEFAULTS.dtype,
               show_default=True, help="Of target and draft, for every runner.")
@@ -44,8 +48,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG plot of speedup by method and category (needs specdec[plot]).")
 @report_errors
-def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str,
-          max_new_tokens: int, dtype: str, threads: int | None, repeats: int, warmup: int,
+def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str | None,
+          medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, repeats: int, warmup: int,
           profile: str | None, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
@@ -60,18 +64,23 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
     quiet_libraries()
     console = Console(stderr=True)
     num_speculative_tokens, method_options = None, ()
+    if methods is None:
+        methods = ",".join(DEFAULT_METHODS + (("medusa",) if medusa_heads else ()))
     if profile:
         from ..profiles import profile_settings
 
-        settings = profile_settings(profile, target, draft=draft)
+        settings = profile_settings(profile, target, draft=draft,
+                                    options={"medusa_heads": medusa_heads} if medusa_heads else None)
         draft, num_speculative_tokens = settings.draft, settings.num_speculative_tokens
-        method_options = tuple(sorted((k, v) for k, v in settings.options.items() if v is not None))
+        # the heads go to the specdec-medusa row only (with heads, "auto" would pick medusa too)
+        method_options = tuple(sorted((k, v) for k, v in settings.options.items()
+                                      if v is not None and k != "medusa_heads"))
         for note in settings.notes:
             console.print(f"[bold]{note}[/bold]")
     config = BenchConfig(
         target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),
         max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, repeats=repeats, warmup_tokens=warmup,
-        num_speculative_tokens=num_speculative_tokens, method_options=method_options,
+        num_speculative_tokens=num_speculative_tokens, method_options=method_options, medusa_heads=medusa_heads,
     )
     if plot_path:  # fail before the long run, not after it
         from ..errors import MissingExtraError

@@ -26,17 +26,35 @@ from .common import method_options, model_options, quiet_libraries, report_error
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template, or not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@click.option("--typical-acceptance", is_flag=True,
+              help="LOSSY, Medusa only, sampling only: Medusa's typical acceptance keeps candidates the target finds "
+                   "likely enough instead of sampling exactly, so the text is NOT distributed as the target's "
+                   "(greedy stays exact). Off by default.")
+@click.option("--posterior-threshold", type=click.FloatRange(min=0.0, max=1.0), default=None,
+              help="With --typical-acceptance: hard probability threshold [default: 0.09].")
+@click.option("--posterior-alpha", type=click.FloatRange(min=0.0), default=None,
+              help="With --typical-acceptance: scale of the entropy threshold alpha*exp(-entropy) [default: 0.3].")
 @click.option("--profile", default=None, metavar="auto|NAME",
               help="Hardware profile: fills method, draft, quantization and their options not given "
                    "(see `specdec-local detect`, `specdec-local profiles list`).")
 @report_errors
 def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: bool, profile: str | None,
              **kwargs: Any) -> None:
-    """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone)."""
+    """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone).
+
+    The one exception is --typical-acceptance (Medusa, sampling), which is lossy and opt-in.
+    """
     import specdec
 
     quiet_libraries()
     options = method_options(kwargs)
+    typical = kwargs.pop("typical_acceptance")
+    for name in ("posterior_threshold", "posterior_alpha"):
+        value = kwargs.pop(name)
+        if value is not None:
+            options[name] = value
+    if typical:
+        options["typical_acceptance"] = True
     gen = specdec.load(
         target,
         draft=draft,

@@ -65,7 +65,7 @@ class MedusaConfig:
         model_type: the target's ``config.model_type``.
         fingerprint: a few values of the target's output layer, to refuse other targets.
         tree: a recommended tree (``medusa_choices`` style), e.g. from measured accuracies.
-        head_accuracy: measured top-k accuracy ``[num_heads][k]`` (cumulative) of each head.
+        head_accuracy: measured accuracy ``[num_heads][k]`` of each head's rank-``r`` candidate (per rank, not cumulative).
         format_version: on-disk format.
     """
 

@@ -124,6 +124,37 @@ def truncate_choices(choices: Choices, max_nodes: int) -> tuple[tuple[int, ...],
     return normalize_choices(choices)[: max(0, max_nodes)]
 
 
+def cap_tree(
+    choices: Choices, max_nodes: int, accuracy: Sequence[Sequence[float]] | None = None
+) -> tuple[tuple[int, ...], ...]:
+    """At most ``max_nodes`` paths of ``choices``, still a valid tree.
+
+    With per-rank head accuracies (``[num_heads][k]``, not cumulative), the
+    nodes whose whole path is most likely to be accepted are kept (the product
+    of the accuracies along it); without them, the first nodes in tree order.
+    """
+    paths = normalize_choices(choices)
+    if len(paths) <= max_nodes:
+        return paths
+    if not accuracy:
+        return truncate_choices(paths, max_nodes)
+
+    def acc(depth: int, r: int) -> float:
+        row = accuracy[depth] if depth < len(accuracy) else ()
+        return float(row[r]) if r < len(row) else 0.0
+
+    value: dict[tuple[int, ...], float] = {}
+    for path in paths:  # parents first
+        value[path] = (value[path[:-1]] if len(path) > 1 else 1.0) * acc(len(path) - 1, path[-1])
+    kept: set[tuple[int, ...]] = set()
+    for path in sorted(paths, key=lambda p: (-value[p], len(p), p)):
+        if len(kept) >= max_nodes:
+            break
+        if len(path) == 1 or path[:-1] in kept:
+            kept.add(path)
+    return normalize_choices(kept)
+
+
 def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
     """Relative cost of a forward over ``rows`` rows, interpolated linearly in ``table``."""
     table = table or CPU_ROW_COST

@@ -68,6 +68,6 @@ def take_options(options: dict[str, Any], names: tuple[str, ...], method: str) -
 
 
 # options the front ends may always pass (profiles fill them for every method)
-_SHARED_OPTIONS = {"window_size", "ngram_size", "guess_size", "max_ngram", "medusa_heads", "tree"}
+_SHARED_OPTIONS = {"window_size", "ngram_size", "guess_size", "max_ngram", "medusa_heads", "tree", "tree_size"}
 
 __all__ = ["Draft", "DecodeState", "StepOutcome", "Proposer", "ProposerContext", "METHODS", "build_proposer", "resolve_method", "take_options"]

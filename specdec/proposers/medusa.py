@@ -9,7 +9,10 @@ Each step costs one target forward:
 2. *tree decoding* and *evaluate posterior*: the engine runs the tree in one
    target forward (tree mask, depth positions) and verifies it with the one
    lossless verifier (greedy: longest matching path; sampling: recursive
-   rejection over siblings with point-mass candidates).
+   rejection over siblings with point-mass candidates). Opt-in and LOSSY
+   when sampling: Medusa's typical acceptance (``typical_acceptance=True``,
+   :class:`~specdec.verify.TypicalAcceptance`), which the engine hands to the
+   same verifier.
 3. *update inputs* (:meth:`MedusaProposer.observe`): the engine returns the
    target's final hidden states; the heads read the row that produced the last
    new token, which gives the next step's candidates without another forward.
@@ -26,7 +29,8 @@ import torch
 
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import TreeBuffers, build_tree, default_tree
+from ..medusa.tree import TreeBuffers, build_tree, cap_tree, default_tree
+from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
 
 
@@ -37,9 +41,15 @@ class MedusaOptions:
     Attributes:
         tree: ``medusa_choices``-style paths, or None for the tree stored with the
             heads (built from their measured accuracy) or else the CPU default.
+        tree_size: most nodes of the tree (a hardware profile's ``medusa.tree_size``);
+            a bigger tree keeps its most probable nodes (None = no cap).
+        typical_acceptance: LOSSY typical acceptance when sampling (None = exact,
+            the default); greedy decoding stays exact either way.
     """
 
     tree: tuple[tuple[int, ...], ...] | None = None
+    tree_size: int | None = None
+    typical_acceptance: TypicalAcceptance | None = None
 
 
 class MedusaProposer:
@@ -47,9 +57,11 @@ class MedusaProposer:
 
     name = "medusa"
 
-    def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]]) -> None:
+    def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]],
+                 typical_acceptance: TypicalAcceptance | None = None) -> None:
         self.heads = heads.eval()
         self.tree: TreeBuffers = build_tree(tree)
+        self.typical_acceptance = typical_acceptance  # read by the engine, handed to the verifier
         if self.tree.num_nodes == 0:
             raise SpecdecError("the Medusa tree is empty", "give at least one path, e.g. [[0]]")
         if self.tree.max_depth > heads.num_heads:
@@ -108,10 +120,41 @@ def _resolve_tree(value: object, heads: MedusaHeads) -> tuple[tuple[int, ...], .
     return tuple(tuple(int(i) for i in p) for p in tree)
 
 
+def _resolve_typical(opts: dict[str, object]) -> TypicalAcceptance | None:
+    value = opts.get("typical_acceptance")
+    knobs = {k: float(opts[k]) for k in ("posterior_threshold", "posterior_alpha") if opts.get(k) is not None}
+    if isinstance(value, TypicalAcceptance):
+        if knobs:
+            raise SpecdecError("give posterior_threshold/posterior_alpha either in the TypicalAcceptance or alone")
+        return value
+    if value is None or value is False:
+        if knobs:
+            raise SpecdecError(f"{', '.join(knobs)} only apply with typical acceptance",
+                               "pass typical_acceptance=True (--typical-acceptance), which is lossy")
+        return None
+    if value is True:
+        return TypicalAcceptance(**knobs)
+    raise SpecdecError(f"typical_acceptance must be True, False or a TypicalAcceptance, got {value!r}")
+
+
+def _resolve_tree_size(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecdecError(f"tree_size must be an integer >= 1, got {value!r}")
+    return value
+
+
 def build(ctx) -> MedusaProposer:
     from . import take_options
 
-    opts = take_options(ctx.options, ("medusa_heads", "tree"), "medusa")
+    opts = take_options(ctx.options, ("medusa_heads", "tree", "tree_size", "typical_acceptance", "posterior_threshold",
+                                      "posterior_alpha"), "medusa")
     heads = _resolve_heads(opts.get("medusa_heads"), ctx.target)
-    options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads))
-    return MedusaProposer(heads, options.tree)
+    options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads),
+                            tree_size=_resolve_tree_size(opts.get("tree_size")),
+                            typical_acceptance=_resolve_typical(opts))
+    tree = options.tree
+    if options.tree_size is not None:
+        tree = cap_tree(tree, options.tree_size, heads.config.head_accuracy)
+    return MedusaProposer(heads, tree, options.typical_acceptance)

@@ -15,7 +15,7 @@ import specdec
 from conftest import hf_greedy, tiny_model
 from specdec.errors import SpecdecError
 from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
-from specdec.medusa.train import TrainConfig, head_labels, medusa_loss, train
+from specdec.medusa.train import TrainConfig, exact_label_mask, head_labels, medusa_loss, train
 from specdec.medusa.tree import row_cost
 from specdec.sampling import SamplingConfig, process_logits
 
@@ -499,3 +499,24 @@ def test_feature_cache_grows_without_recomputing(tmp_path):
     h3, _, _, t3 = load_or_collect(target, ByteTokenizer(), data, small, tmp_path / "o")
     torch.testing.assert_close(h3, h1)  # a bigger cache serves a smaller request
     assert torch.equal(t3, t1)
+
+
+def test_exact_label_mask_table():
+    # g (preds) and x (tokens): x[t+1] == g[t] at t = 0, 1, 2, 4 (not 3)
+    preds = torch.tensor([[5, 6, 7, 9, 2, 3, 4, 1]])
+    tokens = torch.tensor([[0, 5, 6, 7, 8, 2, 0, 0]])
+    pos, labels = head_labels(preds, 2, 0)  # t = 0 .. 5
+    assert pos[:, 1].tolist() == [0, 1, 2, 3, 4, 5]
+    mask = exact_label_mask(preds, tokens, pos, 2)
+    # head 0 at t needs agree[t]; head 1 needs agree[t] and agree[t+1]
+    assert mask.tolist() == [[True, True], [True, True], [True, False], [False, False], [True, False],
+                             [False, False]]
+
+
+def test_training_with_exact_labels(tmp_path):
+    target = tiny_model("llama", vocab=256, sharpness=4.0)
+    cfg = TrainConfig(num_heads=2, steps=5, seq_len=32, batch_size=16, cache_tokens=256, subset_size=0,
+                      chat_wrap=False, measure_cost=False, exact_labels=True, checkpoint_every=0)
+    _, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "o", cfg)
+    assert report["exact_labels"] and report["train_positions"] <= report["train_positions_all"]
+    assert len(report["top1"]) == len(report["top1_all_labels"]) == len(report["exact_label_share"]) == 2

@@ -11,7 +11,10 @@ The target stays frozen. Steps:
    ``OUT/cache`` so a resumed run skips it.
 3. *Train*: head ``k`` at position ``t`` learns ``g_{t+1+k}``, the token the
    target itself predicts ``k + 2`` positions after ``t`` (self-distillation:
-   acceptance tracks the target, not the corpus). Each step samples
+   acceptance tracks the target, not the corpus). ``g_{t+1+k}`` is read in
+   the corpus' context, which is the target's own continuation after ``t`` only
+   while the corpus agrees with the target's predictions; with
+   ``exact_labels`` a head learns only where it does. Each step samples
    ``batch_size`` cached positions; the heads' output may be restricted to the
    ``subset_size`` tokens the target predicts most often, which makes a step
    ~10x cheaper and leaves verification exact. Loss = sum over heads of
@@ -69,6 +72,9 @@ class TrainConfig:
         measure_cost: time target forwards of several sizes to size the tree.
         max_tree_nodes: largest tree considered.
         cache_save_every: windows between saves of the cache while it is computed (0 = only at the end).
+        exact_labels: train head ``k`` at position ``t`` only where the corpus tokens
+            ``t+1 .. t+1+k`` equal the target's greedy predictions, so its label is exactly
+            the target's own greedy continuation (see :func:`exact_label_mask`).
     """
 
     num_heads: int = DEFAULT_NUM_HEADS
@@ -91,6 +97,7 @@ class TrainConfig:
     measure_cost: bool = True
     max_tree_nodes: int = 64
     cache_save_every: int = 32
+    exact_labels: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -302,6 +309,24 @@ def head_labels(preds: torch.Tensor, num_heads: int, start: int) -> tuple[torch.
     return pos, labels
 
 
+def exact_label_mask(preds: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[P, K]`` bool: where ``labels[p, k]`` is exactly the target's greedy continuation.
+
+    The target, run greedily from position ``t``, emits ``g_t`` and then, in
+    context ``x_{<=t}, g_t``, its next prediction, and so on. ``preds[t+1+k]`` was
+    computed in the corpus' context ``x_{<=t+1+k}``, which equals that greedy
+    context while ``x_{t+1+j} == g_{t+j}`` for ``j = 0 .. k``.
+
+    Args:
+        preds: ``[N, L]`` target predictions ``g``; tokens: ``[N, L]`` the corpus windows ``x``;
+        pos: ``[P, 2]`` (window, t) with ``t + num_heads < L``.
+    """
+    agree = torch.zeros_like(tokens, dtype=torch.bool)
+    agree[:, :-1] = tokens[:, 1:].long() == preds[:, :-1].long()  # agree[t]: x_{t+1} == g_t
+    steps = torch.stack([agree[pos[:, 0], pos[:, 1] + j] for j in range(num_heads)], dim=-1)  # [P, K]
+    return steps.long().cumprod(-1).bool()
+
+
 def to_subset(labels: torch.Tensor, subset: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
     """Map token ids to indices of the head vocabulary; ids outside it become -100 (ignored)."""
     if subset is None:
@@ -339,18 +364,27 @@ def cosine_lr(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, ranks: int = EVAL_RANKS,
-                  batch: int = 512) -> list[list[float]]:
+                  batch: int = 512, valid: torch.Tensor | None = None) -> list[list[float]]:
     """``[K][ranks]`` share of positions where head ``k``'s rank-``r`` candidate is the label.
 
     Args:
         hidden: ``[P, H]``; labels: ``[P, K]`` token ids.
+        valid: ``[P, K]`` bool, which labels count (None = all); each head's share is
+            over its own valid positions.
     """
     hits = torch.zeros(heads.num_heads, ranks)
+    counts = torch.zeros(heads.num_heads)
     for i in range(0, hidden.shape[0], batch):
         logits = heads(hidden[i : i + batch].float())  # [b, K, V']
         top = heads.to_vocab(logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices)  # [b, K, r]
-        hits[:, : top.shape[-1]] += (top == labels[i : i + batch, :, None]).float().sum(0)
-    return (hits / max(1, hidden.shape[0])).tolist()
+        hit = (top == labels[i : i + batch, :, None]).float()  # [b, K, r]
+        if valid is not None:
+            hit = hit * valid[i : i + batch, :, None].float()
+            counts += valid[i : i + batch].float().sum(0)
+        else:
+            counts += hit.shape[0]
+        hits[:, : top.shape[-1]] += hit.sum(0)
+    return (hits / counts.clamp_min(1)[:, None]).tolist()
 
 
 def _save_checkpoint(heads: MedusaHeads, opt: torch.optim.Optimizer, step: int, out: Path, cfg: TrainConfig) -> None:
@@ -389,8 +423,18 @@ def train(
     n_train = hidden.shape[0] - n_eval
     pos, labels = head_labels(preds[:n_train], cfg.num_heads, start)
     epos, elabels = head_labels(preds[n_train:], cfg.num_heads, start) if n_eval else (pos[:0], labels[:0])
+    exact = exact_label_mask(preds[:n_train], tokens[:n_train], pos, cfg.num_heads)  # [P, K]
+    eexact = exact_label_mask(preds[n_train:], tokens[n_train:], epos, cfg.num_heads) if n_eval else exact[:0]
     subset = frequent_tokens(preds[:n_train], cfg.subset_size, vocab)
     sub_labels = to_subset(labels, subset, vocab)
+    all_positions = int(pos.shape[0])
+    if cfg.exact_labels:
+        sub_labels = sub_labels.masked_fill(~exact, -100)
+        keep = exact[:, 0]  # a position whose first label is not exact teaches no head
+        pos, labels, sub_labels, exact = pos[keep], labels[keep], sub_labels[keep], exact[keep]
+        if pos.shape[0] == 0:
+            raise SpecdecError("no position where the corpus follows the target's own predictions",
+                               "train without exact_labels (--all-labels)")
     train_hidden = hidden[:n_train]
 
     ck = out / CHECKPOINT_DIR
@@ -443,7 +487,11 @@ def train(
         progress(Progress("eval", 0, 1))
     eh = hidden[n_train:][epos[:, 0], epos[:, 1]] if n_eval else train_hidden[pos[:2048, 0], pos[:2048, 1]]
     el = elabels if n_eval else labels[:2048]
-    accuracy = rank_accuracy(heads, eh, el)
+    ev = eexact if n_eval else exact[:2048]
+    # "exact": only labels that are the target's own greedy continuation (what decoding checks);
+    # "all": every label read in the corpus' context (noisier: the corpus may leave the target's path)
+    accuracy = rank_accuracy(heads, eh, el, valid=ev)
+    accuracy_all = rank_accuracy(heads, eh, el)
     costs = measure_row_cost(target) if cfg.measure_cost else None
     tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
                                           (lambda r: row_cost(r, costs)) if costs else None)
@@ -456,12 +504,17 @@ def train(
         "top1": [row[0] for row in accuracy],
         "top5": [sum(row[:5]) for row in accuracy],
         "rank_accuracy": accuracy,
+        "top1_all_labels": [row[0] for row in accuracy_all],
+        "top5_all_labels": [sum(row[:5]) for row in accuracy_all],
+        "exact_label_share": [float(x) for x in ev.float().mean(0)] if ev.numel() else [],
+        "exact_labels": cfg.exact_labels,
         "tree": tree,
         "tree_nodes": len(tree),
         "expected_tokens_per_step": expected,
         "row_cost": costs,
         "cache_positions": int(hidden.shape[0] * hidden.shape[1]),
         "train_positions": int(pos.shape[0]),
+        "train_positions_all": all_positions,
         "eval_positions": int(eh.shape[0]),
         "subset_size": 0 if subset is None else int(subset.numel()),
         "subset_coverage": float((sub_labels >= 0).float().mean()) if subset is not None else 1.0,

@@ -41,6 +41,9 @@ def _default(name: str) -> Any:
                    "predictions, so every label is the target's own continuation (fewer, cleaner labels).")
 @click.option("--cache-save-every", type=click.IntRange(min=0), default=_default("cache_save_every"),
               show_default=True, help="Windows between saves of OUT/cache while it is computed (0 = at the end).")
+@click.option("--measure-cost/--no-measure-cost", default=_default("measure_cost"), show_default=True,
+              help="Time target forwards of several sizes to size the tree; without it (or on a busy machine, "
+                   "where timings mislead) the reference CPU's cost table is used.")
 @click.option("--own-lm-head", is_flag=True, help="Train a projection per head instead of sharing the target's lm_head.")
 @click.option("--chat-wrap/--no-chat-wrap", default=_default("chat_wrap"), show_default=True,
               help="Put the training text in the assistant turn of the chat template.")

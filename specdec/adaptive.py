@@ -59,6 +59,14 @@ class DraftLengthController:
                 best_k, best_rate = k, rate
         return best_k
 
+    def start(self, deterministic: bool) -> None:
+        """Begin a generation. A seeded one starts from the prior acceptance, so
+        its draft lengths depend on the seed alone, not on earlier generations."""
+        self.deterministic = deterministic
+        if deterministic:
+            prior = DraftLengthController()
+            self.alpha_accepted, self.alpha_rejected = prior.alpha_accepted, prior.alpha_rejected
+
     @property
     def acceptance(self) -> float:
         """Estimated probability that one candidate is accepted, in [0, 0.99]."""

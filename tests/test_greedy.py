@@ -45,7 +45,7 @@ def test_matches_hf_greedy(arch, method, draft_kind, k):
     if draft_kind == "self" and k:
         # the draft model alone (no n-gram candidates): the target as its own draft is always accepted
         gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=k,
-                                           ngram_first=False, confidence_stop=0.0)
+                                           ngram_first=False, confidence_stop=0.0, int8=False)
         res = gen.generate(prompt, max_new_tokens=48)
         assert res.token_ids == ref
         assert res.stats.acceptance_rate == 1.0  # the target as its own draft is always accepted
@@ -105,5 +105,26 @@ def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
     assert res.token_ids == ref
     assert res.stats.mean_accepted_length > 1.0
     res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4,
-                                       ngram_first=False).generate(messages, max_new_tokens=40)
+                                       ngram_first=False, int8=False).generate(messages, max_new_tokens=40)
     assert res.token_ids == ref and res.stats.acceptance_rate == 1.0
+    # the int8 copy of the draft (the CPU default) proposes slightly different tokens; the output is the same
+    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4,
+                                       ngram_first=False).generate(messages, max_new_tokens=40)
+    assert res.token_ids == ref and res.stats.acceptance_rate > 0.6
+
+
+def test_int8_draft_is_a_sharing_copy():
+    """The int8 copy shares embeddings and norms, leaves the original alone, and predicts like it."""
+    from specdec import compact
+
+    model = tiny_model("llama")
+    copy = compact.int8_draft(model)
+    assert type(model.lm_head) is torch.nn.Linear and isinstance(copy.lm_head, compact.Int8Linear)
+    assert copy.model.embed_tokens.weight is model.model.embed_tokens.weight
+    ids = torch.randint(model.config.vocab_size, (1, 12))
+    with torch.inference_mode():
+        ref, got = model(ids).logits, copy(ids).logits  # 12 rows: de-quantized path
+        one_ref, one_got = model(ids[:, :3]).logits, copy(ids[:, :3]).logits  # 3 rows: int8 kernel
+    assert torch.allclose(ref, got, atol=0.05, rtol=0.05)
+    assert torch.allclose(one_ref, one_got, atol=0.05, rtol=0.05)
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.9

@@ -16,6 +16,10 @@ proposed, never how it is verified):
   this step; it catches up on the next one in a single forward.
 - *confidence stop*: drafting stops early once the draft's own probability of
   its token falls below ``confidence_stop``.
+
+And one way to make each draft token cheaper, lossless for the same reason:
+on a CPU the draft runs as an int8 weight-only copy (:mod:`specdec.compact`),
+~1.6x faster per token for the 0.5B draft measured here.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kvcache
+from .. import compact, kvcache
 from ..adaptive import DraftLengthController
 from ..errors import SpecdecError
 from ..sampling import choose, presence_rows, process_logits
@@ -43,6 +47,8 @@ class DraftModelConfig:
         max_ngram: longest context suffix matched.
         confidence_stop: stop drafting when the draft's probability of its token
             is below this (0 = never stop early).
+        int8: run an int8 weight-only copy of the draft (None = wherever the
+            kernel runs, i.e. on a CPU).
     """
 
     ngram_first: bool = True
@@ -50,6 +56,7 @@ class DraftModelConfig:
     ngram_tokens: int = 10
     max_ngram: int = 3
     confidence_stop: float = 0.3
+    int8: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence_stop < 1.0:
@@ -78,7 +85,7 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.deterministic = state.seeded and not state.sampling.greedy
+        self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
         self.cache = kvcache.new_cache(self.model)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
@@ -162,12 +169,19 @@ def build(ctx) -> DraftModelProposer:
     from . import take_options
 
     opts = take_options(
-        ctx.options, ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_ngram", "confidence_stop"), "draft"
+        ctx.options, ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_ngram", "confidence_stop", "int8"), "draft"
     )
+    cfg = DraftModelConfig(**opts)
     target_vocab = int(ctx.target.get_output_embeddings().weight.shape[0])
     ratio = _parameters(ctx.draft) / max(_parameters(ctx.target), 1)
+    draft = ctx.draft
+    if cfg.int8 is not False and compact.int8_available(draft):
+        draft = compact.int8_draft(draft)
+        ratio *= 0.6  # measured 0.5B draft, CPU bf16: ~1.6x faster per token
+    elif cfg.int8:
+        raise SpecdecError("int8 drafting needs the draft on a CPU in bf16, fp16 or fp32", "leave int8 unset")
     controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
-    return DraftModelProposer(ctx.draft, target_vocab, controller, DraftModelConfig(**opts))
+    return DraftModelProposer(draft, target_vocab, controller, cfg)
 
 
 def _parameters(model: torch.nn.Module) -> int:

@@ -83,7 +83,7 @@ class PromptLookupProposer:
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
 
     def reset(self, state: DecodeState) -> None:
-        self.controller.deterministic = state.seeded and not state.sampling.greedy
+        self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
         self._shadow = None

@@ -121,9 +121,9 @@ def test_int8_draft_is_a_sharing_copy():
     copy = compact.int8_draft(model)
     assert type(model.lm_head) is torch.nn.Linear and isinstance(copy.lm_head, compact.Int8Linear)
     assert copy.model.embed_tokens.weight is model.model.embed_tokens.weight
-    ids = torch.randint(model.config.vocab_size, (1, 12))
+    ids = torch.randint(model.config.vocab_size, (1, compact.KERNEL_MAX_ROWS + 6))
     with torch.inference_mode():
-        ref, got = model(ids).logits, copy(ids).logits  # 12 rows: de-quantized path
+        ref, got = model(ids).logits, copy(ids).logits  # more rows than the kernel takes: de-quantized path
         one_ref, one_got = model(ids[:, :3]).logits, copy(ids[:, :3]).logits  # 3 rows: int8 kernel
     assert torch.allclose(ref, got, atol=0.05, rtol=0.05)
     assert torch.allclose(one_ref, one_got, atol=0.05, rtol=0.05)

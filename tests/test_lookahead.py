@@ -20,6 +20,7 @@ from specdec.proposers.lookahead import (
     build_trie,
     window_layout,
 )
+from specdec.proposers.prompt_lookup import next_copy_length
 from specdec.sampling import SamplingConfig
 
 
@@ -115,6 +116,35 @@ def test_draft_rows_mask_and_positions() -> None:
     # depth is capped by max_nodes
     assert proposer.propose(state, max_nodes=1).tokens.tolist() == [9, 6]
     assert proposer.propose(state, max_nodes=0).num_extra == 0
+
+
+def test_context_copy_is_the_first_candidate() -> None:
+    """The tokens after the latest earlier occurrence of the current 2-3 token suffix lead the trie."""
+    cfg = LookaheadConfig(window_size=2, ngram_size=3, guess_size=2, copy_tokens=4)
+    proposer = LookaheadProposer(cfg)
+    tokens = torch.tensor([3, 4, 5, 6, 7, 8, 9, 3, 4])
+    state = DecodeState(tokens=tokens, prompt_length=9, sampling=SamplingConfig(), generator=None)
+    proposer.reset(state)
+    draft = proposer.propose(state, max_nodes=8)
+    # copy (suffix 3,4 seen at 0): 5 6 7 8 (copy_length starts at min(8, copy_tokens) = 4); pool key 4: (5, 6)
+    assert draft.tokens.tolist() == [5, 6, 7, 8]
+    assert draft.parents.tolist() == [-1, 0, 1, 2]
+    assert proposer.propose(state, max_nodes=2).tokens.tolist() == [5, 6]
+    off = LookaheadProposer(LookaheadConfig(window_size=2, ngram_size=3, guess_size=2, copy_tokens=0))
+    off.reset(state)
+    assert off.propose(state, max_nodes=8).tokens.tolist() == [5, 6]
+
+
+@pytest.mark.parametrize("copy,new,length,longest,expected", [
+    ([1, 2, 3, 4], [1, 2, 3, 4, 9], 4, 32, 8),   # all kept: doubles
+    ([1, 2, 3, 4], [1, 2, 3, 4, 9], 20, 32, 8),  # twice what was kept, not twice the length
+    ([1, 2, 3, 4], [1, 2, 7], 4, 32, 4),          # two kept
+    ([1, 2, 3, 4], [7], 8, 32, 4),                # none kept: halves
+    ([1, 2], [7], 2, 32, 2),                      # never below 2
+    ([1] * 20, [1] * 21, 20, 32, 32),             # never above the limit
+])
+def test_copy_length_rule(copy, new, length, longest, expected) -> None:
+    assert next_copy_length(copy, new, length, longest) == expected
 
 
 # ---------------------------------------------------------------- pool, window, trie
@@ -229,6 +259,15 @@ def test_greedy_equals_generate(arch: str, attn: str, W: int, N: int, G: int) ->
     out = gen.generate(prompt, max_new_tokens=48)
     assert out.token_ids == ref[0, len(prompt) :].tolist()
     assert out.stats.steps < 48  # something was accepted (tiny random models repeat themselves)
+
+
+@pytest.mark.parametrize("copy_tokens", [0, 4, 32])
+def test_greedy_with_and_without_context_copies_equals_generate(copy_tokens: int) -> None:
+    model = tiny_model("llama")
+    prompt = prompt_ids(14) * 2  # a prompt that repeats itself gives copies to verify
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    gen = specdec.SpeculativeGenerator(model, method="lookahead", copy_tokens=copy_tokens)
+    assert gen.generate(prompt, max_new_tokens=40).token_ids == ref[0, len(prompt) :].tolist()
 
 
 def test_greedy_with_repetition_penalty_equals_generate() -> None:

@@ -18,9 +18,15 @@ single target forward carries, besides the pending token (the root):
 After the step, the argmax of the last level's rows becomes a new level (the
 oldest is dropped), and each column read top to bottom plus its new token is
 an n-gram for the pool. The pool is also seeded with the prompt's n-grams and
-fed the n-grams of every committed token, so it also finds copies (like
-prompt lookup). Rejected candidates and the window never reach the KV cache
-(the engine keeps only the accepted rows).
+fed the n-grams of every committed token. Rejected candidates and the window
+never reach the KV cache (the engine keeps only the accepted rows).
+
+Pool n-grams are only ``N-1`` tokens long, so on text that repeats its
+context (edits, summaries) a step gains at most ``N`` tokens. A *context
+copy* fixes that: the tokens that followed the latest earlier occurrence of
+the current suffix (as in prompt lookup) are verified as one more candidate
+in the same trie, with a length that doubles while copies are accepted and
+shrinks when they are not (``copy_tokens`` at most; 0 turns copies off).
 """
 from __future__ import annotations
 
@@ -32,6 +38,10 @@ import torch
 
 from ..errors import SpecdecError, UnsupportedModelError
 from .base import DecodeState, Draft, StepOutcome
+from .prompt_lookup import NgramIndex, next_copy_length
+
+COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
+COPY_START = 8  # length of the first copy of a generation
 
 # attention implementations that take a custom 4D float mask through the public forward
 MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -53,14 +63,20 @@ class LookaheadConfig:
         ngram_size: ``N``, length of the n-grams (key token + ``N-1`` candidates);
             the window has ``N-1`` levels.
         guess_size: ``G``, most n-grams kept per key and verified per step.
+        copy_tokens: longest context copy verified per step (0 = no copies).
+        copy_min_ngram: shortest context suffix that must match for a copy.
     """
 
     window_size: int = 3
     ngram_size: int = 3
     guess_size: int = 3
+    copy_tokens: int = 32
+    copy_min_ngram: int = 2
 
     def __post_init__(self) -> None:
-        for name, value, low in (("window_size", self.window_size, 1), ("ngram_size", self.ngram_size, 2), ("guess_size", self.guess_size, 1)):
+        for name, value, low in (("window_size", self.window_size, 1), ("ngram_size", self.ngram_size, 2),
+                                 ("guess_size", self.guess_size, 1), ("copy_tokens", self.copy_tokens, 0),
+                                 ("copy_min_ngram", self.copy_min_ngram, 1)):
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise SpecdecError(f"lookahead {name} must be an integer >= {low}, got {value!r}")
 
@@ -220,12 +236,20 @@ class LookaheadProposer:
         self.window: JacobiWindow | None = None
         self._indexed = 0  # committed n-grams starting before this index are in the pool
         self._layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.copies: NgramIndex | None = None
+        self.copy_length = 0  # tokens the next context copy may have
+        self._copy: list[int] = []  # the copy proposed this step
 
     def reset(self, state: DecodeState) -> None:
         cfg = self.cfg
         prompt = state.tokens.tolist()
         self.pool = NgramPool(cfg.ngram_size, cfg.guess_size)
         self._indexed = self.pool.add_sequence(prompt)
+        self.copies = None
+        if cfg.copy_tokens:
+            self.copies = NgramIndex(min(cfg.copy_min_ngram, COPY_MAX_NGRAM), COPY_MAX_NGRAM)
+            self.copies.extend(prompt)
+        self.copy_length = min(COPY_START, cfg.copy_tokens)
         # a fixed seed: the same prompt always starts the same window
         picks = torch.randint(len(prompt), (cfg.window_size,), generator=torch.Generator().manual_seed(0))
         self.window = JacobiWindow([prompt[i] for i in picks.tolist()], cfg.ngram_size)
@@ -240,7 +264,11 @@ class LookaheadProposer:
         device = state.tokens.device
         if max_nodes <= 0 or self.window is None:
             return Draft.empty(device)
-        tokens, parents = build_trie(self.pool.candidates(int(state.tokens[-1])), max_nodes)
+        candidates = self.pool.candidates(int(state.tokens[-1]))
+        self._copy = self.copies.lookup(min(self.copy_length, max_nodes)) if self.copies is not None else []
+        if self._copy:
+            candidates = [self._copy, *candidates]
+        tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
         positions, allowed = self._layout(self.window.num_levels)
         m = positions.numel()
@@ -265,12 +293,16 @@ class LookaheadProposer:
                 self.pool.add(ngram)
         tail = outcome.tokens[self._indexed :].tolist()
         self._indexed += self.pool.add_sequence(tail)
+        if self.copies is not None:
+            self.copies.extend(outcome.tokens[len(self.copies.tokens) :].tolist())
+            if self._copy:
+                self.copy_length = next_copy_length(self._copy, outcome.new_tokens.tolist(), self.copy_length, self.cfg.copy_tokens)
 
 
 def build(ctx) -> LookaheadProposer:
     from . import take_options
 
-    opts = take_options(ctx.options, ("window_size", "ngram_size", "guess_size"), "lookahead")
+    opts = take_options(ctx.options, ("window_size", "ngram_size", "guess_size", "copy_tokens", "copy_min_ngram"), "lookahead")
     cfg = LookaheadConfig(**opts)
     check_model(ctx.target)
     return LookaheadProposer(cfg)

@@ -7,6 +7,7 @@ the context. Longer matches are tried first.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,12 +23,16 @@ class PromptLookupConfig:
     Attributes:
         max_ngram: longest suffix matched.
         min_ngram: shortest suffix matched.
-        num_speculative_tokens: candidates copied per step (fixed when given).
+        num_speculative_tokens: candidates copied per step, chosen from the
+            acceptance rate and measured costs up to this (fixed when given).
+        max_copy_tokens: while copies are kept whole, the copy length doubles
+            past ``num_speculative_tokens`` up to this (runs of copied text).
     """
 
     max_ngram: int = 3
     min_ngram: int = 1
     num_speculative_tokens: int = 10
+    max_copy_tokens: int = 32
 
     def __post_init__(self) -> None:
         from ..errors import SpecdecError
@@ -70,6 +75,18 @@ class NgramIndex:
         return []
 
 
+def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int, longest: int) -> int:
+    """Twice the copied tokens that were kept (so a fully kept copy doubles), at least 2, at most ``longest``."""
+    kept = 0
+    for a, b in zip(copy, new_tokens):
+        if a != b:
+            break
+        kept += 1
+    grown = 2 * kept if kept else length // 2
+    return max(2, min(longest, grown))
+
+
+
 class PromptLookupProposer:
     name = "prompt_lookup"
 
@@ -81,15 +98,20 @@ class PromptLookupProposer:
         )
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
+        self.run_length = cfg.num_speculative_tokens  # copy length while copies are kept whole
 
     def reset(self, state: DecodeState) -> None:
         self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
         self._shadow = None
+        self.run_length = self.cfg.num_speculative_tokens
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        k = min(self.controller.choose(), max_nodes)
+        k = self.controller.choose()
+        if k and self.controller.fixed is None:
+            k = max(k, self.run_length)
+        k = min(k, max_nodes)
         found = self.index.lookup(max(k, 1)) if max_nodes > 0 else []
         self._shadow = found[0] if found and k == 0 else None
         return Draft(tokens=torch.tensor(found[:k], dtype=torch.long, device=state.tokens.device))
@@ -99,6 +121,9 @@ class PromptLookupProposer:
         self.controller.record_verify(1 + n, outcome.verify_seconds)
         if n:
             self.controller.record_step(n, len(outcome.accepted_nodes))
+            proposed = outcome.draft.tokens.tolist()
+            longest = max(self.cfg.max_copy_tokens, self.cfg.num_speculative_tokens)
+            self.run_length = next_copy_length(proposed, outcome.new_tokens.tolist(), self.run_length, longest)
         elif self._shadow is not None:
             self.controller.record_step(1, int(int(outcome.new_tokens[0]) == self._shadow))
         self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
@@ -107,5 +132,5 @@ class PromptLookupProposer:
 def build(ctx) -> PromptLookupProposer:
     from . import take_options
 
-    opts = take_options(ctx.options, ("max_ngram", "min_ngram"), "prompt_lookup")
+    opts = take_options(ctx.options, ("max_ngram", "min_ngram", "max_copy_tokens"), "prompt_lookup")
     return PromptLookupProposer(PromptLookupConfig(**opts), ctx.num_speculative_tokens)

@@ -5,6 +5,8 @@ A draft tree has the pending token as its root (row 0) and ``n`` nodes
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -60,3 +62,30 @@ def children(parents: torch.Tensor) -> list[list[int]]:
     for i, p in enumerate(parents.tolist()):
         out[p + 1].append(i)
     return out
+
+
+def build_trie(candidates: Sequence[Sequence[int]], max_depth: int) -> tuple[list[int], list[int]]:
+    """Merge candidate sequences into a trie below the root.
+
+    Args:
+        candidates: token sequences continuing the root, in order of preference.
+        max_depth: each sequence is cut to this many tokens.
+    Returns:
+        ``(tokens, parents)``, each of length ``n``: nodes in creation order (a
+        parent before its children, siblings in order of preference), parent
+        ``-1`` for a child of the root.
+    """
+    tokens: list[int] = []
+    parents: list[int] = []
+    child_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for seq in candidates:
+        parent = -1
+        for t in list(seq)[:max_depth]:
+            node = child_of.get((parent, t))
+            if node is None:
+                node = len(tokens)
+                tokens.append(t)
+                parents.append(parent)
+                child_of[(parent, t)] = node
+            parent = node
+    return tokens, parents

@@ -128,3 +128,36 @@ def test_int8_draft_is_a_sharing_copy():
     assert torch.allclose(ref, got, atol=0.05, rtol=0.05)
     assert torch.allclose(one_ref, one_got, atol=0.05, rtol=0.05)
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+def test_ngram_index_offers_alternatives_from_other_occurrences():
+    from specdec.proposers.prompt_lookup import NgramIndex
+
+    index = NgramIndex(1, 3)
+    index.extend([1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2])
+    # suffix (1, 2) was followed by 5, 4 and 3 (latest first); (5, 1, 2) has no earlier occurrence
+    assert index.lookup(3) == [5, 1, 2]
+    assert index.lookup_many(3, 3, branch_tokens=2) == [[5, 1, 2], [4, 1], [3, 1]]
+    assert index.lookup_many(3, 2) == [[5, 1, 2], [4, 1, 2]]
+    small = NgramIndex(1, 2, keep=1)  # only the latest occurrence of each n-gram
+    small.extend([1, 2, 3, 1, 2, 4, 1, 2])
+    assert small.lookup_many(2, 3) == [[4, 1]]  # (1, 2) and (2,) both remember only the latest: 4
+
+
+def test_prompt_lookup_proposes_a_trie_of_alternatives():
+    from specdec.proposers.base import DecodeState
+    from specdec.proposers.prompt_lookup import PromptLookupConfig, PromptLookupProposer
+    from specdec.sampling import SamplingConfig
+
+    tokens = torch.tensor([1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2])
+    state = DecodeState(tokens=tokens, prompt_length=11, sampling=SamplingConfig(), generator=None)
+    proposer = PromptLookupProposer(PromptLookupConfig(branches=3, branch_tokens=2), fixed=None)
+    proposer.reset(state)
+    draft = proposer.propose(state, max_nodes=16)
+    assert draft.tokens.tolist() == [5, 1, 2, 4, 1, 3, 1]
+    assert draft.parents.tolist() == [-1, 0, 1, -1, 3, -1, 5]
+    assert proposer._main_branch(draft) == [5, 1, 2]
+    fixed = PromptLookupProposer(PromptLookupConfig(), fixed=2)  # a fixed length keeps one chain
+    fixed.reset(state)
+    chain = fixed.propose(state, max_nodes=16)
+    assert chain.tokens.tolist() == [5, 1] and chain.parents is None

@@ -38,10 +38,12 @@ import torch
 
 from ..errors import SpecdecError, UnsupportedModelError
 from .base import DecodeState, Draft, StepOutcome
+from ..tree import build_trie
 from .prompt_lookup import NgramIndex, next_copy_length
 
 COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
 COPY_START = 8  # length of the first copy of a generation
+COPY_BRANCHES = 2  # continuations of different earlier occurrences (the second one short)
 
 # attention implementations that take a custom 4D float mask through the public forward
 MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -190,33 +192,6 @@ def window_layout(window_size: int, num_levels: int) -> tuple[torch.Tensor, torc
     return positions, allowed
 
 
-def build_trie(candidates: Sequence[Sequence[int]], max_depth: int) -> tuple[list[int], list[int]]:
-    """Merge candidate sequences into a trie below the root.
-
-    Args:
-        candidates: token sequences continuing the root, in order of preference.
-        max_depth: each sequence is cut to this many tokens.
-    Returns:
-        ``(tokens, parents)``, each of length ``n``: nodes in creation order (a
-        parent before its children, siblings in order of preference), parent
-        ``-1`` for a child of the root.
-    """
-    tokens: list[int] = []
-    parents: list[int] = []
-    child_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
-    for seq in candidates:
-        parent = -1
-        for t in list(seq)[:max_depth]:
-            node = child_of.get((parent, t))
-            if node is None:
-                node = len(tokens)
-                tokens.append(t)
-                parents.append(parent)
-                child_of[(parent, t)] = node
-            parent = node
-    return tokens, parents
-
-
 def check_model(model: torch.nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` when ``model``'s attention cannot take a custom 4D mask."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
@@ -265,9 +240,9 @@ class LookaheadProposer:
         if max_nodes <= 0 or self.window is None:
             return Draft.empty(device)
         candidates = self.pool.candidates(int(state.tokens[-1]))
-        self._copy = self.copies.lookup(min(self.copy_length, max_nodes)) if self.copies is not None else []
-        if self._copy:
-            candidates = [self._copy, *candidates]
+        copies = self.copies.lookup_many(min(self.copy_length, max_nodes), COPY_BRANCHES) if self.copies is not None else []
+        self._copy = copies[0] if copies else []
+        candidates = [*copies, *candidates]
         tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
         positions, allowed = self._layout(self.window.num_levels)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adaptive import DraftLengthController
+from ..tree import build_trie
 from .base import DecodeState, Draft, StepOutcome
 
 
@@ -27,12 +28,19 @@ class PromptLookupConfig:
             acceptance rate and measured costs up to this (fixed when given).
         max_copy_tokens: while copies are kept whole, the copy length doubles
             past ``num_speculative_tokens`` up to this (runs of copied text).
+        branches: continuations from different earlier occurrences, each
+            starting with a different token, verified together as a tree (the
+            latest occurrence's full length, the others ``branch_tokens``); 1 =
+            a single chain, as with a fixed ``num_speculative_tokens``.
+        branch_tokens: length of the alternative branches.
     """
 
     max_ngram: int = 3
     min_ngram: int = 1
     num_speculative_tokens: int = 10
     max_copy_tokens: int = 32
+    branches: int = 3
+    branch_tokens: int = 4
 
     def __post_init__(self) -> None:
         from ..errors import SpecdecError
@@ -42,17 +50,19 @@ class PromptLookupConfig:
 
 
 class NgramIndex:
-    """n-gram -> position after its latest occurrence, over a growing token list.
+    """n-gram -> positions after its latest occurrences, over a growing token list.
 
     An n-gram ending at position ``e`` is indexed only once ``e + 1`` exists,
     so a lookup of the current suffix finds an earlier occurrence with at
-    least one token to copy.
+    least one token to copy. The ``keep`` latest occurrences of each n-gram
+    are remembered, so a lookup can offer alternatives when the context
+    continued differently at different places.
     """
 
-    def __init__(self, min_n: int, max_n: int) -> None:
-        self.min_n, self.max_n = min_n, max_n
+    def __init__(self, min_n: int, max_n: int, keep: int = 4) -> None:
+        self.min_n, self.max_n, self.keep = min_n, max_n, keep
         self.tokens: list[int] = []
-        self.table: dict[tuple[int, ...], int] = {}
+        self.table: dict[tuple[int, ...], list[int]] = {}
         self._indexed = 0  # n-grams ending before this position are in the table
 
     def extend(self, new_tokens: list[int]) -> None:
@@ -62,17 +72,36 @@ class NgramIndex:
             for n in range(self.min_n, self.max_n + 1):
                 if e - n + 1 < 0:
                     break
-                self.table[tuple(toks[e - n + 1 : e + 1])] = e + 1
+                starts = self.table.setdefault(tuple(toks[e - n + 1 : e + 1]), [])
+                starts.append(e + 1)
+                if len(starts) > self.keep:
+                    del starts[0]
         self._indexed = max(self._indexed, end)
 
     def lookup(self, k: int) -> list[int]:
         """Up to ``k`` tokens following the latest earlier occurrence of the longest matching suffix."""
+        found = self.lookup_many(k, 1)
+        return found[0] if found else []
+
+    def lookup_many(self, k: int, branches: int, branch_tokens: int = 4) -> list[list[int]]:
+        """Up to ``branches`` continuations of the current suffix, each starting with a different token.
+
+        The first is :meth:`lookup`'s (``k`` tokens); the others (at most
+        ``branch_tokens`` each) follow other occurrences, latest first, of the
+        longest suffix and then of shorter ones.
+        """
         toks = self.tokens
+        found: list[list[int]] = []
+        firsts: set[int] = set()
         for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
-            start = self.table.get(tuple(toks[-n:]))
-            if start is not None:
-                return toks[start : start + k]
-        return []
+            for start in reversed(self.table.get(tuple(toks[-n:]), ())):
+                if toks[start] in firsts:
+                    continue
+                firsts.add(toks[start])
+                found.append(toks[start : start + (k if not found else min(k, branch_tokens))])
+                if len(found) >= branches:
+                    return found
+        return found
 
 
 def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int, longest: int) -> int:
@@ -112,25 +141,50 @@ class PromptLookupProposer:
         if k and self.controller.fixed is None:
             k = max(k, self.run_length)
         k = min(k, max_nodes)
-        found = self.index.lookup(max(k, 1)) if max_nodes > 0 else []
-        self._shadow = found[0] if found and k == 0 else None
-        return Draft(tokens=torch.tensor(found[:k], dtype=torch.long, device=state.tokens.device))
+        device = state.tokens.device
+        if k == 0:
+            found = self.index.lookup(1) if max_nodes > 0 else []
+            self._shadow = found[0] if found else None
+            return Draft.empty(device)
+        self._shadow = None
+        branches = 1 if self.controller.fixed is not None else self.cfg.branches
+        found = self.index.lookup_many(k, branches, self.cfg.branch_tokens)
+        if len(found) <= 1:
+            return Draft(tokens=torch.tensor(found[0] if found else [], dtype=torch.long, device=device))
+        tokens, parents = build_trie(found, k)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+                     parents=torch.tensor(parents, dtype=torch.long, device=device))
 
     def observe(self, outcome: StepOutcome) -> None:
         n = outcome.draft.num_nodes
         self.controller.record_verify(1 + n, outcome.verify_seconds)
         if n:
-            self.controller.record_step(n, len(outcome.accepted_nodes))
-            proposed = outcome.draft.tokens.tolist()
+            kept = outcome.draft.tokens[outcome.accepted_nodes].tolist() if outcome.accepted_nodes else []
+            main = self._main_branch(outcome.draft)
+            self.controller.record_step(len(main), len(kept))
             longest = max(self.cfg.max_copy_tokens, self.cfg.num_speculative_tokens)
-            self.run_length = next_copy_length(proposed, outcome.new_tokens.tolist(), self.run_length, longest)
+            self.run_length = next_copy_length(main, outcome.new_tokens.tolist(), self.run_length, longest)
         elif self._shadow is not None:
             self.controller.record_step(1, int(int(outcome.new_tokens[0]) == self._shadow))
         self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
+
+    @staticmethod
+    def _main_branch(draft: Draft) -> list[int]:
+        """The first (full-length) branch: node 0 and its first-born descendants."""
+        tokens = draft.tokens.tolist()
+        if draft.parents is None:
+            return tokens
+        parents, path, node = draft.parents.tolist(), [], 0
+        while node is not None:
+            path.append(tokens[node])
+            node = next((i for i in range(node + 1, len(parents)) if parents[i] == node), None)
+        return path
 
 
 def build(ctx) -> PromptLookupProposer:
     from . import take_options
 
-    opts = take_options(ctx.options, ("max_ngram", "min_ngram", "max_copy_tokens"), "prompt_lookup")
+    opts = take_options(
+        ctx.options, ("max_ngram", "min_ngram", "max_copy_tokens", "branches", "branch_tokens"), "prompt_lookup"
+    )
     return PromptLookupProposer(PromptLookupConfig(**opts), ctx.num_speculative_tokens)

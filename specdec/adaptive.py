@@ -43,18 +43,13 @@ class DraftLengthController:
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if self.deterministic:
-            draft_cost, verify_cost = self.static_draft_cost, _prior_shape
-        elif self.draft_seconds is None or not self.verify_seconds:
+        if not self.deterministic and (self.draft_seconds is None or not self.verify_seconds):
             return self.initial_k
-        else:
-            draft_cost, verify_cost = self.draft_seconds, self._verify_cost
         alpha = self.acceptance
         best_k, best_rate = 0, 0.0
         for k in range(0, self.k_max + 1):
             tokens = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-            seconds = k * draft_cost + verify_cost(k + 1)
-            rate = tokens / seconds
+            rate = tokens / self.step_cost(k, k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -66,6 +61,17 @@ class DraftLengthController:
         if deterministic:
             prior = DraftLengthController()
             self.alpha_accepted, self.alpha_rejected = prior.alpha_accepted, prior.alpha_rejected
+
+    def step_cost(self, drafted: int, rows: int) -> float:
+        """Cost of a step that drafts ``drafted`` tokens and verifies ``rows`` rows.
+
+        Seconds from the measurements; in ``deterministic`` mode (or before
+        anything is measured) units of a one-row target forward from the
+        static cost ratio, so decisions never depend on timings there.
+        """
+        if self.deterministic or self.draft_seconds is None or not self.verify_seconds:
+            return drafted * self.static_draft_cost + _prior_shape(rows)
+        return drafted * self.draft_seconds + self._verify_cost(rows)
 
     @property
     def acceptance(self) -> float:
@@ -82,10 +88,10 @@ class DraftLengthController:
         self.alpha_rejected = keep * self.alpha_rejected + rejected
 
     def record_draft(self, seconds_per_token: float) -> None:
-        self.draft_seconds = _ema(self.draft_seconds, seconds_per_token, self.decay)
+        self.draft_seconds = ema(self.draft_seconds, seconds_per_token, self.decay)
 
     def record_verify(self, rows: int, seconds: float) -> None:
-        self.verify_seconds[rows] = _ema(self.verify_seconds.get(rows), seconds, self.decay)
+        self.verify_seconds[rows] = ema(self.verify_seconds.get(rows), seconds, self.decay)
 
     def _verify_cost(self, rows: int) -> float:
         if rows in self.verify_seconds:
@@ -100,5 +106,5 @@ def _prior_shape(rows: int) -> float:
     return 1 + 0.02 * (rows - 1)
 
 
-def _ema(old: float | None, new: float, decay: float) -> float:
+def ema(old: float | None, new: float, decay: float) -> float:
     return new if old is None else (1 - decay) * old + decay * new

@@ -161,3 +161,23 @@ def test_prompt_lookup_proposes_a_trie_of_alternatives():
     fixed.reset(state)
     chain = fixed.propose(state, max_nodes=16)
     assert chain.tokens.tolist() == [5, 1] and chain.parents is None
+
+
+def test_draft_copies_only_while_they_pay():
+    """An n-gram copy is proposed only when copies yield as much per unit of cost as draft steps;
+    an unused copy is still found (and scored later)."""
+    from specdec.proposers.base import DecodeState
+    from specdec.sampling import SamplingConfig
+
+    model = tiny_model("llama")
+    gen = specdec.SpeculativeGenerator(model, method="draft", draft=model, int8=False)
+    proposer = gen.proposer
+    tokens = torch.tensor([7, 8, 9, 10, 11, 12, 7, 8, 9])
+    state = DecodeState(tokens=tokens, prompt_length=9, sampling=SamplingConfig(), generator=None)
+    proposer.reset(state)
+    proposer.copy_value, proposer.draft_value = 3.0, 2.0
+    draft = proposer.propose(state, max_nodes=8)
+    assert draft.tokens.tolist()[:3] == [10, 11, 12] and not proposer._ran
+    proposer.copy_value = 1.0
+    draft = proposer.propose(state, max_nodes=8)
+    assert proposer._ran and proposer._copy[:3] == [10, 11, 12]

@@ -13,7 +13,12 @@ proposed, never how it is verified):
 - *n-grams first*: when the context already contains the current suffix
   followed by at least ``ngram_min_tokens`` tokens (copying, editing), those
   tokens are proposed as point-mass candidates and the draft model is not run
-  this step; it catches up on the next one in a single forward.
+  this step; it catches up on the next one in a single forward. A copy is
+  used only while copies pay: the proposer keeps moving averages of tokens
+  per unit of cost for copy steps and for draft steps, and a copy that was
+  not used is still scored against the tokens the step produced (free), so
+  copies come back when the text starts repeating. The copy length doubles
+  while copies are kept whole (up to ``max_copy_tokens``).
 - *confidence stop*: drafting stops early once the draft's own probability of
   its token falls below ``confidence_stop``.
 
@@ -29,11 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import compact, kvcache
-from ..adaptive import DraftLengthController
+from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
 from ..sampling import choose, presence_rows, process_logits
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import NgramIndex
+from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
+
+VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,8 @@ class DraftModelConfig:
     Attributes:
         ngram_first: propose n-gram matches from the context before running the draft.
         ngram_min_tokens: shortest n-gram continuation used instead of the draft.
-        ngram_tokens: most tokens copied from an n-gram match.
+        ngram_tokens: tokens copied from an n-gram match at first.
+        max_copy_tokens: most tokens copied once copies keep being kept whole.
         max_ngram: longest context suffix matched.
         confidence_stop: stop drafting when the draft's probability of its token
             is below this (0 = never stop early).
@@ -54,6 +62,7 @@ class DraftModelConfig:
     ngram_first: bool = True
     ngram_min_tokens: int = 3
     ngram_tokens: int = 10
+    max_copy_tokens: int = 32
     max_ngram: int = 3
     confidence_stop: float = 0.3
     int8: bool | None = None
@@ -82,6 +91,11 @@ class DraftModelProposer:
         self._ran = False  # whether the draft model ran for the current step
         self._idle = 0  # steps in which the controller chose not to draft
         self.index: NgramIndex | None = None
+        self.copy_length = cfg.ngram_tokens
+        self._copy: list[int] = []  # the n-gram copy proposed (or, if unused, scored) this step
+        self.copy_value: float | None = None  # moving averages of tokens per unit of step cost
+        self.draft_value: float | None = None
+        self._first = True  # the next step is the first of a generation
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
@@ -90,6 +104,11 @@ class DraftModelProposer:
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
         self.index = None
+        self.copy_length = self.cfg.ngram_tokens
+        self._copy = []
+        self._first = True
+        if self.controller.deterministic:
+            self.copy_value = self.draft_value = None
         if self.cfg.ngram_first:
             self.index = NgramIndex(1, self.cfg.max_ngram)
             self.index.extend(state.tokens.tolist())
@@ -98,11 +117,14 @@ class DraftModelProposer:
         self._unfed, self._ran = 0, False
         if max_nodes <= 0:
             return Draft.empty(state.tokens.device)
+        self._copy = []
         if self.index is not None:
-            limit = min(self.cfg.ngram_tokens, max_nodes, self.controller.fixed or max_nodes)
+            limit = min(max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, self.controller.fixed or max_nodes)
             copied = self.index.lookup(limit)
             if len(copied) >= self.cfg.ngram_min_tokens:
-                return Draft(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
+                self._copy = copied
+                if self._copy_pays():
+                    return Draft(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
         k = self.controller.choose()
         if k == 0:  # drafting looks unprofitable; still probe now and then so the estimate can recover
             self._idle += 1
@@ -152,11 +174,34 @@ class DraftModelProposer:
             return float(torch.softmax(processed, dim=-1)[token])
         return float(processed[token])
 
+    def _copy_pays(self) -> bool:
+        """Whether a copy step is expected to yield at least as much per unit of cost as a draft step."""
+        return self.copy_value is None or self.draft_value is None or self.copy_value >= self.draft_value
+
+    def _score(self, outcome: StepOutcome) -> None:
+        """Update the copy and draft values from this step (an unused copy is scored against the new tokens)."""
+        c = self.controller
+        if not (c.deterministic or (c.draft_seconds is not None and c.verify_seconds)):
+            return  # costs not measured yet: values in seconds and in units must not mix
+        new = outcome.new_tokens.tolist()
+        if self._copy:
+            kept = common_prefix(self._copy, new)
+            value = (kept + 1) / c.step_cost(0, 1 + len(self._copy))
+            self.copy_value = ema(self.copy_value, value, VALUE_DECAY)
+            longest = max(self.cfg.max_copy_tokens, self.cfg.ngram_tokens)
+            self.copy_length = next_copy_length(self._copy, new, self.copy_length, longest)
+        if self._ran:
+            drafted = outcome.draft.num_nodes
+            self.draft_value = ema(self.draft_value, len(new) / c.step_cost(drafted, 1 + drafted), VALUE_DECAY)
+
     def observe(self, outcome: StepOutcome) -> None:
         if self.index is not None:
             self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
         n = outcome.draft.num_nodes
-        self.controller.record_verify(1 + n, outcome.verify_seconds)
+        if not self._first:  # the first step's forward also holds the prompt
+            self.controller.record_verify(1 + n, outcome.verify_seconds)
+        self._first = False
+        self._score(outcome)
         if not self._ran:
             return  # an n-gram (or empty) step: the draft cache is unchanged and catches up next time
         self.controller.record_step(n, len(outcome.accepted_nodes))
@@ -169,7 +214,9 @@ def build(ctx) -> DraftModelProposer:
     from . import take_options
 
     opts = take_options(
-        ctx.options, ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_ngram", "confidence_stop", "int8"), "draft"
+        ctx.options,
+        ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_copy_tokens", "max_ngram", "confidence_stop", "int8"),
+        "draft",
     )
     cfg = DraftModelConfig(**opts)
     target_vocab = int(ctx.target.get_output_embeddings().weight.shape[0])

@@ -104,13 +104,19 @@ class NgramIndex:
         return found
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int, longest: int) -> int:
     """Twice the copied tokens that were kept (so a fully kept copy doubles), at least 2, at most ``longest``."""
-    kept = 0
-    for a, b in zip(copy, new_tokens):
-        if a != b:
-            break
-        kept += 1
+    kept = common_prefix(copy, new_tokens)
     grown = 2 * kept if kept else length // 2
     return max(2, min(longest, grown))
 
@@ -128,6 +134,7 @@ class PromptLookupProposer:
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
         self.run_length = cfg.num_speculative_tokens  # copy length while copies are kept whole
+        self._first = True  # the next step is the first of a generation
 
     def reset(self, state: DecodeState) -> None:
         self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
@@ -135,6 +142,7 @@ class PromptLookupProposer:
         self.index.extend(state.tokens.tolist())
         self._shadow = None
         self.run_length = self.cfg.num_speculative_tokens
+        self._first = True
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
         k = self.controller.choose()
@@ -157,7 +165,9 @@ class PromptLookupProposer:
 
     def observe(self, outcome: StepOutcome) -> None:
         n = outcome.draft.num_nodes
-        self.controller.record_verify(1 + n, outcome.verify_seconds)
+        if not self._first:  # the first step's forward also holds the prompt
+            self.controller.record_verify(1 + n, outcome.verify_seconds)
+        self._first = False
         if n:
             kept = outcome.draft.tokens[outcome.accepted_nodes].tolist() if outcome.accepted_nodes else []
             main = self._main_branch(outcome.draft)

@@ -27,6 +27,9 @@ copy* fixes that: the tokens that followed the latest earlier occurrence of
 the current suffix (as in prompt lookup) are verified as one more candidate
 in the same trie, with a length that doubles while copies are accepted and
 shrinks when they are not (``copy_tokens`` at most; 0 turns copies off).
+While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
+it), a step sends the candidates without the window's rows, which makes it
+cheaper; the window waits and resumes when a copy fails.
 """
 from __future__ import annotations
 
@@ -39,11 +42,12 @@ import torch
 from ..errors import SpecdecError, UnsupportedModelError
 from .base import DecodeState, Draft, StepOutcome
 from ..tree import build_trie
-from .prompt_lookup import NgramIndex, next_copy_length
+from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
 COPY_START = 8  # length of the first copy of a generation
 COPY_BRANCHES = 2  # continuations of different earlier occurrences (the second one short)
+COPY_HOT = 4  # a copy that kept this many tokens makes the next step a copy step (no window rows)
 
 # attention implementations that take a custom 4D float mask through the public forward
 MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -214,6 +218,7 @@ class LookaheadProposer:
         self.copies: NgramIndex | None = None
         self.copy_length = 0  # tokens the next context copy may have
         self._copy: list[int] = []  # the copy proposed this step
+        self._hot = False  # the last copy kept >= COPY_HOT tokens
 
     def reset(self, state: DecodeState) -> None:
         cfg = self.cfg
@@ -225,6 +230,7 @@ class LookaheadProposer:
             self.copies = NgramIndex(min(cfg.copy_min_ngram, COPY_MAX_NGRAM), COPY_MAX_NGRAM)
             self.copies.extend(prompt)
         self.copy_length = min(COPY_START, cfg.copy_tokens)
+        self._hot = False
         # a fixed seed: the same prompt always starts the same window
         picks = torch.randint(len(prompt), (cfg.window_size,), generator=torch.Generator().manual_seed(0))
         self.window = JacobiWindow([prompt[i] for i in picks.tolist()], cfg.ngram_size)
@@ -245,6 +251,9 @@ class LookaheadProposer:
         candidates = [*copies, *candidates]
         tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
+        if self._hot and self._copy:  # text is being copied: skip the window's rows this step
+            return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+                         parents=torch.tensor(parents, dtype=torch.long, device=device))
         positions, allowed = self._layout(self.window.num_levels)
         m = positions.numel()
         extra_mask = torch.zeros(m, 1 + n + m, dtype=torch.bool)
@@ -271,7 +280,11 @@ class LookaheadProposer:
         if self.copies is not None:
             self.copies.extend(outcome.tokens[len(self.copies.tokens) :].tolist())
             if self._copy:
-                self.copy_length = next_copy_length(self._copy, outcome.new_tokens.tolist(), self.copy_length, self.cfg.copy_tokens)
+                new = outcome.new_tokens.tolist()
+                self._hot = common_prefix(self._copy, new) >= min(COPY_HOT, len(self._copy))
+                self.copy_length = next_copy_length(self._copy, new, self.copy_length, self.cfg.copy_tokens)
+            else:
+                self._hot = False
 
 
 def build(ctx) -> LookaheadProposer:

@@ -513,10 +513,22 @@ def test_exact_label_mask_table():
                              [False, False]]
 
 
+def _own_text_corpus(tmp_path: Path, model: torch.nn.Module) -> Path:
+    """A corpus the target itself wrote (greedy, ASCII bytes only), so its own predictions often match it."""
+    data = tmp_path / "own"
+    data.mkdir()
+    ids = torch.tensor([[ord(c) for c in "def f(x):\n"]])
+    banned = [0, *range(128, 256)]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=400, do_sample=False, suppress_tokens=banned, pad_token_id=1)
+    (data / "own.txt").write_text(bytes(out[0].tolist()).decode("ascii"))
+    return data
+
+
 def test_training_with_exact_labels(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
     cfg = TrainConfig(num_heads=2, steps=5, seq_len=32, batch_size=16, cache_tokens=256, subset_size=0,
                       chat_wrap=False, measure_cost=False, exact_labels=True, checkpoint_every=0)
-    _, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "o", cfg)
+    _, report = train(target, ByteTokenizer(), _own_text_corpus(tmp_path, target), tmp_path / "o", cfg)
     assert report["exact_labels"] and report["train_positions"] <= report["train_positions_all"]
     assert len(report["top1"]) == len(report["top1_all_labels"]) == len(report["exact_label_share"]) == 2

@@ -73,6 +73,8 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
         [sys.executable, "-m", "specdec.cli", "generate", "Count from 1 to 500, separated by commas.",
          "-n", "2000", "--dtype", "float32", "--method", "none", "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        # a terminal user's Ctrl-C: undo an inherited SIG_IGN (jobs started with `&` ignore SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = proc.stdout.read(8)  # wait until text is streaming
     assert first

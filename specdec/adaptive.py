@@ -43,7 +43,7 @@ class DraftLengthController:
     def choose(self) -> int:
         if self.fixed is not None:
             return self.fixed
-        if not self.deterministic and (self.draft_seconds is None or not self.verify_seconds):
+        if not self.deterministic and not self.measured:
             return self.initial_k
         alpha = self.acceptance
         best_k, best_rate = 0, 0.0
@@ -69,9 +69,14 @@ class DraftLengthController:
         anything is measured) units of a one-row target forward from the
         static cost ratio, so decisions never depend on timings there.
         """
-        if self.deterministic or self.draft_seconds is None or not self.verify_seconds:
+        if self.deterministic or not self.measured:
             return drafted * self.static_draft_cost + _prior_shape(rows)
         return drafted * self.draft_seconds + self._verify_cost(rows)
+
+    @property
+    def measured(self) -> bool:
+        """Whether both the draft cost and a verify cost have been measured."""
+        return self.draft_seconds is not None and bool(self.verify_seconds)
 
     @property
     def acceptance(self) -> float:

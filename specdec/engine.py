@@ -368,6 +368,7 @@ class SpeculativeGenerator:
             hidden=out.hidden_states[-1][0, -q:] if draft.need_hidden else None,
             last_row=verdict.last_row,
             verify_seconds=verify_seconds,
+            with_prompt=base > cached,
         )
         return new_tokens, outcome
 

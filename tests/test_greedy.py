@@ -176,8 +176,23 @@ def test_draft_copies_only_while_they_pay():
     state = DecodeState(tokens=tokens, prompt_length=9, sampling=SamplingConfig(), generator=None)
     proposer.reset(state)
     proposer.copy_value, proposer.draft_value = 3.0, 2.0
-    draft = proposer.propose(state, max_nodes=8)
-    assert draft.tokens.tolist()[:3] == [10, 11, 12] and not proposer._ran
-    proposer.copy_value = 1.0
-    draft = proposer.propose(state, max_nodes=8)
+    with torch.inference_mode():
+        draft = proposer.propose(state, max_nodes=8)
+        assert draft.tokens.tolist()[:3] == [10, 11, 12] and not proposer._ran
+        proposer.copy_value = 1.0
+        draft = proposer.propose(state, max_nodes=8)
     assert proposer._ran and proposer._copy[:3] == [10, 11, 12]
+
+
+def test_only_the_first_step_holds_the_prompt():
+    """The first step's forward also prefills the prompt: its time is flagged so it is not taken for a step's cost."""
+    model = tiny_model("llama")
+    gen = specdec.SpeculativeGenerator(model, method="prompt_lookup")
+    seen = []
+    observe = gen.proposer.observe
+    gen.proposer.observe = lambda outcome: (seen.append(outcome.with_prompt), observe(outcome))
+    gen.generate([3, 4, 5, 6, 3, 4], max_new_tokens=6)
+    assert seen[0] and not any(seen[1:]) and len(seen) > 1
+    seen.clear()
+    gen.generate([3], max_new_tokens=3)  # a one-token prompt: the first forward holds only the pending token
+    assert not any(seen)

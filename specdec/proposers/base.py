@@ -107,6 +107,8 @@ class StepOutcome:
         last_row: row of the forward whose logits gave the last new token (the
             root if nothing was accepted, else the last accepted node's row).
         verify_seconds: wall time of the target forward and verification.
+        with_prompt: the forward also held uncached prompt tokens (the first
+            step of a generation), so ``verify_seconds`` is not a step's cost.
     """
 
     draft: Draft
@@ -117,6 +119,7 @@ class StepOutcome:
     hidden: torch.Tensor | None = None
     last_row: int = 0
     verify_seconds: float = 0.0
+    with_prompt: bool = False
 
 
 @runtime_checkable

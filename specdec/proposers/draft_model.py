@@ -95,7 +95,6 @@ class DraftModelProposer:
         self._copy: list[int] = []  # the n-gram copy proposed (or, if unused, scored) this step
         self.copy_value: float | None = None  # moving averages of tokens per unit of step cost
         self.draft_value: float | None = None
-        self._first = True  # the next step is the first of a generation
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
@@ -106,7 +105,6 @@ class DraftModelProposer:
         self.index = None
         self.copy_length = self.cfg.ngram_tokens
         self._copy = []
-        self._first = True
         if self.controller.deterministic:
             self.copy_value = self.draft_value = None
         if self.cfg.ngram_first:
@@ -181,7 +179,7 @@ class DraftModelProposer:
     def _score(self, outcome: StepOutcome) -> None:
         """Update the copy and draft values from this step (an unused copy is scored against the new tokens)."""
         c = self.controller
-        if not (c.deterministic or (c.draft_seconds is not None and c.verify_seconds)):
+        if not (c.deterministic or c.measured):
             return  # costs not measured yet: values in seconds and in units must not mix
         new = outcome.new_tokens.tolist()
         if self._copy:
@@ -198,9 +196,8 @@ class DraftModelProposer:
         if self.index is not None:
             self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
         n = outcome.draft.num_nodes
-        if not self._first:  # the first step's forward also holds the prompt
+        if not outcome.with_prompt:
             self.controller.record_verify(1 + n, outcome.verify_seconds)
-        self._first = False
         self._score(outcome)
         if not self._ran:
             return  # an n-gram (or empty) step: the draft cache is unchanged and catches up next time

@@ -23,9 +23,9 @@ never reach the KV cache (the engine keeps only the accepted rows).
 
 Pool n-grams are only ``N-1`` tokens long, so on text that repeats its
 context (edits, summaries) a step gains at most ``N`` tokens. A *context
-copy* fixes that: the tokens that followed the latest earlier occurrence of
-the current suffix (as in prompt lookup) are verified as one more candidate
-in the same trie, with a length that doubles while copies are accepted and
+copy* fixes that: the tokens that followed the latest earlier occurrences of
+the current suffix (as in prompt lookup; ``COPY_BRANCHES`` of them, starting
+with different tokens) are verified as more candidates in the same trie, with a length that doubles while copies are accepted and
 shrinks when they are not (``copy_tokens`` at most; 0 turns copies off).
 While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
 it), a step sends the candidates without the window's rows, which makes it
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SpecdecError, UnsupportedModelError
-from .base import DecodeState, Draft, StepOutcome
 from ..tree import build_trie
+from .base import DecodeState, Draft, StepOutcome
 from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy

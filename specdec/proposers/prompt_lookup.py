@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adaptive import DraftLengthController
-from ..tree import build_trie
+from ..tree import build_trie, children
 from .base import DecodeState, Draft, StepOutcome
 
 
@@ -134,7 +134,6 @@ class PromptLookupProposer:
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
         self.run_length = cfg.num_speculative_tokens  # copy length while copies are kept whole
-        self._first = True  # the next step is the first of a generation
 
     def reset(self, state: DecodeState) -> None:
         self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
@@ -142,7 +141,6 @@ class PromptLookupProposer:
         self.index.extend(state.tokens.tolist())
         self._shadow = None
         self.run_length = self.cfg.num_speculative_tokens
-        self._first = True
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
         k = self.controller.choose()
@@ -165,13 +163,11 @@ class PromptLookupProposer:
 
     def observe(self, outcome: StepOutcome) -> None:
         n = outcome.draft.num_nodes
-        if not self._first:  # the first step's forward also holds the prompt
+        if not outcome.with_prompt:
             self.controller.record_verify(1 + n, outcome.verify_seconds)
-        self._first = False
         if n:
-            kept = outcome.draft.tokens[outcome.accepted_nodes].tolist() if outcome.accepted_nodes else []
             main = self._main_branch(outcome.draft)
-            self.controller.record_step(len(main), len(kept))
+            self.controller.record_step(len(main), len(outcome.accepted_nodes))
             longest = max(self.cfg.max_copy_tokens, self.cfg.num_speculative_tokens)
             self.run_length = next_copy_length(main, outcome.new_tokens.tolist(), self.run_length, longest)
         elif self._shadow is not None:
@@ -184,10 +180,11 @@ class PromptLookupProposer:
         tokens = draft.tokens.tolist()
         if draft.parents is None:
             return tokens
-        parents, path, node = draft.parents.tolist(), [], 0
-        while node is not None:
+        kids = children(draft.parents)  # kids[1 + i]: children of node i, first-born first
+        path, node = [tokens[0]], 0
+        while kids[1 + node]:
+            node = kids[1 + node][0]
             path.append(tokens[node])
-            node = next((i for i in range(node + 1, len(parents)) if parents[i] == node), None)
         return path
 
 

@@ -58,11 +58,15 @@ class LookaheadConfig:
     """Options of lookahead decoding.
 
     A step forwards ``1 + (N-1)*W`` rows plus at most ``G*(N-1)`` candidate
-    nodes (fewer once shared prefixes are merged). The defaults keep a step
-    near 10 rows: on a 2-core CPU in bf16 (Qwen2.5-Coder-1.5B) a 10-row
-    forward costs ~1.15x a 1-row one, a 17-row one ~1.35x, and W=N=G=3
-    loses less accepted length (1.36-2.03 tokens per step on the shared
-    prompts, vs 1.44-2.37 for W=N=G=4) than it saves in cost.
+    nodes (fewer once shared prefixes are merged). On a 2-core CPU in bf16
+    (Qwen2.5-Coder-1.5B) a forward over 4 new rows costs what a 1-row one
+    does, 8 rows ~1.15x, 16 rows ~1.45x and 32 rows ~2x, so the defaults keep
+    the window to one column (W=1: a step of ~5 rows). Measured side by side
+    in one process on the shared prompts (128 tokens): W=1 gave 1.07x the
+    tokens/s of W=3 and 1.03x that of W=2 (accepted length 1.24-2.61 vs
+    1.33-2.72 per step: the extra columns' n-grams were worth less than their
+    rows); N=3 vs N=2 or 4 and G=3 vs 2 were within noise. GPUs, where rows are
+    nearly free, get wider windows from their hardware profiles.
 
     Attributes:
         window_size: ``W``, columns of the Jacobi window (parallel guesses).
@@ -73,7 +77,7 @@ class LookaheadConfig:
         copy_min_ngram: shortest context suffix that must match for a copy.
     """
 
-    window_size: int = 3
+    window_size: int = 1
     ngram_size: int = 3
     guess_size: int = 3
     copy_tokens: int = 32

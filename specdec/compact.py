@@ -12,7 +12,10 @@ halves the bytes read; see DESIGN and the bench for measured effects.
 :func:`int8_draft` returns a *copy* of the draft whose module tree is new but
 whose non-linear parameters (embeddings, norms) and buffers are shared with
 the original, so the extra memory is the int8 weights (about half of the
-draft's linear layers in bf16). The original model is left untouched.
+draft's linear layers in bf16). The original model is left untouched; its
+dense weights serve forwards over more than ``KERNEL_MAX_ROWS`` rows (a
+prompt, or drafted text checked against a context copy), where a matrix
+product beats the per-row int8 kernel.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import torch.nn.functional as F
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the int8 kernel is a matrix-vector product per row, so its cost grows with
-# the rows; de-quantizing the weight costs about as much as 8 kernel rows
-# up front, then one matrix product. Measured here (4864x896, bf16, 2 threads),
-# ms: 8 rows 0.50 vs 1.27, 16 rows 0.99 vs 1.46, 64 rows 4.0 vs 2.7.
-KERNEL_MAX_ROWS = 24
+# the rows, while a dense matrix product over a few rows costs about what one
+# row does. Measured here (whole 0.5B draft, bf16, 2 threads, 300 cached
+# positions), ms for 1/2/4/8/16 rows: int8 52/56/64/111/181, dense bf16
+# 84/83/88/104/123. More rows than this use the original dense weight.
+KERNEL_MAX_ROWS = 6
 
 
 class Int8Linear(torch.nn.Module):
@@ -36,13 +40,19 @@ class Int8Linear(torch.nn.Module):
         weight: ``[out_features, in_features]`` int8.
         scales: ``[out_features]`` in the layer's original dtype.
         bias: ``[out_features]`` or None.
+        dense: the original ``[out_features, in_features]`` weight (shared, not
+            copied), used for forwards over more than ``KERNEL_MAX_ROWS`` rows;
+            None de-quantizes instead.
     """
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dense: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         self.bias = bias
+        self.dense = dense
         self.in_features = int(weight.shape[1])
         self.out_features = int(weight.shape[0])
 
@@ -53,14 +63,16 @@ class Int8Linear(torch.nn.Module):
         scales = absmax / 127.0
         q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(q.contiguous(), scales.to(w.dtype), bias)
+        return cls(q.contiguous(), scales.to(w.dtype), bias, dense=w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., in_features]`` -> ``[..., out_features]``."""
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= KERNEL_MAX_ROWS and flat.device.type == "cpu" and flat.dtype in _KERNEL_DTYPES:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
-        else:  # many rows (a prompt) or another device: de-quantize, then one matrix product
+        elif self.dense is not None and self.dense.device == flat.device:  # several rows: the original layer
+            return F.linear(x, self.dense, self.bias)
+        else:  # no dense weight kept: de-quantize, then one matrix product
             y = F.linear(flat, self.weight.to(flat.dtype) * self.scales.to(flat.dtype)[:, None])
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -41,6 +41,9 @@ from .base import DecodeState, Draft, StepOutcome
 from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
+GUESS_MIN_NGRAM = 2  # shortest suffix of the drafted text matched for a copy the draft checks
+GUESS_START = 3  # copied tokens the draft checks at first; doubles while all are taken
+MAX_GUESS_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class DraftModelProposer:
         self.index: NgramIndex | None = None
         self.copy_length = cfg.ngram_tokens
         self._copy: list[int] = []  # the n-gram copy proposed (or, if unused, scored) this step
+        self.guess_length = GUESS_START  # context-copied tokens the draft checks in its next forward
         self.copy_value: float | None = None  # moving averages of tokens per unit of step cost
         self.draft_value: float | None = None
 
@@ -105,6 +109,7 @@ class DraftModelProposer:
         self.index = None
         self.copy_length = self.cfg.ngram_tokens
         self._copy = []
+        self.guess_length = GUESS_START
         if self.controller.deterministic:
             self.copy_value = self.draft_value = None
         if self.cfg.ngram_first:
@@ -133,30 +138,54 @@ class DraftModelProposer:
         return self._draft_chain(state, k)
 
     def _draft_chain(self, state: DecodeState, k: int) -> Draft:
-        """Run the draft model for up to ``k`` tokens (fewer on a confidence stop)."""
+        """Run the draft model for up to ``k`` tokens (fewer on a confidence stop).
+
+        Under plain greedy decoding each draft forward also checks a context
+        copy of the drafted text (:meth:`_guess`): the copied tokens the draft
+        itself would have picked are taken at once, so one draft forward can
+        yield several draft tokens. The tokens are the draft's greedy choices
+        either way; only the number of draft forwards changes.
+        """
         cfg = state.sampling
         self._ran = True
+        committed = state.tokens.numel()
         feed = state.tokens[self.cached :].to(self.device)
+        guessing = self.index is not None and cfg.greedy and not cfg.uses_prefix
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        for i in range(k):
-            out = self.model(input_ids=feed[None], use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
-            logits = out.logits[0, -1:, : self.target_vocab]  # [1, Vd]
-            presence = None
-            if cfg.uses_prefix:
-                context = torch.cat([state.tokens.to(self.device), torch.tensor(drafted, dtype=torch.long, device=self.device)])
-                presence = presence_rows(context, logits.shape[-1])
-            processed = process_logits(logits, cfg, presence)
-            token = int(choose(processed, cfg, state.generator)[0])
-            drafted.append(token)
-            if not cfg.greedy:
-                probs.append(processed[0])
-            if i + 1 < k and self.cfg.confidence_stop > 0 and self._confidence(processed[0], token, cfg.greedy) < self.cfg.confidence_stop:
+        while len(drafted) < k:
+            guess = self._guess(state, drafted, k - len(drafted) - 1) if guessing else []
+            if guess:
+                feed = torch.cat([feed, torch.tensor(guess, dtype=torch.long, device=self.device)])
+            out = self.model(input_ids=feed[None], use_cache=True, logits_to_keep=1 + len(guess), **{self._cache_arg: self.cache})
+            logits = out.logits[0, :, : self.target_vocab]  # [1+g, Vd]
+            if guessing:
+                picks = self._take_guess(logits, guess)
+            else:
+                presence = None
+                if cfg.uses_prefix:
+                    context = torch.cat([state.tokens.to(self.device), torch.tensor(drafted, dtype=torch.long, device=self.device)])
+                    presence = presence_rows(context, logits.shape[-1])
+                processed = process_logits(logits, cfg, presence)
+                token = int(choose(processed, cfg, state.generator)[0])
+                confident = self._confidence(processed[0], token, cfg.greedy) >= self.cfg.confidence_stop
+                picks = [(token, confident)]
+                if not cfg.greedy:
+                    probs.append(processed[0])
+            stop = False
+            for token, confident in picks[: k - len(drafted)]:
+                drafted.append(token)
+                if not confident:
+                    stop = True
+                    break
+            if guess:  # drop the KV of copied tokens the draft did not take
+                kvcache.truncate(self.cache, committed + len(drafted) - 1)
+            if stop:
                 break
-            feed = torch.tensor([token], dtype=torch.long, device=self.device)
+            feed = torch.tensor([drafted[-1]], dtype=torch.long, device=self.device)
         self.controller.record_draft((time.perf_counter() - t0) / len(drafted))
-        self.cached = state.tokens.numel()
+        self.cached = committed
         self._unfed = len(drafted) - 1  # the last drafted token was never fed
         draft_probs = None
         if probs:
@@ -164,6 +193,26 @@ class DraftModelProposer:
             if draft_probs.shape[-1] < self.target_vocab:
                 draft_probs = torch.nn.functional.pad(draft_probs, (0, self.target_vocab - draft_probs.shape[-1]))
         return Draft(tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs)
+
+    def _guess(self, state: DecodeState, drafted: list[int], room: int) -> list[int]:
+        """Up to ``room`` tokens that followed the latest earlier occurrence of the drafted text's end."""
+        length = min(self.guess_length, room)
+        if length <= 0:
+            return []
+        tail = state.tokens[-self.cfg.max_ngram :].tolist() + drafted
+        found = self.index.lookup_many(length, 1, suffix=tail, min_n=GUESS_MIN_NGRAM)
+        return found[0] if found else []
+
+    def _take_guess(self, logits: torch.Tensor, guess: list[int]) -> list[tuple[int, bool]]:
+        """The draft's greedy tokens from rows ``[1+g, V]``: its pick after the fed text, then after
+        each copied token it agreed with. Returns ``(token, confident)`` pairs; adapts the copy length."""
+        confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # values, indices: [1+g]
+        tokens, probs = confidence.indices.tolist(), confidence.values.tolist()
+        kept = common_prefix(guess, tokens)
+        if guess:
+            self.guess_length = next_copy_length(guess, tokens, self.guess_length, MAX_GUESS_TOKENS)
+        floor = self.cfg.confidence_stop
+        return [(tokens[i], probs[i] >= floor) for i in range(kept + 1)]
 
     @staticmethod
     def _confidence(processed: torch.Tensor, token: int, greedy: bool) -> float:

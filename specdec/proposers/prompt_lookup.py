@@ -83,18 +83,23 @@ class NgramIndex:
         found = self.lookup_many(k, 1)
         return found[0] if found else []
 
-    def lookup_many(self, k: int, branches: int, branch_tokens: int = 4) -> list[list[int]]:
+    def lookup_many(
+        self, k: int, branches: int, branch_tokens: int = 4, suffix: Sequence[int] | None = None, min_n: int | None = None
+    ) -> list[list[int]]:
         """Up to ``branches`` continuations of the current suffix, each starting with a different token.
 
         The first is :meth:`lookup`'s (``k`` tokens); the others (at most
         ``branch_tokens`` each) follow other occurrences, latest first, of the
-        longest suffix and then of shorter ones.
+        longest suffix and then of shorter ones. ``suffix`` (default: the
+        indexed tokens) is the text whose end is matched, e.g. the committed
+        tokens plus some drafted ones; ``min_n`` raises the shortest match.
         """
         toks = self.tokens
+        tail = toks if suffix is None else suffix
         found: list[list[int]] = []
         firsts: set[int] = set()
-        for n in range(min(self.max_n, len(toks)), self.min_n - 1, -1):
-            for start in reversed(self.table.get(tuple(toks[-n:]), ())):
+        for n in range(min(self.max_n, len(tail)), max(self.min_n, min_n or 0) - 1, -1):
+            for start in reversed(self.table.get(tuple(tail[-n:]), ())):
                 if toks[start] in firsts:
                     continue
                 firsts.add(toks[start])

@@ -70,8 +70,10 @@ class Int8Linear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= KERNEL_MAX_ROWS and flat.device.type == "cpu" and flat.dtype in _KERNEL_DTYPES:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales.to(flat.dtype))
-        elif self.dense is not None and self.dense.device == flat.device:  # several rows: the original layer
-            return F.linear(x, self.dense, self.bias)
+        elif self.dense is not None and self.dense.device == flat.device:  # several rows: the original weight
+            # (2D input: a 3D one can make matmul copy the transposed [in, out] weight, ~0.5 s for the lm_head)
+            y = F.linear(flat.contiguous(), self.dense, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         else:  # no dense weight kept: de-quantize, then one matrix product
             y = F.linear(flat, self.weight.to(flat.dtype) * self.scales.to(flat.dtype)[:, None])
         if self.bias is not None:

@@ -22,9 +22,12 @@ proposed, never how it is verified):
 - *confidence stop*: drafting stops early once the draft's own probability of
   its token falls below ``confidence_stop``.
 
-And one way to make each draft token cheaper, lossless for the same reason:
+And two ways to make each draft token cheaper, lossless for the same reason:
 on a CPU the draft runs as an int8 weight-only copy (:mod:`specdec.compact`),
-~1.6x faster per token for the 0.5B draft measured here.
+~1.6x faster per token for the 0.5B draft measured here; and under greedy
+decoding each draft forward also checks a context copy of the drafted text
+(``GUESS_START`` tokens, doubling while all are taken), so text the draft
+would copy costs one draft forward for several tokens.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ class DraftModelConfig:
     """Options of the draft-model method.
 
     Attributes:
-        ngram_first: propose n-gram matches from the context before running the draft.
+        ngram_first: propose n-gram matches from the context before running the draft,
+            and let the draft check context copies in its own forwards (greedy).
         ngram_min_tokens: shortest n-gram continuation used instead of the draft.
         ngram_tokens: tokens copied from an n-gram match at first.
         max_copy_tokens: most tokens copied once copies keep being kept whole.

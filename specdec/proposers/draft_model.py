@@ -173,7 +173,7 @@ class DraftModelProposer:
                     presence = presence_rows(context, logits.shape[-1])
                 processed = process_logits(logits, cfg, presence)
                 token = int(choose(processed, cfg, state.generator)[0])
-                confident = self._confidence(processed[0], token, cfg.greedy) >= self.cfg.confidence_stop
+                confident = self.cfg.confidence_stop <= 0 or self._confidence(processed[0], token, cfg.greedy) >= self.cfg.confidence_stop
                 picks = [(token, confident)]
                 if not cfg.greedy:
                     probs.append(processed[0])
@@ -210,12 +210,14 @@ class DraftModelProposer:
     def _take_guess(self, logits: torch.Tensor, guess: list[int]) -> list[tuple[int, bool]]:
         """The draft's greedy tokens from rows ``[1+g, V]``: its pick after the fed text, then after
         each copied token it agreed with. Returns ``(token, confident)`` pairs; adapts the copy length."""
-        confidence = torch.softmax(logits.float(), dim=-1).max(dim=-1)  # values, indices: [1+g]
-        tokens, probs = confidence.indices.tolist(), confidence.values.tolist()
+        tokens = logits.argmax(dim=-1).tolist()  # [1+g]
         kept = common_prefix(guess, tokens)
         if guess:
             self.guess_length = next_copy_length(guess, tokens, self.guess_length, MAX_GUESS_TOKENS)
         floor = self.cfg.confidence_stop
+        if floor <= 0:
+            return [(t, True) for t in tokens[: kept + 1]]
+        probs = torch.softmax(logits[: kept + 1].float(), dim=-1).amax(dim=-1).tolist()  # only the rows taken
         return [(tokens[i], probs[i] >= floor) for i in range(kept + 1)]
 
     @staticmethod

@@ -149,6 +149,27 @@ def test_ngram_index_offers_alternatives_from_other_occurrences():
     assert small.lookup_many(2, 3) == [[4, 1]]  # (1, 2) and (2,) both remember only the latest: 4
 
 
+def test_copy_length_follows_how_far_the_match_agrees():
+    from specdec.proposers.prompt_lookup import LONG_COPY, SHORT_COPY, NgramIndex, copy_length
+
+    assert copy_length(8, 1) == SHORT_COPY  # a lone one-token match: short
+    assert copy_length(1, 1) == 1
+    assert copy_length(8, 2) == 8  # two agreeing tokens: the adaptive length as it is
+    assert copy_length(4, 3) == LONG_COPY  # three or more: at least LONG_COPY
+    assert copy_length(20, 5) == 20
+    index = NgramIndex(1, 3)
+    text = [7, 8, 1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17, 0, 8, 1, 2]
+    index.extend(text)
+    # (8, 1, 2) occurs at 1..3; the tokens before it differ (7 vs 0): 3 agree
+    assert index.agreement(4, text) == 3
+    assert index.lookup_many(2, 1, limit=32) == [text[4 : 4 + LONG_COPY]]
+    assert index.lookup_many(2, 1, limit=5) == [[3, 4, 5, 6, 9]]  # never past the limit
+    assert index.lookup_many(2, 1) == [[3, 4]]  # without a limit: k tokens
+    index.extend([30, 9])  # the suffix (30, 9) matches only its last token, at 8
+    assert index.agreement(9, index.tokens) == 1
+    assert index.lookup_many(8, 1, limit=32) == [[10, 11][:SHORT_COPY]]
+
+
 def test_prompt_lookup_proposes_a_trie_of_alternatives():
     from specdec.proposers.base import DecodeState
     from specdec.proposers.prompt_lookup import PromptLookupConfig, PromptLookupProposer

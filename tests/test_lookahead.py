@@ -96,7 +96,7 @@ def test_window_layout_is_a_causal_prefix(W: int, L: int) -> None:
 
 def test_draft_rows_mask_and_positions() -> None:
     """Candidates as a trie; the window's extra mask sees the root and window rows only."""
-    cfg = LookaheadConfig(window_size=2, ngram_size=3, guess_size=3)
+    cfg = LookaheadConfig(window_size=2, ngram_size=3, guess_size=3, copy_tokens=0)  # pool candidates only
     proposer = LookaheadProposer(cfg)
     tokens = torch.tensor([5, 6, 7, 5, 6, 8, 5, 9, 1, 5])
     state = DecodeState(tokens=tokens, prompt_length=10, sampling=SamplingConfig(), generator=None)

@@ -81,7 +81,7 @@ class LookaheadConfig:
     ngram_size: int = 3
     guess_size: int = 3
     copy_tokens: int = 32
-    copy_min_ngram: int = 2
+    copy_min_ngram: int = 1
 
     def __post_init__(self) -> None:
         for name, value, low in (("window_size", self.window_size, 1), ("ngram_size", self.ngram_size, 2),
@@ -250,7 +250,8 @@ class LookaheadProposer:
         if max_nodes <= 0 or self.window is None:
             return Draft.empty(device)
         candidates = self.pool.candidates(int(state.tokens[-1]))
-        copies = self.copies.lookup_many(min(self.copy_length, max_nodes), COPY_BRANCHES) if self.copies is not None else []
+        copies = (self.copies.lookup_many(min(self.copy_length, max_nodes), COPY_BRANCHES, limit=max_nodes)
+                  if self.copies is not None else [])
         self._copy = copies[0] if copies else []
         candidates = [*copies, *candidates]
         tokens, parents = build_trie(candidates, max_nodes)

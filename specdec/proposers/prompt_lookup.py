@@ -4,6 +4,12 @@ An index maps every n-gram (``min_ngram <= n <= max_ngram``) of the committed
 tokens to the position right after its latest occurrence that has a
 continuation, so a lookup costs one dict access per n instead of a rescan of
 the context. Longer matches are tried first.
+
+How many tokens to copy depends on how far the match agrees (see
+:func:`copy_length`): measured on the target's greedy outputs of the shared
+prompts (qwen-coder-1.5b), a copy whose context agrees for only its one
+matched token kept 0.4-0.9 tokens on average on code and chat, while one that
+agrees for three or more kept 6-13 tokens on the edit prompts.
 """
 from __future__ import annotations
 
@@ -15,6 +21,28 @@ import torch
 from ..adaptive import DraftLengthController
 from ..tree import build_trie, children
 from .base import DecodeState, Draft, StepOutcome
+
+
+SHORT_COPY = 2  # most tokens copied after a match that agrees for one token only
+LONG_COPY = 10  # fewest tokens copied after a match that agrees for LONG_AGREEMENT tokens or more
+LONG_AGREEMENT = 3
+AGREEMENT_CAP = 16  # the backward comparison stops here
+
+
+def copy_length(length: int, agreement: int) -> int:
+    """Tokens to copy after a match, from the adaptive ``length`` and how far the match agrees.
+
+    ``agreement`` counts the matched n-gram plus the tokens before it that also
+    agree with the text before the occurrence. A lone one-token match rarely
+    starts a long copy (at most ``SHORT_COPY``); a match agreeing for
+    ``LONG_AGREEMENT`` tokens or more usually sits inside copied text (at least
+    ``LONG_COPY``, as after a rejected edit the copy resumes).
+    """
+    if agreement <= 1:
+        return min(length, SHORT_COPY)
+    if agreement >= LONG_AGREEMENT:
+        return max(length, LONG_COPY)
+    return length
 
 
 @dataclass(frozen=True)
@@ -83,8 +111,16 @@ class NgramIndex:
         found = self.lookup_many(k, 1)
         return found[0] if found else []
 
+    def agreement(self, start: int, tail: Sequence[int]) -> int:
+        """How many tokens before position ``start`` equal the end of ``tail`` (at most ``AGREEMENT_CAP``)."""
+        toks, n = self.tokens, 0
+        while n < AGREEMENT_CAP and n < start and n < len(tail) and toks[start - 1 - n] == tail[-1 - n]:
+            n += 1
+        return n
+
     def lookup_many(
-        self, k: int, branches: int, branch_tokens: int = 4, suffix: Sequence[int] | None = None, min_n: int | None = None
+        self, k: int, branches: int, branch_tokens: int = 4, suffix: Sequence[int] | None = None,
+        min_n: int | None = None, limit: int | None = None,
     ) -> list[list[int]]:
         """Up to ``branches`` continuations of the current suffix, each starting with a different token.
 
@@ -93,6 +129,8 @@ class NgramIndex:
         longest suffix and then of shorter ones. ``suffix`` (default: the
         indexed tokens) is the text whose end is matched, e.g. the committed
         tokens plus some drafted ones; ``min_n`` raises the shortest match.
+        With ``limit``, the first continuation's length is :func:`copy_length`
+        of ``k`` and the match's :meth:`agreement`, at most ``limit``.
         """
         toks = self.tokens
         tail = toks if suffix is None else suffix
@@ -103,7 +141,13 @@ class NgramIndex:
                 if toks[start] in firsts:
                     continue
                 firsts.add(toks[start])
-                found.append(toks[start : start + (k if not found else min(k, branch_tokens))])
+                if found:
+                    length = min(k, branch_tokens)
+                elif limit is not None:
+                    length = min(copy_length(k, self.agreement(start, tail)), limit)
+                else:
+                    length = k
+                found.append(toks[start : start + length])
                 if len(found) >= branches:
                     return found
         return found
@@ -158,8 +202,9 @@ class PromptLookupProposer:
             self._shadow = found[0] if found else None
             return Draft.empty(device)
         self._shadow = None
-        branches = 1 if self.controller.fixed is not None else self.cfg.branches
-        found = self.index.lookup_many(k, branches, self.cfg.branch_tokens)
+        adaptive = self.controller.fixed is None
+        found = self.index.lookup_many(k, self.cfg.branches if adaptive else 1, self.cfg.branch_tokens,
+                                       limit=max_nodes if adaptive else None)
         if len(found) <= 1:
             return Draft(tokens=torch.tensor(found[0] if found else [], dtype=torch.long, device=device))
         tokens, parents = build_trie(found, k)

@@ -44,7 +44,8 @@ from .base import DecodeState, Draft, StepOutcome
 from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
-GUESS_MIN_NGRAM = 2  # shortest suffix of the drafted text matched for a copy the draft checks
+GUESS_MIN_NGRAM = 1  # shortest suffix of the drafted text matched for a copy the draft checks (a lone
+# one-token match offers at most SHORT_COPY tokens: see prompt_lookup.copy_length)
 GUESS_START = 3  # copied tokens the draft checks at first; doubles while all are taken
 MAX_GUESS_TOKENS = 16
 
@@ -204,7 +205,7 @@ class DraftModelProposer:
         if length <= 0:
             return []
         tail = state.tokens[-self.cfg.max_ngram :].tolist() + drafted
-        found = self.index.lookup_many(length, 1, suffix=tail, min_n=GUESS_MIN_NGRAM)
+        found = self.index.lookup_many(length, 1, suffix=tail, min_n=GUESS_MIN_NGRAM, limit=length)
         return found[0] if found else []
 
     def _take_guess(self, logits: torch.Tensor, guess: list[int]) -> list[tuple[int, bool]]:

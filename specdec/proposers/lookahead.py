@@ -26,7 +26,9 @@ context (edits, summaries) a step gains at most ``N`` tokens. A *context
 copy* fixes that: the tokens that followed the latest earlier occurrences of
 the current suffix (as in prompt lookup; ``COPY_BRANCHES`` of them, starting
 with different tokens) are verified as more candidates in the same trie, with a length that doubles while copies are accepted and
-shrinks when they are not (``copy_tokens`` at most; 0 turns copies off).
+shrinks when they are not (``copy_tokens`` at most; 0 turns copies off), and
+that follows how far the match agrees with the text before it
+(:func:`~specdec.proposers.prompt_lookup.copy_length`).
 While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
 it), a step sends the candidates without the window's rows, which makes it
 cheaper; the window waits and resumes when a copy fails.

@@ -8,8 +8,9 @@ the context. Longer matches are tried first.
 How many tokens to copy depends on how far the match agrees (see
 :func:`copy_length`): measured on the target's greedy outputs of the shared
 prompts (qwen-coder-1.5b), a copy whose context agrees for only its one
-matched token kept 0.4-0.9 tokens on average on code and chat, while one that
-agrees for three or more kept 6-13 tokens on the edit prompts.
+matched token kept ~0.4 tokens on average on code and chat (~0.9 when two
+agree), while one that agrees for three or more kept 6-13 tokens on the edit
+prompts.
 """
 from __future__ import annotations
 

@@ -6,11 +6,11 @@ continuation, so a lookup costs one dict access per n instead of a rescan of
 the context. Longer matches are tried first.
 
 Lookahead's context copies and the draft's copy checks size a copy by how
-far the match agrees (see :func:`copy_length`): measured on the target's greedy outputs of the shared
-prompts (qwen-coder-1.5b), a copy whose context agrees for only its one
-matched token kept ~0.4 tokens on average on code and chat (~0.9 when two
-agree), while one that agrees for three or more kept 6-13 tokens on the edit
-prompts.
+far the match agrees (see :func:`copy_length`): measured on the target's
+greedy outputs of the shared prompts (qwen-coder-1.5b), a copy whose context
+agrees for only its one matched token kept ~0.4 tokens on average on code and
+chat (~0.9 when two agree), while one that agrees for three or more kept 6-13
+tokens on the edit prompts.
 """
 from __future__ import annotations
 
@@ -114,10 +114,8 @@ class NgramIndex:
 
     def agreement(self, start: int, tail: Sequence[int]) -> int:
         """How many tokens before position ``start`` equal the end of ``tail`` (at most ``AGREEMENT_CAP``)."""
-        toks, n = self.tokens, 0
-        while n < AGREEMENT_CAP and n < start and n < len(tail) and toks[start - 1 - n] == tail[-1 - n]:
-            n += 1
-        return n
+        before = self.tokens[max(start - AGREEMENT_CAP, 0) : start]
+        return common_prefix(before[::-1], tail[-AGREEMENT_CAP:][::-1])
 
     def lookup_many(
         self, k: int, branches: int, branch_tokens: int = 4, suffix: Sequence[int] | None = None,

@@ -44,7 +44,7 @@ import torch
 from ..errors import SpecdecError, UnsupportedModelError
 from ..tree import build_trie
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
+from .prompt_lookup import ContextCopies
 
 COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
 COPY_START = 8  # length of the first copy of a generation
@@ -221,10 +221,7 @@ class LookaheadProposer:
         self.window: JacobiWindow | None = None
         self._indexed = 0  # committed n-grams starting before this index are in the pool
         self._layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.copies: NgramIndex | None = None
-        self.copy_length = 0  # tokens the next context copy may have
-        self._copy: list[int] = []  # the copy proposed this step
-        self._hot = False  # the last copy kept >= COPY_HOT tokens
+        self.copies: ContextCopies | None = None
 
     def reset(self, state: DecodeState) -> None:
         cfg = self.cfg
@@ -233,10 +230,9 @@ class LookaheadProposer:
         self._indexed = self.pool.add_sequence(prompt)
         self.copies = None
         if cfg.copy_tokens:
-            self.copies = NgramIndex(min(cfg.copy_min_ngram, COPY_MAX_NGRAM), COPY_MAX_NGRAM)
-            self.copies.extend(prompt)
-        self.copy_length = min(COPY_START, cfg.copy_tokens)
-        self._hot = False
+            self.copies = ContextCopies(cfg.copy_tokens, cfg.copy_min_ngram, COPY_MAX_NGRAM, COPY_START,
+                                        COPY_BRANCHES, COPY_HOT)
+            self.copies.reset(prompt)
         # a fixed seed: the same prompt always starts the same window
         picks = torch.randint(len(prompt), (cfg.window_size,), generator=torch.Generator().manual_seed(0))
         self.window = JacobiWindow([prompt[i] for i in picks.tolist()], cfg.ngram_size)
@@ -252,13 +248,11 @@ class LookaheadProposer:
         if max_nodes <= 0 or self.window is None:
             return Draft.empty(device)
         candidates = self.pool.candidates(int(state.tokens[-1]))
-        copies = (self.copies.lookup_many(min(self.copy_length, max_nodes), COPY_BRANCHES, limit=max_nodes)
-                  if self.copies is not None else [])
-        self._copy = copies[0] if copies else []
+        copies = self.copies.propose(max_nodes) if self.copies is not None else []
         candidates = [*copies, *candidates]
         tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
-        if self._hot and self._copy:  # text is being copied: skip the window's rows this step
+        if copies and self.copies.hot:  # text is being copied: skip the window's rows this step
             return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                          parents=torch.tensor(parents, dtype=torch.long, device=device))
         positions, allowed = self._layout(self.window.num_levels)
@@ -285,13 +279,7 @@ class LookaheadProposer:
         tail = outcome.tokens[self._indexed :].tolist()
         self._indexed += self.pool.add_sequence(tail)
         if self.copies is not None:
-            self.copies.extend(outcome.tokens[len(self.copies.tokens) :].tolist())
-            if self._copy:
-                new = outcome.new_tokens.tolist()
-                self._hot = common_prefix(self._copy, new) >= min(COPY_HOT, len(self._copy))
-                self.copy_length = next_copy_length(self._copy, new, self.copy_length, self.cfg.copy_tokens)
-            else:
-                self._hot = False
+            self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
 
 
 def build(ctx) -> LookaheadProposer:

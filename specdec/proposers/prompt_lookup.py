@@ -169,6 +169,56 @@ def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int
     return max(2, min(longest, grown))
 
 
+class ContextCopies:
+    """Context copies verified beside another proposer's candidates (lookahead, Medusa).
+
+    Each step offers the continuations of the latest earlier occurrences of
+    the current suffix (``branches`` of them, starting with different tokens;
+    :meth:`NgramIndex.lookup_many`). The first is sized by :func:`copy_length`
+    from a length that doubles while copies are kept and shrinks when they are
+    not (:func:`next_copy_length`, ``longest`` at most), and from how far the
+    match agrees with the text before it. After a step whose first copy kept
+    ``hot_tokens`` tokens (or all of it) the copies are *hot*: text is being
+    copied, and the host proposer may leave out its own rows to make the step
+    cheaper.
+    """
+
+    def __init__(self, longest: int, min_n: int = 1, max_n: int = 3, start: int = 8, branches: int = 2,
+                 hot_tokens: int = 4) -> None:
+        self.longest, self.min_n, self.max_n = longest, min(min_n, max_n), max_n
+        self.start, self.branches, self.hot_tokens = start, branches, hot_tokens
+        self.index = NgramIndex(self.min_n, self.max_n)
+        self.length = min(start, longest)  # tokens the next first copy may have
+        self.current: list[int] = []  # the first copy proposed this step
+        self.hot = False  # the last step's copy kept hot_tokens tokens (or all of it)
+
+    def reset(self, prompt: list[int]) -> None:
+        self.index = NgramIndex(self.min_n, self.max_n)
+        self.index.extend(prompt)
+        self.length = min(self.start, self.longest)
+        self.current = []
+        self.hot = False
+
+    def propose(self, max_depth: int) -> list[list[int]]:
+        """The copies of this step (first one first), none longer than ``max_depth``."""
+        found = self.index.lookup_many(min(self.length, max_depth), self.branches, limit=max_depth)
+        self.current = found[0] if found else []
+        return found
+
+    def observe(self, tokens: torch.Tensor, new_tokens: list[int]) -> None:
+        """Index the committed tokens not seen yet; size the next copy from what the step kept.
+
+        Args:
+            tokens: ``[L]`` every committed token; new_tokens: the step's new tokens.
+        """
+        self.index.extend(tokens[len(self.index.tokens) :].tolist())
+        if self.current:
+            self.hot = common_prefix(self.current, new_tokens) >= min(self.hot_tokens, len(self.current))
+            self.length = next_copy_length(self.current, new_tokens, self.length, self.longest)
+        else:
+            self.hot = False
+
+
 
 class PromptLookupProposer:
     name = "prompt_lookup"

@@ -100,6 +100,46 @@ def test_greedy_equals_generate(arch):
     assert accepted > 0  # the tree paths were exercised, not only the root
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_with_and_without_context_copies_equals_generate(arch):
+    target = tiny_model(arch, seed=0, vocab=96, sharpness=3.0)
+    base = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompt = base + hf_greedy(target, base, 24) + base  # the text repeats: copies have something to offer
+    ref = hf_greedy(target, prompt, 40)
+    heads = perturbed_heads(target)
+    steps = {}
+    for copy_tokens in (0, 4, 32):
+        gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE,
+                                           copy_tokens=copy_tokens)
+        res = gen.generate(prompt, max_new_tokens=40)
+        assert res.token_ids == ref, copy_tokens
+        steps[copy_tokens] = res.stats.steps
+    assert steps[32] < steps[0]  # the copies were verified and kept, not only the heads' guesses
+
+
+def test_copies_merge_with_the_tree_and_replace_it_while_hot():
+    target = tiny_model("llama", vocab=32)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2),
+                                       tree=[[0], [1], [0, 0]], copy_tokens=4)
+    proposer = gen.proposer
+    state = specdec.engine.DecodeState(tokens=torch.tensor([5, 6, 7, 8, 9, 5, 6]), prompt_length=7,
+                                       sampling=SamplingConfig(), generator=None)
+    proposer.reset(state)
+    first = proposer.propose(state, 10)  # no hidden state yet: the copy alone (suffix 5 6 seen at 0)
+    assert first.tokens.tolist() == [7, 8, 9, 5] and first.parents.tolist() == [-1, 0, 1, 2] and first.need_hidden
+    proposer._topk = torch.tensor([[7, 3], [4, 2]])  # head 0: 7 then 3; head 1: 4 then 2
+    draft = proposer.propose(state, 10)
+    # copy 7 8 9 5 first, then the tree's leaf paths in tree order: 3, and 7 4 (4 merged below the copy's 7)
+    assert draft.tokens.tolist() == [7, 8, 9, 5, 3, 4]
+    assert draft.parents.tolist() == [-1, 0, 1, 2, -1, 0]
+    assert proposer.propose(state, 2).tokens.tolist() == [7, 8, 3, 4]  # depth capped at max_nodes
+    proposer.copies.hot = True  # the last copy was kept: this step sends the copy alone
+    assert proposer.propose(state, 10).tokens.tolist() == [7, 8, 9, 5]
+    with pytest.raises(SpecdecError, match="copy_tokens"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2),
+                                     copy_tokens=-1)
+
+
 def test_first_step_asks_for_hidden_states():
     target = tiny_model("llama", vocab=32)
     gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2))
@@ -127,12 +167,14 @@ def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.T
     return joint.sum(0).reshape(-1)
 
 
-def test_sampling_distribution_matches_target():
+@pytest.mark.parametrize("copy_tokens", [0, 32])  # the tree alone; the tree merged with context copies
+def test_sampling_distribution_matches_target(copy_tokens):
     from test_sampling import histogram, noise_bound, tv
 
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
     heads = perturbed_heads(target, num_heads=2)
-    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=[[0], [1], [0, 0], [2]])
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=[[0], [1], [0, 0], [2]],
+                                       copy_tokens=copy_tokens)
     cfg = SamplingConfig(temperature=1.0)
     prompt = [1, 2, 3, 1, 2]
     exact = _exact_tokens_2_3(target, prompt, cfg)
@@ -243,8 +285,9 @@ def test_typical_acceptance_accepts_plausible_candidates_that_exact_sampling_may
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
     heads = perturbed_heads(target, num_heads=2)
     tree = [[0], [1], [0, 0], [2]]
-    exact = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree)
-    typical = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree,
+    # copy_tokens=0: this checks the heads' tree alone
+    exact = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree, copy_tokens=0)
+    typical = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree, copy_tokens=0,
                                            typical_acceptance=True, posterior_threshold=0.0, posterior_alpha=0.0)
     prompt = [1, 2, 3, 1, 2]
     # threshold 0: every candidate the target gives any mass passes, so every step accepts a full path

@@ -17,7 +17,15 @@ Each step costs one target forward:
    target's final hidden states; the heads read the row that produced the last
    new token, which gives the next step's candidates without another forward.
 
-The first step has no hidden state yet, so it proposes nothing and asks for one.
+*Context copies* (``copy_tokens``, 0 = heads only): when the text repeats its
+context (edits, summaries) the heads, which see one hidden state, guess only a
+few tokens ahead, while the tokens after an earlier occurrence of the current
+suffix may continue for dozens. Those copies
+(:class:`~specdec.proposers.prompt_lookup.ContextCopies`, as lookahead uses
+them) are merged with the tree's paths into one trie, still one forward and
+the same verifier; while copies are being kept the tree's rows are left out.
+
+The first step has no hidden state yet: it offers copies only, and asks for one.
 """
 from __future__ import annotations
 
@@ -30,8 +38,12 @@ import torch
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
 from ..medusa.tree import TreeBuffers, build_tree, cap_tree, default_tree
+from ..tree import build_trie
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
+from .prompt_lookup import ContextCopies
+
+COPY_TOKENS = 32  # longest context copy verified per step (as lookahead's default)
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,17 @@ class MedusaOptions:
             a bigger tree keeps its most probable nodes (None = no cap).
         typical_acceptance: LOSSY typical acceptance when sampling (None = exact,
             the default); greedy decoding stays exact either way.
+        copy_tokens: longest context copy verified beside the tree (0 = heads only).
     """
 
     tree: tuple[tuple[int, ...], ...] | None = None
     tree_size: int | None = None
     typical_acceptance: TypicalAcceptance | None = None
+    copy_tokens: int = COPY_TOKENS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.copy_tokens, bool) or not isinstance(self.copy_tokens, int) or self.copy_tokens < 0:
+            raise SpecdecError(f"copy_tokens must be an integer >= 0, got {self.copy_tokens!r}", "0 turns copies off")
 
 
 class MedusaProposer:
@@ -58,9 +76,12 @@ class MedusaProposer:
     name = "medusa"
 
     def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]],
-                 typical_acceptance: TypicalAcceptance | None = None) -> None:
+                 typical_acceptance: TypicalAcceptance | None = None, copy_tokens: int = 0) -> None:
         self.heads = heads.eval()
         self.tree: TreeBuffers = build_tree(tree)
+        # node indices on each root-to-leaf path (retrieve_indices rows minus the root, unpadded)
+        self._leaves = [[r - 1 for r in row[1:] if r > 0] for row in self.tree.retrieve_indices.tolist()]
+        self.copies = ContextCopies(copy_tokens) if copy_tokens else None
         self.typical_acceptance = typical_acceptance  # read by the engine, handed to the verifier
         if self.tree.num_nodes == 0:
             raise SpecdecError("the Medusa tree is empty", "give at least one path, e.g. [[0]]")
@@ -73,18 +94,32 @@ class MedusaProposer:
 
     def reset(self, state: DecodeState) -> None:
         self._topk = None
-        self._device = state.tokens.device
+        if self.copies is not None:
+            self.copies.reset(state.tokens.tolist())
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        """A tree of at most ``max_nodes`` nodes (an empty draft on the first step)."""
-        if self._topk is None or max_nodes <= 0:
-            return Draft(tokens=torch.empty(0, dtype=torch.long, device=state.tokens.device), need_hidden=True)
-        n = min(max_nodes, self.tree.num_nodes)
-        tokens = self._topk[self.tree.head_index[:n], self.tree.rank[:n]]  # [n]
-        return Draft(tokens=tokens.to(state.tokens.device), parents=self.tree.parents[:n], need_hidden=True)
+        """The tree (at most ``max_nodes`` deep) merged with the context copies, if any."""
+        device = state.tokens.device
+        copies = self.copies.propose(max_nodes) if self.copies is not None and max_nodes > 0 else []
+        use_tree = self._topk is not None and max_nodes > 0 and not (copies and self.copies.hot)
+        if not copies:
+            if not use_tree:
+                return Draft(tokens=torch.empty(0, dtype=torch.long, device=device), need_hidden=True)
+            n = min(max_nodes, self.tree.num_nodes)
+            tokens = self._topk[self.tree.head_index[:n], self.tree.rank[:n]]  # [n]
+            return Draft(tokens=tokens.to(device), parents=self.tree.parents[:n], need_hidden=True)
+        paths: list[list[int]] = []
+        if use_tree:
+            guesses = self._topk[self.tree.head_index, self.tree.rank].tolist()  # [num_nodes]
+            paths = [[guesses[i] for i in leaf] for leaf in self._leaves]
+        tokens, parents = build_trie([*copies, *paths], max_nodes)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+                     parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
 
     def observe(self, outcome: StepOutcome) -> None:
         """Read the heads at the hidden state of the row that produced the last new token."""
+        if self.copies is not None:
+            self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
         if outcome.hidden is None:
             self._topk = None
             return
@@ -149,12 +184,13 @@ def build(ctx) -> MedusaProposer:
     from . import take_options
 
     opts = take_options(ctx.options, ("medusa_heads", "tree", "tree_size", "typical_acceptance", "posterior_threshold",
-                                      "posterior_alpha"), "medusa")
+                                      "posterior_alpha", "copy_tokens"), "medusa")
     heads = _resolve_heads(opts.get("medusa_heads"), ctx.target)
     options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads),
                             tree_size=_resolve_tree_size(opts.get("tree_size")),
-                            typical_acceptance=_resolve_typical(opts))
+                            typical_acceptance=_resolve_typical(opts),
+                            **({"copy_tokens": opts["copy_tokens"]} if opts.get("copy_tokens") is not None else {}))
     tree = options.tree
     if options.tree_size is not None:
         tree = cap_tree(tree, options.tree_size, heads.config.head_accuracy)
-    return MedusaProposer(heads, tree, options.typical_acceptance)
+    return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens)

@@ -28,7 +28,8 @@ the current suffix (as in prompt lookup; ``COPY_BRANCHES`` of them, starting
 with different tokens) are verified as more candidates in the same trie, with a length that doubles while copies are accepted and
 shrinks when they are not (``copy_tokens`` at most; 0 turns copies off), and
 that follows how far the match agrees with the text before it
-(:func:`~specdec.proposers.prompt_lookup.copy_length`).
+(:func:`~specdec.proposers.prompt_lookup.copy_length`; constants and state in
+:class:`~specdec.proposers.prompt_lookup.ContextCopies`).
 While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
 it), a step sends the candidates without the window's rows, which makes it
 cheaper; the window waits and resumes when a copy fails.
@@ -44,12 +45,8 @@ import torch
 from ..errors import SpecdecError, UnsupportedModelError
 from ..tree import build_trie
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import ContextCopies
+from .prompt_lookup import COPY_TOKENS, ContextCopies
 
-COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
-COPY_START = 8  # length of the first copy of a generation
-COPY_BRANCHES = 2  # continuations of different earlier occurrences (the second one short)
-COPY_HOT = 4  # a copy that kept this many tokens makes the next step a copy step (no window rows)
 
 # attention implementations that take a custom 4D float mask through the public forward
 MASKABLE_ATTENTION = ("sdpa", "eager")
@@ -82,7 +79,7 @@ class LookaheadConfig:
     window_size: int = 1
     ngram_size: int = 3
     guess_size: int = 3
-    copy_tokens: int = 32
+    copy_tokens: int = COPY_TOKENS
     copy_min_ngram: int = 1
 
     def __post_init__(self) -> None:
@@ -230,8 +227,7 @@ class LookaheadProposer:
         self._indexed = self.pool.add_sequence(prompt)
         self.copies = None
         if cfg.copy_tokens:
-            self.copies = ContextCopies(cfg.copy_tokens, cfg.copy_min_ngram, COPY_MAX_NGRAM, COPY_START,
-                                        COPY_BRANCHES, COPY_HOT)
+            self.copies = ContextCopies(cfg.copy_tokens, cfg.copy_min_ngram)
             self.copies.reset(prompt)
         # a fixed seed: the same prompt always starts the same window
         picks = torch.randint(len(prompt), (cfg.window_size,), generator=torch.Generator().manual_seed(0))

@@ -41,9 +41,7 @@ from ..medusa.tree import TreeBuffers, build_tree, cap_tree, default_tree
 from ..tree import build_trie
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import ContextCopies
-
-COPY_TOKENS = 32  # longest context copy verified per step (as lookahead's default)
+from .prompt_lookup import COPY_TOKENS, ContextCopies
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ tokens to the position right after its latest occurrence that has a
 continuation, so a lookup costs one dict access per n instead of a rescan of
 the context. Longer matches are tried first.
 
-Lookahead's context copies and the draft's copy checks size a copy by how
+Context copies (:class:`ContextCopies`, used by lookahead and Medusa) and
+the draft's copy checks size a copy by how
 far the match agrees (see :func:`copy_length`): measured on the target's
 greedy outputs of the shared prompts (qwen-coder-1.5b), a copy whose context
 agrees for only its one matched token kept ~0.4 tokens on average on code and
@@ -169,6 +170,13 @@ def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int
     return max(2, min(longest, grown))
 
 
+COPY_TOKENS = 32  # longest context copy a host proposer verifies per step (its ``copy_tokens`` default)
+COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
+COPY_START = 8  # length of the first copy of a generation
+COPY_BRANCHES = 2  # continuations of different earlier occurrences (the second one short)
+COPY_HOT = 4  # a copy that kept this many tokens makes the next step a copy step
+
+
 class ContextCopies:
     """Context copies verified beside another proposer's candidates (lookahead, Medusa).
 
@@ -183,8 +191,8 @@ class ContextCopies:
     cheaper.
     """
 
-    def __init__(self, longest: int, min_n: int = 1, max_n: int = 3, start: int = 8, branches: int = 2,
-                 hot_tokens: int = 4) -> None:
+    def __init__(self, longest: int, min_n: int = 1, max_n: int = COPY_MAX_NGRAM, start: int = COPY_START,
+                 branches: int = COPY_BRANCHES, hot_tokens: int = COPY_HOT) -> None:
         self.longest, self.min_n, self.max_n = longest, min(min_n, max_n), max_n
         self.start, self.branches, self.hot_tokens = start, branches, hot_tokens
         self.index = NgramIndex(self.min_n, self.max_n)

@@ -149,7 +149,7 @@ class SpeculativeGenerator:
         if self.draft is not None and self.method == "draft":
             check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
         self.device = next(target.parameters()).device
-        self.context_length = _context_length(target)
+        self.context_length = model_context_length(target)
         self._cache_arg = kvcache.cache_argument(target)
         self.proposer = build_proposer(
             self.method,
@@ -190,12 +190,7 @@ class SpeculativeGenerator:
 
     def eos_token_ids(self) -> set[int]:
         """Every EOS id of the target's generation config (else the tokenizer's)."""
-        ids = getattr(getattr(self.target, "generation_config", None), "eos_token_id", None)
-        if ids is None and self.tokenizer is not None:
-            ids = getattr(self.tokenizer, "eos_token_id", None)
-        if ids is None:
-            return set()
-        return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+        return eos_token_ids(self.target, self.tokenizer)
 
     # ------------------------------------------------------------------ API
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, **kwargs: Any) -> GenerationResult:
@@ -410,7 +405,18 @@ class SpeculativeGenerator:
             )
 
 
-def _context_length(model: torch.nn.Module) -> int:
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
+    """Every EOS id of ``model``'s generation config (else the tokenizer's; empty if neither has one)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
+
+
+def model_context_length(model: torch.nn.Module) -> int:
+    """Positions ``model`` was made for (its config's maximum; 2048 when it names none)."""
     cfg = model.config
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, name, None)

@@ -493,7 +493,7 @@ def test_cli_train_medusa(tmp_path):
     out = tmp_path / "heads"
     args = ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--heads", "2",
             "--steps", "4", "--seq-len", "32", "--cache-tokens", "256", "--batch-size", "16", "--subset-size", "0",
-            "--dtype", "float32", "--checkpoint-every", "2"]
+            "--answers", "2", "--answer-batch", "2", "--dtype", "float32", "--checkpoint-every", "2"]
     runner = CliRunner()
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
@@ -501,7 +501,14 @@ def test_cli_train_medusa(tmp_path):
     assert (out / "medusa_heads.safetensors").is_file() and (out / "checkpoint" / "train_state.pt").is_file()
     res = runner.invoke(main, args[:-4] + ["--steps", "6", "--resume"])
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "train_report.json").read_text())["steps_run"] == 2
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps_run"] == 2 and report["answer_windows"] == 2 and report["eval_on"] == "answers"
+    only = tmp_path / "only"
+    res = runner.invoke(main, [*args[:args.index("--out")], "--out", str(only), *args[args.index("--out") + 2:],
+                               "--cache-only"])
+    assert res.exit_code == 0, res.output
+    assert "and 2 answers" in res.output and not (only / "medusa_heads.safetensors").exists()
+    assert (only / "answers" / "features.safetensors").is_file() and (only / "cache" / "features.safetensors").is_file()
 
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
@@ -575,3 +582,98 @@ def test_training_with_exact_labels(tmp_path):
     _, report = train(target, ByteTokenizer(), _own_text_corpus(tmp_path, target), tmp_path / "o", cfg)
     assert report["exact_labels"] and report["train_positions"] <= report["train_positions_all"]
     assert len(report["top1"]) == len(report["top1_all_labels"]) == len(report["exact_label_share"]) == 2
+
+
+# ---------------------------------------------------------------- answers (in-distribution self-distillation)
+def test_answer_batch_is_greedy_decoding_with_its_hidden_states():
+    """Left-padded batched answers equal transformers' greedy per prompt, stop at EOS, and keep each
+    position's final hidden state (as a full forward over prompt + answer computes it)."""
+    from specdec.medusa.distill import ENDED, answer_batch
+    from specdec.medusa.train import decoder_body
+
+    prompts = [[5, 9, 13, 2, 7, 7, 30], [11, 3], [40, 41, 42, 43]]
+    free = hf_greedy(tiny_model("qwen2", vocab=64, sharpness=3.0), prompts[1], 6)
+    target = tiny_model("qwen2", vocab=64, sharpness=3.0, eos=free[3])  # prompt 1 ends at its 4th token
+    length = 10
+    hidden, preds, tokens = answer_batch(target, prompts, length, {free[3]})
+    assert hidden.shape == (3, length, 32) and preds.shape == tokens.shape == (3, length)
+    ended = 0
+    for r, prompt in enumerate(prompts):
+        ref = hf_greedy(target, prompt, length - 1)  # stops after EOS
+        row = tokens[r].tolist()
+        n = row.index(ENDED) if ENDED in row else length
+        assert row[0] == prompt[-1] and row[1:n] == ref[: n - 1]
+        assert preds[r, : n - 1].tolist() == row[1:n]  # every label inside the answer is the greedy token
+        if n < length:
+            ended += 1
+            assert row[n - 1] == free[3] and set(row[n:]) == {ENDED}
+        with torch.no_grad():
+            full = decoder_body(target)(input_ids=torch.tensor([prompt + row[1:n]])).last_hidden_state[0]
+        torch.testing.assert_close(hidden[r, :n], full[len(prompt) - 1 :], atol=1e-4, rtol=1e-4)
+    assert ended >= 1
+
+
+def _documented_source() -> str:
+    body = "\n".join(f"    total += {i}" for i in range(3))
+    return (
+        "import os\n\n\n"
+        "def add_all(values, start=0):\n"
+        '    """Add every value to the start and return the total sum."""\n'
+        f"    total = start\n{body}\n    return total\n\n\n"
+        "class Counter:\n"
+        '    """A counter of hashable items with a most-common query."""\n\n'
+        "    def __init__(self):\n        self.items = {}\n\n"
+        "    def add(self, item):\n        self.items[item] = self.items.get(item, 0) + 1\n\n\n"
+        "def undocumented(x):\n    y = x + 1\n    z = y * 2\n    return z\n\n\n"
+        "def test_something():\n"
+        '    """Tests are not instructions worth answering."""\n    assert 1\n    assert 2\n    assert 3\n'
+    )
+
+
+def test_instructions_from_texts_table():
+    from specdec.medusa.distill import python_units
+
+    units = {fields["name"]: (kind, fields) for kind, fields in python_units(_documented_source())}
+    assert set(units) == {"add_all", "Counter"}  # undocumented and test functions are skipped
+    kind, fields = units["add_all"]
+    assert kind == "function" and fields["signature"] == "add_all(values, start)"
+    assert fields["summary"] == "Add every value to the start and return the total sum"
+    assert fields["code"].startswith("def add_all(values, start=0):") and fields["code"].endswith("return total")
+    assert units["Counter"][0] == "class" and units["Counter"][1]["signature"] == "Counter"
+    assert list(python_units("def broken(:\n")) == []
+
+
+def test_instructions_are_seeded_and_spread_over_the_corpus():
+    from specdec.medusa.distill import instructions_from_texts
+
+    prose = " ".join(["Speculative decoding proposes tokens and the target checks them in one pass."] * 8)
+    texts = [_documented_source(), prose, "a,b,c\n1,2,3\n" * 40, _documented_source().replace("add_all", "mul_all")]
+    made = instructions_from_texts(texts, 10, seed=3)
+    assert made == instructions_from_texts(texts, 10, seed=3)
+    assert instructions_from_texts(texts, 3, seed=3) == made[:3]  # a smaller request is a prefix
+    assert len(made) == 5  # two per source file, one summary of the prose, nothing from the CSV
+    assert sum(m.startswith("Summarize the following text") for m in made) == 1
+    assert all("{" not in m.split("\n")[0] for m in made)  # every template field was filled
+    assert any("mul_all" in m for m in made) and any("add_all" in m for m in made)
+
+
+def test_training_with_answers(tmp_path):
+    target = tiny_model("llama", vocab=256, sharpness=4.0)
+    cfg = TrainConfig(num_heads=2, steps=6, seq_len=32, batch_size=16, cache_tokens=320, subset_size=0,
+                      chat_wrap=False, measure_cost=False, checkpoint_every=0, answers=4, answer_batch=3,
+                      eval_fraction=0.2)
+    calls = []
+    _, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "o", cfg, progress=calls.append)
+    assert report["eval_on"] == "answers" and report["answer_windows"] == 4
+    assert report["exact_label_share"] == [1.0, 1.0]  # answers are the target's own continuation
+    assert len(report["top1_corpus"]) == 2
+    # 3 training answers (one of 4 is held out) of 32 positions, less the 2 last, join 5 training windows of
+    # the corpus (its 6 files give 6 windows; one is held out)
+    assert report["cache_positions"] == 6 * 32
+    assert report["train_positions"] == report["train_positions_all"] == 5 * 30 + 3 * 30
+    done = [c.done for c in calls if c.phase == "answers"]
+    assert done == [3, 4] and all(c.total == 4 for c in calls if c.phase == "answers")
+    seen = []
+    _, again = train(target, ByteTokenizer(), tmp_path / "corpus", tmp_path / "o", cfg, progress=seen.append)
+    assert not [c for c in seen if c.phase in ("answers", "cache")]  # both caches are reused
+    assert again["train_positions"] == report["train_positions"]

@@ -39,6 +39,12 @@ def _default(name: str) -> Any:
 @click.option("--exact-labels/--all-labels", default=_default("exact_labels"), show_default=True,
               help="Train head k at a position only where the corpus' next k+1 tokens are the target's own greedy "
                    "predictions, so every label is the target's own continuation (fewer, cleaner labels).")
+@click.option("--answers", type=click.IntRange(min=0), default=_default("answers"), show_default=True,
+              help="Also let the target answer this many instructions made from --data (write, edit, test or "
+                   "explain its functions; summarise its prose) and train on its answers: in-distribution for a "
+                   "chat UI, every label exact. Answers are cached in OUT/answers; the held-out ones size the tree.")
+@click.option("--answer-batch", type=click.IntRange(min=1), default=_default("answer_batch"), show_default=True,
+              help="Answers computed together (one batched forward per token).")
 @click.option("--cache-save-every", type=click.IntRange(min=0), default=_default("cache_save_every"),
               show_default=True, help="Windows between saves of OUT/cache while it is computed (0 = at the end).")
 @click.option("--measure-cost/--no-measure-cost", default=_default("measure_cost"), show_default=True,
@@ -74,7 +80,7 @@ def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: boo
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load_target(target, dtype, device)
-    from ..medusa.train import load_or_collect, train
+    from ..medusa.train import load_or_answer, load_or_collect, train
 
     if cache_only:
         import time
@@ -82,18 +88,21 @@ def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: boo
         t0 = time.perf_counter()
         with _ProgressView(cfg) as view:
             hidden, _, _, _ = load_or_collect(model, tokenizer, data, cfg, Path(out), progress=view.update)
-        click.echo(f"cached {hidden.shape[0]} windows ({hidden.shape[0] * hidden.shape[1]} positions) in {out}/cache "
-                   f"in {time.perf_counter() - t0:.0f}s")
+            answers = load_or_answer(model, tokenizer, data, cfg, Path(out), view.update)[0] if cfg.answers else None
+        click.echo(f"cached {hidden.shape[0]} windows ({hidden.shape[0] * hidden.shape[1]} positions) in {out}/cache"
+                   + (f" and {answers.shape[0]} answers in {out}/answers" if answers is not None else "")
+                   + f" in {time.perf_counter() - t0:.0f}s")
         return
     with _ProgressView(cfg) as view:
         heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
     top1 = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1"]))
     top1_all = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1_all_labels"]))
     click.echo(f"saved {cfg.num_heads} heads to {out}")
-    click.echo(f"held-out top-1 accuracy on the target's own continuation: {top1}")
+    click.echo(f"held-out top-1 accuracy on the target's own continuation ({report['eval_on']}): {top1}")
     click.echo(f"held-out top-1 accuracy on every label (corpus context): {top1_all}")
     click.echo(f"tree: {report['tree_nodes']} nodes, expected {report['expected_tokens_per_step']:.2f} tokens/step "
-               f"(incl. the +1); cache {report['cache_seconds']:.0f}s, training {report['train_seconds']:.0f}s")
+               f"(incl. the +1); cache {report['cache_seconds']:.0f}s, answers {report['answer_seconds']:.0f}s, "
+               f"training {report['train_seconds']:.0f}s")
     click.echo(json.dumps({k: report[k] for k in ("top1", "top5", "top1_all_labels", "top5_all_labels", "tree_nodes",
                                                   "expected_tokens_per_step")}))
 
@@ -132,7 +141,8 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def update(self, p: Progress) -> None:
-        names = {"cache": "caching target states", "train": "training heads", "eval": "measuring accuracy"}
+        names = {"cache": "caching target states", "answers": "target answering instructions",
+                 "train": "training heads", "eval": "measuring accuracy"}
         if p.phase not in self.tasks:
             self.tasks[p.phase] = self.bar.add_task(names[p.phase], total=p.total, info="")
         info = ""

@@ -22,6 +22,12 @@ The target stays frozen. Steps:
 4. *Evaluate*: per-head, per-rank accuracy on held-out windows, then the
    tree that maximises expected tokens per unit of forward cost (measured on
    the target) is stored with the heads.
+
+With ``answers`` the target also answers instructions made from the corpus
+(:mod:`specdec.medusa.distill`, cached in ``OUT/answers``): windows of its own
+answers, where every label is exact and the text is what decoding continues
+in a chat UI. They are trained on beside the corpus windows, and their
+held-out part sizes the tree.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fi
 from .tree import measure_row_cost, row_cost, tree_from_accuracies
 
 CACHE_DIR = "cache"
+ANSWERS_DIR = "answers"
+ANSWER_SAVE_BATCHES = 4  # batches of answers between saves of OUT/answers
 CHECKPOINT_DIR = "checkpoint"
 CHAT_INSTRUCTION = "Write some Python code."
 EVAL_RANKS = 10
@@ -75,6 +83,11 @@ class TrainConfig:
         exact_labels: train head ``k`` at position ``t`` only where the corpus tokens
             ``t+1 .. t+1+k`` equal the target's greedy predictions, so its label is exactly
             the target's own greedy continuation (see :func:`exact_label_mask`).
+        answers: instructions made from the data that the target answers greedily
+            (:mod:`specdec.medusa.distill`); their ``seq_len``-token answers are trained on
+            beside the corpus windows (every label exact) and the held-out answers
+            size the tree, since decoding continues answers. 0 = corpus windows only.
+        answer_batch: answers computed together in one batched forward per token.
     """
 
     num_heads: int = DEFAULT_NUM_HEADS
@@ -98,6 +111,8 @@ class TrainConfig:
     max_tree_nodes: int = 64
     cache_save_every: int = 32
     exact_labels: bool = False
+    answers: int = 0
+    answer_batch: int = 32
 
     def __post_init__(self) -> None:
         checks = {
@@ -107,6 +122,7 @@ class TrainConfig:
             "distance_decay": 0 < self.distance_decay <= 1, "warmup_steps": self.warmup_steps >= 0,
             "eval_fraction": 0 <= self.eval_fraction < 1, "checkpoint_every": self.checkpoint_every >= 0,
             "max_tree_nodes": self.max_tree_nodes >= 1, "cache_save_every": self.cache_save_every >= 0,
+            "answers": self.answers >= 0, "answer_batch": self.answer_batch >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -172,7 +188,7 @@ def make_windows(texts: list[str], tokenizer: Any, cfg: TrainConfig, prefix: lis
 
 
 # ---------------------------------------------------------------------- cache
-def _body(target: torch.nn.Module) -> torch.nn.Module:
+def decoder_body(target: torch.nn.Module) -> torch.nn.Module:
     body = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
     if body is None:
         raise SpecdecError(f"cannot find the decoder body of {type(target).__name__}")
@@ -191,7 +207,7 @@ def collect_features(
         ``hidden [N, L, H]`` (target dtype, final post-norm hidden states) and
         ``preds [N, L]`` int32, ``preds[:, t] = argmax lm_head(hidden[:, t])``.
     """
-    body, lm_head = _body(target), target.get_output_embeddings()
+    body, lm_head = decoder_body(target), target.get_output_embeddings()
     device = next(target.parameters()).device
     hiddens, preds = [], []
     for i, w in enumerate(windows):
@@ -203,11 +219,81 @@ def collect_features(
     return torch.stack(hiddens), torch.stack(preds)
 
 
+Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [N, L, H], preds [N, L], tokens [N, L]
+
+
 def _cache_meta(target: torch.nn.Module, cfg: TrainConfig, data: str) -> dict[str, Any]:
     """What a cache must match to be reused (its size may differ: windows are a seeded prefix order)."""
     return {"data": str(data), "seq_len": cfg.seq_len, "seed": cfg.seed, "chat_wrap": cfg.chat_wrap,
             "max_docs": cfg.max_docs, "fingerprint": target_fingerprint(target),
             "dtype": str(next(target.parameters()).dtype)}
+
+
+def cached_rows(
+    cache: Path, meta: dict[str, Any], need: int, plan: Callable[[], int],
+    compute: Callable[[int, int, ProgressFn], Features], chunk: int, phase: str = "cache",
+    progress: ProgressFn | None = None,
+) -> Features:
+    """The first ``need`` rows of the feature cache in ``cache``, computing only the missing ones.
+
+    Rows come in a fixed (seeded) order, so a cache made for fewer rows holds
+    the first rows of a bigger request, and a bigger cache is cut to the
+    request. ``plan()`` prepares the rows (reads the data) and returns how many
+    exist; it is called only when the cache is short. ``compute(first, last,
+    progress)`` gives rows ``first .. last - 1``. The cache is saved every
+    ``chunk`` rows, so an interrupted run loses little.
+    """
+    from safetensors.torch import load_file
+
+    have: Features | None = None
+    if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
+        saved = json.loads((cache / "meta.json").read_text())
+        t = load_file(str(cache / "features.safetensors")) if {k: saved.get(k) for k in meta} == meta else {}
+        if "tokens" in t:
+            have = (t["hidden"], t["preds"], t["tokens"])
+            if have[0].shape[0] >= need:
+                return _cut(have, need)
+    count = min(need, plan())
+    done = 0 if have is None else have[0].shape[0]
+    if have is not None and done >= count:  # cached all the data holds
+        return _cut(have, count)
+    parts = [] if have is None else [have]
+    for first in range(done, count, max(1, chunk)):
+        last = min(first + max(1, chunk), count)
+
+        def chunk_progress(p: Progress, offset: int = first - done) -> None:
+            if progress:
+                progress(Progress(phase, offset + p.done, count - done))
+
+        parts.append(compute(first, last, chunk_progress))
+        if last < count:
+            _save_cache(cache, meta, parts)
+    feats = _cat(parts)
+    _save_cache(cache, meta, [feats])
+    return feats
+
+
+def _cut(feats: Features, n: int) -> Features:
+    return feats[0][:n], feats[1][:n], feats[2][:n].long()
+
+
+def _cat(parts: list[Features]) -> Features:
+    return tuple(torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]  # type: ignore[return-value]
+                 for k in range(3))
+
+
+def _save_cache(cache: Path, meta: dict[str, Any], parts: list[Features]) -> None:
+    """Write ``cache/features.safetensors`` (hidden, preds, tokens) and ``meta.json`` atomically enough."""
+    from safetensors.torch import save_file
+
+    cache.mkdir(parents=True, exist_ok=True)
+    hidden, preds, tokens = _cat(parts)
+    tensors = {"hidden": hidden.contiguous(), "preds": preds.contiguous(),
+               "tokens": tokens.to(torch.int32).contiguous()}
+    tmp = cache / "features.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(cache / "features.safetensors")
+    (cache / "meta.json").write_text(json.dumps({**meta, "windows": int(hidden.shape[0])}))
 
 
 def load_or_collect(
@@ -216,72 +302,65 @@ def load_or_collect(
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """``(hidden [N, L, H], preds [N, L], first usable position, tokens [N, L])``, reusing ``out/cache``.
 
-    ``tokens`` are the windows' own (corpus) token ids. Windows come in a
-    seeded order, so a cache made with fewer ``cache_tokens`` holds the first
-    windows of a bigger request: only the missing ones are computed, and a
-    bigger cache is cut to the request. The cache is saved every
-    ``cfg.cache_save_every`` windows, so an interrupted run loses little.
+    ``tokens`` are the windows' own (corpus) token ids; see :func:`cached_rows`
+    for what is reused (the cache is saved every ``cfg.cache_save_every`` windows).
     """
-    from safetensors.torch import load_file
-
     from .data import read_corpus
 
-    cache = out / CACHE_DIR
-    meta = _cache_meta(target, cfg, str(data))
     prefix = chat_prefix(tokenizer) if cfg.chat_wrap else []
     start = max(len(prefix) - 1, 0)
+    meta = {**_cache_meta(target, cfg, str(data)), "start": start}
+    windows: list[torch.Tensor] = []
+
+    def plan() -> int:
+        texts = read_corpus(data)
+        windows.append(make_windows(texts[: cfg.max_docs] if cfg.max_docs else texts, tokenizer, cfg, prefix))
+        return windows[0].shape[0]
+
+    def compute(first: int, last: int, prog: ProgressFn) -> Features:
+        h, p = collect_features(target, windows[0][first:last], prog)
+        return h, p, windows[0][first:last]
+
     need = math.ceil(cfg.cache_tokens / cfg.seq_len)
-    hidden = preds = tokens = None
-    if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
-        saved = json.loads((cache / "meta.json").read_text())
-        if {k: saved.get(k) for k in meta} == meta:
-            t = load_file(str(cache / "features.safetensors"))
-            hidden, preds, tokens = t["hidden"], t["preds"], t.get("tokens")
-            if hidden.shape[0] >= need and tokens is not None:
-                return hidden[:need], preds[:need], int(saved["start"]), tokens[:need].long()
-    texts = read_corpus(data)
-    if cfg.max_docs:
-        texts = texts[: cfg.max_docs]
-    windows = make_windows(texts, tokenizer, cfg, prefix)
-    have = 0 if hidden is None else hidden.shape[0]
-    if hidden is not None and have >= min(need, windows.shape[0]):  # cached enough (or all the data holds)
-        n = min(need, have)
-        return hidden[:n], preds[:n], start, windows[:n]
-    hiddens = [] if hidden is None else [hidden]
-    predss = [] if preds is None else [preds]
-    total = windows.shape[0] - have
-    chunk = max(1, cfg.cache_save_every) if cfg.cache_save_every else total
-    for first in range(have, windows.shape[0], chunk):
-        done = first - have
-
-        def chunk_progress(p: Progress, done: int = done) -> None:
-            if progress:
-                progress(Progress("cache", done + p.done, total))
-
-        h, pr = collect_features(target, windows[first : first + chunk], chunk_progress)
-        hiddens.append(h)
-        predss.append(pr)
-        n = first + h.shape[0]
-        if n < windows.shape[0]:
-            _save_cache(cache, meta, start, hiddens, predss, windows[:n])
-    hidden, preds = torch.cat(hiddens), torch.cat(predss)
-    _save_cache(cache, meta, start, [hidden], [preds], windows)
-    return hidden, preds, start, windows
+    hidden, preds, tokens = cached_rows(out / CACHE_DIR, meta, need, plan, compute, cfg.cache_save_every or need,
+                                        "cache", progress)
+    return hidden, preds, start, tokens.long()
 
 
-def _save_cache(cache: Path, meta: dict[str, Any], start: int, hiddens: list[torch.Tensor],
-                preds: list[torch.Tensor], windows: torch.Tensor) -> None:
-    """Write ``cache/features.safetensors`` (hidden, preds, tokens) and ``meta.json`` atomically enough."""
-    from safetensors.torch import save_file
+def load_or_answer(
+    target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
+    progress: ProgressFn | None = None,
+) -> Features:
+    """The target's own answers to ``cfg.answers`` instructions made from ``data``, reusing ``out/answers``.
 
-    cache.mkdir(parents=True, exist_ok=True)
-    hidden = torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0]
-    tensors = {"hidden": hidden.contiguous(), "preds": (torch.cat(preds) if len(preds) > 1 else preds[0]).contiguous(),
-               "tokens": windows[: hidden.shape[0]].to(torch.int32).contiguous()}
-    tmp = cache / "features.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(cache / "features.safetensors")
-    (cache / "meta.json").write_text(json.dumps({**meta, "start": start, "windows": int(hidden.shape[0])}))
+    See :mod:`specdec.medusa.distill`. Returns ``(hidden [N, L, H], preds [N, L],
+    tokens [N, L])`` with ``L = cfg.seq_len``, first usable position 0, and
+    ``tokens`` = :data:`~specdec.medusa.distill.ENDED` after an answer's end.
+    """
+    from ..engine import model_context_length, eos_token_ids
+    from .data import read_corpus
+    from .distill import MAX_PROMPT_TOKENS, answer_features, instruction_prompts, instructions_from_texts
+
+    meta = {**_cache_meta(target, cfg, str(data)), "kind": "answers"}
+    prompts: list[list[int]] = []
+
+    def plan() -> int:
+        texts = read_corpus(data)
+        made = instructions_from_texts(texts[: cfg.max_docs] if cfg.max_docs else texts, 2 * cfg.answers, cfg.seed)
+        limit = min(MAX_PROMPT_TOKENS, model_context_length(target) - cfg.seq_len)
+        prompts.extend(instruction_prompts(tokenizer, made, cfg.answers, limit))
+        if not prompts:
+            raise SpecdecError(f"no instruction of at most {limit} tokens could be made from {data}",
+                               "give Python source or prose documents, or train without --answers")
+        return len(prompts)
+
+    def compute(first: int, last: int, prog: ProgressFn) -> Features:
+        return answer_features(target, prompts[first:last], cfg.seq_len, cfg.answer_batch,
+                               eos_token_ids(target, tokenizer),
+                               progress=lambda done, total: prog(Progress("answers", done, total)))
+
+    return cached_rows(out / ANSWERS_DIR, meta, cfg.answers, plan, compute, ANSWER_SAVE_BATCHES * cfg.answer_batch,
+                       "answers", progress)
 
 
 # ---------------------------------------------------------------------- training
@@ -387,6 +466,41 @@ def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor
     return (hits / counts.clamp_min(1)[:, None]).tolist()
 
 
+@dataclass
+class Positions:
+    """Training or held-out positions of one source.
+
+    Attributes:
+        pos: ``[P, 2]`` (window, t), window indices counted in the concatenated hidden states.
+        labels: ``[P, K]`` token ids (:func:`head_labels`).
+        exact: ``[P, K]`` bool (:func:`exact_label_mask`).
+        windows: index one past the last window of this split (in the concatenated hidden states).
+    """
+
+    pos: torch.Tensor
+    labels: torch.Tensor
+    exact: torch.Tensor
+    windows: int
+
+
+def split_positions(preds: torch.Tensor, tokens: torch.Tensor, start: int, cfg: TrainConfig,
+                    offset: int = 0) -> tuple[Positions, Positions]:
+    """``(train, held_out)`` positions of one source: its last ``cfg.eval_fraction`` of windows are held out.
+
+    Args:
+        preds, tokens: ``[N, L]``; start: first usable position; offset: index of this
+            source's first window among all windows.
+    """
+    n = preds.shape[0]
+    n_eval = int(round(n * cfg.eval_fraction)) if n > 1 else 0
+    out = []
+    for lo, hi in ((0, n - n_eval), (n - n_eval, n)):
+        pos, labels = head_labels(preds[lo:hi], cfg.num_heads, start)
+        exact = exact_label_mask(preds[lo:hi], tokens[lo:hi], pos, cfg.num_heads)
+        out.append(Positions(pos + torch.tensor([offset + lo, 0]), labels, exact, offset + hi))
+    return out[0], out[1]
+
+
 def _save_checkpoint(heads: MedusaHeads, opt: torch.optim.Optimizer, step: int, out: Path, cfg: TrainConfig) -> None:
     ck = out / CHECKPOINT_DIR
     heads.save(ck)
@@ -417,25 +531,36 @@ def train(
     t0 = time.perf_counter()
     hidden, preds, start, tokens = load_or_collect(target, tokenizer, data, cfg, out, progress)
     cache_seconds = time.perf_counter() - t0
+    corpus = split_positions(preds, tokens, start, cfg)
+    answers: tuple[Positions, Positions] | None = None
+    answer_seconds, n_answers, n_corpus = 0.0, 0, hidden.shape[0]
+    if cfg.answers:
+        t0 = time.perf_counter()
+        a_hidden, a_preds, a_tokens = load_or_answer(target, tokenizer, data, cfg, out, progress)
+        answer_seconds = time.perf_counter() - t0
+        n_answers = a_hidden.shape[0]
+        answers = split_positions(a_preds, a_tokens, 0, cfg, offset=n_corpus)
+        train_preds = torch.cat([preds[: corpus[0].windows], a_preds[: answers[0].windows - n_corpus]])
+        hidden = torch.cat([hidden, a_hidden])
+        del a_hidden
+    else:
+        train_preds = preds[: corpus[0].windows]
     vocab = int(target.get_output_embeddings().weight.shape[0])
+    subset = frequent_tokens(train_preds, cfg.subset_size, vocab)
 
-    n_eval = int(round(hidden.shape[0] * cfg.eval_fraction)) if hidden.shape[0] > 1 else 0
-    n_train = hidden.shape[0] - n_eval
-    pos, labels = head_labels(preds[:n_train], cfg.num_heads, start)
-    epos, elabels = head_labels(preds[n_train:], cfg.num_heads, start) if n_eval else (pos[:0], labels[:0])
-    exact = exact_label_mask(preds[:n_train], tokens[:n_train], pos, cfg.num_heads)  # [P, K]
-    eexact = exact_label_mask(preds[n_train:], tokens[n_train:], epos, cfg.num_heads) if n_eval else exact[:0]
-    subset = frequent_tokens(preds[:n_train], cfg.subset_size, vocab)
-    sub_labels = to_subset(labels, subset, vocab)
+    # answers are the target's own text: their labels are always exact (and none is read past an answer's end)
+    parts = [(corpus[0], cfg.exact_labels)] + ([(answers[0], True)] if answers else [])
+    pos = torch.cat([q.pos for q, _ in parts])
+    labels = torch.cat([q.labels for q, _ in parts])
+    exact = torch.cat([q.exact for q, _ in parts])
+    exact_only = torch.cat([torch.full((q.pos.shape[0],), only) for q, only in parts])
     all_positions = int(pos.shape[0])
-    if cfg.exact_labels:
-        sub_labels = sub_labels.masked_fill(~exact, -100)
-        keep = exact[:, 0]  # a position whose first label is not exact teaches no head
-        pos, labels, sub_labels, exact = pos[keep], labels[keep], sub_labels[keep], exact[keep]
-        if pos.shape[0] == 0:
-            raise SpecdecError("no position where the corpus follows the target's own predictions",
-                               "train without exact_labels (--all-labels)")
-    train_hidden = hidden[:n_train]
+    sub_labels = to_subset(labels, subset, vocab).masked_fill(~exact & exact_only[:, None], -100)
+    keep = exact[:, 0] | ~exact_only  # a position whose first label is not exact teaches no head
+    pos, labels, sub_labels, exact = pos[keep], labels[keep], sub_labels[keep], exact[keep]
+    if pos.shape[0] == 0:
+        raise SpecdecError("no position where the corpus follows the target's own predictions",
+                           "train without exact_labels (--all-labels)")
 
     ck = out / CHECKPOINT_DIR
     first_step = 0
@@ -468,7 +593,7 @@ def train(
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
         p = pos[idx]
-        h = train_hidden[p[:, 0], p[:, 1]].float()  # [B, H]
+        h = hidden[p[:, 0], p[:, 1]].float()  # [B, H]
         logits = heads(h)  # [B, K, V']
         loss, top1 = medusa_loss(logits, sub_labels[idx], cfg.distance_decay)
         opt.zero_grad(set_to_none=True)
@@ -485,13 +610,21 @@ def train(
     heads.eval()
     if progress:
         progress(Progress("eval", 0, 1))
-    eh = hidden[n_train:][epos[:, 0], epos[:, 1]] if n_eval else train_hidden[pos[:2048, 0], pos[:2048, 1]]
-    el = elabels if n_eval else labels[:2048]
-    ev = eexact if n_eval else exact[:2048]
+    # the tree is sized on held-out answers when there are some: decoding continues answers
+    held_out = (answers or corpus)[1]
+    if held_out.pos.shape[0] == 0:  # nothing held out: measure on (some) training positions
+        seen = (answers or corpus)[0]
+        held_out = Positions(seen.pos[:2048], seen.labels[:2048], seen.exact[:2048], 0)
+    eh = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
+    el, ev = held_out.labels, held_out.exact
     # "exact": only labels that are the target's own greedy continuation (what decoding checks);
     # "all": every label read in the corpus' context (noisier: the corpus may leave the target's path)
     accuracy = rank_accuracy(heads, eh, el, valid=ev)
     accuracy_all = rank_accuracy(heads, eh, el)
+    accuracy_corpus = None
+    if answers is not None and corpus[1].pos.shape[0]:
+        accuracy_corpus = rank_accuracy(heads, hidden[corpus[1].pos[:, 0], corpus[1].pos[:, 1]], corpus[1].labels,
+                                        valid=corpus[1].exact)
     costs = measure_row_cost(target) if cfg.measure_cost else None
     tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
                                           (lambda r: row_cost(r, costs)) if costs else None)
@@ -512,13 +645,17 @@ def train(
         "tree_nodes": len(tree),
         "expected_tokens_per_step": expected,
         "row_cost": costs,
-        "cache_positions": int(hidden.shape[0] * hidden.shape[1]),
+        "cache_positions": int(n_corpus * hidden.shape[1]),
         "train_positions": int(pos.shape[0]),
         "train_positions_all": all_positions,
         "eval_positions": int(eh.shape[0]),
         "subset_size": 0 if subset is None else int(subset.numel()),
         "subset_coverage": float((sub_labels >= 0).float().mean()) if subset is not None else 1.0,
+        "eval_on": "answers" if answers is not None else "corpus",
+        "top1_corpus": [row[0] for row in accuracy_corpus] if accuracy_corpus else None,
+        "answer_windows": int(n_answers),
         "cache_seconds": cache_seconds,
+        "answer_seconds": answer_seconds,
         "train_seconds": train_seconds,
         "final_loss": loss_ema,
         "steps_run": cfg.steps - first_step,

@@ -498,6 +498,7 @@ def test_cli_train_medusa(tmp_path):
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "held-out top-1 accuracy" in res.output
+    assert "training heads: 4/4 after" in res.output  # no terminal: plain progress lines
     assert (out / "medusa_heads.safetensors").is_file() and (out / "checkpoint" / "train_state.pt").is_file()
     res = runner.invoke(main, args[:-4] + ["--steps", "6", "--resume"])
     assert res.exit_code == 0, res.output

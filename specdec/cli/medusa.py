@@ -123,7 +123,14 @@ def _load_target(target: str, dtype: str, device: str) -> tuple[Any, Any]:
 
 
 class _ProgressView:
-    """A rich progress bar: cache phase, then steps with loss and per-head top-1 accuracy."""
+    """A rich progress bar: cache phase, then steps with loss and per-head top-1 accuracy.
+
+    Without a terminal (output sent to a log file) a bar draws nothing until
+    the end, so a plain line is printed instead, at most every
+    :data:`LOG_EVERY_S` seconds per phase and when a phase completes.
+    """
+
+    LOG_EVERY_S = 60.0
 
     def __init__(self, cfg: TrainConfig) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
@@ -132,6 +139,8 @@ class _ProgressView:
         self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
         self.tasks: dict[str, int] = {}
+        self.logged: dict[str, float] = {}
+        self.started: dict[str, float] = {}
 
     def __enter__(self) -> "_ProgressView":
         self.bar.__enter__()
@@ -141,15 +150,24 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def update(self, p: Progress) -> None:
+        import time
+
         names = {"cache": "caching target states", "answers": "target answering instructions",
                  "train": "training heads", "eval": "measuring accuracy"}
         if p.phase not in self.tasks:
             self.tasks[p.phase] = self.bar.add_task(names[p.phase], total=p.total, info="")
+            self.started[p.phase] = self.logged[p.phase] = time.monotonic()
         info = ""
         if p.loss is not None:
             accs = " ".join(f"{a:.0%}" for a in (p.head_acc or []))
             info = f"loss {p.loss:.3f}  top-1 {accs}  lr {p.lr:.2e}"
         self.bar.update(self.tasks[p.phase], completed=p.done, total=p.total, info=info)
+        now = time.monotonic()
+        if not self.bar.console.is_terminal and (now - self.logged[p.phase] >= self.LOG_EVERY_S
+                                                 or (p.done == p.total and p.total > 0)):
+            self.logged[p.phase] = now
+            self.bar.console.print(f"{names[p.phase]}: {p.done}/{p.total} after {now - self.started[p.phase]:.0f}s"
+                                   + (f"  {info}" if info else ""))
 
 
 commands = [train_medusa]

@@ -12,7 +12,7 @@ documents); in a chat UI they are asked to continue the target's *answers*
    text yields a summarisation request.
 2. :func:`answer_features` lets the target answer them greedily, many at once
    (one batched forward per new token: on a 2-core CPU, 32 rows cost ~2.4x one
-   row, so ~14x the tokens per second of one-row decoding). The hidden state
+   row, so ~13x the tokens per second of one-row decoding). The hidden state
    and the greedy token of every answer position are kept as they are
    computed, so every label is exactly the target's own continuation and no
    second pass over the text is needed.

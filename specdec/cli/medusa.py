@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,6 @@ def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: boo
     from ..medusa.train import load_or_answer, load_or_collect, train
 
     if cache_only:
-        import time
-
         t0 = time.perf_counter()
         with _ProgressView(cfg) as view:
             hidden, _, _, _ = load_or_collect(model, tokenizer, data, cfg, Path(out), progress=view.update)
@@ -150,8 +149,6 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def update(self, p: Progress) -> None:
-        import time
-
         names = {"cache": "caching target states", "answers": "target answering instructions",
                  "train": "training heads", "eval": "measuring accuracy"}
         if p.phase not in self.tasks:

@@ -211,14 +211,13 @@ def answer_batch(
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache, cache_arg = kvcache.new_cache(target), kvcache.cache_argument(body)
-    hidden = torch.empty(batch, length, body.config.hidden_size, dtype=next(target.parameters()).dtype)
+    hidden = torch.zeros(batch, length, body.config.hidden_size, dtype=next(target.parameters()).dtype)
     preds = torch.zeros(batch, length, dtype=torch.int32)
     tokens = torch.full((batch, length), ENDED, dtype=torch.int32)
     tokens[:, 0] = ids[:, -1].to(torch.int32).cpu()
     ended = torch.zeros(batch, dtype=torch.bool)
     step_ids, step_pos = ids, positions
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
-    t_used = length
     for t in range(length):
         h = body(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                  **{cache_arg: cache}).last_hidden_state[:, -1]  # [B, H]
@@ -231,12 +230,9 @@ def answer_batch(
             break
         tokens[:, t + 1] = torch.where(ended, ENDED, preds[:, t])
         if bool((ended | torch.isin(tokens[:, t + 1].long(), eos_ids)).all()):
-            t_used = t + 1  # every row has ended: position t + 1 and later are never read
-            break
+            break  # every row has ended: position t + 1 and later are never read (their states stay 0)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-    if t_used < length:
-        hidden[:, t_used:] = 0
     return hidden, preds, tokens
 
 

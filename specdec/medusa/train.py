@@ -258,8 +258,9 @@ def cached_rows(
     if have is not None and done >= count:  # cached all the data holds
         return _cut(have, count)
     parts = [] if have is None else [have]
-    for first in range(done, count, max(1, chunk)):
-        last = min(first + max(1, chunk), count)
+    step = max(1, chunk)
+    for first in range(done, count, step):
+        last = min(first + step, count)
 
         def chunk_progress(p: Progress, offset: int = first - done) -> None:
             if progress:
@@ -274,7 +275,7 @@ def cached_rows(
 
 
 def _cut(feats: Features, n: int) -> Features:
-    return feats[0][:n], feats[1][:n], feats[2][:n].long()
+    return feats[0][:n], feats[1][:n], feats[2][:n]
 
 
 def _cat(parts: list[Features]) -> Features:
@@ -296,6 +297,14 @@ def _save_cache(cache: Path, meta: dict[str, Any], parts: list[Features]) -> Non
     (cache / "meta.json").write_text(json.dumps({**meta, "windows": int(hidden.shape[0])}))
 
 
+def _documents(data: str | Path, cfg: TrainConfig) -> list[str]:
+    """The corpus' documents, the first ``cfg.max_docs`` of them if set."""
+    from .data import read_corpus
+
+    texts = read_corpus(data)
+    return texts[: cfg.max_docs] if cfg.max_docs else texts
+
+
 def load_or_collect(
     target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
     progress: ProgressFn | None = None,
@@ -305,16 +314,13 @@ def load_or_collect(
     ``tokens`` are the windows' own (corpus) token ids; see :func:`cached_rows`
     for what is reused (the cache is saved every ``cfg.cache_save_every`` windows).
     """
-    from .data import read_corpus
-
     prefix = chat_prefix(tokenizer) if cfg.chat_wrap else []
     start = max(len(prefix) - 1, 0)
     meta = {**_cache_meta(target, cfg, str(data)), "start": start}
     windows: list[torch.Tensor] = []
 
     def plan() -> int:
-        texts = read_corpus(data)
-        windows.append(make_windows(texts[: cfg.max_docs] if cfg.max_docs else texts, tokenizer, cfg, prefix))
+        windows.append(make_windows(_documents(data, cfg), tokenizer, cfg, prefix))
         return windows[0].shape[0]
 
     def compute(first: int, last: int, prog: ProgressFn) -> Features:
@@ -337,16 +343,14 @@ def load_or_answer(
     tokens [N, L])`` with ``L = cfg.seq_len``, first usable position 0, and
     ``tokens`` = :data:`~specdec.medusa.distill.ENDED` after an answer's end.
     """
-    from ..engine import model_context_length, eos_token_ids
-    from .data import read_corpus
+    from ..engine import eos_token_ids, model_context_length
     from .distill import MAX_PROMPT_TOKENS, answer_features, instruction_prompts, instructions_from_texts
 
     meta = {**_cache_meta(target, cfg, str(data)), "kind": "answers"}
     prompts: list[list[int]] = []
 
     def plan() -> int:
-        texts = read_corpus(data)
-        made = instructions_from_texts(texts[: cfg.max_docs] if cfg.max_docs else texts, 2 * cfg.answers, cfg.seed)
+        made = instructions_from_texts(_documents(data, cfg), 2 * cfg.answers, cfg.seed)
         limit = min(MAX_PROMPT_TOKENS, model_context_length(target) - cfg.seq_len)
         prompts.extend(instruction_prompts(tokenizer, made, cfg.answers, limit))
         if not prompts:

@@ -5,6 +5,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+DEVICE = torch.device("cpu")
+"""Where :func:`tiny_model` puts its models: ``python -m pytest --device cuda`` runs the decoding tests on a GPU."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the tiny random models (cpu, cuda, cuda:1, mps); tests that need the "
+                          "CPU (quantization, real models) keep it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global DEVICE
+    DEVICE = torch.device(config.getoption("--device"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one torch thread, and threads stall on a busy machine."""
@@ -19,7 +34,7 @@ ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2F
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, sharpness: float = 1.0,
                attn: str = "sdpa", max_positions: int = 512, eos: int | None = None) -> torch.nn.Module:
-    """A tiny random causal LM in fp32. ``sharpness`` scales the lm_head so the
+    """A tiny random causal LM in fp32 on :data:`DEVICE`. ``sharpness`` scales the lm_head so the
     output distributions are peaked (random models are otherwise near uniform)."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
@@ -35,12 +50,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, sharpness: f
     if sharpness != 1.0:
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpness)
-    return model
+    return model.to(DEVICE)
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     """transformers' own greedy decoding: the reference every method must reproduce."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          **kwargs)
     return out[0, len(prompt):].tolist()

@@ -250,7 +250,7 @@ def test_cli_bench(tiny, tmp_path):
     out = tmp_path / "runs"
     args = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
             "--methods", "none,prompt_lookup", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
-            "--warmup", "0", "--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
+            "--device", "cpu", "--warmup", "0", "--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
     if _has_matplotlib():
         args += ["--plot", str(out / "b.png")]
     threads = torch.get_num_threads()
@@ -263,6 +263,7 @@ def test_cli_bench(tiny, tmp_path):
     assert [r["method"] for r in data["rows"]][:4] == [BASELINE, "hf-prompt-lookup", "specdec-none", "specdec-prompt_lookup"]
     assert {r["prompt_id"] for r in data["rows"]} == {"copy-a", "copy-b"}
     assert data["config"]["dtype"] == "float32" and data["machine"]["threads"] == 1
+    assert data["machine"]["device"] == "cpu"
     assert all(r["identical"] for r in data["rows"])
     assert "| **all** | geomean |" in (out / "b.md").read_text()
     assert "| **all** | geomean |" in result.output

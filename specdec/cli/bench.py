@@ -35,6 +35,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
               show_default=True, help="Of target and draft, for every runner.")
 @click.option("--threads", type=click.IntRange(min=1), default=_DEFAULTS.threads,
               help="torch CPU threads (default: torch's).")
+@click.option("--device", default=_DEFAULTS.device, show_default=True,
+              help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps...")
 @click.option("--repeats", type=click.IntRange(min=1), default=_DEFAULTS.repeats, show_default=True,
               help="Timed runs per prompt and method; the median is reported.")
 @click.option("--warmup", type=click.IntRange(min=0), default=_DEFAULTS.warmup_tokens, show_default=True,
@@ -49,8 +51,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Write a PNG plot of speedup by method and category (needs specdec[plot]).")
 @report_errors
 def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str | None,
-          medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, repeats: int, warmup: int,
-          profile: str | None, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+          medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, device: str,
+          repeats: int, warmup: int, profile: str | None, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
     Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),
@@ -79,7 +81,8 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
             console.print(f"[bold]{note}[/bold]")
     config = BenchConfig(
         target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),
-        max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, repeats=repeats, warmup_tokens=warmup,
+        max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, device=device, repeats=repeats,
+        warmup_tokens=warmup,
         num_speculative_tokens=num_speculative_tokens, method_options=method_options, medusa_heads=medusa_heads,
     )
     if plot_path:  # fail before the long run, not after it

@@ -242,7 +242,7 @@ def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
         order = sorted(visible, key=lambda c: 0 if c == 0 else int(positions[c - 1 - n]))
         seq = committed + [rows[c] for c in order[1:]]
         with torch.no_grad():
-            ref = model(input_ids=torch.tensor([seq])).logits[0, -1]
+            ref = model(input_ids=torch.tensor([seq], device=model.device)).logits[0, -1]
         torch.testing.assert_close(outcome.logits[1 + n + r], ref, atol=1e-4, rtol=1e-4)
 
 

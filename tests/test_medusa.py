@@ -158,13 +158,14 @@ N_RUNS = 600
 def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.Tensor:
     """Exact joint distribution ``[V*V]`` of the 2nd and 3rd generated tokens (1st marginalised)."""
     with torch.no_grad():
-        p1 = process_logits(target(torch.tensor([prompt])).logits[0, -1:], cfg)[0]  # [V]
-        b2 = torch.tensor([prompt + [a] for a in range(VOCAB)])
+        dev = target.device
+        p1 = process_logits(target(torch.tensor([prompt], device=dev)).logits[0, -1:], cfg)[0]  # [V]
+        b2 = torch.tensor([prompt + [a] for a in range(VOCAB)], device=dev)
         p2 = process_logits(target(b2).logits[:, -1], cfg)  # [V(a), V(b)]
-        b3 = torch.tensor([prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)])
+        b3 = torch.tensor([prompt + [a, b] for a in range(VOCAB) for b in range(VOCAB)], device=dev)
         p3 = process_logits(target(b3).logits[:, -1], cfg).view(VOCAB, VOCAB, VOCAB)  # [a, b, c]
     joint = p1[:, None, None] * p2[:, :, None] * p3
-    return joint.sum(0).reshape(-1)
+    return joint.sum(0).reshape(-1).cpu()
 
 
 @pytest.mark.parametrize("copy_tokens", [0, 32])  # the tree alone; the tree merged with context copies
@@ -306,7 +307,7 @@ def test_save_load_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "h" / "medusa_config.json").read_text())
     assert cfg["num_heads"] == 3 and cfg["vocab_size"] == 64 and cfg["hidden_size"] == 32 and cfg["fingerprint"]
     loaded = MedusaHeads.from_pretrained(tmp_path / "h", target)
-    h = torch.randn(5, 32)
+    h = torch.randn(5, 32, device=target.device)
     torch.testing.assert_close(loaded(h), heads(h))
     assert loaded.config.tree == [[0], [1], [0, 0]]
     gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=str(tmp_path / "h"))
@@ -317,7 +318,7 @@ def test_token_subset_and_own_lm_head(tmp_path):
     target = tiny_model("qwen2", vocab=64, sharpness=3.0)
     subset = torch.tensor([3, 7, 9, 20, 40, 63])
     heads = MedusaHeads.init(target, num_heads=2, own_lm_head=True, token_subset=subset)
-    top = heads.topk(torch.randn(32), 3)
+    top = heads.topk(torch.randn(32, device=target.device), 3)
     assert top.shape == (2, 3) and set(top.flatten().tolist()) <= set(subset.tolist())
     heads.save(tmp_path / "s")
     loaded = MedusaHeads.from_pretrained(tmp_path / "s", target)
@@ -379,7 +380,7 @@ def test_published_layout(tmp_path, fmt):
         for j in range(2):
             z = z + torch.nn.functional.silu(z @ state[f"{i}.{j}.linear.weight"].T + state[f"{i}.{j}.linear.bias"])
         expected.append(z @ state[f"{i}.2.weight"].T)
-    torch.testing.assert_close(heads(h), torch.stack(expected, dim=1))
+    torch.testing.assert_close(heads(h.to(target.device)).cpu(), torch.stack(expected, dim=1))
     prompt = [5, 6, 7]
     gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads)
     assert gen.generate(prompt, max_new_tokens=16).token_ids == hf_greedy(target, prompt, 16)
@@ -455,7 +456,7 @@ def test_training_is_seeded_and_resumes(tmp_path):
     a, _ = train(target, ByteTokenizer(), data, tmp_path / "a", TrainConfig(steps=12, checkpoint_every=0, **base))
     # 6 steps, checkpoint at 6 is not written (last step); so run 12 with a checkpoint at 6 and stop there by resume
     b, _ = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=12, checkpoint_every=6, **base))
-    h = torch.randn(3, 32)
+    h = torch.randn(3, 32, device=target.device)
     torch.testing.assert_close(a.float()(h), b.float()(h))
     state = torch.load(tmp_path / "b" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 12
@@ -568,7 +569,7 @@ def _own_text_corpus(tmp_path: Path, model: torch.nn.Module) -> Path:
     """A corpus the target itself wrote (greedy, ASCII bytes only), so its own predictions often match it."""
     data = tmp_path / "own"
     data.mkdir()
-    ids = torch.tensor([[ord(c) for c in "def f(x):\n"]])
+    ids = torch.tensor([[ord(c) for c in "def f(x):\n"]], device=model.device)
     banned = [0, *range(128, 256)]
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=400, do_sample=False, suppress_tokens=banned, pad_token_id=1)
@@ -609,8 +610,8 @@ def test_answer_batch_is_greedy_decoding_with_its_hidden_states():
             ended += 1
             assert row[n - 1] == free[3] and set(row[n:]) == {ENDED}
         with torch.no_grad():
-            full = decoder_body(target)(input_ids=torch.tensor([prompt + row[1:n]])).last_hidden_state[0]
-        torch.testing.assert_close(hidden[r, :n], full[len(prompt) - 1 :], atol=1e-4, rtol=1e-4)
+            full = decoder_body(target)(input_ids=torch.tensor([prompt + row[1:n]], device=target.device))
+        torch.testing.assert_close(hidden[r, :n], full.last_hidden_state[0, len(prompt) - 1 :].cpu(), atol=1e-4, rtol=1e-4)
     assert ended >= 1
 
 

@@ -113,9 +113,10 @@ N_RUNS = 1500
 def _exact_two_tokens(target, prompt: list[int], cfg: SamplingConfig) -> torch.Tensor:
     """Exact joint distribution ``[V*V]`` of the first two generated tokens."""
     with torch.no_grad():
-        first = process_logits(target(torch.tensor([prompt])).logits[0, -1:], cfg, presence_rows(torch.tensor(prompt), VOCAB))[0]
-        batch = torch.tensor([prompt + [a] for a in range(VOCAB)])
-        logits = target(batch).logits[:, -1]
+        first = process_logits(target(torch.tensor([prompt], device=target.device)).logits[0, -1:].cpu(), cfg,
+                               presence_rows(torch.tensor(prompt), VOCAB))[0]
+        batch = torch.tensor([prompt + [a] for a in range(VOCAB)], device=target.device)
+        logits = target(batch).logits[:, -1].cpu()
         presence = torch.stack([presence_rows(torch.tensor(prompt + [a]), VOCAB)[0] for a in range(VOCAB)])
         second = process_logits(logits, cfg, presence)
     return (first[:, None] * second).reshape(-1)

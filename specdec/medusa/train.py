@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpecdecError
+from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
 from .tree import measure_row_cost, row_cost, tree_from_accuracies
 
@@ -430,7 +431,7 @@ def medusa_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tup
         (an ignored label counts as a miss).
     """
     k = logits.shape[1]
-    weights = torch.tensor([decay**i for i in range(k)])
+    weights = torch.tensor([decay**i for i in range(k)], device=logits.device)
     losses = torch.stack([F.cross_entropy(logits[:, i].float(), labels[:, i], ignore_index=-100) for i in range(k)])
     losses = torch.nan_to_num(losses)  # a head whose labels are all ignored
     top1 = (logits.argmax(-1) == labels).float().mean(0)
@@ -455,11 +456,12 @@ def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor
         valid: ``[P, K]`` bool, which labels count (None = all); each head's share is
             over its own valid positions.
     """
+    device = next(heads.parameters()).device  # the cached states stay on the CPU; each batch goes to the heads
     hits = torch.zeros(heads.num_heads, ranks)
     counts = torch.zeros(heads.num_heads)
     for i in range(0, hidden.shape[0], batch):
-        logits = heads(hidden[i : i + batch].float())  # [b, K, V']
-        top = heads.to_vocab(logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices)  # [b, K, r]
+        logits = heads(hidden[i : i + batch].to(device).float())  # [b, K, V']
+        top = heads.to_vocab(logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices).cpu()  # [b, K, r]
         hit = (top == labels[i : i + batch, :, None]).float()  # [b, K, r]
         if valid is not None:
             hit = hit * valid[i : i + batch, :, None].float()
@@ -544,7 +546,8 @@ def train(
         answer_seconds = time.perf_counter() - t0
         n_answers = a_hidden.shape[0]
         answers = split_positions(a_preds, a_tokens, 0, cfg, offset=n_corpus)
-        train_preds = torch.cat([preds[: corpus[0].windows], a_preds[: answers[0].windows - n_corpus]])
+        a_train = answers[0].windows - n_corpus  # the subset counts answer tokens, not what follows an answer's end
+        train_preds = torch.cat([preds[: corpus[0].windows].flatten(), a_preds[:a_train][a_tokens[:a_train] != ENDED]])
         hidden = torch.cat([hidden, a_hidden])
         del a_hidden
     else:
@@ -582,6 +585,7 @@ def train(
                                  own_lm_head=cfg.own_lm_head, token_subset=subset)
         state = None
     heads.float().train()
+    device = next(heads.parameters()).device
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
@@ -597,9 +601,9 @@ def train(
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
         p = pos[idx]
-        h = hidden[p[:, 0], p[:, 1]].float()  # [B, H]
+        h = hidden[p[:, 0], p[:, 1]].to(device).float()  # [B, H]: cached on the CPU, trained where the heads are
         logits = heads(h)  # [B, K, V']
-        loss, top1 = medusa_loss(logits, sub_labels[idx], cfg.distance_decay)
+        loss, top1 = medusa_loss(logits, sub_labels[idx].to(device), cfg.distance_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -191,7 +191,8 @@ def answer_batch(
 
     Window position 0 is each prompt's last token; position ``t`` holds the
     ``t``-th answer token. Rows that reach an EOS id stop there (their later
-    positions hold :data:`ENDED`); the batch stops when every row has.
+    positions hold :data:`ENDED`, their states and predictions stay 0) and leave
+    the batch, so the forwards shrink as answers end; the batch stops when every row has.
 
     Args:
         prompts: ``B`` token-id lists; length: window length ``L`` (``L - 1`` answer tokens are fed back).
@@ -216,14 +217,15 @@ def answer_batch(
     tokens = torch.full((batch, length), ENDED, dtype=torch.int32)
     tokens[:, 0] = ids[:, -1].to(torch.int32).cpu()
     ended = torch.zeros(batch, dtype=torch.bool)
+    live = torch.arange(batch)  # [b] the rows still decoding, in the order of the forward's (and the cache's) rows
     step_ids, step_pos = ids, positions
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
     for t in range(length):
         h = body(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                 **{cache_arg: cache}).last_hidden_state[:, -1]  # [B, H]
-        nxt = lm_head(h).argmax(-1)  # [B]
-        hidden[:, t] = h.cpu()
-        preds[:, t] = nxt.to(torch.int32).cpu()
+                 **{cache_arg: cache}).last_hidden_state[:, -1]  # [b, H]
+        nxt = lm_head(h).argmax(-1)  # [b]
+        hidden[live, t] = h.cpu()
+        preds[live, t] = nxt.to(torch.int32).cpu()
         if t > 0:  # a row ends at its EOS token: nothing after it is an answer
             ended |= torch.isin(tokens[:, t].long(), eos_ids)
         if t + 1 == length:
@@ -231,8 +233,14 @@ def answer_batch(
         tokens[:, t + 1] = torch.where(ended, ENDED, preds[:, t])
         if bool((ended | torch.isin(tokens[:, t + 1].long(), eos_ids)).all()):
             break  # every row has ended: position t + 1 and later are never read (their states stay 0)
+        going = ~ended[live]  # [b]
+        if not bool(going.all()):  # rows that ended leave the batch (and the cache)
+            keep = going.nonzero().flatten()
+            live, rows = live[keep], keep.to(device)
+            nxt, step_pos, mask = nxt[rows], step_pos[rows], mask[rows]
+            cache.batch_select_indices(rows)
         step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     return hidden, preds, tokens
 
 

@@ -69,6 +69,19 @@ def test_default_tree_fits_heads_and_is_valid():
         assert t.max_depth <= k and 1 <= t.num_nodes <= 16
 
 
+def test_row_cost_is_measured_on_the_target_per_row_count():
+    """Every row count is timed (interleaved rounds, fastest kept);
+    relative costs start at 1.0 and never fall with more rows."""
+    from specdec.measure import forward_cost
+    from specdec.medusa.tree import measure_row_cost
+
+    target = tiny_model("qwen2", vocab=64)
+    seconds = forward_cost(target, rows=(1, 3, 6), prompt_length=10, repeats=2)
+    assert list(seconds) == [1, 3, 6] and all(v > 0 for v in seconds.values())
+    costs = measure_row_cost(target, rows=(1, 2, 4), context=8, repeats=2)
+    assert costs[1] == 1.0 and costs[1] <= costs[2] <= costs[4]
+
+
 def test_tree_from_accuracies_prefers_likely_paths_and_stops_when_cost_wins():
     acc = [[0.6, 0.15, 0.05], [0.4, 0.1], [0.3]]
     tree, expected = tree_from_accuracies(acc, max_nodes=5, cost=lambda r: 1.0)  # free rows: take all 5

@@ -243,7 +243,7 @@ def measure_row_cost(
     target: torch.nn.Module,
     rows: Sequence[int] = (1, 4, 8, 16, 32, 64),
     context: int = 128,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> dict[int, float]:
     """Relative cost of a target forward over ``r`` rows on a cached context (1 row = 1.0),
     never decreasing with ``r``. Use it with :func:`row_cost` / :func:`tree_from_accuracies`."""

@@ -624,7 +624,8 @@ def test_answer_batch_is_greedy_decoding_with_its_hidden_states():
             assert row[n - 1] == free[3] and set(row[n:]) == {ENDED}
         with torch.no_grad():
             full = decoder_body(target)(input_ids=torch.tensor([prompt + row[1:n]], device=target.device))
-        torch.testing.assert_close(hidden[r, :n], full.last_hidden_state[0, len(prompt) - 1 :].cpu(), atol=1e-4, rtol=1e-4)
+        expected = full.last_hidden_state[0, len(prompt) - 1 :].cpu()
+        torch.testing.assert_close(hidden[r, :n], expected, atol=1e-4, rtol=1e-4)
     assert ended >= 1
 
 

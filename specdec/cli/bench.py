@@ -52,7 +52,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @report_errors
 def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str | None,
           medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, device: str,
-          repeats: int, warmup: int, profile: str | None, json_path: str | None, markdown_path: str | None, plot_path: str | None) -> None:
+          repeats: int, warmup: int, profile: str | None, json_path: str | None, markdown_path: str | None,
+          plot_path: str | None) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
     Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),

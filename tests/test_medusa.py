@@ -22,9 +22,10 @@ from specdec.sampling import SamplingConfig, process_logits
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
-def perturbed_heads(target, num_heads: int = 3, seed: int = 5, scale: float = 0.3) -> MedusaHeads:
+def perturbed_heads(target, num_heads: int = 3, seed: int = 5, scale: float = 0.3,
+                    sequential: bool = False) -> MedusaHeads:
     """Heads whose blocks are random (a fresh head is the identity), so heads differ from each other."""
-    heads = MedusaHeads.init(target, num_heads=num_heads)
+    heads = MedusaHeads.init(target, num_heads=num_heads, sequential=sequential)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for blocks in heads.blocks:
@@ -95,14 +96,16 @@ def test_tree_from_accuracies_prefers_likely_paths_and_stops_when_cost_wins():
 
 
 # ---------------------------------------------------------------- greedy: lossless
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_equals_generate(arch):
+def test_greedy_equals_generate(arch, sequential):
     target = tiny_model(arch, seed=0, vocab=96, sharpness=3.0)
     prompt = torch.randint(0, 96, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = hf_greedy(target, prompt, 32)
     wide = [[i] for i in range(12)] + [[0, j] for j in range(6)] + [[1, j] for j in range(3)] + [[0, 0, 0], [0, 0, 1]]
     accepted = 0
-    fresh, perturbed = MedusaHeads.init(target, num_heads=3), perturbed_heads(target)
+    fresh = MedusaHeads.init(target, num_heads=3, sequential=sequential)
+    perturbed = perturbed_heads(target, sequential=sequential)
     cases = [(fresh, TREE), (fresh, wide), (perturbed, None), (perturbed, [[0], [1], [2]]),
              (perturbed, [[0], [0, 0], [0, 0, 0]]), (perturbed, wide)]
     for heads, tree in cases:
@@ -140,7 +143,7 @@ def test_copies_merge_with_the_tree_and_replace_it_while_hot():
     proposer.reset(state)
     first = proposer.propose(state, 10)  # no hidden state yet: the copy alone (suffix 5 6 seen at 0)
     assert first.tokens.tolist() == [7, 8, 9, 5] and first.parents.tolist() == [-1, 0, 1, 2] and first.need_hidden
-    proposer._topk = torch.tensor([[7, 3], [4, 2]])  # head 0: 7 then 3; head 1: 4 then 2
+    proposer._guesses = torch.tensor([7, 3, 4])  # nodes [0], [1], [0, 0]
     draft = proposer.propose(state, 10)
     # copy 7 8 9 5 first, then the tree's leaf paths in tree order: 3, and 7 4 (4 merged below the copy's 7)
     assert draft.tokens.tolist() == [7, 8, 9, 5, 3, 4]
@@ -181,12 +184,12 @@ def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.T
     return joint.sum(0).reshape(-1).cpu()
 
 
-@pytest.mark.parametrize("copy_tokens", [0, 32])  # the tree alone; the tree merged with context copies
-def test_sampling_distribution_matches_target(copy_tokens):
+@pytest.mark.parametrize("copy_tokens, sequential", [(0, False), (32, False), (0, True)])  # copies: merged with the tree
+def test_sampling_distribution_matches_target(copy_tokens, sequential):
     from test_sampling import histogram, noise_bound, tv
 
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
-    heads = perturbed_heads(target, num_heads=2)
+    heads = perturbed_heads(target, num_heads=2, sequential=sequential)
     gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=[[0], [1], [0, 0], [2]],
                                        copy_tokens=copy_tokens)
     cfg = SamplingConfig(temperature=1.0)
@@ -327,6 +330,37 @@ def test_save_load_round_trip(tmp_path):
     assert gen.proposer.tree.num_nodes == 3  # the stored tree is the default
 
 
+def test_sequential_tree_tokens_follow_each_path():
+    """Each node's token is what the teacher-forced heads (as trained) guess after the path above it."""
+    target = tiny_model("qwen2", vocab=64, sharpness=3.0)
+    heads = perturbed_heads(target, num_heads=3, sequential=True, scale=0.5)
+    tree = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]])
+    hidden, root = torch.randn(32, device=target.device), 7
+    tokens = heads.tree_tokens(hidden, root, tree).tolist()
+    for i, path in enumerate(tree.choices):
+        above = [tokens[tree.choices.index(path[:d])] for d in range(1, len(path))]
+        prev = torch.tensor([root, *above] + [0] * (3 - len(path)), device=target.device)  # padding is read after
+        with torch.no_grad():
+            logits = heads(hidden, prev)  # [K, V]
+        assert tokens[i] == int(logits[len(path) - 1].topk(path[-1] + 1).indices[-1]), path
+    # the guesses depend on the path: two siblings' children differ somewhere (they would not for plain heads)
+    assert len({tokens[3], tokens[5], tokens[6]}) > 1  # children [0, 0], [1, 0], [2, 0]
+    with pytest.raises(SpecdecError, match="tree_tokens"):
+        heads.topk(hidden, 2)
+    with pytest.raises(SpecdecError, match="prev"):
+        heads(hidden)
+
+
+def test_sequential_heads_save_and_load(tmp_path):
+    target = tiny_model("llama", vocab=64)
+    heads = perturbed_heads(target, num_heads=2, sequential=True)
+    heads.save(tmp_path / "q")
+    loaded = MedusaHeads.from_pretrained(tmp_path / "q", target)
+    assert loaded.config.sequential and loaded.blocks[0][0].linear.in_features == 64
+    h, prev = torch.randn(4, 32, device=target.device), torch.randint(0, 64, (4, 2), device=target.device)
+    torch.testing.assert_close(loaded(h, prev), heads(h, prev))
+
+
 def test_token_subset_and_own_lm_head(tmp_path):
     target = tiny_model("qwen2", vocab=64, sharpness=3.0)
     subset = torch.tensor([3, 7, 9, 20, 40, 63])
@@ -461,6 +495,32 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(report["top1"]) == 3
 
 
+def test_training_sequential_heads(tmp_path):
+    target = tiny_model("llama", vocab=256, sharpness=4.0)
+    cfg = TrainConfig(num_heads=3, steps=60, seq_len=64, cache_tokens=1024, batch_size=64, subset_size=0, lr=2e-2,
+                      measure_cost=False, chat_wrap=False, checkpoint_every=30, eval_fraction=0.0, sequential=True)
+    data = _corpus(tmp_path)
+    heads, report = train(target, ByteTokenizer(), data, tmp_path / "out", cfg)
+    from safetensors.torch import load_file
+
+    from specdec.medusa.train import head_inputs
+
+    feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
+    pos, labels = head_labels(feats["preds"], 3, 0)
+    prev = head_inputs(feats["preds"], pos, 3)
+    assert torch.equal(prev[:, 1:], labels[:, :-1])  # head k reads the token head k-1 guesses
+    hidden = feats["hidden"][pos[:, 0], pos[:, 1]]
+    fresh = MedusaHeads.init(target, num_heads=3, sequential=True)
+    with torch.no_grad():
+        before, _ = medusa_loss(fresh(hidden, prev), labels, cfg.distance_decay)
+        after, _ = medusa_loss(heads.float()(hidden, prev), labels, cfg.distance_decay)
+    assert float(after) < 0.85 * float(before)
+    assert MedusaHeads.from_pretrained(tmp_path / "out", target).config.sequential and len(report["top1"]) == 3
+    with pytest.raises(SpecdecError, match="sequential"):  # a plain run cannot resume sequential heads
+        train(target, ByteTokenizer(), data, tmp_path / "out",
+              TrainConfig(**{**cfg.__dict__, "steps": 90, "sequential": False}), resume=True)
+
+
 def test_training_is_seeded_and_resumes(tmp_path):
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp_path)
@@ -544,6 +604,13 @@ def test_cli_train_medusa(tmp_path):
     model, tokenizer = load_model(str(folder), dtype="float32")
     gen = specdec.SpeculativeGenerator(model, tokenizer, method="medusa", medusa_heads=str(out))
     prompt = tokenizer("def f(x):")["input_ids"]
+    assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(model, prompt, 12)
+    seq = tmp_path / "seq"
+    res = runner.invoke(main, [*args[:args.index("--out")], "--out", str(seq), *args[args.index("--out") + 2:],
+                               "--sequential"])
+    assert res.exit_code == 0, res.output
+    gen = specdec.SpeculativeGenerator(model, tokenizer, method="medusa", medusa_heads=str(seq))
+    assert gen.proposer.heads.config.sequential
     assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(model, prompt, 12)
 
 

@@ -52,6 +52,9 @@ def _default(name: str) -> Any:
               help="Time target forwards of several sizes to size the tree; without it (or on a busy machine, "
                    "where timings mislead) the reference CPU's cost table is used.")
 @click.option("--own-lm-head", is_flag=True, help="Train a projection per head instead of sharing the target's lm_head.")
+@click.option("--sequential", is_flag=True,
+              help="Sequential heads (Hydra-style): each head also reads the token before its guess, so a deeper "
+                   "guess knows the path it extends. Same training cost; the tree is read level by level.")
 @click.option("--chat-wrap/--no-chat-wrap", default=_default("chat_wrap"), show_default=True,
               help="Put the training text in the assistant turn of the chat template.")
 @click.option("--seed", type=int, default=_default("seed"), show_default=True)

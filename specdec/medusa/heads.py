@@ -12,6 +12,20 @@ own lm_head predicts ``t + 1``)::
 Because ``W`` starts at zero, an untrained head predicts what the target's
 lm_head predicts from ``h_t``, which is a sensible start for training.
 
+*Sequential* heads (``sequential=True``, after Hydra, arXiv 2402.05109) also
+read the token before their guess: head ``k`` continues the state of head
+``k - 1`` with the embedding of the token that state's guess led to, so a
+deeper guess knows the path it extends::
+
+    z_{-1} = h_t
+    z_k    = z_{k-1} + silu(W_k [z_{k-1}; e(x_{t+1+k})] + b_k)   # then num_layers - 1 plain blocks
+    logits_k = lm_head(z_k)
+
+``x_{t+1}`` is the token the target itself gives at ``t`` (the tree's root),
+``x_{t+2}`` the depth-1 node on the path, and so on; ``e`` is the target's
+input embedding, RMS-normalised. A tree is then read level by level: each
+node with children runs one head on its own path (:meth:`MedusaHeads.tree_tokens`).
+
 Output vocabulary: heads may be restricted to a *token subset* (the most
 frequent tokens of the training corpus). That only limits which candidates a
 head can offer; verification by the target stays exact.
@@ -34,6 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecdecError
+from .tree import TreeBuffers
 
 CONFIG_NAME = "medusa_config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
@@ -64,6 +79,8 @@ class MedusaConfig:
         base_model_name_or_path: what the heads were trained for (informative).
         model_type: the target's ``config.model_type``.
         fingerprint: a few values of the target's output layer, to refuse other targets.
+        sequential: each head also reads the embedding of the token before its guess
+            and the previous head's state (see the module docstring).
         tree: a recommended tree (``medusa_choices`` style), e.g. from measured accuracies.
         head_accuracy: measured accuracy ``[num_heads][k]`` of each head's rank-``r`` candidate (per rank, not cumulative).
         format_version: on-disk format.
@@ -78,6 +95,7 @@ class MedusaConfig:
     base_model_name_or_path: str = ""
     model_type: str = ""
     fingerprint: list[float] = field(default_factory=list)
+    sequential: bool = False
     tree: list[list[int]] | None = None
     head_accuracy: list[list[float]] | None = None
     format_version: int = FORMAT_VERSION
@@ -97,20 +115,20 @@ class MedusaConfig:
 
 
 class ResBlock(nn.Module):
-    """``x + silu(linear(x))``, the linear layer zero-initialised.
+    """``x + silu(linear([x; extra]))``, the linear layer zero-initialised.
 
-    Shapes: ``[..., H] -> [..., H]``.
+    Shapes: ``[..., H]`` (and ``extra [..., extra_size]``) -> ``[..., H]``.
     """
 
-    def __init__(self, hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, extra_size: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear = nn.Linear(hidden_size + extra_size, hidden_size)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.act = nn.SiLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.act(self.linear(x))
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.act(self.linear(x if extra is None else torch.cat([x, extra], dim=-1)))
 
 
 def output_layer(target: nn.Module) -> nn.Module:
@@ -130,6 +148,16 @@ def output_weight(target: nn.Module) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise SpecdecError("the target's lm_head weight is not a dense [vocab, hidden] matrix",
                            "Medusa heads with a shared lm_head need a dense output layer; try own_lm_head=True")
+    return weight.detach()
+
+
+def input_weight(target: nn.Module) -> torch.Tensor:
+    """``[V, H]`` the target's input embedding as a plain dense tensor (read by sequential heads)."""
+    embed = target.get_input_embeddings() if hasattr(target, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise SpecdecError(f"{type(target).__name__} exposes no dense input embedding",
+                           "sequential Medusa heads read the target's token embeddings; train plain heads instead")
     return weight.detach()
 
 
@@ -166,8 +194,10 @@ class MedusaHeads(nn.Module):
         self.config = config
         h = config.hidden_size
         out = config.subset_size or config.vocab_size
+        extra = h if config.sequential else 0  # the first block of a sequential head reads a token embedding
         self.blocks = nn.ModuleList(
-            nn.ModuleList(ResBlock(h) for _ in range(config.num_layers)) for _ in range(config.num_heads)
+            nn.ModuleList(ResBlock(h, extra if j == 0 else 0) for j in range(config.num_layers))
+            for _ in range(config.num_heads)
         )
         self.proj: nn.ModuleList | None = None
         if config.own_lm_head:
@@ -182,6 +212,7 @@ class MedusaHeads(nn.Module):
         else:
             self.token_subset = None
         self._shared: torch.Tensor | None = None  # [V', H], the target's lm_head (rows of the subset)
+        self._embed: torch.Tensor | None = None  # [V, H], the target's input embedding (sequential heads)
         if target is not None:
             self.attach(target)
 
@@ -194,6 +225,7 @@ class MedusaHeads(nn.Module):
         num_layers: int = DEFAULT_NUM_LAYERS,
         own_lm_head: bool = False,
         token_subset: torch.Tensor | None = None,
+        sequential: bool = False,
     ) -> "MedusaHeads":
         """Untrained heads for ``target`` (each starts as the target's own next-token prediction).
 
@@ -204,6 +236,7 @@ class MedusaHeads(nn.Module):
             own_lm_head: give each head its own projection (initialised from the
                 target's lm_head) instead of sharing it.
             token_subset: ``[V']`` token ids the heads may propose (None = all).
+            sequential: each head also reads the token before its guess (Hydra-style).
         """
         hidden, vocab = _target_dims(target)
         if token_subset is not None:
@@ -220,6 +253,7 @@ class MedusaHeads(nn.Module):
             base_model_name_or_path=_target_name(target),
             model_type=str(getattr(target.config, "model_type", "")),
             fingerprint=target_fingerprint(target),
+            sequential=sequential,
         )
         heads = cls(config, token_subset=token_subset)
         weight = output_weight(target)
@@ -241,6 +275,8 @@ class MedusaHeads(nn.Module):
             if self.token_subset is not None:
                 weight = weight.index_select(0, self.token_subset.to(weight.device))
             self._shared = weight
+        if self.config.sequential:
+            self._embed = input_weight(target)
         ref = next(target.parameters())
         self.to(device=ref.device)
 
@@ -270,28 +306,62 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., H]`` -> ``[..., K, H]``: each head's residual blocks (K = num_heads)."""
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[...]`` token ids -> ``[..., H]`` the target's input embeddings, RMS-normalised (sequential heads)."""
+        if self._embed is None:
+            raise SpecdecError("these sequential Medusa heads are not attached to a target",
+                               "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)")
+        e = self._embed[tokens.to(self._embed.device)].to(self._param_dtype())
+        return e * torch.rsqrt(e.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(e.dtype)
+
+    def head_state(self, k: int, state: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``k``'s blocks: ``[..., H]`` state (and ``[...]`` the token before its guess) -> ``[..., H]``.
+
+        For plain heads ``state`` is the target's hidden state and ``token`` is ignored;
+        for sequential heads ``state`` is head ``k - 1``'s output (``h_t`` for ``k = 0``).
+        """
+        extra = self.embed(token) if self.config.sequential else None
+        z = state
+        for j, block in enumerate(self.blocks[k]):
+            z = block(z, extra if j == 0 else None)
+        return z
+
+    def transform(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., H]`` -> ``[..., K, H]``: each head's blocks (K = num_heads).
+
+        Sequential heads need ``prev [..., K]``: the token before each head's guess
+        (``x_{t+1} .. x_{t+K}``, the target's own tokens when training).
+        """
+        if self.config.sequential and prev is None:
+            raise SpecdecError("sequential Medusa heads need the tokens before their guesses (prev)")
         outs = []
-        for blocks in self.blocks:
-            z = hidden
-            for block in blocks:
-                z = block(z)
-            outs.append(z)
+        z = hidden
+        for k in range(self.num_heads):
+            if self.config.sequential:
+                z = self.head_state(k, z, prev[..., k])
+                outs.append(z)
+            else:
+                outs.append(self.head_state(k, hidden))
         return torch.stack(outs, dim=-2)
 
-    def project(self, z: torch.Tensor) -> torch.Tensor:
-        """``[..., K, H]`` -> ``[..., K, V']`` logits over the head vocabulary (V' = subset or V)."""
+    def project_head(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` head ``k``'s state -> ``[..., V']`` its logits over the head vocabulary."""
         if self.proj is not None:
-            return torch.stack([p(z[..., k, :]) for k, p in enumerate(self.proj)], dim=-2)
+            return self.proj[k](z)
         if self._shared is None:
             raise SpecdecError("these Medusa heads share the target's lm_head but are not attached to a target",
                                "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)")
         return z @ self._shared.to(z.dtype).T
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., H]`` final hidden states -> ``[..., K, V']`` head logits."""
-        return self.project(self.transform(hidden))
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """``[..., K, H]`` -> ``[..., K, V']`` logits over the head vocabulary (V' = subset or V)."""
+        if self.proj is None:
+            return self.project_head(0, z)
+        return torch.stack([self.project_head(k, z[..., k, :]) for k in range(self.num_heads)], dim=-2)
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., H]`` final hidden states (and, for sequential heads, ``prev [..., K]``) -> ``[..., K, V']`` logits."""
+        return self.project(self.transform(hidden, prev))
 
     def to_vocab(self, index: torch.Tensor) -> torch.Tensor:
         """Map indices into the head vocabulary to token ids (identity without a subset)."""
@@ -301,10 +371,43 @@ class MedusaHeads(nn.Module):
 
     @torch.no_grad()
     def topk(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
-        """``[H]`` one hidden state -> ``[K, k]`` token ids, each head's ``k`` best, best first."""
+        """``[H]`` one hidden state -> ``[K, k]`` token ids, each head's ``k`` best, best first (plain heads)."""
+        if self.config.sequential:
+            raise SpecdecError("sequential Medusa heads guess along a path: use tree_tokens()")
         logits = self.forward(hidden.to(self._param_dtype()))  # [K, V']
         k = min(k, logits.shape[-1])
         return self.to_vocab(logits.topk(k, dim=-1).indices)
+
+    @torch.no_grad()
+    def tree_tokens(self, hidden: torch.Tensor, root: int, tree: TreeBuffers) -> torch.Tensor:
+        """The token of every node of ``tree``: ``[H]`` the hidden state that gave ``root`` -> ``[n]`` ids.
+
+        Plain heads: node ``[.., r]`` at depth ``d`` is head ``d - 1``'s rank-``r`` token.
+        Sequential heads: the tree is read level by level, each node with children
+        running the next head on its own path (one batched head call per depth).
+        """
+        hidden = hidden.to(self._param_dtype())
+        if not self.config.sequential:
+            top = self.topk(hidden, tree.topk)  # [K, topk]
+            return top[tree.head_index, tree.rank.to(top.device)]
+        parents, ranks, node_depth = tree.parents.tolist(), tree.rank.tolist(), tree.depths.tolist()
+        tokens = [0] * tree.num_nodes
+        has_children = set(parents)  # -1 (the root) included
+        states: dict[int, torch.Tensor] = {}  # node (-1 = root) -> [H], its head's state after reading its token
+        frontier = [-1]
+        for depth in range(tree.max_depth):
+            rows = [v for v in frontier if v in has_children]
+            before = torch.stack([hidden if v < 0 else states[parents[v]] for v in rows])  # [r, H]
+            read = torch.tensor([root if v < 0 else tokens[v] for v in rows], device=hidden.device)  # [r]
+            z = self.head_state(depth, before, read)  # [r, H]
+            logits = self.project_head(depth, z)  # [r, V']
+            top = self.to_vocab(logits.topk(min(tree.topk, logits.shape[-1]), dim=-1).indices).tolist()
+            states.update(zip(rows, z))
+            where = {v: i for i, v in enumerate(rows)}
+            frontier = [c for c in range(tree.num_nodes) if node_depth[c] == depth + 1]
+            for c in frontier:
+                tokens[c] = top[where[parents[c]]][ranks[c]]
+        return torch.tensor(tokens, dtype=torch.long)
 
     def _param_dtype(self) -> torch.dtype:
         return self.blocks[0][0].linear.weight.dtype

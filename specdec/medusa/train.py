@@ -89,6 +89,8 @@ class TrainConfig:
             beside the corpus windows (every label exact) and the held-out answers
             size the tree, since decoding continues answers. 0 = corpus windows only.
         answer_batch: answers computed together in one batched forward per token.
+        sequential: each head also reads the token before its guess (Hydra-style heads,
+            :class:`~specdec.medusa.heads.MedusaHeads`), trained on the target's own tokens.
     """
 
     num_heads: int = DEFAULT_NUM_HEADS
@@ -114,6 +116,7 @@ class TrainConfig:
     exact_labels: bool = False
     answers: int = 0
     answer_batch: int = 32
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -393,6 +396,15 @@ def head_labels(preds: torch.Tensor, num_heads: int, start: int) -> tuple[torch.
     return pos, labels
 
 
+def head_inputs(preds: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[P, K]`` the token before each head's guess: ``prev[p, k] = preds[n, t + k]``.
+
+    Sequential heads read it: head ``k`` guesses ``preds[t + 1 + k]`` after the
+    target's own tokens ``preds[t] .. preds[t + k]`` (``preds[t]`` is the tree's root).
+    """
+    return torch.stack([preds[pos[:, 0], pos[:, 1] + k] for k in range(num_heads)], dim=-1).long()
+
+
 def exact_label_mask(preds: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[P, K]`` bool: where ``labels[p, k]`` is exactly the target's greedy continuation.
 
@@ -448,11 +460,13 @@ def cosine_lr(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, ranks: int = EVAL_RANKS,
-                  batch: int = 512, valid: torch.Tensor | None = None) -> list[list[float]]:
+                  batch: int = 512, valid: torch.Tensor | None = None,
+                  prev: torch.Tensor | None = None) -> list[list[float]]:
     """``[K][ranks]`` share of positions where head ``k``'s rank-``r`` candidate is the label.
 
     Args:
         hidden: ``[P, H]``; labels: ``[P, K]`` token ids.
+        prev: ``[P, K]`` tokens before each guess (:func:`head_inputs`; sequential heads only).
         valid: ``[P, K]`` bool, which labels count (None = all); each head's share is
             over its own valid positions.
     """
@@ -460,7 +474,8 @@ def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor
     hits = torch.zeros(heads.num_heads, ranks)
     counts = torch.zeros(heads.num_heads)
     for i in range(0, hidden.shape[0], batch):
-        logits = heads(hidden[i : i + batch].to(device).float())  # [b, K, V']
+        before = None if prev is None else prev[i : i + batch].to(device)
+        logits = heads(hidden[i : i + batch].to(device).float(), before)  # [b, K, V']
         top = heads.to_vocab(logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices).cpu()  # [b, K, r]
         hit = (top == labels[i : i + batch, :, None]).float()  # [b, K, r]
         if valid is not None:
@@ -479,12 +494,14 @@ class Positions:
     Attributes:
         pos: ``[P, 2]`` (window, t), window indices counted in the concatenated hidden states.
         labels: ``[P, K]`` token ids (:func:`head_labels`).
+        prev: ``[P, K]`` tokens before each head's guess (:func:`head_inputs`).
         exact: ``[P, K]`` bool (:func:`exact_label_mask`).
         windows: index one past the last window of this split (in the concatenated hidden states).
     """
 
     pos: torch.Tensor
     labels: torch.Tensor
+    prev: torch.Tensor
     exact: torch.Tensor
     windows: int
 
@@ -503,7 +520,8 @@ def split_positions(preds: torch.Tensor, tokens: torch.Tensor, start: int, cfg: 
     for lo, hi in ((0, n - n_eval), (n - n_eval, n)):
         pos, labels = head_labels(preds[lo:hi], cfg.num_heads, start)
         exact = exact_label_mask(preds[lo:hi], tokens[lo:hi], pos, cfg.num_heads)
-        out.append(Positions(pos + torch.tensor([offset + lo, 0]), labels, exact, offset + hi))
+        prev = head_inputs(preds[lo:hi], pos, cfg.num_heads)
+        out.append(Positions(pos + torch.tensor([offset + lo, 0]), labels, prev, exact, offset + hi))
     return out[0], out[1]
 
 
@@ -559,12 +577,13 @@ def train(
     parts = [(corpus[0], cfg.exact_labels)] + ([(answers[0], True)] if answers else [])
     pos = torch.cat([q.pos for q, _ in parts])
     labels = torch.cat([q.labels for q, _ in parts])
+    prev = torch.cat([q.prev for q, _ in parts])
     exact = torch.cat([q.exact for q, _ in parts])
     exact_only = torch.cat([torch.full((q.pos.shape[0],), only) for q, only in parts])
     all_positions = int(pos.shape[0])
     sub_labels = to_subset(labels, subset, vocab).masked_fill(~exact & exact_only[:, None], -100)
     keep = exact[:, 0] | ~exact_only  # a position whose first label is not exact teaches no head
-    pos, labels, sub_labels, exact = pos[keep], labels[keep], sub_labels[keep], exact[keep]
+    pos, labels, prev, sub_labels, exact = pos[keep], labels[keep], prev[keep], sub_labels[keep], exact[keep]
     if pos.shape[0] == 0:
         raise SpecdecError("no position where the corpus follows the target's own predictions",
                            "train without exact_labels (--all-labels)")
@@ -573,16 +592,19 @@ def train(
     first_step = 0
     if resume and (ck / "train_state.pt").is_file():
         heads = MedusaHeads.from_pretrained(ck, target)
-        if heads.config.num_heads != cfg.num_heads or heads.config.num_layers != cfg.num_layers:
-            raise SpecdecError(f"the checkpoint in {ck} has {heads.config.num_heads} heads x {heads.config.num_layers} "
-                               f"layers, not {cfg.num_heads} x {cfg.num_layers}", "resume with the same --heads")
+        shape = (heads.config.num_heads, heads.config.num_layers, heads.config.sequential)
+        if shape != (cfg.num_heads, cfg.num_layers, cfg.sequential):
+            kinds = ("plain", "sequential")
+            raise SpecdecError(f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
+                               f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
+                               "resume with the same --heads, --layers and --sequential")
         state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
         first_step = int(state["step"])
     else:
         if resume:
             pass  # nothing to resume from: start afresh
         heads = MedusaHeads.init(target, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                 own_lm_head=cfg.own_lm_head, token_subset=subset)
+                                 own_lm_head=cfg.own_lm_head, token_subset=subset, sequential=cfg.sequential)
         state = None
     heads.float().train()
     device = next(heads.parameters()).device
@@ -602,7 +624,8 @@ def train(
         idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
         p = pos[idx]
         h = hidden[p[:, 0], p[:, 1]].to(device).float()  # [B, H]: cached on the CPU, trained where the heads are
-        logits = heads(h)  # [B, K, V']
+        before = prev[idx].to(device) if cfg.sequential else None  # [B, K] the target's own tokens
+        logits = heads(h, before)  # [B, K, V']
         loss, top1 = medusa_loss(logits, sub_labels[idx].to(device), cfg.distance_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -622,17 +645,18 @@ def train(
     held_out = (answers or corpus)[1]
     if held_out.pos.shape[0] == 0:  # nothing held out: measure on (some) training positions
         seen = (answers or corpus)[0]
-        held_out = Positions(seen.pos[:2048], seen.labels[:2048], seen.exact[:2048], 0)
+        held_out = Positions(seen.pos[:2048], seen.labels[:2048], seen.prev[:2048], seen.exact[:2048], 0)
     eh = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
     el, ev = held_out.labels, held_out.exact
+    ep = held_out.prev if cfg.sequential else None
     # "exact": only labels that are the target's own greedy continuation (what decoding checks);
     # "all": every label read in the corpus' context (noisier: the corpus may leave the target's path)
-    accuracy = rank_accuracy(heads, eh, el, valid=ev)
-    accuracy_all = rank_accuracy(heads, eh, el)
+    accuracy = rank_accuracy(heads, eh, el, valid=ev, prev=ep)
+    accuracy_all = rank_accuracy(heads, eh, el, prev=ep)
     accuracy_corpus = None
     if answers is not None and corpus[1].pos.shape[0]:
         accuracy_corpus = rank_accuracy(heads, hidden[corpus[1].pos[:, 0], corpus[1].pos[:, 1]], corpus[1].labels,
-                                        valid=corpus[1].exact)
+                                        valid=corpus[1].exact, prev=corpus[1].prev if cfg.sequential else None)
     costs = measure_row_cost(target) if cfg.measure_cost else None
     tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
                                           (lambda r: row_cost(r, costs)) if costs else None)

@@ -5,7 +5,9 @@ Each step costs one target forward:
 1. *generate candidates* (:meth:`MedusaProposer.propose`): the heads' top-k
    tokens, read from the hidden state of the previous step, are laid out as
    the tree of :mod:`specdec.medusa.tree` (node ``[i0, i1]`` = head 0's
-   rank-``i0`` token, then head 1's rank-``i1`` token).
+   rank-``i0`` token, then head 1's rank-``i1`` token). Sequential heads
+   (:class:`~specdec.medusa.heads.MedusaHeads`, ``sequential``) also read
+   the tree's root token and each node's token before guessing its children.
 2. *tree decoding* and *evaluate posterior*: the engine runs the tree in one
    target forward (tree mask, depth positions) and verifies it with the one
    lossless verifier (greedy: longest matching path; sampling: recursive
@@ -88,10 +90,10 @@ class MedusaProposer:
                 f"the Medusa tree is {self.tree.max_depth} deep but the heads number {heads.num_heads}",
                 "use paths no longer than the number of heads",
             )
-        self._topk: torch.Tensor | None = None  # [num_heads, topk] token ids for the next step
+        self._guesses: torch.Tensor | None = None  # [num_nodes] token ids of the next step's tree
 
     def reset(self, state: DecodeState) -> None:
-        self._topk = None
+        self._guesses = None
         if self.copies is not None:
             self.copies.reset(state.tokens.tolist())
 
@@ -99,30 +101,29 @@ class MedusaProposer:
         """The tree (at most ``max_nodes`` deep) merged with the context copies, if any."""
         device = state.tokens.device
         copies = self.copies.propose(max_nodes) if self.copies is not None and max_nodes > 0 else []
-        use_tree = self._topk is not None and max_nodes > 0 and not (copies and self.copies.hot)
+        use_tree = self._guesses is not None and max_nodes > 0 and not (copies and self.copies.hot)
         if not copies:
             if not use_tree:
                 return Draft(tokens=torch.empty(0, dtype=torch.long, device=device), need_hidden=True)
             n = min(max_nodes, self.tree.num_nodes)
-            tokens = self._topk[self.tree.head_index[:n], self.tree.rank[:n]]  # [n]
-            return Draft(tokens=tokens.to(device), parents=self.tree.parents[:n], need_hidden=True)
+            return Draft(tokens=self._guesses[:n].to(device), parents=self.tree.parents[:n], need_hidden=True)
         paths: list[list[int]] = []
         if use_tree:
-            guesses = self._topk[self.tree.head_index, self.tree.rank].tolist()  # [num_nodes]
+            guesses = self._guesses.tolist()  # [num_nodes]
             paths = [[guesses[i] for i in leaf] for leaf in self._leaves]
         tokens, parents = build_trie([*copies, *paths], max_nodes)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                      parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
 
     def observe(self, outcome: StepOutcome) -> None:
-        """Read the heads at the hidden state of the row that produced the last new token."""
+        """Read the heads at the hidden state of the row that produced the last new token (the next root)."""
         if self.copies is not None:
             self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
         if outcome.hidden is None:
-            self._topk = None
+            self._guesses = None
             return
         hidden = outcome.hidden[outcome.last_row]  # [H]
-        self._topk = self.heads.topk(hidden, self.tree.topk).cpu()  # [num_heads, topk]
+        self._guesses = self.heads.tree_tokens(hidden, int(outcome.new_tokens[-1]), self.tree).cpu()  # [num_nodes]
 
 
 def _resolve_heads(value: object, target: torch.nn.Module) -> MedusaHeads:

@@ -330,7 +330,7 @@ class MedusaHeads(nn.Module):
         """``[..., H]`` -> ``[..., K, H]``: each head's blocks (K = num_heads).
 
         Sequential heads need ``prev [..., K]``: the token before each head's guess
-        (``x_{t+1} .. x_{t+K}``, the target's own tokens when training).
+        (``x_{t+1} .. x_{t+K}``, the target's own tokens when training); plain heads ignore it.
         """
         if self.config.sequential and prev is None:
             raise SpecdecError("sequential Medusa heads need the tokens before their guesses (prev)")

@@ -392,8 +392,7 @@ def head_labels(preds: torch.Tensor, num_heads: int, start: int) -> tuple[torch.
     n, length = preds.shape
     ts = torch.arange(start, length - num_heads)
     pos = torch.stack(torch.meshgrid(torch.arange(n), ts, indexing="ij"), dim=-1).reshape(-1, 2)
-    labels = torch.stack([preds[pos[:, 0], pos[:, 1] + 1 + k] for k in range(num_heads)], dim=-1).long()
-    return pos, labels
+    return pos, _ahead(preds, pos, 1, num_heads)
 
 
 def head_inputs(preds: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -402,7 +401,12 @@ def head_inputs(preds: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch
     Sequential heads read it: head ``k`` guesses ``preds[t + 1 + k]`` after the
     target's own tokens ``preds[t] .. preds[t + k]`` (``preds[t]`` is the tree's root).
     """
-    return torch.stack([preds[pos[:, 0], pos[:, 1] + k] for k in range(num_heads)], dim=-1).long()
+    return _ahead(preds, pos, 0, num_heads)
+
+
+def _ahead(preds: torch.Tensor, pos: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """``[P, count]`` long: ``preds[n, t + first + k]`` for ``k < count`` at each position (n, t)."""
+    return torch.stack([preds[pos[:, 0], pos[:, 1] + first + k] for k in range(count)], dim=-1).long()
 
 
 def exact_label_mask(preds: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -466,7 +470,7 @@ def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor
 
     Args:
         hidden: ``[P, H]``; labels: ``[P, K]`` token ids.
-        prev: ``[P, K]`` tokens before each guess (:func:`head_inputs`; sequential heads only).
+        prev: ``[P, K]`` tokens before each guess (:func:`head_inputs`; read by sequential heads only).
         valid: ``[P, K]`` bool, which labels count (None = all); each head's share is
             over its own valid positions.
     """
@@ -624,8 +628,7 @@ def train(
         idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
         p = pos[idx]
         h = hidden[p[:, 0], p[:, 1]].to(device).float()  # [B, H]: cached on the CPU, trained where the heads are
-        before = prev[idx].to(device) if cfg.sequential else None  # [B, K] the target's own tokens
-        logits = heads(h, before)  # [B, K, V']
+        logits = heads(h, prev[idx].to(device))  # [B, K, V']; sequential heads read prev, the target's own tokens
         loss, top1 = medusa_loss(logits, sub_labels[idx].to(device), cfg.distance_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -647,8 +650,7 @@ def train(
         seen = (answers or corpus)[0]
         held_out = Positions(seen.pos[:2048], seen.labels[:2048], seen.prev[:2048], seen.exact[:2048], 0)
     eh = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
-    el, ev = held_out.labels, held_out.exact
-    ep = held_out.prev if cfg.sequential else None
+    el, ev, ep = held_out.labels, held_out.exact, held_out.prev
     # "exact": only labels that are the target's own greedy continuation (what decoding checks);
     # "all": every label read in the corpus' context (noisier: the corpus may leave the target's path)
     accuracy = rank_accuracy(heads, eh, el, valid=ev, prev=ep)
@@ -656,7 +658,7 @@ def train(
     accuracy_corpus = None
     if answers is not None and corpus[1].pos.shape[0]:
         accuracy_corpus = rank_accuracy(heads, hidden[corpus[1].pos[:, 0], corpus[1].pos[:, 1]], corpus[1].labels,
-                                        valid=corpus[1].exact, prev=corpus[1].prev if cfg.sequential else None)
+                                        valid=corpus[1].exact, prev=corpus[1].prev)
     costs = measure_row_cost(target) if cfg.measure_cost else None
     tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
                                           (lambda r: row_cost(r, costs)) if costs else None)

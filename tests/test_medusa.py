@@ -485,7 +485,7 @@ def test_training_lowers_the_loss(tmp_path):
 
     feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
     pos, labels = head_labels(feats["preds"], 3, 0)
-    hidden = feats["hidden"][pos[:, 0], pos[:, 1]]
+    hidden, labels = feats["hidden"][pos[:, 0], pos[:, 1]].to(target.device), labels.to(target.device)
     fresh = MedusaHeads.init(target, num_heads=3)
     with torch.no_grad():
         before, _ = medusa_loss(fresh(hidden), labels, cfg.distance_decay)
@@ -509,7 +509,8 @@ def test_training_sequential_heads(tmp_path):
     pos, labels = head_labels(feats["preds"], 3, 0)
     prev = head_inputs(feats["preds"], pos, 3)
     assert torch.equal(prev[:, 1:], labels[:, :-1])  # head k reads the token head k-1 guesses
-    hidden = feats["hidden"][pos[:, 0], pos[:, 1]]
+    dev = target.device  # the cache is on the CPU; the trained heads are where the target is
+    hidden, prev, labels = feats["hidden"][pos[:, 0], pos[:, 1]].to(dev), prev.to(dev), labels.to(dev)
     fresh = MedusaHeads.init(target, num_heads=3, sequential=True)
     with torch.no_grad():
         before, _ = medusa_loss(fresh(hidden, prev), labels, cfg.distance_decay)

@@ -29,9 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specdec import SpeculativeGenerator, kvcache
+from specdec.bench import hf_runner, specdec_runner
 from specdec.medusa.heads import MedusaHeads
 from specdec.proposers.base import Draft
 
@@ -113,8 +115,6 @@ def main() -> None:
     segment = torch.randint(vocab, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     prompt = (segment * 5)[:300]  # repeats itself, so prompt lookup finds matches
     timer = Timer(device)
-    import transformers
-
     res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
                  "prompt_tokens": len(prompt), "max_new_tokens": args.max_new_tokens}
@@ -128,19 +128,15 @@ def main() -> None:
             "draft": SpeculativeGenerator(target, method="draft", draft=draft),
             "medusa": SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=4))}
     n = args.max_new_tokens
-    ids = torch.tensor([prompt], device=device)
-    runs: dict[str, list[dict]] = {"hf-greedy": [], **{k: [] for k in gens}}
+    runners = {"hf-greedy": hf_runner(target, eos_token_ids=()),  # the random models have no EOS: n tokens each
+               **{name: specdec_runner(gen) for name, gen in gens.items()}}
+    tok_s: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(args.repeats):
-        order = list(runs)[rep % len(runs):] + list(runs)[: rep % len(runs)]  # rotate who goes first
+        order = list(runners)[rep % len(runners):] + list(runners)[: rep % len(runners)]  # rotate who goes first
         for name in order:
-            if name == "hf-greedy":
-                seconds, _ = timer(lambda: target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                                           min_new_tokens=n, do_sample=False))
-                runs[name].append({"tok_s": n / seconds})
-            else:
-                seconds, r = timer(lambda: gens[name].generate(prompt, max_new_tokens=n, eos_token_id=[]))
-                runs[name].append({"tok_s": r.stats.new_tokens / seconds})
-    res["generate_tok_s"] = {k: round(statistics.median(r["tok_s"] for r in v[1:]), 2) for k, v in runs.items()}
+            run = runners[name](prompt, n)
+            tok_s[name].append(len(run.token_ids) / run.seconds)
+    res["generate_tok_s"] = {name: round(statistics.median(v[1:]), 2) for name, v in tok_s.items()}
 
     res["split_ms_per_step"] = {}
     for name, gen in gens.items():

@@ -64,6 +64,15 @@ def children(parents: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def leaf_paths(tokens: Sequence[int], parents: Sequence[int]) -> list[list[int]]:
+    """The token sequence of every root-to-leaf path of a tree (root excluded), leaves in node order."""
+    paths: list[list[int]] = []
+    has_child = set(parents)
+    for i, p in enumerate(parents):
+        paths.append((paths[p] if p >= 0 else []) + [tokens[i]])
+    return [paths[i] for i in range(len(tokens)) if i not in has_child]
+
+
 def build_trie(candidates: Sequence[Sequence[int]], max_depth: int) -> tuple[list[int], list[int]]:
     """Merge candidate sequences into a trie below the root.
 

@@ -16,7 +16,7 @@ from conftest import hf_greedy, tiny_model
 from specdec.errors import SpecdecError
 from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
 from specdec.medusa.train import TrainConfig, exact_label_mask, head_labels, medusa_loss, train
-from specdec.medusa.tree import row_cost
+from specdec.medusa.tree import CPU_ROW_COST, best_size, row_cost
 from specdec.sampling import SamplingConfig, process_logits
 
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -106,12 +106,14 @@ def test_greedy_equals_generate(arch, sequential):
     accepted = 0
     fresh = MedusaHeads.init(target, num_heads=3, sequential=sequential)
     perturbed = perturbed_heads(target, sequential=sequential)
-    cases = [(fresh, TREE), (fresh, wide), (perturbed, None), (perturbed, [[0], [1], [2]]),
-             (perturbed, [[0], [0, 0], [0, 0, 0]]), (perturbed, wide)]
-    for heads, tree in cases:
-        gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree)
+    dynamic = [{}, {"size_by_cost": False, "tree_size": 12}, {"size_by_cost": False, "tree_size": 1}]
+    cases = [(fresh, {"tree": TREE}), (fresh, {"tree": wide}), (perturbed, {"dynamic_tree": False}),
+             (perturbed, {"tree": [[0], [1], [2]]}), (perturbed, {"tree": [[0], [0, 0], [0, 0, 0]]}),
+             (perturbed, {"tree": wide})] + [(heads, d) for heads in (fresh, perturbed) for d in dynamic]
+    for heads, options in cases:
+        gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, **options)
         res = gen.generate(prompt, max_new_tokens=32)
-        assert res.token_ids == ref, (tree, res.token_ids, ref)
+        assert res.token_ids == ref, (options, res.token_ids, ref)
         accepted += res.stats.accepted
     assert accepted > 0  # the tree paths were exercised, not only the root
 
@@ -143,7 +145,7 @@ def test_copies_merge_with_the_tree_and_replace_it_while_hot():
     proposer.reset(state)
     first = proposer.propose(state, 10)  # no hidden state yet: the copy alone (suffix 5 6 seen at 0)
     assert first.tokens.tolist() == [7, 8, 9, 5] and first.parents.tolist() == [-1, 0, 1, 2] and first.need_hidden
-    proposer._guesses = torch.tensor([7, 3, 4])  # nodes [0], [1], [0, 0]
+    proposer._guesses = ([7, 3, 4], [-1, -1, 0], None)  # nodes [0], [1], [0, 0]
     draft = proposer.propose(state, 10)
     # copy 7 8 9 5 first, then the tree's leaf paths in tree order: 3, and 7 4 (4 merged below the copy's 7)
     assert draft.tokens.tolist() == [7, 8, 9, 5, 3, 4]
@@ -184,14 +186,16 @@ def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.T
     return joint.sum(0).reshape(-1).cpu()
 
 
-@pytest.mark.parametrize("copy_tokens, sequential", [(0, False), (32, False), (0, True)])  # copies: merged with the tree
-def test_sampling_distribution_matches_target(copy_tokens, sequential):
+@pytest.mark.parametrize("copy_tokens, sequential, dynamic", [(0, False, False), (32, False, False), (0, True, False),
+                                                               (0, True, True), (32, False, True)])
+def test_sampling_distribution_matches_target(copy_tokens, sequential, dynamic):
+    """Fixed trees, per-step (dynamic) trees and context copies all sample exactly from the target."""
     from test_sampling import histogram, noise_bound, tv
 
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
     heads = perturbed_heads(target, num_heads=2, sequential=sequential)
-    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=[[0], [1], [0, 0], [2]],
-                                       copy_tokens=copy_tokens)
+    tree = {"size_by_cost": False, "tree_size": 4} if dynamic else {"tree": [[0], [1], [0, 0], [2]]}
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, copy_tokens=copy_tokens, **tree)
     cfg = SamplingConfig(temperature=1.0)
     prompt = [1, 2, 3, 1, 2]
     exact = _exact_tokens_2_3(target, prompt, cfg)
@@ -349,6 +353,64 @@ def test_sequential_tree_tokens_follow_each_path():
         heads.topk(hidden, 2)
     with pytest.raises(SpecdecError, match="prev"):
         heads(hidden)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_dynamic_tree_keeps_the_likeliest_paths_best_first(sequential):
+    """Each node's probability is the product of the heads' softmax along its path (teacher-forced),
+    nodes come best first with every prefix a tree, and no expanded candidate left out beats one kept."""
+    target = tiny_model("qwen2", vocab=64, sharpness=3.0)
+    heads = perturbed_heads(target, num_heads=3, sequential=sequential, scale=0.5)
+    hidden, root = torch.randn(32, device=target.device), 7
+    tokens, parents, probs = heads.dynamic_tree(hidden, root, 10, branch=3, beam=2)
+    assert len(tokens) == len(parents) == len(probs) == 10
+    assert all(p < i for i, p in enumerate(parents))  # a parent before its children: every prefix is a tree
+    assert probs == sorted(probs, reverse=True)
+
+    def path(i: int) -> list[int]:
+        return (path(parents[i]) if parents[i] >= 0 else []) + [tokens[i]]
+
+    for i in range(len(tokens)):
+        p = path(i)
+        expected = 1.0
+        for d, t in enumerate(p):
+            prev_d = torch.tensor([root, *p[:d]] + [0] * (2 - d), device=target.device)
+            with torch.no_grad():
+                dist = torch.softmax(heads(hidden, prev_d).float(), dim=-1)  # [K, V] teacher-forced on the path
+            assert t in dist[d].topk(3).indices.tolist()  # among its head's `branch` best after that path
+            expected *= float(dist[d, t])
+        assert probs[i] == pytest.approx(expected, rel=1e-4), p
+    with torch.no_grad():
+        first = heads(hidden, torch.tensor([root, 0, 0], device=target.device))[0].argmax()
+    assert tokens[0] == int(first) and parents[0] == -1
+    fewer = heads.dynamic_tree(hidden, root, 4, branch=3, beam=2)
+    assert fewer == (tokens[:4], parents[:4], probs[:4])  # a smaller tree is a prefix of a bigger one
+    assert heads.dynamic_tree(hidden, root, 0) == ([], [], [])
+
+
+def test_best_size_weighs_expected_tokens_against_row_cost():
+    flat = lambda rows: 1.0  # noqa: E731
+    assert best_size([0.9, 0.5, 0.01], flat) == 3  # free rows: take everything that may be accepted
+    steep = lambda rows: float(rows)  # noqa: E731
+    assert best_size([0.9, 0.5], steep) == 0  # each row costs a whole forward: never worth it
+    table = lambda rows: row_cost(rows, {1: 1.0, 2: 1.1, 4: 1.3})  # noqa: E731
+    # (1 + 0.9) / 1.1 = 1.73, (1 + 1.4) / 1.2 = 2.0, (1 + 1.45) / 1.3 = 1.88
+    assert best_size([0.9, 0.5, 0.05], table) == 2
+    assert best_size([], table) == 0
+
+
+def test_dynamic_tree_options_are_validated():
+    target = tiny_model("llama", vocab=32)
+    heads = MedusaHeads.init(target, num_heads=3)
+    with pytest.raises(SpecdecError, match="either a fixed tree or dynamic_tree"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE, dynamic_tree=True)
+    with pytest.raises(SpecdecError, match="size_by_cost"):
+        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, size_by_cost="yes")
+    fixed = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE).proposer
+    assert fixed.dynamic_nodes is None  # a tree given: that fixed tree
+    per_step = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree_size=5).proposer
+    assert per_step.dynamic_nodes == 5 and per_step.row_cost is not None
+    assert per_step.row_cost(16) == pytest.approx(CPU_ROW_COST[16])  # this CPU's cost per row sizes each tree
 
 
 def test_sequential_heads_save_and_load(tmp_path):

@@ -40,6 +40,7 @@ also reads the layout the Medusa project publishes (``config.json`` with
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -408,6 +409,77 @@ class MedusaHeads(nn.Module):
             for c in frontier:
                 tokens[c] = top[where[parents[c]]][ranks[c]]
         return torch.tensor(tokens, dtype=torch.long)
+
+    @torch.no_grad()
+    def dynamic_tree(self, hidden: torch.Tensor, root: int, num_nodes: int, branch: int = 8,
+                     beam: int = 4) -> tuple[list[int], list[int], list[float]]:
+        """A tree chosen for this step from the heads' own confidence (after EAGLE-2, arXiv 2406.16858).
+
+        A node's score is the product of the heads' probabilities along its path.
+        Level by level, the ``beam`` best nodes of the newest level are expanded
+        into their head's ``branch`` best tokens (sequential heads: one batched
+        head call per level, each row reading its own path; plain heads: one call
+        for all levels, since their guesses do not depend on the path). The
+        ``num_nodes`` best-scoring nodes are kept; a child never outscores its
+        parent, so they form a tree. Levels stop early once none of their nodes
+        could enter the kept set.
+
+        Args:
+            hidden: ``[H]`` the target's final hidden state that gave ``root``.
+            root: the token the target gave there (the tree's root).
+            num_nodes: most nodes to keep.
+            branch: candidates per expanded node.
+            beam: nodes expanded per level.
+        Returns:
+            ``(tokens, parents, probs)``, each of length ``<= num_nodes``, best
+            first: every prefix is a tree (a parent before its children, siblings
+            best first); parent ``-1`` = child of the root; ``probs`` is each
+            node's score as a probability (the heads' estimate that its whole
+            path is the target's), never increasing.
+        """
+        hidden = hidden.to(self._param_dtype())
+        if num_nodes <= 0:
+            return [], [], []
+        plain = None
+        if not self.config.sequential:
+            plain = torch.log_softmax(self.forward(hidden).float(), dim=-1)  # [K, V']
+        nodes: list[tuple[float, int, int, int]] = []  # (log-probability of the path, depth, token, parent node)
+        level: list[int] = [-1]  # node indices of the newest level (-1 = the root)
+        level_states = hidden.unsqueeze(0)  # [r, H] the state each node of the level hands to the next head
+        for depth in range(self.num_heads):
+            kept = sorted((node[0] for node in nodes), reverse=True)
+            floor = kept[num_nodes - 1] if len(kept) >= num_nodes else float("-inf")
+            scores = [0.0 if v < 0 else nodes[v][0] for v in level]
+            order = [i for i in sorted(range(len(level)), key=lambda i: -scores[i])[:beam] if scores[i] > floor]
+            if not order:
+                break
+            if plain is not None:
+                logp = plain[depth].expand(len(order), -1)  # [r, V']
+            else:
+                read = torch.tensor([root if level[i] < 0 else nodes[level[i]][2] for i in order],
+                                    device=hidden.device)  # [r]
+                states = self.head_state(depth, level_states[order], read)  # [r, H]
+                logp = torch.log_softmax(self.project_head(depth, states).float(), dim=-1)  # [r, V']
+            top = logp.topk(min(branch, logp.shape[-1]), dim=-1)
+            values, tokens = top.values.tolist(), self.to_vocab(top.indices).tolist()
+            parents, level, rows = level, [], []
+            for r, i in enumerate(order):
+                for value, token in zip(values[r], tokens[r]):
+                    level.append(len(nodes))
+                    rows.append(r)
+                    nodes.append((scores[i] + value, depth + 1, token, parents[i]))
+            if plain is None:
+                level_states = states[torch.tensor(rows, device=states.device)]
+        chosen: list[int] = []
+        where: dict[int, int] = {}
+        for v in sorted(range(len(nodes)), key=lambda v: (-nodes[v][0], nodes[v][1])):
+            if len(chosen) >= num_nodes:
+                break
+            if nodes[v][3] < 0 or nodes[v][3] in where:
+                where[v] = len(chosen)
+                chosen.append(v)
+        return ([nodes[v][2] for v in chosen], [where[nodes[v][3]] if nodes[v][3] >= 0 else -1 for v in chosen],
+                [math.exp(nodes[v][0]) for v in chosen])
 
     def _param_dtype(self) -> torch.dtype:
         return self.blocks[0][0].linear.weight.dtype

@@ -28,6 +28,9 @@ Choices = Sequence[Sequence[int]]
 # prompt, measured on the reference CPU (2 cores, bf16, Qwen2.5-Coder-1.5B):
 # 16 rows cost 1.3x one, 64 rows 2.7x. Used when no measurement is given.
 CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
+# The same on an NVIDIA H100 (float16, a model of Qwen2.5-Coder-1.5B's size, under
+# the engine's tree mask; scripts/gpu_profile.py): launch-bound, so rows are nearly free.
+GPU_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.07, 4: 1.10, 16: 1.10, 64: 1.12}
 
 
 @dataclass(frozen=True)
@@ -214,14 +217,23 @@ def tree_from_accuracies(
         heapq.heappush(heap, (-parent_value * acc(len(path) - 1, sibling[-1]), sibling))
         if len(path) < num_heads:
             heapq.heappush(heap, (-value * acc(len(path), 0), path + (0,)))
-    best_n, best_rate, expected = 0, 1.0 / cost(1), 1.0
-    total = 0.0
+    best_n = best_size(gains, cost)
+    return [list(p) for p in normalize_choices(chosen[:best_n])], 1.0 + sum(gains[:best_n])
+
+
+def best_size(gains: Sequence[float], cost: Callable[[int], float]) -> int:
+    """How many of ``gains`` to verify: the ``n`` maximising ``(1 + sum(gains[:n])) / cost(1 + n)``.
+
+    ``gains`` are the nodes' probabilities of being accepted (their whole path),
+    best first; ``cost(r)`` is the relative cost of a forward over ``r`` rows.
+    """
+    best_n, best_rate, total = 0, 1.0 / cost(1), 0.0
     for n, g in enumerate(gains, start=1):
         total += g
         rate = (1.0 + total) / cost(1 + n)
         if rate > best_rate:
-            best_n, best_rate, expected = n, rate, 1.0 + total
-    return [list(p) for p in normalize_choices(chosen[:best_n])], expected
+            best_n, best_rate = n, rate
+    return best_n
 
 
 # A default for CPUs, sized for "16 rows cost 1.3x one": 15 nodes, most of them

@@ -32,18 +32,23 @@ The first step has no hidden state yet: it offers copies only, and asks for one.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import TreeBuffers, build_tree, cap_tree, default_tree
-from ..tree import build_trie
+from ..medusa.tree import CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree, row_cost
+from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
 from .prompt_lookup import COPY_TOKENS, ContextCopies
+
+
+# most nodes of a per-step (dynamic) tree unless tree_size says otherwise: on the reference
+# CPU a forward over 17 rows costs ~1.35x one, more than the likeliest extra nodes repay
+DYNAMIC_TREE_NODES = 16
 
 
 @dataclass(frozen=True)
@@ -58,29 +63,53 @@ class MedusaOptions:
         typical_acceptance: LOSSY typical acceptance when sampling (None = exact,
             the default); greedy decoding stays exact either way.
         copy_tokens: longest context copy verified beside the tree (0 = heads only).
+        dynamic_tree: when no ``tree`` is given, choose each step's tree from the
+            heads' own confidence (:meth:`~specdec.medusa.heads.MedusaHeads.dynamic_tree`),
+            at most ``tree_size`` (else :data:`DYNAMIC_TREE_NODES`) nodes; False = the
+            fixed tree stored with the heads.
+        size_by_cost: a dynamic tree keeps, each step, as many nodes as maximise the
+            expected tokens per unit of forward cost (the heads' path probabilities
+            against this device's cost per row); False = always the most nodes.
     """
 
     tree: tuple[tuple[int, ...], ...] | None = None
     tree_size: int | None = None
     typical_acceptance: TypicalAcceptance | None = None
     copy_tokens: int = COPY_TOKENS
+    dynamic_tree: bool = True
+    size_by_cost: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("dynamic_tree", "size_by_cost"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecdecError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.copy_tokens, bool) or not isinstance(self.copy_tokens, int) or self.copy_tokens < 0:
             raise SpecdecError(f"copy_tokens must be an integer >= 0, got {self.copy_tokens!r}", "0 turns copies off")
 
 
 class MedusaProposer:
-    """Candidates from Medusa heads, laid out as a fixed tree (see the module docstring)."""
+    """Candidates from Medusa heads, laid out as a fixed or a per-step tree (see the module docstring).
+
+    Args:
+        heads: the trained heads.
+        tree: the fixed tree's paths (``medusa_choices`` style).
+        typical_acceptance: LOSSY acceptance when sampling, or None (exact).
+        copy_tokens: longest context copy (0 = none).
+        dynamic_nodes: None = the fixed ``tree``; else each step's tree is chosen from the
+            heads' confidence, with at most this many nodes.
+        row_cost: relative cost of a target forward over ``r`` rows, to size each dynamic
+            tree (None = always ``dynamic_nodes`` nodes).
+    """
 
     name = "medusa"
 
     def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]],
-                 typical_acceptance: TypicalAcceptance | None = None, copy_tokens: int = 0) -> None:
+                 typical_acceptance: TypicalAcceptance | None = None, copy_tokens: int = 0,
+                 dynamic_nodes: int | None = None, row_cost: Callable[[int], float] | None = None) -> None:
         self.heads = heads.eval()
         self.tree: TreeBuffers = build_tree(tree)
-        # node indices on each root-to-leaf path (retrieve_indices rows minus the root, unpadded)
-        self._leaves = [[r - 1 for r in row[1:] if r > 0] for row in self.tree.retrieve_indices.tolist()]
+        self.dynamic_nodes = dynamic_nodes
+        self.row_cost = row_cost
         self.copies = ContextCopies(copy_tokens) if copy_tokens else None
         self.typical_acceptance = typical_acceptance  # read by the engine, handed to the verifier
         if self.tree.num_nodes == 0:
@@ -90,7 +119,8 @@ class MedusaProposer:
                 f"the Medusa tree is {self.tree.max_depth} deep but the heads number {heads.num_heads}",
                 "use paths no longer than the number of heads",
             )
-        self._guesses: torch.Tensor | None = None  # [num_nodes] token ids of the next step's tree
+        # the next step's tree: (tokens, parents, path probabilities of a dynamic tree, else None)
+        self._guesses: tuple[list[int], list[int], list[float] | None] | None = None
 
     def reset(self, state: DecodeState) -> None:
         self._guesses = None
@@ -101,19 +131,26 @@ class MedusaProposer:
         """The tree (at most ``max_nodes`` deep) merged with the context copies, if any."""
         device = state.tokens.device
         copies = self.copies.propose(max_nodes) if self.copies is not None and max_nodes > 0 else []
-        use_tree = self._guesses is not None and max_nodes > 0 and not (copies and self.copies.hot)
+        guesses = self._guesses if max_nodes > 0 and not (copies and self.copies.hot) else None
+        tree: tuple[list[int], list[int]] = ([], [])
+        if guesses is not None:
+            copy_rows = len(build_trie(copies, max_nodes)[0]) if copies else 0
+            tree = self._sized(*guesses, copy_rows)
         if not copies:
-            if not use_tree:
-                return Draft(tokens=torch.empty(0, dtype=torch.long, device=device), need_hidden=True)
-            n = min(max_nodes, self.tree.num_nodes)
-            return Draft(tokens=self._guesses[:n].to(device), parents=self.tree.parents[:n], need_hidden=True)
-        paths: list[list[int]] = []
-        if use_tree:
-            guesses = self._guesses.tolist()  # [num_nodes]
-            paths = [[guesses[i] for i in leaf] for leaf in self._leaves]
-        tokens, parents = build_trie([*copies, *paths], max_nodes)
+            n = min(max_nodes, len(tree[0]))  # every prefix is a tree, so n nodes are at most n deep
+            tokens, parents = tree[0][:n], tree[1][:n]
+        else:
+            tokens, parents = build_trie([*copies, *leaf_paths(*tree)], max_nodes)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                      parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
+
+    def _sized(self, tokens: list[int], parents: list[int], probs: list[float] | None,
+               copy_rows: int) -> tuple[list[int], list[int]]:
+        """A dynamic tree cut to the size worth its forward cost beside ``copy_rows`` copied rows."""
+        if probs is None or self.row_cost is None:
+            return tokens, parents
+        n = best_size(probs, lambda rows: self.row_cost(rows + copy_rows))
+        return tokens[:n], parents[:n]  # best first: any prefix is a tree
 
     def observe(self, outcome: StepOutcome) -> None:
         """Read the heads at the hidden state of the row that produced the last new token (the next root)."""
@@ -123,7 +160,11 @@ class MedusaProposer:
             self._guesses = None
             return
         hidden = outcome.hidden[outcome.last_row]  # [H]
-        self._guesses = self.heads.tree_tokens(hidden, int(outcome.new_tokens[-1]), self.tree).cpu()  # [num_nodes]
+        root = int(outcome.new_tokens[-1])
+        if self.dynamic_nodes is not None:
+            self._guesses = self.heads.dynamic_tree(hidden, root, self.dynamic_nodes)
+        else:
+            self._guesses = (self.heads.tree_tokens(hidden, root, self.tree).tolist(), self.tree.parents.tolist(), None)
 
 
 def _resolve_heads(value: object, target: torch.nn.Module) -> MedusaHeads:
@@ -183,13 +224,23 @@ def build(ctx) -> MedusaProposer:
     from . import take_options
 
     opts = take_options(ctx.options, ("medusa_heads", "tree", "tree_size", "typical_acceptance", "posterior_threshold",
-                                      "posterior_alpha", "copy_tokens"), "medusa")
+                                      "posterior_alpha", "copy_tokens", "dynamic_tree", "size_by_cost"), "medusa")
     heads = _resolve_heads(opts.get("medusa_heads"), ctx.target)
     options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads),
                             tree_size=_resolve_tree_size(opts.get("tree_size")),
                             typical_acceptance=_resolve_typical(opts),
-                            **({"copy_tokens": opts["copy_tokens"]} if opts.get("copy_tokens") is not None else {}))
+                            **{k: opts[k] for k in ("copy_tokens", "dynamic_tree", "size_by_cost")
+                               if opts.get(k) is not None})
+    if opts.get("dynamic_tree") and opts.get("tree") is not None:
+        raise SpecdecError("give either a fixed tree or dynamic_tree=True, not both",
+                           "a dynamic tree is chosen each step; tree_size caps its nodes")
     tree = options.tree
     if options.tree_size is not None:
         tree = cap_tree(tree, options.tree_size, heads.config.head_accuracy)
-    return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens)
+    dynamic_nodes = row_costs = None
+    if options.dynamic_tree and opts.get("tree") is None:
+        dynamic_nodes = options.tree_size or DYNAMIC_TREE_NODES
+        if options.size_by_cost:
+            table = GPU_ROW_COST if next(ctx.target.parameters()).device.type == "cuda" else CPU_ROW_COST
+            row_costs = lambda rows: row_cost(rows, table)  # noqa: E731
+    return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)

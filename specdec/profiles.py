@@ -100,7 +100,7 @@ class Lookahead(_Strict):
 
 
 class Medusa(_Strict):
-    """Medusa: the number of nodes of the candidate tree."""
+    """Medusa: the most nodes of the candidate tree (a per-step tree may keep fewer)."""
 
     tree_size: int = Field(ge=1)
 

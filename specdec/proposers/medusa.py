@@ -3,9 +3,12 @@
 Each step costs one target forward:
 
 1. *generate candidates* (:meth:`MedusaProposer.propose`): the heads' top-k
-   tokens, read from the hidden state of the previous step, are laid out as
-   the tree of :mod:`specdec.medusa.tree` (node ``[i0, i1]`` = head 0's
-   rank-``i0`` token, then head 1's rank-``i1`` token). Sequential heads
+   tokens, read from the hidden state of the previous step, form this step's
+   tree: by default chosen from the heads' own probabilities
+   (:meth:`~specdec.medusa.heads.MedusaHeads.dynamic_tree`, the likeliest
+   paths, as many nodes as repay their forward cost), else the fixed tree of
+   :mod:`specdec.medusa.tree` (node ``[i0, i1]`` = head 0's rank-``i0``
+   token, then head 1's rank-``i1`` token). Sequential heads
    (:class:`~specdec.medusa.heads.MedusaHeads`, ``sequential``) also read
    the tree's root token and each node's token before guessing its children.
 2. *tree decoding* and *evaluate posterior*: the engine runs the tree in one
@@ -88,7 +91,7 @@ class MedusaOptions:
 
 
 class MedusaProposer:
-    """Candidates from Medusa heads, laid out as a fixed or a per-step tree (see the module docstring).
+    """Candidates from Medusa heads as a fixed or a per-step tree (see the module docstring).
 
     Args:
         heads: the trained heads.

@@ -42,7 +42,8 @@ import torch
 
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree, row_cost
+from ..medusa.tree import (CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree,
+                           row_cost)
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
@@ -50,7 +51,7 @@ from .prompt_lookup import COPY_TOKENS, ContextCopies
 
 
 # most nodes of a per-step (dynamic) tree unless tree_size says otherwise: on the reference
-# CPU a forward over 17 rows costs ~1.35x one, more than the likeliest extra nodes repay
+# CPU a forward over 17 rows costs 1.3-1.5x one, more than the likeliest extra nodes repay
 DYNAMIC_TREE_NODES = 16
 
 

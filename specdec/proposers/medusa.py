@@ -136,10 +136,7 @@ class MedusaProposer:
         device = state.tokens.device
         copies = self.copies.propose(max_nodes) if self.copies is not None and max_nodes > 0 else []
         guesses = self._guesses if max_nodes > 0 and not (copies and self.copies.hot) else None
-        tree: tuple[list[int], list[int]] = ([], [])
-        if guesses is not None:
-            copy_rows = len(build_trie(copies, max_nodes)[0]) if copies else 0
-            tree = self._sized(*guesses, copy_rows)
+        tree = self._sized(*guesses, copies, max_nodes) if guesses is not None else ([], [])
         if not copies:
             n = min(max_nodes, len(tree[0]))  # every prefix is a tree, so n nodes are at most n deep
             tokens, parents = tree[0][:n], tree[1][:n]
@@ -149,10 +146,12 @@ class MedusaProposer:
                      parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
 
     def _sized(self, tokens: list[int], parents: list[int], probs: list[float] | None,
-               copy_rows: int) -> tuple[list[int], list[int]]:
-        """A dynamic tree cut to the size worth its forward cost beside ``copy_rows`` copied rows."""
+               copies: list[list[int]], max_nodes: int) -> tuple[list[int], list[int]]:
+        """A dynamic tree cut to the size worth its forward cost beside the rows of ``copies``
+        (a fixed tree, or a dynamic one without a cost model, is returned whole)."""
         if probs is None or self.row_cost is None:
             return tokens, parents
+        copy_rows = len(build_trie(copies, max_nodes)[0]) if copies else 0
         n = best_size(probs, lambda rows: self.row_cost(rows + copy_rows))
         return tokens[:n], parents[:n]  # best first: any prefix is a tree
 

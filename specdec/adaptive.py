@@ -12,9 +12,13 @@ Seeded sampling must be reproducible, and measured times are not: with
 ``deterministic`` set, the controller ignores timings and uses the static
 cost ratio (from parameter counts) instead, so the same seed gives the same
 draft lengths and hence the same tokens.
+
+:class:`RowCostModel` learns the other half of that trade for tree
+proposers: what a forward over ``r`` rows costs on this machine.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -104,6 +108,67 @@ class DraftLengthController:
         # scale the nearest measurement by the prior shape
         near = min(self.verify_seconds, key=lambda r: abs(r - rows))
         return self.verify_seconds[near] * _prior_shape(rows) / _prior_shape(near)
+
+
+@dataclass
+class RowCostModel:
+    """Relative cost of a target forward over ``r`` rows on this machine, learnt as it decodes.
+
+    Fits ``seconds = c * prior(r) + d * (r - 1)`` to the measured forwards by
+    exponentially weighted least squares (``forget`` per new measurement): the
+    prior's shape scaled to this machine's level, plus a correction per row,
+    held toward zero as if ``ridge`` rows squared of spread had been seen, so
+    that steps that all have about the same rows keep the prior's shape. Until
+    ``min_samples`` forwards are measured, and always in ``deterministic``
+    mode (seeded sampling, whose tokens must not depend on timings), the prior
+    alone answers. Measurements carry over from one generation to the next:
+    the cost is the machine's.
+
+    Calling the model gives ``cost(rows) / cost(1)`` (never below 1), what
+    :func:`specdec.medusa.tree.best_size` weighs expected tokens against.
+    """
+
+    prior: Callable[[int], float]
+    forget: float = 0.97
+    min_samples: int = 8
+    ridge: float = 4.0
+    deterministic: bool = False
+    samples: int = 0
+    # weighted sums over measurements, with p = prior(rows), x = rows - 1, s = seconds
+    _sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("w", "pp", "px", "xx", "ps", "xs"), 0.0))
+
+    def start(self, deterministic: bool) -> None:
+        """Begin a generation; ``deterministic`` = answer from the prior alone."""
+        self.deterministic = deterministic
+
+    def record(self, rows: int, seconds: float) -> None:
+        """One measured target forward over ``rows`` rows."""
+        if rows < 1 or not seconds > 0:
+            return
+        p, x = self.prior(rows), float(rows - 1)
+        for key, value in (("w", 1.0), ("pp", p * p), ("px", p * x), ("xx", x * x), ("ps", p * seconds), ("xs", x * seconds)):
+            self._sums[key] = self.forget * self._sums[key] + value
+        self.samples += 1
+
+    @property
+    def measured(self) -> bool:
+        return self.samples >= self.min_samples and not self.deterministic
+
+    def fit(self) -> tuple[float, float]:
+        """``(c, d)`` of the fitted ``seconds = c * prior(rows) + d * (rows - 1)``."""
+        m = self._sums
+        a11, a12, a22 = m["pp"], m["px"], m["xx"] + self.ridge * m["w"]
+        det = a11 * a22 - a12 * a12
+        return (a22 * m["ps"] - a12 * m["xs"]) / det, (a11 * m["xs"] - a12 * m["ps"]) / det
+
+    def __call__(self, rows: int) -> float:
+        relative = self.prior(rows) / self.prior(1)
+        if not self.measured:
+            return relative
+        c, d = self.fit()
+        if c <= 0:  # noise no line explains: keep the prior
+            return relative
+        return max(relative + d * (rows - 1) / (c * self.prior(1)), 1.0)
 
 
 def _prior_shape(rows: int) -> float:

@@ -400,6 +400,43 @@ def test_best_size_weighs_expected_tokens_against_row_cost():
     assert best_size([], table) == 0
 
 
+def test_row_cost_model_learns_this_machines_cost_per_row():
+    from specdec.adaptive import RowCostModel
+
+    prior = lambda rows: row_cost(rows, CPU_ROW_COST)  # noqa: E731
+    model = RowCostModel(prior=prior)
+    assert model(16) == pytest.approx(CPU_ROW_COST[16])  # nothing measured: the table
+    steeper = lambda rows: 0.22 * prior(rows) + 0.004 * (rows - 1)  # noqa: E731  (16 rows: 1.59x one)
+    for i in range(40):
+        rows = (1, 4, 9, 16, 25)[i % 5]
+        model.record(rows, steeper(rows))
+    assert model(16) == pytest.approx(steeper(16) / steeper(1), rel=0.03) and model(1) == pytest.approx(1.0)
+    model.start(deterministic=True)  # seeded sampling: decisions must not depend on timings
+    assert model(16) == pytest.approx(CPU_ROW_COST[16])
+    model.start(deterministic=False)
+    assert model(16) == pytest.approx(steeper(16) / steeper(1), rel=0.03)  # measurements carry over generations
+
+    same = RowCostModel(prior=prior)
+    for _ in range(20):  # every step the same size: the level is measured, the slope is the table's
+        same.record(8, 0.3)
+    assert [same(r) for r in (8, 16, 64)] == pytest.approx([prior(8), prior(16), prior(64)], rel=0.01)
+    noisy = RowCostModel(prior=prior)
+    for i in range(20):  # noise suggesting rows are free makes no row count cheaper than one
+        noisy.record((1, 20)[i % 2], (0.3, 0.2)[i % 2])
+    assert min(noisy(r) for r in (1, 8, 32)) == pytest.approx(1.0)
+
+
+def test_medusa_sizes_trees_by_measured_cost_except_when_seeded_sampling():
+    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=perturbed_heads(target))
+    model = gen.proposer.row_cost
+    gen.generate([1, 5, 9, 2], max_new_tokens=16)
+    assert model.samples >= 1 and not model.deterministic  # every step after the prompt's is measured
+    kw = dict(max_new_tokens=16, temperature=0.9, seed=3)
+    first = gen.generate([1, 5, 9, 2], **kw).token_ids
+    assert model.deterministic and gen.generate([1, 5, 9, 2], **kw).token_ids == first
+
+
 def test_dynamic_tree_options_are_validated():
     target = tiny_model("llama", vocab=32)
     heads = MedusaHeads.init(target, num_heads=3)

@@ -26,7 +26,8 @@ Choices = Sequence[Sequence[int]]
 
 # Relative cost of one target forward over r rows (root + nodes) on a cached
 # prompt, measured on the reference CPU (2 cores, bf16, Qwen2.5-Coder-1.5B):
-# 16 rows cost 1.3x one, 64 rows 2.7x. Used when no measurement is given.
+# 16 rows cost 1.3x one, 64 rows 2.7x. Used when no measurement is given, and as the
+# prior shape of the cost a decoding run learns (specdec.adaptive.RowCostModel).
 CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
 # The same on an NVIDIA H100 (float16, a model of Qwen2.5-Coder-1.5B's size, under
 # the engine's tree mask; scripts/gpu_profile.py): launch-bound, so rows are nearly free.

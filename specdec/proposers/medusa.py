@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adaptive import RowCostModel
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
 from ..medusa.tree import (CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree,
@@ -73,7 +74,9 @@ class MedusaOptions:
             fixed tree stored with the heads.
         size_by_cost: a dynamic tree keeps, each step, as many nodes as maximise the
             expected tokens per unit of forward cost (the heads' path probabilities
-            against this device's cost per row); False = always the most nodes.
+            against this machine's cost per row, learnt from the measured forwards,
+            from a table measured on the reference CPU or an H100 until then);
+            False = always the most nodes.
     """
 
     tree: tuple[tuple[int, ...], ...] | None = None
@@ -102,7 +105,8 @@ class MedusaProposer:
         dynamic_nodes: None = the fixed ``tree``; else each step's tree is chosen from the
             heads' confidence, with at most this many nodes.
         row_cost: relative cost of a target forward over ``r`` rows, to size each dynamic
-            tree (None = always ``dynamic_nodes`` nodes).
+            tree (None = always ``dynamic_nodes`` nodes); a :class:`~specdec.adaptive.RowCostModel`
+            also learns from every step's measured forward.
     """
 
     name = "medusa"
@@ -128,6 +132,8 @@ class MedusaProposer:
 
     def reset(self, state: DecodeState) -> None:
         self._guesses = None
+        if isinstance(self.row_cost, RowCostModel):  # seeded sampling must not depend on timings
+            self.row_cost.start(deterministic=state.seeded and not state.sampling.greedy)
         if self.copies is not None:
             self.copies.reset(state.tokens.tolist())
 
@@ -159,6 +165,8 @@ class MedusaProposer:
         """Read the heads at the hidden state of the row that produced the last new token (the next root)."""
         if self.copies is not None:
             self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
+        if isinstance(self.row_cost, RowCostModel) and not outcome.with_prompt:
+            self.row_cost.record(1 + outcome.draft.num_nodes, outcome.verify_seconds)
         if outcome.hidden is None:
             self._guesses = None
             return
@@ -245,5 +253,5 @@ def build(ctx) -> MedusaProposer:
         dynamic_nodes = options.tree_size or DYNAMIC_TREE_NODES
         if options.size_by_cost:
             table = GPU_ROW_COST if next(ctx.target.parameters()).device.type == "cuda" else CPU_ROW_COST
-            row_costs = lambda rows: row_cost(rows, table)  # noqa: E731
+            row_costs = RowCostModel(prior=lambda rows: row_cost(rows, table))
     return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)

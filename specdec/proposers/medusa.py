@@ -35,7 +35,7 @@ The first step has no hidden state yet: it offers copies only, and asks for one.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,16 +104,15 @@ class MedusaProposer:
         copy_tokens: longest context copy (0 = none).
         dynamic_nodes: None = the fixed ``tree``; else each step's tree is chosen from the
             heads' confidence, with at most this many nodes.
-        row_cost: relative cost of a target forward over ``r`` rows, to size each dynamic
-            tree (None = always ``dynamic_nodes`` nodes); a :class:`~specdec.adaptive.RowCostModel`
-            also learns from every step's measured forward.
+        row_cost: the relative cost of a target forward over ``r`` rows, learnt from every
+            step's measured forward, to size each dynamic tree (None = always ``dynamic_nodes`` nodes).
     """
 
     name = "medusa"
 
     def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]],
                  typical_acceptance: TypicalAcceptance | None = None, copy_tokens: int = 0,
-                 dynamic_nodes: int | None = None, row_cost: Callable[[int], float] | None = None) -> None:
+                 dynamic_nodes: int | None = None, row_cost: RowCostModel | None = None) -> None:
         self.heads = heads.eval()
         self.tree: TreeBuffers = build_tree(tree)
         self.dynamic_nodes = dynamic_nodes
@@ -132,7 +131,7 @@ class MedusaProposer:
 
     def reset(self, state: DecodeState) -> None:
         self._guesses = None
-        if isinstance(self.row_cost, RowCostModel):  # seeded sampling must not depend on timings
+        if self.row_cost is not None:  # seeded sampling must not depend on timings
             self.row_cost.start(deterministic=state.seeded and not state.sampling.greedy)
         if self.copies is not None:
             self.copies.reset(state.tokens.tolist())
@@ -165,7 +164,7 @@ class MedusaProposer:
         """Read the heads at the hidden state of the row that produced the last new token (the next root)."""
         if self.copies is not None:
             self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
-        if isinstance(self.row_cost, RowCostModel) and not outcome.with_prompt:
+        if self.row_cost is not None and not outcome.with_prompt:
             self.row_cost.record(1 + outcome.draft.num_nodes, outcome.verify_seconds)
         if outcome.hidden is None:
             self._guesses = None

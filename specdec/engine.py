@@ -19,6 +19,7 @@ from .errors import ContextLengthError, SpecdecError
 from .proposers import ProposerContext, build_proposer, resolve_method
 from .proposers.base import DecodeState, Draft, StepOutcome
 from .sampling import SamplingConfig
+from .static import BUCKETS, StaticKV
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
 from .verify import TypicalAcceptance, verify
@@ -44,6 +45,8 @@ class GenerationStats:
     prompt_tokens: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
+    graph_capture_seconds: float = 0.0
+    static_cache: bool = False
 
     @property
     def mean_accepted_length(self) -> float:
@@ -115,6 +118,8 @@ class SpeculativeGenerator:
         draft: a draft model sharing the target's tokenizer (method ``"draft"``).
         num_speculative_tokens: fixed number of candidates per step; None adapts it.
         draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
+        static_cache: run the target and the draft on preallocated caches at fixed row buckets,
+            captured as CUDA graphs on CUDA (:mod:`specdec.static`); None = on for CUDA, off elsewhere.
         **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
             ``medusa_heads``, ``tree``, ``tree_size``, ``max_ngram``...), validated by the method.
             Medusa's ``typical_acceptance=True`` (with ``posterior_threshold``,
@@ -135,6 +140,7 @@ class SpeculativeGenerator:
         num_speculative_tokens: int | None = None,
         *,
         draft_tokenizer: Any = None,
+        static_cache: bool | None = None,
         **options: Any,
     ) -> None:
         self.target = target.eval()
@@ -150,7 +156,10 @@ class SpeculativeGenerator:
             check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
         self.device = next(target.parameters()).device
         self.context_length = model_context_length(target)
-        self._cache_arg = kvcache.cache_argument(target)
+        if static_cache is None:
+            static_cache = self.device.type == "cuda"
+        self.kv = kvcache.open_cache(target, static=bool(static_cache))
+        self.static_cache = isinstance(self.kv, StaticKV)
         self.proposer = build_proposer(
             self.method,
             ProposerContext(
@@ -159,6 +168,7 @@ class SpeculativeGenerator:
                 tokenizer=tokenizer,
                 num_speculative_tokens=num_speculative_tokens,
                 options=options,
+                static_cache=self.static_cache,
             ),
         )
         self.typical_acceptance: TypicalAcceptance | None = getattr(self.proposer, "typical_acceptance", None)
@@ -266,7 +276,7 @@ class SpeculativeGenerator:
         eos: set[int],
         seeded: bool = False,
     ) -> Iterator[StreamEvent]:
-        stats = GenerationStats(method=self.method, prompt_tokens=len(prompt_ids))
+        stats = GenerationStats(method=self.method, prompt_tokens=len(prompt_ids), static_cache=self.static_cache)
         self.last_stats = stats
         limit = min(max_new_tokens, self.context_length - len(prompt_ids))
         buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
@@ -275,9 +285,12 @@ class SpeculativeGenerator:
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         matcher = StopStringMatcher(stops)
         start = time.perf_counter()
-        cache = kvcache.new_cache(self.target)  # the first step fills it with the prompt
         state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator,
-                            seeded=seeded)
+                            seeded=seeded, capacity=len(prompt_ids) + limit + max(BUCKETS))
+        self.kv.reset(state.capacity)
+        with torch.inference_mode():
+            self._prefill(state)
+        stats.prefill_seconds = time.perf_counter() - start
         self.proposer.reset(state)
         finish: str | None = None
         while finish is None:
@@ -285,9 +298,8 @@ class SpeculativeGenerator:
             budget = min(limit - generated - 1, self.context_length - length - 1)
             with torch.inference_mode():
                 draft = self.proposer.propose(state, max(budget, 0))
-                new_tokens, outcome = self._step(draft, state, cache, cfg, generator)
-            if stats.steps == 0:
-                stats.prefill_seconds = time.perf_counter() - start
+                new_tokens, outcome = self._step(draft, state, cfg, generator)
+            stats.graph_capture_seconds += outcome.capture_seconds
             stats.steps += 1
             stats.proposed += draft.num_nodes
             stats.accepted += len(outcome.accepted_nodes)
@@ -317,41 +329,37 @@ class SpeculativeGenerator:
             stats.seconds = time.perf_counter() - start
             yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
 
-    def _step(
-        self, draft: Draft, state: DecodeState, cache: Any, cfg: SamplingConfig, generator: torch.Generator
-    ) -> tuple[torch.Tensor, StepOutcome]:
-        """One target forward over the uncached tokens and the draft; verify; keep the accepted KV.
+    def _prefill(self, state: DecodeState) -> None:
+        """Cache the prompt before the pending token: one causal forward, no mask, no hidden states.
 
-        The uncached tokens are the pending token (the root) and, on the first
-        step, the rest of the prompt before it, so prefill and the first
-        verification share one forward. Returns ``[a+1]`` new tokens and the
-        outcome for the proposer.
+        Steps then hold only their own rows, so a long prompt costs what plain
+        decoding's prefill costs whatever the method (no prompt-sized tree mask).
         """
-        cached = kvcache.cache_length(cache)
+        if state.tokens.numel() > 1:
+            self.kv.forward(state.tokens[:-1], keep=1)
+
+    def _step(
+        self, draft: Draft, state: DecodeState, cfg: SamplingConfig, generator: torch.Generator
+    ) -> tuple[torch.Tensor, StepOutcome]:
+        """One target forward over the pending token (the root) and the draft; verify; keep the accepted KV.
+
+        Returns ``[a+1]`` new tokens and the outcome for the proposer.
+        """
         base = state.tokens.numel() - 1  # position of the pending token (the root)
         n, m = draft.num_nodes, draft.num_extra
-        q = 1 + n + m  # rows whose logits are needed
-        parts = [state.tokens[cached:], draft.tokens.to(self.device)]
+        parts = [state.tokens[base:], draft.tokens.to(self.device)]
         if m:
             parts.append(draft.extra_tokens.to(self.device))
-        input_ids = torch.cat(parts)[None]
-        position_ids = attention_mask = None
+        q = 1 + n + m  # rows of the forward, all of whose logits are needed
+        positions = allowed = None
         if not draft.is_chain or m:
-            position_ids, attention_mask = self._tree_inputs(draft, cached, base)
+            positions, allowed = self._tree_inputs(draft, base)
         t0 = time.perf_counter()
-        out = self.target(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=True,
-            output_hidden_states=draft.need_hidden,
-            logits_to_keep=q,
-            **{self._cache_arg: cache},
-        )
-        logits = out.logits[0, -q:]  # [1+n+m, V]
+        out = self.kv.forward(torch.cat(parts), positions, allowed, keep=q, hidden=draft.need_hidden)
+        logits = out.logits  # [1+n+m, V]
         verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator, typical=self.typical_acceptance)
-        verify_seconds = time.perf_counter() - t0
-        kvcache.keep_rows(cache, base, [0] + [1 + i for i in verdict.accepted_nodes])
+        verify_seconds = time.perf_counter() - t0 - out.captured
+        self.kv.keep_rows(base, [0] + [1 + i for i in verdict.accepted_nodes])
         accepted = draft.tokens[verdict.accepted_nodes].to(self.device)  # [a]; empty when nothing was accepted
         new_tokens = torch.cat([accepted, torch.tensor([verdict.next_token], device=self.device)])
         outcome = StepOutcome(
@@ -360,24 +368,22 @@ class SpeculativeGenerator:
             new_tokens=new_tokens,
             tokens=state.tokens,
             logits=logits,
-            hidden=out.hidden_states[-1][0, -q:] if draft.need_hidden else None,
+            hidden=out.hidden,
             last_row=verdict.last_row,
             verify_seconds=verify_seconds,
-            with_prompt=base > cached,
+            capture_seconds=out.captured,
         )
         return new_tokens, outcome
 
-    def _tree_inputs(self, draft: Draft, cached: int, base: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``[1, p+q]`` and a 4D float mask ``[1, 1, p+q, base+q]`` for a tree and extra rows.
+    @staticmethod
+    def _tree_inputs(draft: Draft, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[q]`` and the visibility ``[q, q]`` (bool) among the step's rows for a tree and extra rows.
 
-        ``cached`` positions are in the KV cache; the ``p = base - cached``
-        uncached prompt tokens before the root attend causally; every row of
-        the draft sees the whole prefix, the root, and then what the tree (or
-        ``extra_mask``) allows.
+        Every row sees the whole cache; among the step's rows (root, nodes,
+        extra rows) it sees what the tree (or ``extra_mask``) allows.
         """
         n, m = draft.num_nodes, draft.num_extra
         q = 1 + n + m
-        p = base - cached
         parents = draft.parents if draft.parents is not None else torch.arange(-1, n - 1)
         offsets = [torch.zeros(1, dtype=torch.long), depths(parents.cpu())]
         allowed = torch.zeros(q, q, dtype=torch.bool)
@@ -385,15 +391,7 @@ class SpeculativeGenerator:
         if m:
             offsets.append(draft.extra_positions.cpu().long())
             allowed[1 + n :] = draft.extra_mask.cpu()
-        positions = torch.cat([torch.arange(cached, base), base + torch.cat(offsets)])[None].to(self.device)
-        full = torch.zeros(p + q, base + q, dtype=torch.bool)
-        full[:, :cached] = True
-        full[:p, cached:base] = torch.ones(p, p, dtype=torch.bool).tril()
-        full[p:, :base] = True
-        full[p:, base:] = allowed
-        dtype = self.target.dtype
-        mask = torch.zeros(p + q, base + q, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min)
-        return positions, mask[None, None].to(self.device)
+        return base + torch.cat(offsets), allowed
 
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len + max_new_tokens > self.context_length:

@@ -1,22 +1,92 @@
-"""KV cache bookkeeping: keep only what was accepted.
+"""KV caches behind one interface: forward new rows, keep only what was accepted.
 
-A rejection is a pointer move (crop) for chains; for trees and extra rows the
-accepted rows are gathered and copied to the front of the new region.
-Works on transformers' ``DynamicCache`` (layers with ``keys``/``values`` of
-shape ``[batch, kv_heads, seq, head_dim]``).
+Every model forward of the decode loop (the target's prefill and steps, the
+draft's proposals) goes through a :class:`KVCache`:
+
+- :class:`DynamicKV` grows transformers' ``DynamicCache`` as tokens come;
+  a rejection is a crop, a tree's accepted path is gathered and concatenated.
+- :class:`specdec.static.StaticKV` preallocates the cache once per
+  generation and runs each step at a fixed row bucket, so that on CUDA the
+  step can be a captured graph.
+
+Terms: ``length`` positions are cached; a forward over ``t`` new rows writes
+them at ``[length, length + t)``. The new rows see every cached position and,
+among themselves, what ``allowed`` (``[t, t]`` bool, None = causal) permits.
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
+
+
+@dataclass
+class Forward:
+    """Output of one :meth:`KVCache.forward`.
+
+    Attributes:
+        logits: ``[keep, V]``, the last ``keep`` rows.
+        hidden: ``[keep, H]`` final hidden states of those rows, when asked for.
+        captured: seconds spent capturing a CUDA graph in this call (one-time work).
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+    captured: float = 0.0
+
+
+class KVCache:
+    """The interface both cache kinds implement (see the module docstring)."""
+
+    length: int
+
+    def reset(self, capacity: int) -> None:
+        """Start a generation that will hold at most ``capacity`` positions."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+        keep: int = 1,
+        hidden: bool = False,
+    ) -> Forward:
+        """Run the model over ``tokens`` (``[t]`` long) and cache their KV.
+
+        Args:
+            tokens: ``[t]`` new tokens.
+            positions: ``[t]`` their positions (None = ``length + arange(t)``).
+            allowed: ``[t, t]`` bool, which new rows each new row sees (None = causal).
+            keep: rows (the last ones) whose logits are returned.
+            hidden: also return their final hidden states.
+        """
+        raise NotImplementedError
+
+    def truncate(self, length: int) -> None:
+        """Drop every cached position from ``length`` on."""
+        raise NotImplementedError
+
+    def keep_rows(self, start: int, rows: list[int]) -> None:
+        """Keep positions ``[0, start)`` plus ``start + r`` for ``r`` in ``rows`` (in that order).
+
+        ``rows`` that form a prefix ``0..k-1`` reduce to a crop.
+        """
+        if rows == list(range(len(rows))):
+            self.truncate(start + len(rows))
+            return
+        self._gather(start, rows)
+
+    def _gather(self, start: int, rows: list[int]) -> None:
+        raise NotImplementedError
 
 
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the forward argument that takes the cache: ``cache`` (transformers >= 5.2x)
     or ``past_key_values`` (earlier 5.x, e.g. the version text-generation-webui pins).
     Passing the wrong one silently runs without a cache there, so it is looked up once."""
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -31,21 +101,95 @@ def cache_length(cache: DynamicCache) -> int:
 
 
 def truncate(cache: DynamicCache, length: int) -> None:
-    """Drop every cached position from ``length`` on."""
+    """Drop every cached position of a ``DynamicCache`` from ``length`` on."""
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
 
 
-def keep_rows(cache: DynamicCache, start: int, rows: list[int]) -> None:
-    """Keep positions ``[0, start)`` plus ``start + r`` for ``r`` in ``rows`` (in that order).
+def tree_mask(allowed: torch.Tensor | None, t: int, length: int, width: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """The additive 4D mask ``[1, 1, t, width]`` of ``t`` new rows written at ``[length, length + t)``.
 
-    ``rows`` that form a prefix ``0..k-1`` reduce to a crop.
+    Columns ``[0, length)`` (the cache) are visible to every row, columns of the
+    new rows follow ``allowed`` (``[t, t]`` bool, None = causal), the rest are hidden.
     """
-    if rows == list(range(len(rows))):
-        truncate(cache, start + len(rows))
-        return
-    for layer in cache.layers:
-        idx = torch.tensor([start + r for r in rows], device=layer.keys.device)
-        layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)
-        layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)
+    full = torch.zeros(t, width, dtype=torch.bool, device=device)
+    full[:, :length] = True
+    new = allowed.to(device) if allowed is not None else torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    full[:, length : length + t] = new
+    mask = torch.zeros(t, width, dtype=dtype, device=device).masked_fill_(~full, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (its first floating parameter's; float32 if none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class DynamicKV(KVCache):
+    """A growing ``DynamicCache``: the eager path, and the default on CPUs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.cache_arg = cache_argument(model)
+        self.device = next(model.parameters()).device
+        self.dtype = model_dtype(model)
+        self.cache = new_cache(model)
+        self.length = 0
+
+    def reset(self, capacity: int) -> None:
+        self.cache = new_cache(self.model)
+        self.length = 0
+
+    def forward(self, tokens, positions=None, allowed=None, keep=1, hidden=False) -> Forward:
+        t = int(tokens.numel())
+        mask = None
+        if allowed is not None or positions is not None:
+            if positions is None:
+                positions = torch.arange(self.length, self.length + t, device=self.device)
+            positions = positions.to(self.device)[None]
+            mask = tree_mask(allowed, t, self.length, self.length + t, self.dtype, self.device)
+        out = self.model(
+            input_ids=tokens.to(self.device)[None],
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=keep,
+            **{self.cache_arg: self.cache},
+        )
+        self.length += t
+        return Forward(out.logits[0, -keep:], out.hidden_states[-1][0, -keep:] if hidden else None)
+
+    def truncate(self, length: int) -> None:
+        truncate(self.cache, length)
+        self.length = min(self.length, length)
+
+    def _gather(self, start: int, rows: list[int]) -> None:
+        for layer in self.cache.layers:
+            idx = torch.tensor([start + r for r in rows], device=layer.keys.device)
+            layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)
+            layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)
+        self.length = start + len(rows)
+
+
+def open_cache(model: torch.nn.Module, static: bool = False) -> KVCache:
+    """A :class:`StaticKV` for ``model`` when ``static`` and the model can take one, else a :class:`DynamicKV`.
+
+    Why a static cache cannot be used is logged once (see :func:`specdec.static.static_support`).
+    """
+    if static:
+        from .static import StaticKV, static_support
+
+        reason = static_support(model)
+        if reason is None:
+            return StaticKV(model)
+        import logging
+
+        logging.getLogger("specdec").warning("static cache off for %s: %s; using the eager path",
+                                             type(model).__name__, reason)
+    return DynamicKV(model)

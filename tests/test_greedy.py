@@ -212,18 +212,27 @@ def test_draft_copies_only_while_they_pay():
     assert proposer._ran and proposer._copy[:3] == [10, 11, 12]
 
 
-def test_only_the_first_step_holds_the_prompt():
-    """The first step's forward also prefills the prompt: its time is flagged so it is not taken for a step's cost."""
+@pytest.mark.parametrize("method", ["lookahead", "prompt_lookup"])
+def test_the_prompt_is_prefilled_apart(method):
+    """The prompt before the pending token is cached by one causal forward without a mask or hidden
+    states; every step's forward then holds only the step's own rows (root, nodes, extra rows)."""
     model = tiny_model("llama")
-    gen = specdec.SpeculativeGenerator(model, method="prompt_lookup")
-    seen = []
+    gen = specdec.SpeculativeGenerator(model, method=method)
+    calls, observed = [], []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[1], kwargs.get("attention_mask"),
+                                                   kwargs.get("output_hidden_states"))), with_kwargs=True)
     observe = gen.proposer.observe
-    gen.proposer.observe = lambda outcome: (seen.append(outcome.with_prompt), observe(outcome))
-    gen.generate([3, 4, 5, 6, 3, 4], max_new_tokens=6)
-    assert seen[0] and not any(seen[1:]) and len(seen) > 1
-    seen.clear()
-    gen.generate([3], max_new_tokens=3)  # a one-token prompt: the first forward holds only the pending token
-    assert not any(seen)
+    gen.proposer.observe = lambda outcome: (observed.append(outcome.logits.shape[0]), observe(outcome))
+    prompt = [3, 4, 5, 6, 3, 4] * 20
+    try:
+        result = gen.generate(prompt, max_new_tokens=6)
+    finally:
+        hook.remove()
+    rows, mask, hidden = calls[0]
+    assert rows == len(prompt) - 1 and mask is None and not hidden
+    assert len(calls) == 1 + result.stats.steps
+    assert [rows for rows, _, _ in calls[1 : 1 + len(observed)]] == observed  # a step's forward: exactly its verified and extra rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -249,4 +258,4 @@ def test_draft_checks_context_copies_in_its_own_forward(arch):
         hook.remove()
     assert drafted == hf_greedy(model, context, 12)
     assert len(forwards) < 12  # copied tokens the draft agreed with came several per forward
-    assert kvcache.cache_length(proposer.cache) == len(context) + 12 - 1  # committed + fed drafted tokens
+    assert proposer.kv.length == kvcache.cache_length(proposer.kv.cache) == len(context) + 12 - 1  # committed + fed drafted tokens

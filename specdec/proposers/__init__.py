@@ -30,6 +30,7 @@ class ProposerContext:
     tokenizer: Any = None
     num_speculative_tokens: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    static_cache: bool = False
 
 
 def resolve_method(method: str, draft: torch.nn.Module | None, options: dict[str, Any]) -> str:

@@ -82,6 +82,7 @@ class DecodeState:
         sampling: the sampling configuration of this generation.
         generator: the random generator of this generation.
         seeded: whether the caller gave a seed (the run must then be reproducible).
+        capacity: most positions this generation's caches hold (prompt, new tokens and the widest step).
     """
 
     tokens: torch.Tensor
@@ -89,6 +90,7 @@ class DecodeState:
     sampling: SamplingConfig
     generator: torch.Generator | None
     seeded: bool = False
+    capacity: int = 0
 
 
 @dataclass
@@ -106,9 +108,9 @@ class StepOutcome:
             asked for them).
         last_row: row of the forward whose logits gave the last new token (the
             root if nothing was accepted, else the last accepted node's row).
-        verify_seconds: wall time of the target forward and verification.
-        with_prompt: the forward also held uncached prompt tokens (the first
-            step of a generation), so ``verify_seconds`` is not a step's cost.
+        verify_seconds: wall time of the target forward and verification (one-time
+            graph capture excluded).
+        capture_seconds: time this step spent capturing a CUDA graph.
     """
 
     draft: Draft
@@ -119,7 +121,7 @@ class StepOutcome:
     hidden: torch.Tensor | None = None
     last_row: int = 0
     verify_seconds: float = 0.0
-    with_prompt: bool = False
+    capture_seconds: float = 0.0
 
 
 @runtime_checkable

@@ -86,14 +86,14 @@ class DraftModelProposer:
     name = "draft"
 
     def __init__(
-        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftModelConfig
+        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftModelConfig,
+        static_cache: bool = False,
     ) -> None:
         self.model = draft
         self.target_vocab = target_vocab
         self.controller = controller
         self.cfg = cfg
-        self.cache = kvcache.new_cache(draft)
-        self._cache_arg = kvcache.cache_argument(draft)
+        self.kv = kvcache.open_cache(draft, static=static_cache)
         self.cached = 0  # committed tokens whose KV is in the draft cache
         self._unfed = 0  # drafted tokens whose KV is in the draft cache
         self._ran = False  # whether the draft model ran for the current step
@@ -108,7 +108,7 @@ class DraftModelProposer:
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
         self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
-        self.cache = kvcache.new_cache(self.model)
+        self.kv.reset(state.capacity)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
         self.index = None
@@ -163,8 +163,7 @@ class DraftModelProposer:
             guess = self._guess(state, drafted, k - len(drafted) - 1) if guessing else []
             if guess:
                 feed = torch.cat([feed, torch.tensor(guess, dtype=torch.long, device=self.device)])
-            out = self.model(input_ids=feed[None], use_cache=True, logits_to_keep=1 + len(guess), **{self._cache_arg: self.cache})
-            logits = out.logits[0, :, : self.target_vocab]  # [1+g, Vd]
+            logits = self.kv.forward(feed, keep=1 + len(guess)).logits[:, : self.target_vocab]  # [1+g, Vd]
             if guessing:
                 picks = self._take_guess(logits, guess)
             else:
@@ -185,7 +184,7 @@ class DraftModelProposer:
                     stop = True
                     break
             if guess:  # drop the KV of copied tokens the draft did not take
-                kvcache.truncate(self.cache, committed + len(drafted) - 1)
+                self.kv.truncate(committed + len(drafted) - 1)
             if stop:
                 break
             feed = torch.tensor([drafted[-1]], dtype=torch.long, device=self.device)
@@ -252,14 +251,13 @@ class DraftModelProposer:
         if self.index is not None:
             self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
         n = outcome.draft.num_nodes
-        if not outcome.with_prompt:
-            self.controller.record_verify(1 + n, outcome.verify_seconds)
+        self.controller.record_verify(1 + n, outcome.verify_seconds)
         self._score(outcome)
         if not self._ran:
             return  # an n-gram (or empty) step: the draft cache is unchanged and catches up next time
         self.controller.record_step(n, len(outcome.accepted_nodes))
         valid = self.cached + min(len(outcome.accepted_nodes), self._unfed)
-        kvcache.truncate(self.cache, valid)
+        self.kv.truncate(valid)
         self.cached = valid
 
 
@@ -281,7 +279,7 @@ def build(ctx) -> DraftModelProposer:
     elif cfg.int8:
         raise SpecdecError("int8 drafting needs the draft on a CPU in bf16, fp16 or fp32", "leave int8 unset")
     controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
-    return DraftModelProposer(draft, target_vocab, controller, cfg)
+    return DraftModelProposer(draft, target_vocab, controller, cfg, static_cache=ctx.static_cache)
 
 
 def _parameters(model: torch.nn.Module) -> int:

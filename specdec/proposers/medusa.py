@@ -164,7 +164,7 @@ class MedusaProposer:
         """Read the heads at the hidden state of the row that produced the last new token (the next root)."""
         if self.copies is not None:
             self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
-        if self.row_cost is not None and not outcome.with_prompt:
+        if self.row_cost is not None:
             self.row_cost.record(1 + outcome.draft.num_nodes, outcome.verify_seconds)
         if outcome.hidden is None:
             self._guesses = None

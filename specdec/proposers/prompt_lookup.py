@@ -271,8 +271,7 @@ class PromptLookupProposer:
 
     def observe(self, outcome: StepOutcome) -> None:
         n = outcome.draft.num_nodes
-        if not outcome.with_prompt:
-            self.controller.record_verify(1 + n, outcome.verify_seconds)
+        self.controller.record_verify(1 + n, outcome.verify_seconds)
         if n:
             main = self._main_branch(outcome.draft)
             self.controller.record_step(len(main), len(outcome.accepted_nodes))

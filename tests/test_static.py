@@ -1,0 +1,161 @@
+"""The static path (preallocated caches, row buckets; graphs on CUDA) is lossless like the dynamic one.
+
+On a CPU ``static_cache=True`` runs every part of the path but the graph
+capture; ``python -m pytest --device cuda`` runs these with graphs on.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import specdec
+from conftest import DEVICE, hf_greedy, tiny_model
+from specdec import kvcache, static
+from specdec.medusa.heads import MedusaHeads
+from test_sampling import N_RUNS, VOCAB, _exact_two_tokens, histogram, noise_bound, tv
+
+PROMPT = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17]  # repeats, so copies are proposed
+
+METHODS = [
+    ("none", {}),
+    ("prompt_lookup", {}),
+    ("lookahead", {}),
+    ("lookahead", {"window_size": 8, "ngram_size": 5, "guess_size": 8}),  # wide steps: buckets 32-128
+    ("draft", {"draft": "random"}),
+    ("draft", {"draft": "self", "num_speculative_tokens": 5, "ngram_first": False}),
+    ("medusa", {"medusa_heads": "fresh"}),
+]
+
+
+def _generator(target, method: str, options: dict, static_cache: bool) -> specdec.SpeculativeGenerator:
+    options = dict(options)
+    kind = options.pop("draft", None)
+    draft = {"random": lambda: tiny_model(target.config.model_type, seed=7), "self": lambda: target}.get(kind)
+    if options.get("medusa_heads") == "fresh":
+        options["medusa_heads"] = MedusaHeads.init(target, num_heads=3)
+    return specdec.SpeculativeGenerator(target, method=method, draft=draft() if draft else None,
+                                        static_cache=static_cache, **options)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method,options", METHODS)
+def test_static_greedy_equals_dynamic_and_hf(arch, method, options):
+    target = tiny_model(arch, seed=0, sharpness=3.0)
+    ref = hf_greedy(target, PROMPT, 40)
+    on = _generator(target, method, options, static_cache=True)
+    assert isinstance(on.kv, static.StaticKV) and on.static_cache
+    res = on.generate(PROMPT, max_new_tokens=40)
+    assert res.token_ids == ref
+    assert res.stats.static_cache and res.stats.to_dict()["static_cache"]
+    off = _generator(target, method, options, static_cache=False)
+    assert isinstance(off.kv, kvcache.DynamicKV)
+    assert off.generate(PROMPT, max_new_tokens=40).token_ids == ref
+    if method == "draft":
+        assert isinstance(on.proposer.kv, static.StaticKV) and isinstance(off.proposer.kv, kvcache.DynamicKV)
+    # a second, longer generation reuses or regrows the cache and still matches
+    longer = PROMPT * 3
+    assert on.generate(longer, max_new_tokens=20).token_ids == hf_greedy(target, longer, 20)
+
+
+def test_static_greedy_on_the_real_model(smollm2):
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Rewrite this list in reverse order: apples, pears, plums, figs."}]
+    for method in ("prompt_lookup", "lookahead", "draft"):
+        draft = model if method == "draft" else None
+        on = specdec.SpeculativeGenerator(model, tokenizer, method=method, draft=draft, static_cache=True)
+        off = specdec.SpeculativeGenerator(model, tokenizer, method=method, draft=draft, static_cache=False)
+        prompt = on.encode(messages)
+        ref = hf_greedy(model, prompt, 32)
+        assert on.generate(prompt, max_new_tokens=32).token_ids == ref, method
+        assert off.generate(prompt, max_new_tokens=32).token_ids == ref, method
+
+
+@pytest.mark.parametrize("method", ["draft", "lookahead"])
+def test_static_sampling_distribution_matches_target(method):
+    from specdec.sampling import SamplingConfig
+
+    cfg = SamplingConfig(temperature=1.0)
+    target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
+    draft = tiny_model("llama", seed=3, vocab=VOCAB, sharpness=6.0) if method == "draft" else None
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, static_cache=True,
+                                       num_speculative_tokens=2 if draft else None)
+    exact = _exact_two_tokens(target, prompt, cfg)
+    samples = []
+    for seed in range(N_RUNS // 2):
+        ids = gen.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed).token_ids
+        samples.append(ids[0] * VOCAB + ids[1])
+    assert tv(histogram(samples, VOCAB * VOCAB), exact) < noise_bound(exact, N_RUNS // 2)
+
+
+@pytest.mark.parametrize("method", ["draft", "prompt_lookup", "medusa"])
+def test_seeded_sampling_is_the_same_static_or_not(method):
+    """The static path changes where KV lives, not what is drawn: same seed, same tokens."""
+    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
+    options = {"draft": "random"} if method == "draft" else {"medusa_heads": "fresh"} if method == "medusa" else {}
+    kwargs = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    prompt = [1, 5, 9, 2, 1, 5]
+    runs = [_generator(target, method, options, s).generate(prompt, **kwargs).token_ids for s in (True, False, True)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_tree_compaction_moves_the_accepted_rows_in_place():
+    """keep_rows copies the accepted rows of a step to the front of the step's slots, like the dynamic cache."""
+    target = tiny_model("llama", seed=0)
+    tokens = torch.tensor(PROMPT, device=DEVICE)
+    kvs = [static.StaticKV(target), kvcache.DynamicKV(target)]
+    allowed = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    positions = torch.tensor([0, 1, 1, 2]) + len(PROMPT)
+    step = torch.tensor([3, 9, 4, 6], device=DEVICE)
+    with torch.inference_mode():
+        for kv in kvs:
+            kv.reset(64)
+            kv.forward(tokens)
+            kv.forward(step, positions, allowed, keep=4)
+            kv.keep_rows(len(PROMPT), [0, 2, 3])  # root, then the second branch
+        assert kvs[0].length == kvs[1].length == len(PROMPT) + 3
+        for a, b in zip(kvs[0].cache.layers, kvs[1].cache.layers):
+            n = kvs[1].length
+            torch.testing.assert_close(a.keys[:, :, :n], b.keys)
+            torch.testing.assert_close(a.values[:, :, :n], b.values)
+        # the next forward sees exactly the kept rows
+        outs = [kv.forward(torch.tensor([7], device=DEVICE)).logits for kv in kvs]
+        torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_steps_run_at_row_buckets_and_the_cache_is_reused():
+    target = tiny_model("llama", seed=0)
+    kv = static.StaticKV(target)
+    assert [static.bucket(r) for r in (1, 3, 8, 9, 128)] == [1, 4, 8, 16, 128] and static.bucket(129) is None
+    rows = []
+    hook = target.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            kv.reset(100)
+            assert kv.capacity == static.CAPACITY_STEP
+            cache = kv.cache
+            kv.forward(torch.tensor(PROMPT * 10, device=DEVICE))  # beyond the buckets: eager, its own length
+            kv.forward(torch.tensor([1, 2, 3], device=DEVICE))  # a step of 3 rows: bucket 4
+            kv.reset(200)
+            assert kv.cache is cache and kv.length == 0  # same size class: the same cache (and graphs)
+            kv.reset(static.CAPACITY_STEP + 1)
+            assert kv.capacity == 2 * static.CAPACITY_STEP and kv.cache is not cache
+    finally:
+        hook.remove()
+    assert rows == [len(PROMPT) * 10, 4]
+
+
+def test_models_the_static_path_cannot_take_fall_back_with_one_log_line(caplog):
+    target = tiny_model("llama", seed=0)
+    target.config._attn_implementation = "flash_attention_2"
+    with caplog.at_level(logging.WARNING, logger="specdec"):
+        gen = specdec.SpeculativeGenerator(target, method="prompt_lookup", static_cache=True)
+    assert isinstance(gen.kv, kvcache.DynamicKV) and not gen.static_cache
+    assert len(caplog.records) == 1 and "flash_attention_2" in caplog.records[0].getMessage()
+
+
+def test_static_cache_defaults_to_the_device():
+    gen = specdec.SpeculativeGenerator(tiny_model("llama"), method="none")
+    assert gen.static_cache == (DEVICE.type == "cuda")

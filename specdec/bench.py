@@ -74,6 +74,7 @@ class BenchConfig:
             ``window_size``), as ``(name, value)`` pairs; a hardware profile fills them.
         medusa_heads: folder of trained Medusa heads for the target, given to the
             ``specdec-medusa`` row only (without them that row is skipped).
+        static_cache: the specdec rows' static path (None = on for CUDA, off elsewhere).
     """
 
     target: str
@@ -90,6 +91,7 @@ class BenchConfig:
     num_speculative_tokens: int | None = None
     method_options: tuple[tuple[str, Any], ...] = ()
     medusa_heads: str | None = None
+    static_cache: bool | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -542,10 +544,13 @@ class Bench:
         self.encoder = SpeculativeGenerator(target, tokenizer, method="none")
         eos = self.encoder.eos_token_ids()
         self.runners: dict[str, Runner] = {BASELINE: hf_runner(target, eos)}
+        # transformers' strongest plain decoding: a static cache (and, on CUDA, the compile it applies)
+        self.runners["hf-static"] = hf_runner(target, eos, cache_implementation="static")
         if self.draft is not None:
             self.runners["hf-assisted"] = hf_runner(target, eos, reset=(self.draft,), assistant_model=self.draft)
         self.runners["hf-prompt-lookup"] = hf_runner(target, eos, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS)
         self.skipped: dict[str, str] = {}
+        self.static_cache = False
         for method in config.methods:
             options = dict(config.method_options)
             if method == "medusa" and config.medusa_heads is not None:
@@ -553,11 +558,13 @@ class Bench:
             try:
                 gen = SpeculativeGenerator(target, tokenizer, method=method, draft=self.draft,
                                            draft_tokenizer=draft_tokenizer,
-                                           num_speculative_tokens=config.num_speculative_tokens, **options)
+                                           num_speculative_tokens=config.num_speculative_tokens,
+                                           static_cache=config.static_cache, **options)
             except SpecdecError as e:
                 self.skipped[method] = e.message
                 continue
             self.runners[f"specdec-{method}"] = specdec_runner(gen)
+            self.static_cache = gen.static_cache
 
     def encode(self, prompt: BenchPrompt) -> list[int]:
         """Prompt ids, shared by every runner: the chat template when the tokenizer has one, else raw text."""
@@ -594,7 +601,8 @@ class Bench:
         device = next(self.target.parameters()).device
         return BenchReport(
             machine=machine_info(device),
-            config={"target": cfg.target, "draft": cfg.draft, "dtype": cfg.dtype, "max_new_tokens": cfg.max_new_tokens},
+            config={"target": cfg.target, "draft": cfg.draft, "dtype": cfg.dtype, "max_new_tokens": cfg.max_new_tokens,
+                    "static_cache": self.static_cache},
             rows=rows,
             skipped=dict(self.skipped),
             repeats=cfg.repeats,

@@ -156,6 +156,7 @@ def load(
     num_speculative_tokens: int | None = None,
     threads: int | None = None,
     profile: str | None = None,
+    static_cache: bool | None = None,
     **options: Any,
 ):
     """Load a target (and a draft) and return a ready :class:`~specdec.SpeculativeGenerator`.
@@ -174,6 +175,8 @@ def load(
             profile fill method, draft, quantization, dtype, num_speculative_tokens and
             lookahead options that were not given (see :func:`specdec.profiles.profile_settings`);
             the generator then has a ``configuration`` attribute saying what was chosen.
+        static_cache: preallocated caches at fixed row buckets, captured as CUDA graphs on
+            CUDA (None = on for CUDA, off elsewhere; see :mod:`specdec.static`).
     """
     from .engine import SpeculativeGenerator
 
@@ -205,6 +208,7 @@ def load(
         draft=draft_model,
         num_speculative_tokens=num_speculative_tokens,
         draft_tokenizer=draft_tokenizer,
+        static_cache=static_cache,
         **options,
     )
     if settings is not None:

@@ -210,7 +210,8 @@ def test_bench_rows_on_tiny_model(tiny, tmp_path):
     bench = Bench(model, tok, config, draft=draft, draft_tokenizer=tok)
     assert "medusa" in bench.skipped  # no heads: reported as skipped, not a crash
     report = bench.run(load_prompts(_prompt_file(tmp_path)), on_event=events.append)
-    runners = [BASELINE, "hf-assisted", "hf-prompt-lookup", "specdec-none", "specdec-draft", "specdec-prompt_lookup"]
+    runners = [BASELINE, "hf-static", "hf-assisted", "hf-prompt-lookup", "specdec-none", "specdec-draft",
+               "specdec-prompt_lookup"]
     assert report.methods == runners
     assert len(report.rows) == 3 * len(runners)
     assert events[0].kind == "start" and events[0].total == len(runners) * (3 * 2 + 1)
@@ -223,12 +224,14 @@ def test_bench_rows_on_tiny_model(tiny, tmp_path):
         else:
             base = next(r for r in report.rows if r.prompt_id == row.prompt_id and r.method == BASELINE)
             assert row.speedup == pytest.approx(row.tokens_per_second / base.tokens_per_second)
-        if row.method.startswith("specdec-"):
+        if row.method.startswith("specdec-") or row.method == "hf-static":
             assert row.identical, f"{row.method} on {row.prompt_id} differs from greedy at {row.first_divergence}"
+        if row.method.startswith("specdec-"):
             assert row.mean_accepted_length is not None and row.mean_accepted_length >= 1.0
         if row.method == "specdec-none":
             assert row.mean_accepted_length == 1.0 and row.acceptance_rate is None
     assert report.machine["device"] == "cpu" and report.config["draft"] == "tiny-draft"
+    assert report.config["static_cache"] is False  # the CPU default
     assert "load average" in report.to_markdown() or report.load is None
     assert math.isfinite(report.geomean_speedup("specdec-none"))
 
@@ -239,7 +242,7 @@ def test_bench_without_draft_skips_assisted(tiny, tmp_path):
     bench = Bench(model, tok, config)
     assert "hf-assisted" not in bench.runners and "draft" in bench.skipped
     report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
-    assert report.methods == [BASELINE, "hf-prompt-lookup", "specdec-none"]
+    assert report.methods == [BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none"]
 
 
 # --------------------------------------------------------------------------- the CLI on a saved tiny model
@@ -260,7 +263,7 @@ def test_cli_bench(tiny, tmp_path):
         torch.set_num_threads(threads)  # --threads sets it for the whole process
     assert result.exit_code == 0, result.output
     data = json.loads((out / "b.json").read_text())
-    assert [r["method"] for r in data["rows"]][:4] == [BASELINE, "hf-prompt-lookup", "specdec-none", "specdec-prompt_lookup"]
+    assert [r["method"] for r in data["rows"]][:5] == [BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none", "specdec-prompt_lookup"]
     assert {r["prompt_id"] for r in data["rows"]} == {"copy-a", "copy-b"}
     assert data["config"]["dtype"] == "float32" and data["machine"]["threads"] == 1
     assert data["machine"]["device"] == "cpu"
@@ -357,7 +360,7 @@ def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatc
         plain = CliRunner().invoke(main, common + ["--methods", "none,medusa", "--json", str(out)])
         assert plain.exit_code == 0, plain.output
         rows = json.loads(out.read_text())["rows"]
-        assert {r["method"] for r in rows} == {BASELINE, "hf-prompt-lookup", "specdec-none", "specdec-medusa"}
+        assert {r["method"] for r in rows} == {BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none", "specdec-medusa"}
         assert all(r["identical"] for r in rows)  # greedy Medusa is lossless
         assert all(r["mean_accepted_length"] >= 1.0 for r in rows if r["method"] == "specdec-medusa")
         assert trees == [len(big_tree)]  # no profile: the tree stored with the heads
@@ -398,3 +401,12 @@ def test_cli_generate_typical_acceptance(tiny, tmp_path):
     assert json.loads(first.output)["token_ids"] == json.loads(again.output)["token_ids"]  # seeded
     refused = CliRunner().invoke(main, base + ["--posterior-alpha", "0.2"])
     assert refused.exit_code == 1 and "only apply with typical acceptance" in refused.output
+
+
+def test_bench_records_the_static_path(tiny, tmp_path):
+    model, tok = tiny
+    config = BenchConfig(target="tiny", methods=("none", "prompt_lookup"), max_new_tokens=8, dtype="float32",
+                         warmup_tokens=0, static_cache=True)
+    report = Bench(model, tok, config).run(load_prompts(_prompt_file(tmp_path))[:1])
+    assert report.config["static_cache"] is True
+    assert all(row.identical for row in report.rows)

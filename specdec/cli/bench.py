@@ -44,6 +44,9 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--profile", default=None,
               help="Hardware profile (auto or a name): fills --draft, the draft length and lookahead W/N/G "
                    "of the specdec rows. Every row keeps --dtype and unquantized weights, so all compare alike.")
+@click.option("--static-cache/--no-static-cache", default=None,
+              help="Specdec rows on preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
+                   "[default: on for CUDA, off elsewhere].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON here.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
               help="Write the Markdown table here.")
@@ -52,7 +55,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @report_errors
 def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str | None,
           medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, device: str,
-          repeats: int, warmup: int, profile: str | None, json_path: str | None, markdown_path: str | None,
+          repeats: int, warmup: int, profile: str | None, static_cache: bool | None, json_path: str | None, markdown_path: str | None,
           plot_path: str | None) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
@@ -85,6 +88,7 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
         max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, device=device, repeats=repeats,
         warmup_tokens=warmup,
         num_speculative_tokens=num_speculative_tokens, method_options=method_options, medusa_heads=medusa_heads,
+        static_cache=static_cache,
     )
     if plot_path:  # fail before the long run, not after it
         from ..errors import MissingExtraError

@@ -56,6 +56,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="auto = bfloat16 on CPU."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps..."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch."),
+        click.option("--static-cache/--no-static-cache", default=None,
+                     help="Preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
+                          "[default: on for CUDA, off elsewhere]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -64,4 +67,5 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the method options of :func:`model_options` into a dict for ``specdec.load``."""
-    return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads")}
+    return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads",
+                                                 "static_cache")}

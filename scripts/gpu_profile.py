@@ -1,24 +1,26 @@
-"""Where a decode step's time goes, on models of the reference sizes with random weights.
+"""Decode-step costs and tokens/s on a GPU, eager against the static path (CUDA graphs), random weights.
 
-    python scripts/gpu_profile.py --device cuda --out runs/gpu-profile.json [--profiler DIR]
+    python scripts/gpu_profile.py --device cuda --dtype bfloat16 --out runs/gpu-profile.json [--targets 1.5b,7b]
 
-Builds Qwen2.5-Coder-1.5B- and 0.5B-shaped models with random weights on the
-device (copying the real weights to a lent GPU takes most of a loan; timings
-do not depend on the weights, acceptance does, so accepted lengths here mean
-nothing) and measures, in one process:
+Builds Qwen2.5-shaped models of the real sizes with random weights on the
+device (real checkpoints do not travel to a lent GPU; timings do not depend on
+the weights, acceptance does, so accepted lengths here mean nothing) and
+measures, in one process, for each target with the 0.5B draft:
 
-- ``forward_ms``: one target forward over ``k`` new rows on a cached prompt,
-  with transformers' own causal mask (``chain``) and under the engine's 4D
-  tree mask (``tree``), and the draft's one-row forward; medians between CUDA
-  synchronisations;
-- ``generate``: tokens/s of transformers' greedy decoding and of each specdec
-  method, interleaved, medians of the repeats after the first;
-- ``split``: per step, the time inside the target forward (synchronised
-  hooks) and the engine's work outside it.
+- ``step_ms``: one forward over ``R`` new rows (the row buckets of
+  :mod:`specdec.static`) on a cached prompt, through the engine's own caches:
+  ``eager`` (:class:`~specdec.kvcache.DynamicKV`, the tree mask for ``R > 1``)
+  and ``static`` (:class:`~specdec.static.StaticKV`: preallocated cache, graphs
+  on CUDA); the draft's one-row step likewise; medians between synchronisations;
+- ``capture_s``: seconds to capture each bucket's graph;
+- ``generate_tok_s``: tokens/s of ``hf-greedy``, ``hf-static`` (transformers'
+  static cache, compiled by transformers on CUDA; ``--no-hf-static`` skips its
+  compile) and specdec's ``none`` eager and static, interleaved, medians of the
+  repeats after the first.
 
-``--profiler DIR`` also writes torch.profiler tables (``DIR/profile_<method>.txt``).
-``--small`` shrinks the models to check the script on a CPU. Speed figures
-belong to the machine they ran on: compare them within one run.
+The JSON is rewritten after each part, so a run cut short keeps what it
+measured. ``--small`` shrinks the models to check the script on a CPU. The
+projection of speculative methods from CPU traces is ``scripts/project_gpu.py``.
 """
 from __future__ import annotations
 
@@ -32,21 +34,25 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from specdec import SpeculativeGenerator, kvcache
+from specdec import SpeculativeGenerator, kvcache, static
 from specdec.bench import hf_runner, specdec_runner
-from specdec.medusa.heads import MedusaHeads
-from specdec.proposers.base import Draft
 
-SIZES = {"target": (1536, 8960, 28, 12), "draft": (896, 4864, 24, 14)}  # hidden, intermediate, layers, heads
-SMALL = (64, 128, 2, 4)
+# hidden, intermediate, layers, heads, kv heads, vocab, tied (Qwen2.5 sizes, as in specdec.catalogue)
+SIZES = {
+    "0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "1.5b": (1536, 8960, 28, 12, 2, 151936, True),
+    "7b": (3584, 18944, 28, 28, 4, 152064, False),
+}
+SMALL = (64, 128, 2, 4, 2, 1000, True)
+PROMPT_TOKENS = 300
 
 
-def random_model(shape: tuple[int, int, int, int], vocab: int, device: torch.device, dtype: torch.dtype, seed: int):
-    hidden, inter, layers, heads = shape
+def random_model(shape: tuple, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    hidden, inter, layers, heads, kv, vocab, tied = shape
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
-                      tie_word_embeddings=True)
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
+                      tie_word_embeddings=tied)
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
@@ -60,7 +66,7 @@ class Timer:
     """Wall time between device synchronisations."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def __call__(self, fn):
         self.sync()
@@ -70,111 +76,93 @@ class Timer:
         return time.perf_counter() - t0, out
 
 
-def forward_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repeats: int) -> dict[str, float]:
-    """Median ms of one forward over ``k`` new rows on the cached prompt, chain and tree mask."""
+def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repeats: int) -> dict:
+    """Median ms of one step over ``R`` rows on the cached prompt, eager and static; capture seconds."""
     device = next(model.parameters()).device
-    arg = kvcache.cache_argument(model)
-    cache = kvcache.new_cache(model)
-    plen = len(prompt)
-    engine = SpeculativeGenerator(model, method="none")
+    star = {r: torch.cat([torch.zeros(1, r, dtype=torch.bool), torch.eye(r, dtype=torch.bool)[1:]]) for r in rows}
+    for r in rows:  # a root with r-1 children (a Medusa tree's first level): row i sees the root and itself
+        star[r] = torch.eye(r, dtype=torch.bool)
+        star[r][:, 0] = True
     gen = torch.Generator().manual_seed(1)
-    times: dict[str, list[float]] = {}
+    out: dict = {"eager": {}, "static": {}, "capture_s": {}}
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1, **{arg: cache})
-        for _ in range(repeats + 2):  # two warm-up rounds
-            for k in rows:
-                for kind in ("chain", "tree") if k > 1 else ("chain",):
-                    ids = torch.randint(model.config.vocab_size, (1, k), generator=gen).to(device)
-                    kw = {}
-                    if kind == "tree":  # a root with k-1 children (a star), as a Medusa tree's first level
-                        parents = torch.cat([torch.tensor([-1]), torch.zeros(k - 2, dtype=torch.long)])
-                        pos, mask = engine._tree_inputs(Draft(tokens=ids[0, 1:], parents=parents), plen, plen)
-                        kw = {"position_ids": pos, "attention_mask": mask}
-                    seconds, _ = timer(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=k, **kw,
-                                                     **{arg: cache}))
-                    times.setdefault(f"{kind} {k}", []).append(seconds)
-                    kvcache.truncate(cache, plen)
-    return {key: round(statistics.median(v[2:]) * 1e3, 2) for key, v in times.items()}
+        for kind, kv in (("eager", kvcache.DynamicKV(model)), ("static", static.StaticKV(model))):
+            kv.reset(len(prompt) + max(rows) + 8)
+            kv.forward(torch.tensor(prompt, device=device))
+            times: dict[int, list[float]] = {r: [] for r in rows}
+            for rep in range(repeats + 2):  # two warm-up rounds (the first captures)
+                for r in rows:
+                    ids = torch.randint(model.config.vocab_size, (r,), generator=gen).to(device)
+                    pos = torch.full((r,), len(prompt), device=device) + (torch.arange(r, device=device) > 0)
+                    seconds, fwd = timer(lambda: kv.forward(ids, pos if r > 1 else None, star[r] if r > 1 else None,
+                                                            keep=r))
+                    if fwd.captured:
+                        out["capture_s"][str(r)] = round(fwd.captured, 3)
+                    times[r].append(seconds - fwd.captured)
+                    kv.truncate(len(prompt))
+            out[kind] = {str(r): round(statistics.median(v[2:]) * 1e3, 3) for r, v in times.items()}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float16 on a GPU, float32 on a CPU by default")
+    ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU by default")
+    ap.add_argument("--targets", default="1.5b,7b", help="target sizes, each with the 0.5b draft")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=4, help="generation repeats (the first warms up)")
+    ap.add_argument("--repeats", type=int, default=3, help="generation repeats (the first warms up)")
+    ap.add_argument("--step-repeats", type=int, default=15)
+    ap.add_argument("--no-hf-static", dest="hf_static", action="store_false", help="skip hf-static (its compile)")
     ap.add_argument("--out", type=Path, default=Path("runs/gpu-profile.json"))
-    ap.add_argument("--profiler", type=Path, default=None)
     ap.add_argument("--small", action="store_true", help="tiny models: check the script on a CPU")
     args = ap.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    vocab = 1000 if args.small else 151936
-    target = random_model(SMALL if args.small else SIZES["target"], vocab, device, dtype, 0)
-    draft = random_model(SMALL if args.small else SIZES["draft"], vocab, device, dtype, 1)
-    segment = torch.randint(vocab, (60,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompt = (segment * 5)[:300]  # repeats itself, so prompt lookup finds matches
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timer = Timer(device)
     res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-                 "prompt_tokens": len(prompt), "max_new_tokens": args.max_new_tokens}
-    res["forward_ms"] = {"target": forward_ms(target, prompt, (1, 2, 4, 8, 16, 32, 64), timer, 15),
-                         "draft": forward_ms(draft, prompt, (1,), timer, 15)}
-    print(json.dumps(res, indent=1), flush=True)
-
-    gens = {"none": SpeculativeGenerator(target, method="none"),
-            "prompt_lookup": SpeculativeGenerator(target, method="prompt_lookup"),
-            "lookahead": SpeculativeGenerator(target, method="lookahead"),
-            "draft": SpeculativeGenerator(target, method="draft", draft=draft),
-            "medusa": SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=4))}
-    n = args.max_new_tokens
-    runners = {"hf-greedy": hf_runner(target, eos_token_ids=()),  # the random models have no EOS: n tokens each
-               **{name: specdec_runner(gen) for name, gen in gens.items()}}
-    tok_s: dict[str, list[float]] = {name: [] for name in runners}
-    for rep in range(args.repeats):
-        order = list(runners)[rep % len(runners):] + list(runners)[: rep % len(runners)]  # rotate who goes first
-        for name in order:
-            run = runners[name](prompt, n)
-            tok_s[name].append(len(run.token_ids) / run.seconds)
-    res["generate_tok_s"] = {name: round(statistics.median(v[1:]), 2) for name, v in tok_s.items()}
-
-    res["split_ms_per_step"] = {}
-    for name, gen in gens.items():
-        inside: list[float] = []
-
-        def before(*_):
-            timer.sync()
-            inside.append(-time.perf_counter())
-
-        def after(*_):
-            timer.sync()
-            inside[-1] += time.perf_counter()
-
-        hooks = [target.register_forward_pre_hook(before), target.register_forward_hook(after)]
-        try:
-            seconds, r = timer(lambda: gen.generate(prompt, max_new_tokens=n, eos_token_id=[]))
-        finally:
-            for h in hooks:
-                h.remove()
-        steps = r.stats.steps - 1  # the first step is the prefill
-        total = (seconds - inside[0]) / steps * 1e3
-        forward = sum(inside[1:]) / steps * 1e3
-        res["split_ms_per_step"][name] = {"total": round(total, 2), "target_forward": round(forward, 2),
-                                          "outside": round(total - forward, 2)}
-    print(json.dumps({k: res[k] for k in ("generate_tok_s", "split_ms_per_step")}, indent=1), flush=True)
-
-    if args.profiler:
-        from torch.profiler import ProfilerActivity, profile
-
-        args.profiler.mkdir(parents=True, exist_ok=True)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        for name in ("none", "prompt_lookup", "medusa"):
-            with profile(activities=activities) as prof:
-                timer(lambda: gens[name].generate(prompt, max_new_tokens=64, eos_token_id=[]))
-            (args.profiler / f"profile_{name}.txt").write_text(
-                prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+                 "prompt_tokens": PROMPT_TOKENS, "max_new_tokens": args.max_new_tokens, "buckets": static.BUCKETS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
+
+    def save() -> None:
+        args.out.write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1), flush=True)
+
+    draft = random_model(SMALL if args.small else SIZES["0.5b"], device, dtype, 1)
+    vocab = draft.config.vocab_size
+    segment = torch.randint(vocab, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = (segment * 6)[:PROMPT_TOKENS]  # repeats itself, so prompt lookup finds matches
+    res["draft_step_ms"] = step_ms(draft, prompt, (1, 2, 4), timer, args.step_repeats)
+    save()
+    for size in args.targets.split(","):
+        shape = SMALL if args.small else SIZES[size]
+        target = random_model(shape, device, dtype, 0)
+        part: dict = {"step_ms": step_ms(target, prompt, static.BUCKETS[:7], timer, args.step_repeats)}
+        res[size] = part
+        save()
+        t0 = time.perf_counter()
+        gens = {"specdec-none-eager": SpeculativeGenerator(target, method="none", static_cache=False),
+                "specdec-none-static": SpeculativeGenerator(target, method="none", static_cache=True)}
+        runners = {"hf-greedy": hf_runner(target, eos_token_ids=()),  # no EOS: every run makes n tokens
+                   **{name: specdec_runner(gen) for name, gen in gens.items()}}
+        if args.hf_static:
+            runners["hf-static"] = hf_runner(target, eos_token_ids=(), cache_implementation="static")
+        tok_s: dict[str, list[float]] = {name: [] for name in runners}
+        first_s: dict[str, float] = {}
+        for rep in range(args.repeats):
+            order = list(runners)[rep % len(runners):] + list(runners)[: rep % len(runners)]
+            for name in order:
+                run = runners[name](prompt, args.max_new_tokens)
+                tok_s[name].append(len(run.token_ids) / run.seconds)
+                first_s.setdefault(name, run.seconds)
+        part["generate_tok_s"] = {name: round(statistics.median(v[1:] or v), 2) for name, v in tok_s.items()}
+        part["first_run_s"] = {name: round(v, 2) for name, v in first_s.items()}  # includes capture / compile
+        part["graph_capture_s"] = round(gens["specdec-none-static"].last_stats.graph_capture_seconds, 3)
+        part["generate_wall_s"] = round(time.perf_counter() - t0, 1)
+        save()
+        del target, gens, runners
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -155,7 +155,10 @@ class StaticKV(KVCache):
         logits, last, captured = self._run(rows, hidden)
         self.cache.crop(t - rows)  # the step advanced every layer by `rows`; keep the real rows
         self.length += t
-        return Forward(logits[0, t - keep : t], last[0, t - keep : t] if hidden else None, captured)
+        logits, last = logits[0, t - keep : t], last[0, t - keep : t] if hidden else None
+        if self.graphs:  # a graph's outputs are overwritten by its next replay
+            logits, last = logits.clone(), last.clone() if hidden else None
+        return Forward(logits, last, captured)
 
     def _eager(self, tokens, positions, allowed, keep, hidden) -> Forward:
         """A forward beyond the buckets (a prompt): causal rows use transformers' own static mask."""
@@ -233,13 +236,14 @@ class StaticKV(KVCache):
         """Capture the bucket's forward as a CUDA graph over the static buffers and cache.
 
         The warm-up runs advance the cache like a step does; they are cropped back, and what they wrote
-        beyond ``length`` is stale like any padding row's.
+        beyond ``length`` is stale like any padding row's. The graph is replayed once on the warm-up's
+        inputs and must give the eager forward's logits, or it is not used.
         """
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._call(rows, hidden)
+                eager = self._call(rows, hidden)[0].clone()
                 self.cache.crop(-rows)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
@@ -247,4 +251,9 @@ class StaticKV(KVCache):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits, last = self._call(rows, hidden)
+        graph.replay()
+        self.cache.crop(-rows)
+        if not torch.allclose(logits.float(), eager.float(), rtol=1e-3, atol=1e-3):
+            worst = float((logits.float() - eager.float()).abs().max())
+            raise RuntimeError(f"the replayed graph's logits differ from the eager forward's by up to {worst:.3g}")
         return graph, logits, last

@@ -1,0 +1,145 @@
+"""Project GPU tokens/s of the speculative methods from CPU step traces and measured GPU step costs.
+
+    # 1. on a CPU, real models, greedy: what every step did
+    python scripts/project_gpu.py trace --target qwen-coder-1.5b --draft qwen-coder-0.5b \\
+        --out docs/bench/cpu-traces-qwen-coder-1.5b.json
+    # 2. with a gpu_profile.py result: what those steps would cost there
+    python scripts/project_gpu.py project --traces docs/bench/cpu-traces-qwen-coder-1.5b.json \\
+        --costs runs/gpu-profile.json --target 1.5b
+
+A trace records, per step, the target's rows (root, nodes, extra rows), the
+row count of each draft forward, and the tokens the step produced. Which
+tokens are accepted does not depend on the device (greedy, the same models),
+so a step's GPU cost is its target step at the row bucket that holds it plus
+its draft steps, each the static-path median that ``gpu_profile.py`` measured,
+plus the per-step work outside the forwards measured there for plain decoding.
+The result is a projection, labelled as such: it leaves out proposer work that
+is heavier than plain decoding's and the prompt's prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.jsonl"
+
+
+def trace(args: argparse.Namespace) -> None:
+    import torch
+
+    import specdec
+    from specdec.bench import load_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = load_prompts(args.prompts if args.prompts else (SHARED_PROMPTS if SHARED_PROMPTS.exists() else None))
+    target, tokenizer = specdec.load_model(args.target, dtype=args.dtype, device="cpu")
+    draft = specdec.load_model(args.draft, dtype=args.dtype, device="cpu")[0] if args.draft else None
+    out: dict = {"target": args.target, "draft": args.draft, "dtype": args.dtype,
+                 "max_new_tokens": args.max_new_tokens, "methods": {}}
+    for method in args.methods.split(","):
+        gen = specdec.SpeculativeGenerator(target, tokenizer, method=method, draft=draft if method in ("draft", "auto")
+                                           else None)
+        steps: list[dict] = []
+        draft_rows: list[int] = []
+        model = getattr(getattr(gen.proposer, "kv", None), "model", None)
+        hook = model.register_forward_pre_hook(lambda m, a, k: draft_rows.append(int(k["input_ids"].shape[1])),
+                                               with_kwargs=True) if model is not None else None
+        observe = gen.proposer.observe
+
+        def record(outcome, observe=observe):
+            steps.append({"rows": int(outcome.logits.shape[0]), "draft": list(draft_rows),
+                          "tokens": int(outcome.new_tokens.numel())})
+            draft_rows.clear()
+            observe(outcome)
+
+        gen.proposer.observe = record
+        runs = []
+        try:
+            for prompt in prompts:
+                steps.clear()
+                draft_rows.clear()
+                ids = gen.encode([{"role": "user", "content": prompt.prompt}])
+                res = gen.generate(ids, max_new_tokens=args.max_new_tokens)
+                if draft_rows:  # the last step (not observed) still ran its forwards
+                    steps.append({"rows": None, "draft": list(draft_rows), "tokens": None})
+                runs.append({"id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids),
+                             "new_tokens": res.stats.new_tokens, "steps_total": res.stats.steps,
+                             "cpu_tok_s": round(res.stats.tokens_per_second, 2), "steps": list(steps)})
+                print(f"{method:<14} {prompt.id:<22} {res.stats.new_tokens:>4} tok {res.stats.steps:>4} steps "
+                      f"{res.stats.tokens_per_second:6.2f} tok/s", flush=True)
+        finally:
+            if hook is not None:
+                hook.remove()
+        out["methods"][method] = runs
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out))
+
+
+def _cost(table: dict[str, float], rows: int) -> float:
+    """ms of a forward over ``rows`` rows: the smallest measured bucket that holds them (else the largest, scaled)."""
+    sizes = sorted(int(k) for k in table)
+    for s in sizes:
+        if s >= rows:
+            return table[str(s)]
+    return table[str(sizes[-1])] * rows / sizes[-1]
+
+
+def project(args: argparse.Namespace) -> None:
+    traces = json.loads(Path(args.traces).read_text())
+    costs = json.loads(Path(args.costs).read_text())
+    target = costs[args.target]["step_ms"]["static"]
+    draft = costs["draft_step_ms"]["static"]
+    none_tok_s = costs[args.target]["generate_tok_s"]["specdec-none-static"]
+    outside = max(1e3 / none_tok_s - target["1"], 0.0)  # per-step work besides the forward, plain decoding
+    print(f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
+          f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms, {outside:.2f} ms outside the forward")
+    results = {}
+    for method, runs in traces["methods"].items():
+        by_cat: dict[str, list[float]] = {}
+        for run in runs:
+            ms = tokens = 0.0
+            for i, step in enumerate(run["steps"]):
+                drafts = step["draft"][1:] if i == 0 else step["draft"]  # the first draft forward is its prefill
+                ms += sum(_cost(draft, r) for r in drafts)
+                if step["rows"] is not None:
+                    ms += _cost(target, step["rows"]) + outside
+                    tokens += step["tokens"]
+            by_cat.setdefault(run["category"], []).append(tokens / ms * 1e3)
+        every = [v for vs in by_cat.values() for v in vs]
+        results[method] = {"all": statistics.geometric_mean(every),
+                           **{c: statistics.geometric_mean(v) for c, v in by_cat.items()}}
+    base = results.get("none")
+    cats = sorted({c for r in results.values() for c in r if c != "all"})
+    print(f"| method | all | {' | '.join(cats)} |")
+    print("|---|---|" + "---|" * len(cats))
+    for method, r in results.items():
+        cells = [f"{r['all']:.0f} tok/s" + (f" ({r['all'] / base['all']:.2f}x)" if base else "")]
+        cells += [f"{r[c]:.0f}" + (f" ({r[c] / base[c]:.2f}x)" if base and c in base else "") for c in cats]
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("trace", help="record step traces on the CPU")
+    t.add_argument("--target", default="qwen-coder-1.5b")
+    t.add_argument("--draft", default="qwen-coder-0.5b")
+    t.add_argument("--methods", default="none,draft,prompt_lookup,lookahead")
+    t.add_argument("--prompts", default=None, help="a .jsonl prompt file (default: the shared set)")
+    t.add_argument("--dtype", default="bfloat16")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--out", required=True)
+    p = sub.add_parser("project", help="project GPU tokens/s from traces and gpu_profile.py costs")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--costs", required=True)
+    p.add_argument("--target", default="1.5b", help="which target of the costs file (1.5b, 7b)")
+    args = ap.parse_args()
+    trace(args) if args.command == "trace" else project(args)
+
+
+if __name__ == "__main__":
+    main()

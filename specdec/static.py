@@ -32,7 +32,7 @@ from transformers import StaticCache
 from .errors import SpecdecError
 from .kvcache import Forward, KVCache, cache_argument, model_dtype
 
-BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a step runs at; a step of ``t`` rows runs at the smallest bucket ``>= t``."""
 CAPACITY_STEP = 256
 """Cache sizes are rounded up to a multiple of this, so that generations of similar length share a cache."""

@@ -128,23 +128,23 @@ def test_tree_compaction_moves_the_accepted_rows_in_place():
 def test_steps_run_at_row_buckets_and_the_cache_is_reused():
     target = tiny_model("llama", seed=0)
     kv = static.StaticKV(target)
-    assert [static.bucket(r) for r in (1, 3, 8, 9, 128)] == [1, 4, 8, 16, 128] and static.bucket(129) is None
+    assert [static.bucket(r) for r in (1, 3, 8, 9, 128, 200)] == [1, 4, 8, 16, 128, 256] and static.bucket(257) is None
     rows = []
     hook = target.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[1]), with_kwargs=True)
     try:
         with torch.inference_mode():
-            kv.reset(100)
-            assert kv.capacity == static.CAPACITY_STEP
+            kv.reset(300)
+            assert kv.capacity == 2 * static.CAPACITY_STEP
             cache = kv.cache
-            kv.forward(torch.tensor(PROMPT * 10, device=DEVICE))  # beyond the buckets: eager, its own length
+            kv.forward(torch.tensor(PROMPT * 20, device=DEVICE))  # beyond the buckets: eager, its own length
             kv.forward(torch.tensor([1, 2, 3], device=DEVICE))  # a step of 3 rows: bucket 4
             kv.reset(200)
-            assert kv.cache is cache and kv.length == 0  # same size class: the same cache (and graphs)
-            kv.reset(static.CAPACITY_STEP + 1)
-            assert kv.capacity == 2 * static.CAPACITY_STEP and kv.cache is not cache
+            assert kv.cache is cache and kv.length == 0  # a smaller generation: the same cache (and graphs)
+            kv.reset(2 * static.CAPACITY_STEP + 1)
+            assert kv.capacity == 3 * static.CAPACITY_STEP and kv.cache is not cache
     finally:
         hook.remove()
-    assert rows == [len(PROMPT) * 10, 4]
+    assert rows == [len(PROMPT) * 20, 4]
 
 
 def test_models_the_static_path_cannot_take_fall_back_with_one_log_line(caplog):

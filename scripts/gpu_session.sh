@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU (issue: GPU fast path), about 6-8 minutes on an H200:
+#   1. the static path's tests and the greedy tests on CUDA, graphs on (they are the default there);
+#   2. step costs eager vs static/graphs per row bucket, capture times and tokens/s (scripts/gpu_profile.py).
+# Run from the repository root: bash scripts/gpu_session.sh   (results under $OUT, else runs/gpu-session)
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+out="${OUT:-runs/gpu-session}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$out/gpu.txt"
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider --device cuda tests/test_static.py tests/test_greedy.py \
+    2>&1 | tail -40 | tee "$out/pytest-cuda.txt"
+timeout 330 python3 scripts/gpu_profile.py --device cuda --dtype bfloat16 --targets 1.5b,7b \
+    --out "$out/gpu-profile.json" 2>&1 | tail -60 > "$out/gpu-profile.log"
+tail -30 "$out/gpu-profile.log"

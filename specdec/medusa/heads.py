@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecdecError
+from ..files import atomic_path, write_atomic
 from .tree import TreeBuffers
 
 CONFIG_NAME = "medusa_config.json"
@@ -502,8 +503,9 @@ class MedusaHeads(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "specdec-medusa"})
-        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        with atomic_path(out / WEIGHTS_NAME) as tmp:  # each file whole or not at all (Ctrl-C during a save)
+            save_file(state, str(tmp), metadata={"format": "specdec-medusa"})
+        write_atomic(out / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
         return out
 
     @classmethod

@@ -11,7 +11,7 @@ catalogue, profiles, target) to a :class:`Configuration` whose memory
 estimate fits the device, found by falling back step by step and saying why
 each earlier step was rejected::
 
-    for each target (the user's, else the profile's suggestions):
+    for each target (the user's, else the profile's suggestions, then the smaller tiers'):
       for each method of the profile (medusa, draft, lookahead, prompt_lookup, none):
         for each target quantization (profile order, smaller last):
           draft:  for each draft (larger first), for each draft quantization

@@ -18,7 +18,7 @@ from . import kvcache
 from .errors import ContextLengthError, SpecdecError
 from .proposers import ProposerContext, build_proposer, resolve_method
 from .proposers.base import DecodeState, Draft, StepOutcome
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_request
 from .static import BUCKETS, StaticKV
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
@@ -247,13 +247,10 @@ class SpeculativeGenerator:
             eos_token_id: EOS ids to stop at instead of the model's (``[]`` = never stop at EOS).
             suppress_tokens: ids never generated (e.g. a banned EOS).
         """
-        cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, tuple(int(t) for t in suppress_tokens))
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-            raise SpecdecError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        prompt_ids = self.encode(prompt)
+        cfg, stops = check_request(self.target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, suppress_tokens=suppress_tokens, stop=stop)  # noqa: E501
         if stops and self.tokenizer is None:
             raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")
-        prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise SpecdecError("the prompt is empty", "give at least one token of prompt")
         self._check_context(len(prompt_ids), max_new_tokens)
@@ -263,7 +260,7 @@ class SpeculativeGenerator:
         )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.randrange(2**63))
-        yield from self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
+        return self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
 
     # ------------------------------------------------------------------ the loop
     def _run(

@@ -49,3 +49,7 @@ class MissingExtraError(SpecdecError, ImportError):
 
 class UnsupportedModelError(SpecdecError):
     """A model that a method cannot run on (e.g. attention that takes no custom mask)."""
+
+
+class CorruptModelError(SpecdecError):
+    """A model file that is truncated, corrupt or differs from what was pulled."""

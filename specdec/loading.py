@@ -140,11 +140,27 @@ def load_model(
             "no model hub may be reachable from here: use a packaged name (`specdec-local models list`), "
             "a local folder or a .gguf file" if is_hub else "check that the folder holds a complete transformers model",
         ) from None
-    except ValueError as e:
-        raise SpecdecError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except SpecdecError:
+        raise
+    except Exception as e:  # a truncated or corrupt file fails deep in a reader (struct.error, SafetensorError...)
+        raise unreadable_model(name_or_path, where, gguf_file, e) from None
     if quantization_config is None and model.device != dev:
         model = model.to(dev)
     return model.eval(), tokenizer
+
+
+def unreadable_model(name_or_path: str, where: str, gguf_file: str | None, error: Exception) -> SpecdecError:
+    """The error for a model whose files exist but cannot be read (truncated, corrupt, unsupported)."""
+    detail = (str(error).strip().splitlines() or [""])[0]
+    what = Path(where) / gguf_file if gguf_file else Path(where)
+    if str(name_or_path) in models.CATALOGUE:
+        hint = f"download it again with `specdec-local models pull --force {name_or_path}`"
+    elif gguf_file:
+        hint = f"the file {what} may be truncated or corrupt: download or convert it again"
+    else:
+        hint = f"check that {what} holds a complete transformers model (its weights may be truncated or corrupt)"
+    kind = type(error).__name__ if type(error).__module__ == "builtins" else f"{type(error).__module__}.{type(error).__name__}"
+    return ModelNotFoundError(f"could not load model {name_or_path!r}: {kind}: {detail}", hint)
 
 
 def load(

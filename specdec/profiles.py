@@ -11,7 +11,7 @@ catalogue, profiles, target) to a :class:`Configuration` whose memory
 estimate fits the device, found by falling back step by step and saying why
 each earlier step was rejected::
 
-    for each target (the user's, else the profile's suggestions):
+    for each target (the user's, else the profile's suggestions, then the smaller tiers'):
       for each method of the profile (medusa, draft, lookahead, prompt_lookup, none):
         for each target quantization (profile order, smaller last):
           draft:  for each draft (larger first), for each draft quantization
@@ -357,6 +357,25 @@ def _kinds(model: cat.ResolvedModel, preferred: Sequence[str], dtype: str, avail
     return usable
 
 
+def suggested_targets(chosen: Profile, profiles: Sequence[Profile], backend: str) -> list[str]:
+    """Targets to try when the user names none: ``chosen``'s, then those of every smaller tier.
+
+    A smaller tier's targets are the way down when none of ``chosen``'s fits
+    (e.g. its quantizations are not installed, so its targets load in 16-bit):
+    tiers of the same backend first, larger first, then the other backends'
+    smallest tiers (the CPU profile's small models are the last resort).
+    """
+    smaller = sorted((p for p in profiles if p is not chosen and p.match.min_memory <= chosen.match.min_memory),
+                     key=lambda p: (backend not in p.match.backends, -p.match.min_memory))
+    return list(dict.fromkeys([*chosen.targets, *(name for p in smaller for name in p.targets)]))
+
+
+def _missing_extras(reasons: Sequence[str]) -> list[str]:
+    """The ``specdec[...]`` extras that the reasons say are not installed, bitsandbytes first."""
+    found = {extra for r in reasons for extra in ("bnb", "gptq", "gguf") if f"install specdec[{extra}]" in r}
+    return [f"specdec[{extra}]" for extra in ("bnb", "gptq", "gguf") if extra in found]
+
+
 def select(
     device: DeviceInfo,
     catalogue: Mapping[str, cat.ModelSpec] = cat.CATALOGUE,
@@ -375,7 +394,8 @@ def select(
         catalogue: model specs (default :data:`specdec.catalogue.CATALOGUE`).
         profiles: the profiles (default: the packaged ones).
         target: the model the user asked for (a reference, or already
-            resolved); None = the profile's suggestions, first that fits.
+            resolved); None = the profile's suggestions, then those of the
+            smaller tiers (:func:`suggested_targets`), first that fits.
         profile: ``auto`` (match the device) or a profile name.
         target_loaded: the target's weights are already in memory (webui), so
             ``device.free_bytes`` must hold only the draft, caches and activations.
@@ -398,7 +418,7 @@ def select(
         reasons.append("device memory unknown: the first configuration is taken without a memory check")
 
     if target is None:
-        targets = [cat.resolve(name, catalogue) for name in chosen.targets]
+        targets = [cat.resolve(name, catalogue) for name in suggested_targets(chosen, profiles, device.backend)]
     else:
         targets = [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
 
@@ -472,8 +492,11 @@ def select(
                                      draft_activations=d_est.activations)
                         return make(tgt, method, t_kind, total, parts, draft, d_kind)
     if best is not None:
+        missing = _missing_extras(reasons)
+        first = ([f"nothing fits with what is installed: install {' and '.join(missing)} first "
+                  "(quantized weights need a fraction of the memory)"] if missing else [])
         reasons.append("nothing fits: this is the smallest configuration tried")
-        return Configuration(**{**best.__dict__, "reasons": tuple(dict.fromkeys(reasons))})
+        return Configuration(**{**best.__dict__, "reasons": tuple(dict.fromkeys(first + reasons))})
     raise SpecdecError("no configuration could be chosen: " + "; ".join(reasons[-3:]),
                        "name another target, or choose a profile with --profile")
 

@@ -7,7 +7,11 @@ penalty, then temperature, top-k and top-p.
 """
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,18 +29,25 @@ class SamplingConfig:
     suppress_tokens: tuple[int, ...] = ()  # never generated (e.g. a banned EOS)
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
+        if not _is_real(self.temperature) or not (0.0 <= self.temperature < math.inf):
             raise InvalidSamplingError(
-                f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding, e.g. 0.7 for sampling"
+                f"temperature must be a finite number >= 0, got {self.temperature!r}",
+                "use 0 for greedy decoding, e.g. 0.7 for sampling",
             )
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise InvalidSamplingError(f"top_k must be an integer >= 0, got {self.top_k}", "use 0 to disable top-k")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p}", "use 1.0 to disable top-p")
-        if not (self.repetition_penalty > 0.0):
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidSamplingError(f"top_k must be an integer >= 0, got {self.top_k!r}", "use 0 to disable top-k")
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p!r}", "use 1.0 to disable top-p")
+        if not _is_real(self.repetition_penalty) or not (0.0 < self.repetition_penalty < math.inf):
             raise InvalidSamplingError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}", "use 1.0 to disable it"
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+                "use 1.0 to disable it",
             )
+        bad = [t for t in self.suppress_tokens if not _is_int(t) or t < 0]
+        if bad:
+            raise InvalidSamplingError(f"suppress_tokens must be token ids (integers >= 0), got {bad[0]!r}",
+                                       "token ids must be in [0, vocabulary size)")
+        object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +57,79 @@ class SamplingConfig:
     def uses_prefix(self) -> bool:
         """Whether processing depends on the tokens before each position."""
         return self.repetition_penalty != 1.0
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python, numpy...), not a bool nor a float such as 5.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (NaN and inf pass here; the range checks refuse them)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_request(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: Any,
+    temperature: Any = 0.0,
+    top_k: Any = 0,
+    top_p: Any = 1.0,
+    repetition_penalty: Any = 1.0,
+    suppress_tokens: Any = (),
+    stop: Any = None,
+) -> tuple[SamplingConfig, list[str]]:
+    """Check the values of one generation call; return its sampling config and its stop strings.
+
+    Every value is checked before anything runs (an out-of-range token id
+    would otherwise index out of bounds in an embedding, which on CUDA kills
+    the process's GPU context).
+
+    Args:
+        model: the target; its input embedding rows bound the prompt ids and
+            its output rows ``V`` bound ``suppress_tokens``.
+        prompt_ids: the encoded prompt.
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        suppress_tokens, stop: as given to :meth:`SpeculativeGenerator.stream`.
+
+    Raises:
+        InvalidSamplingError: naming the argument and the value.
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise InvalidSamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
+                                   "pass a whole number of tokens, e.g. max_new_tokens=128")
+    if isinstance(suppress_tokens, (str, bytes)) or not isinstance(suppress_tokens, Iterable):
+        raise InvalidSamplingError(f"suppress_tokens must be a list of token ids, got {suppress_tokens!r}",
+                                   "e.g. suppress_tokens=[tokenizer.eos_token_id]")
+    cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, tuple(suppress_tokens))
+    vocab_out = _rows(model.get_output_embeddings())
+    if vocab_out is not None and any(t >= vocab_out for t in cfg.suppress_tokens):
+        raise InvalidSamplingError(
+            f"suppress_tokens has id {max(cfg.suppress_tokens)}, outside the target's vocabulary of {vocab_out}",
+            "token ids must be in [0, vocabulary size)")
+    if stop is None or isinstance(stop, str):
+        stops = [stop] if stop else []
+    elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise InvalidSamplingError(f"stop must be a string or a list of strings, got {stop!r}",
+                                   'e.g. stop="\\n\\n" or stop=["User:", "###"]')
+    vocab_in = _rows(model.get_input_embeddings())
+    if vocab_in is not None and prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_in):
+        worst = min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)
+        raise InvalidSamplingError(
+            f"the prompt has token id {worst}, outside the target's vocabulary of {vocab_in}",
+            "prompt token ids must be in [0, vocabulary size)",
+        )
+    return cfg, stops
+
+
+def _rows(layer: torch.nn.Module | None) -> int | None:
+    """Rows ``V`` of an embedding or output layer (None when it has no dense weight)."""
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def presence_rows(context: torch.Tensor, vocab_size: int, path_tokens: torch.Tensor | None = None) -> torch.Tensor:

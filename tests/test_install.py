@@ -8,6 +8,7 @@ removes, a failing pip) is exercised without downloading anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,17 +27,25 @@ here = Path(__file__).resolve().parent
 state = here / "state.json"
 data = json.loads(state.read_text())
 if sys.argv[1] == "-c":
-    print(json.dumps(sorted(data["installed"])))
+    print(json.dumps(data["installed"]))
 elif sys.argv[1:3] == ["-m", "pip"]:
-    data["calls"].append(sys.argv[3:])
+    args = sys.argv[3:]
+    if "--dry-run" in args:  # answer with the report pip would write
+        data["dry_runs"] = data.get("dry_runs", 0) + 1
+        report = Path(args[args.index("--report") + 1])
+        report.write_text(json.dumps({{"install": [{{"metadata": {{"name": n, "version": v}}}}
+                                                  for n, v in data["plan"].items()]}}))
+        state.write_text(json.dumps(data))
+        sys.exit(0)
+    data["calls"].append(args)
     if data.get("fail"):
         print("ERROR: No matching distribution found for gguf>=0.10", file=sys.stderr)
         state.write_text(json.dumps(data))
         sys.exit(1)
-    if sys.argv[3] == "install":
-        data["installed"] = sorted(set(data["installed"]) | {{"specdec", "gguf"}})
-    elif sys.argv[3] == "uninstall":
-        data["installed"] = sorted(set(data["installed"]) - set(sys.argv[5:]))
+    if args[0] == "install":
+        data["installed"].update(data["plan"])
+    elif args[0] == "uninstall":
+        data["installed"] = {{n: v for n, v in data["installed"].items() if n not in args[2:]}}
     state.write_text(json.dumps(data))
 """
 
@@ -56,7 +65,10 @@ def make_webui(root: Path, user_data: bool = True, env: bool = True) -> Path:
         python = bindir / "python"
         python.write_text(FAKE_PYTHON.format(python=sys.executable))
         python.chmod(0o755)
-        (bindir / "state.json").write_text(json.dumps({"installed": ["torch", "click"], "calls": []}))
+        (bindir / "state.json").write_text(json.dumps({
+            "installed": {"torch": "2.3.1", "click": "8.1.7"}, "calls": [],
+            "plan": {"specdec": "0.1.0", "gguf": "0.17.1", "click": "8.1.7"},  # what pip would install
+        }))
     return root
 
 
@@ -80,18 +92,31 @@ def test_install_reinstall_uninstall_with_the_webuis_env(tmp_path: Path) -> None
     calls = env_state(root)["calls"]
     assert calls == [["install", str(REPO), "-r", str(REPO / "plugin" / "specdec" / "requirements.txt")]]
 
-    (target / "stale.txt").write_text("left over")
+    record = json.loads((root / "user_data" / "extensions" / ".specdec-install.json").read_text())
+    assert record["complete"] and record["created_folder"] and record["pip_changed"] == {}
+    assert record["manifest"]["script.py"] == hashlib.sha256((target / "script.py").read_bytes()).hexdigest()
+
+    (target / "stale.txt").write_text("the user's own file")
+    (target / "requirements.txt").write_text("changed by hand\n")
     second = run(str(root))
     assert second.returncode == 0, second.stderr
-    assert not (target / "stale.txt").exists(), "a reinstall replaces the extension"
+    assert (target / "stale.txt").is_file(), "a file install.py did not copy is never removed"
+    assert "Left in place (not copied by install.py): stale.txt" in second.stdout
+    assert (target / "requirements.txt").read_bytes() == (REPO / "plugin" / "specdec" / "requirements.txt").read_bytes()
+    (target / "requirements.txt").write_text("changed by hand\n")
     record = json.loads((root / "user_data" / "extensions" / ".specdec-install.json").read_text())
-    assert record["pip_installed"] == ["gguf", "specdec"], "what the first run installed is remembered"
+    assert record["pip_installed"] == {"gguf": "0.17.1", "specdec": "0.1.0"}, "what the first run installed, with versions"
 
     gone = run(str(root), "--uninstall")
     assert gone.returncode == 0, gone.stderr
-    assert not target.exists() and not (root / "user_data" / "extensions" / ".specdec-install.json").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["requirements.txt", "stale.txt"], \
+        "only unchanged copied files go; the folder stays while it holds files that are not install.py's"
+    assert not (root / "user_data" / "extensions" / ".specdec-install.json").exists()
     assert env_state(root)["calls"][-1] == ["uninstall", "-y", "gguf", "specdec"]
-    assert env_state(root)["installed"] == ["click", "torch"], "packages that were there before stay"
+    assert env_state(root)["installed"] == {"torch": "2.3.1", "click": "8.1.7"}, "packages that were there before stay"
+    for leftover in target.iterdir():
+        leftover.unlink()
+    target.rmdir()
 
     again = run(str(root), "--uninstall")
     assert again.returncode == 0 and "No extension" in again.stdout
@@ -160,5 +185,111 @@ def test_a_foreign_folder_is_left_alone(tmp_path: Path) -> None:
 def test_help_mentions_every_option() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for option in ("--link", "--uninstall", "--no-pip", "webui_dir"):
+    for option in ("--link", "--uninstall", "--no-pip", "--allow-upgrade", "webui_dir"):
         assert option in result.stdout
+
+
+def set_plan(root: Path, **versions: str) -> None:
+    state_file = root / "installer_files" / "env" / "bin" / "state.json"
+    data = json.loads(state_file.read_text())
+    data["plan"].update(versions)
+    state_file.write_text(json.dumps(data))
+
+
+def test_changing_an_installed_version_needs_allow_upgrade(tmp_path: Path) -> None:
+    root = make_webui(tmp_path / "webui")
+    set_plan(root, torch="2.13.0")  # pip would upgrade the webui's torch
+    refused = run(str(root))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "pip would change packages the webui already has: torch 2.3.1 -> 2.13.0" in refused.stderr
+    assert "--allow-upgrade" in refused.stderr
+    assert env_state(root)["calls"] == [] and env_state(root)["dry_runs"] == 1, "only the dry run ran"
+    assert not (root / "user_data" / "extensions" / "specdec").exists()
+
+    allowed = run(str(root), "--allow-upgrade")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "Changed versions (recorded): torch 2.3.1 -> 2.13.0" in allowed.stdout
+    record = json.loads((root / "user_data" / "extensions" / ".specdec-install.json").read_text())
+    assert record["pip_changed"] == {"torch": ["2.3.1", "2.13.0"]}
+    assert "torch" not in record["pip_installed"]
+
+    gone = run(str(root), "--uninstall")
+    assert gone.returncode == 0, gone.stderr
+    assert env_state(root)["calls"][-1] == ["uninstall", "-y", "gguf", "specdec"], "a changed package is not removed"
+    assert "torch stays at 2.13.0 (it was 2.3.1" in gone.stdout
+
+
+def test_record_is_written_before_copying_so_a_failed_copy_can_be_undone(tmp_path: Path) -> None:
+    root = make_webui(tmp_path / "webui")
+    target = root / "user_data" / "extensions" / "specdec"
+    (target / "script.py").mkdir(parents=True)  # a folder where a file must go: the copy fails midway
+    (target / "script.py" / "keep.txt").write_text("not install.py's")
+    record_file = root / "user_data" / "extensions" / ".specdec-install.json"
+    record_file.write_text(json.dumps({"mode": "copy", "manifest": {}, "created_folder": True}))  # an earlier install
+    failed = run(str(root), "--no-pip")
+    assert failed.returncode == 1 and "could not copy script.py" in failed.stderr and "Traceback" not in failed.stderr
+    record = json.loads(record_file.read_text())
+    assert record["complete"] is False and "script.py" in record["manifest"]
+    copied = [rel for rel in record["manifest"] if (target / rel).is_file()]
+    assert copied, "some files were copied before the failure"
+    undone = run(str(root), "--uninstall", "--no-pip")
+    assert undone.returncode == 0, undone.stderr
+    assert not any((target / rel).is_file() for rel in copied)
+    assert (target / "script.py" / "keep.txt").read_text() == "not install.py's"
+
+
+def test_uninstall_also_takes_the_bytecode_of_copied_files(tmp_path: Path) -> None:
+    root = make_webui(tmp_path / "webui")
+    assert run(str(root), "--no-pip").returncode == 0
+    target = root / "user_data" / "extensions" / "specdec"
+    (target / "__pycache__").mkdir()
+    (target / "__pycache__" / "script.cpython-311.pyc").write_bytes(b"\x00")  # as the webui's import leaves it
+    assert run(str(root), "--uninstall", "--no-pip").returncode == 0
+    assert not target.exists()
+
+
+def _toy_wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel (no build step), for pip to resolve against."""
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}/RECORD"] = "".join(f"{p},,\n" for p in files) + f"{dist}/RECORD,,\n"
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for p, text in files.items():
+            z.writestr(p, text)
+    return path
+
+
+@pytest.mark.skipif(os.name == "nt", reason="venv layout")
+def test_dry_run_report_of_the_real_pip_finds_a_version_change(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_script", INSTALL)
+    install_script = importlib.util.module_from_spec(spec)
+    sys.modules["install_script"] = install_script  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(install_script)
+    finally:
+        del sys.modules["install_script"]
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    old, new = _toy_wheel(wheels, "sdtoy", "1.0"), _toy_wheel(wheels, "sdtoy", "2.0")
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "env")], check=True, timeout=300)
+    python = tmp_path / "env" / "bin" / "python"
+    offline = ["--no-index", "--find-links", str(wheels), "--disable-pip-version-check"]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *offline, str(old)], check=True, timeout=300)
+
+    webui = install_script.Webui(tmp_path, tmp_path, python, True)
+    current = install_script.installed_distributions(webui)
+    assert current["sdtoy"] == "1.0"
+    planned = install_script.planned_installs(python, [*offline, "sdtoy==2.0"], tmp_path)
+    assert planned == {"sdtoy": "2.0"}
+    assert install_script.version_changes(current, planned, {"specdec"}) == {"sdtoy": ("1.0", "2.0")}
+    assert install_script.installed_distributions(webui)["sdtoy"] == "1.0", "a dry run changes nothing"

@@ -312,3 +312,40 @@ def test_auto_configure_uses_the_hardware_profiles(ext, webui, tiny, monkeypatch
         profile="p", device=types.SimpleNamespace(backend="cpu"), method="draft", num_speculative_tokens=4, lookahead=None))
     assert ext.auto_configuration(has_draft=False) == ("prompt_lookup", None, {})
     assert ext.auto_configuration(has_draft=True) == ("draft", 4, {})
+
+
+def test_fallback_after_a_failure_runs_after_the_failed_attempt_is_freed(ext, webui, tiny) -> None:
+    """An out-of-memory inside the target: the webui's generation starts only once that attempt's tensors are gone."""
+    import weakref
+
+    model, _ = tiny
+    held: list[weakref.ref] = []
+
+    def out_of_memory(module, inputs):
+        activations = torch.empty(1 << 16)  # stands for the failed step's KV cache and activations
+        held.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    seen_alive: list[bool] = []
+    own = webui.text_generation.generate_reply_HF
+
+    def webui_generation(*args, **kwargs):
+        seen_alive.append(held[-1]() is not None)
+        yield from own(*args, **kwargs)
+
+    webui.text_generation.generate_reply_HF = webui_generation
+    handle = model.model.layers[0].register_forward_pre_hook(out_of_memory)
+    try:
+        assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    finally:
+        handle.remove()
+    assert held and seen_alive == [False], "the failed attempt's tensors were still referenced at the fallback"
+    assert "OutOfMemoryError" in ext.last_reply.note
+
+
+def test_a_call_the_adapter_cannot_read_goes_to_the_webui_unchanged(ext, webui) -> None:
+    from collections import UserDict
+
+    odd_state = UserDict(state())  # a mapping, but not a dict: parse_call takes it for an old-style seed and fails
+    assert reply(ext, PROMPT, PROMPT, odd_state, ["x"], is_chat=True)[-1] == "webui reply"
+    assert webui.calls[-1][0] == "HF" and webui.calls[-1][1][2] is odd_state and webui.calls[-1][1][3] == ["x"]

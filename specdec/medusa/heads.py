@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import SpecdecError
+from ..files import atomic_path, write_atomic
 from .tree import TreeBuffers
 
 CONFIG_NAME = "medusa_config.json"
@@ -106,7 +107,7 @@ class MedusaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SpecdecError(f"Medusa config: {name} must be an integer >= 1, got {value!r}")
-        if not 0 <= self.subset_size <= self.vocab_size:
+        if not isinstance(self.subset_size, int) or not 0 <= self.subset_size <= self.vocab_size:
             raise SpecdecError(f"Medusa config: subset_size must be in [0, vocab_size], got {self.subset_size}")
 
     @classmethod
@@ -179,6 +180,22 @@ def _target_dims(target: nn.Module) -> tuple[int, int]:
 
 def _target_name(target: nn.Module) -> str:
     return str(getattr(target.config, "_name_or_path", "") or getattr(target, "name_or_path", "") or "")
+
+
+def check_sizes(config: MedusaConfig, target: nn.Module) -> None:
+    """Raise :class:`SpecdecError` unless ``config``'s hidden and vocabulary sizes are ``target``'s.
+
+    Checked before any head is allocated: a config of another model could ask
+    for ``num_heads x [V, H]`` projections far larger than this target's.
+    """
+    hidden, vocab = _target_dims(target)
+    if (hidden, vocab) != (config.hidden_size, config.vocab_size):
+        name = config.base_model_name_or_path or "another model"
+        raise SpecdecError(
+            f"these Medusa heads were trained for {name} (hidden size {config.hidden_size}, vocabulary "
+            f"{config.vocab_size}), not for this target (hidden size {hidden}, vocabulary {vocab})",
+            "train heads for this target with `specdec-local train-medusa --target ...`",
+        )
 
 
 class MedusaHeads(nn.Module):
@@ -283,15 +300,9 @@ class MedusaHeads(nn.Module):
 
     def check_target(self, target: nn.Module) -> None:
         """Raise :class:`SpecdecError` unless these heads were made for ``target``."""
-        hidden, vocab = _target_dims(target)
+        check_sizes(self.config, target)
         cfg = self.config
         name = cfg.base_model_name_or_path or "another model"
-        if (hidden, vocab) != (cfg.hidden_size, cfg.vocab_size):
-            raise SpecdecError(
-                f"these Medusa heads were trained for {name} (hidden size {cfg.hidden_size}, vocabulary "
-                f"{cfg.vocab_size}), not for this target (hidden size {hidden}, vocabulary {vocab})",
-                "train heads for this target with `specdec-local train-medusa --target ...`",
-            )
         if cfg.fingerprint:
             mine = torch.tensor(target_fingerprint(target))
             theirs = torch.tensor(cfg.fingerprint)
@@ -492,8 +503,9 @@ class MedusaHeads(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "specdec-medusa"})
-        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        with atomic_path(out / WEIGHTS_NAME) as tmp:  # each file whole or not at all (Ctrl-C during a save)
+            save_file(state, str(tmp), metadata={"format": "specdec-medusa"})
+        write_atomic(out / CONFIG_NAME, json.dumps(asdict(self.config), indent=2))
         return out
 
     @classmethod
@@ -508,9 +520,9 @@ class MedusaHeads(nn.Module):
             raise SpecdecError(f"Medusa heads folder not found: {path}",
                                "give the --out folder of `specdec-local train-medusa`")
         if (path / CONFIG_NAME).is_file():
-            heads = cls._load_native(path)
+            heads = cls._load_native(path, target)
         elif (path / PUBLISHED_CONFIG).is_file() and any((path / w).is_file() for w in PUBLISHED_WEIGHTS):
-            heads = cls._load_published(path)
+            heads = cls._load_published(path, target)
         else:
             raise SpecdecError(
                 f"{path} holds no Medusa heads",
@@ -522,22 +534,28 @@ class MedusaHeads(nn.Module):
         return heads.eval()
 
     @classmethod
-    def _load_native(cls, path: Path) -> "MedusaHeads":
-        from safetensors.torch import load_file
-
+    def _load_native(cls, path: Path, target: nn.Module) -> "MedusaHeads":
         try:
             config = MedusaConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise SpecdecError(f"unreadable Medusa config {path / CONFIG_NAME}: {e}") from None
+        except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise SpecdecError(f"unreadable Medusa config {path / CONFIG_NAME}: {e}",
+                               "the folder may be damaged: train the heads again or copy them anew") from None
+        check_sizes(config, target)
         if not (path / WEIGHTS_NAME).is_file():
             raise SpecdecError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-        state = load_file(str(path / WEIGHTS_NAME))
-        heads = cls(config, token_subset=state.get("token_subset"))
+        state = _read_safetensors(path / WEIGHTS_NAME)
+        subset = state.get("token_subset")
+        if subset is not None and subset.numel() and (int(subset.min()) < 0 or int(subset.max()) >= config.vocab_size):
+            raise SpecdecError(
+                f"Medusa weights in {path / WEIGHTS_NAME}: token_subset has ids outside [0, {config.vocab_size})",
+                "the file is damaged or was not written by specdec: train the heads again",
+            )
+        heads = cls(config, token_subset=subset)
         _load_state(heads, state, path / WEIGHTS_NAME)
         return heads
 
     @classmethod
-    def _load_published(cls, path: Path) -> "MedusaHeads":
+    def _load_published(cls, path: Path, target: nn.Module) -> "MedusaHeads":
         try:
             raw = json.loads((path / PUBLISHED_CONFIG).read_text())
         except json.JSONDecodeError as e:
@@ -557,6 +575,7 @@ class MedusaHeads(nn.Module):
             hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers, own_lm_head=True,
             base_model_name_or_path=str(raw.get("base_model_name_or_path", "")),
         )
+        check_sizes(config, target)
         mapped: dict[str, torch.Tensor] = {}
         for i in range(num_heads):
             for j in range(num_layers):
@@ -572,12 +591,21 @@ class MedusaHeads(nn.Module):
         return heads
 
 
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a truncated or corrupt file is a :class:`SpecdecError`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError (truncated, bad header) or OSError
+        raise SpecdecError(f"unreadable Medusa weights {file}: {type(e).__name__}: {e}",
+                           "the file may be truncated or corrupt: train the heads again or copy them anew") from None
+
+
 def _read_published_weights(path: Path) -> dict[str, torch.Tensor]:
     sft = path / PUBLISHED_WEIGHTS[0]
     if sft.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(sft))
+        return _read_safetensors(sft)
     pt = path / PUBLISHED_WEIGHTS[1]
     try:
         state = torch.load(str(pt), map_location="cpu", weights_only=True)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpecdecError
+from ..files import atomic_path, write_atomic
 from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
 from .tree import measure_row_cost, row_cost, tree_from_accuracies
@@ -247,12 +248,11 @@ def cached_rows(
     progress)`` gives rows ``first .. last - 1``. The cache is saved every
     ``chunk`` rows, so an interrupted run loses little.
     """
-    from safetensors.torch import load_file
-
     have: Features | None = None
     if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
-        saved = json.loads((cache / "meta.json").read_text())
-        t = load_file(str(cache / "features.safetensors")) if {k: saved.get(k) for k in meta} == meta else {}
+        saved = _read_json(cache / "meta.json", f"delete {cache} to compute it again")
+        t = _read_tensors(cache / "features.safetensors", f"delete {cache} to compute it again") \
+            if {k: saved.get(k) for k in meta} == meta else {}
         if "tokens" in t:
             have = (t["hidden"], t["preds"], t["tokens"])
             if have[0].shape[0] >= need:
@@ -288,17 +288,37 @@ def _cat(parts: list[Features]) -> Features:
 
 
 def _save_cache(cache: Path, meta: dict[str, Any], parts: list[Features]) -> None:
-    """Write ``cache/features.safetensors`` (hidden, preds, tokens) and ``meta.json`` atomically enough."""
+    """Write ``cache/features.safetensors`` (hidden, preds, tokens), then ``meta.json``, each whole or not at all."""
     from safetensors.torch import save_file
 
     cache.mkdir(parents=True, exist_ok=True)
     hidden, preds, tokens = _cat(parts)
     tensors = {"hidden": hidden.contiguous(), "preds": preds.contiguous(),
                "tokens": tokens.to(torch.int32).contiguous()}
-    tmp = cache / "features.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(cache / "features.safetensors")
-    (cache / "meta.json").write_text(json.dumps({**meta, "windows": int(hidden.shape[0])}))
+    with atomic_path(cache / "features.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_atomic(cache / "meta.json", json.dumps({**meta, "windows": int(hidden.shape[0])}))
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a damaged file is a :class:`SpecdecError` naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecdecError(f"{path} is unreadable ({type(e).__name__}: {e})", hint) from None
+    if not isinstance(data, dict):
+        raise SpecdecError(f"{path} is not a JSON object", hint)
+    return data
+
+
+def _read_tensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt one is a :class:`SpecdecError` naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (truncated, bad header) or OSError
+        raise SpecdecError(f"{path} is unreadable ({type(e).__name__}: {e})", hint) from None
 
 
 def _documents(data: str | Path, cfg: TrainConfig) -> list[str]:
@@ -530,10 +550,29 @@ def split_positions(preds: torch.Tensor, tokens: torch.Tensor, start: int, cfg: 
 
 
 def _save_checkpoint(heads: MedusaHeads, opt: torch.optim.Optimizer, step: int, out: Path, cfg: TrainConfig) -> None:
+    """Write the heads, then the optimizer state and step, then the config into ``out/checkpoint``.
+
+    Each file is written whole or not at all (temporary file + ``os.replace``),
+    so a Ctrl-C during a save leaves the previous checkpoint readable.
+    """
     ck = out / CHECKPOINT_DIR
     heads.save(ck)
-    torch.save({"step": step, "optimizer": opt.state_dict()}, ck / "train_state.pt")
-    (ck / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with atomic_path(ck / "train_state.pt") as tmp:
+        torch.save({"step": step, "optimizer": opt.state_dict()}, tmp)
+    write_atomic(ck / "train_config.json", json.dumps(asdict(cfg), indent=2))
+
+
+def _read_train_state(ck: Path) -> dict[str, Any]:
+    """The step and optimizer state of a checkpoint; a damaged file is a :class:`SpecdecError`."""
+    file = ck / "train_state.pt"
+    hint = f"start afresh without --resume, or delete {ck}"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, refused by weights_only
+        raise SpecdecError(f"the checkpoint's training state {file} is unreadable ({type(e).__name__})", hint) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "optimizer" not in state:
+        raise SpecdecError(f"the checkpoint's training state {file} lacks its step or optimizer state", hint)
+    return state
 
 
 def train(
@@ -595,14 +634,14 @@ def train(
     ck = out / CHECKPOINT_DIR
     first_step = 0
     if resume and (ck / "train_state.pt").is_file():
-        heads = MedusaHeads.from_pretrained(ck, target)
+        heads = MedusaHeads.from_pretrained(ck, target)  # a damaged config or weights file is a SpecdecError
         shape = (heads.config.num_heads, heads.config.num_layers, heads.config.sequential)
         if shape != (cfg.num_heads, cfg.num_layers, cfg.sequential):
             kinds = ("plain", "sequential")
             raise SpecdecError(f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
                                f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
                                "resume with the same --heads, --layers and --sequential")
-        state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
+        state = _read_train_state(ck)
         first_step = int(state["step"])
     else:
         if resume:
@@ -694,5 +733,5 @@ def train(
         "final_loss": loss_ema,
         "steps_run": cfg.steps - first_step,
     }
-    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(out / "train_report.json", json.dumps(report, indent=2))
     return heads, report

@@ -5,7 +5,7 @@ With a per-token acceptance rate ``alpha``, a chain of ``K`` candidates yields
 ``K * draft_seconds + verify_seconds(K + 1)``. The controller picks the ``K``
 that maximises tokens per second. Costs are exponential moving averages of
 what the engine measures; verify cost per row count starts from a prior
-shaped like the CPU curve measured in DESIGN (16 rows ~1.3x one row) and is
+shaped like the CPU curve measured in docs/design.md (16 rows ~1.3x one row) and is
 replaced by measurements as they come.
 
 Seeded sampling must be reproducible, and measured times are not: with

@@ -7,7 +7,7 @@ reading the weights: the 0.5B draft spends ~80% of its forward in matrix
 products, and bfloat16 matrix-vector products read ~10-14 GB/s here. Storing
 the draft's ``nn.Linear`` weights as int8 with one scale per output row and
 multiplying with torch's weight-only int8 kernel (``aten._weight_int8pack_mm``)
-halves the bytes read; see DESIGN and the bench for measured effects.
+halves the bytes read; see docs/design.md and the bench for measured effects.
 
 :func:`int8_draft` returns a *copy* of the draft whose module tree is new but
 whose non-linear parameters (embeddings, norms) and buffers are shared with

@@ -1,6 +1,6 @@
 """The one verifier: which candidates to keep, and the one token the target adds.
 
-Terms (see DESIGN): candidates are *accepted* while they pass; at the first
+Terms (see docs/design.md): candidates are *accepted* while they pass; at the first
 rejection the target's *recovered* token is sampled from the residual; when a
 path is accepted to its leaf, the target adds a *bonus* token. Either way a
 step yields ``accepted + 1`` tokens.

@@ -171,7 +171,7 @@ def test_stream_concatenates_to_the_same_text(server, generated):
 
 def test_seeded_sampling_reproduces(server):
     client = server.client()
-    kwargs = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16)
+    kwargs = dict(temperature=0.9, top_p=0.95, seed=1234, max_tokens=10)
     first = _chat(client, **kwargs).choices[0].message.content
     assert _chat(client, **kwargs).choices[0].message.content == first
     assert _streamed(client, **kwargs)[0] == first
@@ -280,6 +280,19 @@ def test_queue_full_gives_429_and_dropped_clients_free_the_server(server):
     assert len(dropped) == 1 + MAX_QUEUE
     completions = [int(part.split("=")[1]) for line in dropped for part in line.split() if part.startswith("completion=")]
     assert len(completions) == 1 and 0 < completions[0] < 2000  # only the running one had started; it stopped early
+
+
+def test_a_dropped_whole_request_is_cancelled(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0})
+    conn.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+    _wait_for(lambda: server.health()["running"] is not None, "a running generation", server)
+    rid = server.health()["running"]
+    _drop(conn)
+    _wait_for(lambda: server.health()["running"] is None, "an idle server", server)
+    line = next(line for line in server.log().splitlines() if rid in line)
+    assert " 499 " in line
+    assert 0 < int(line.split("completion=")[1].split()[0]) < 2000
 
 
 # ---------------------------------------------------------------------- bad input

@@ -93,11 +93,15 @@ def main() -> None:
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
 
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import openai
     import torch
 
     import specdec
-    from specdec.bench import load_prompts, load_average
+    from specdec.bench import load_average, load_prompts
+    from specdec.cli.common import quiet_libraries
+
+    quiet_libraries()
 
     port = free_port()
     proc = start_server(args, port)

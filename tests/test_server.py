@@ -321,6 +321,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert set(data["error"]) == {"message", "type", "param", "code"}, data
         assert data["error"]["param"] == param and data["error"]["code"] == code, data
     assert "8192" in server.raw("POST", chat, cases[-2][0])[1]["error"]["message"]  # the context size is named
+    for prompt in ([10**7], [], [[1, 2], [3]]):  # an id beyond the vocabulary, no prompt, a batch of two
+        got, data = server.raw("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": prompt}).encode())
+        assert got == 400 and data["error"]["param"] == "prompt", data
     with pytest.raises(openai.AuthenticationError):
         _chat(server.client(key="wrong-key"), max_tokens=2)
     assert server.raw("GET", "/v1/models", key=None)[0] == 401

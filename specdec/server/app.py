@@ -153,6 +153,9 @@ class Api:
             prompt: Any = body.chat_messages()
         else:
             prompt = body.prompt_value()
+            vocab = self.generator.target.config.vocab_size
+            if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt", code="invalid_value")
         try:
             ids = await self.encoder.encode(prompt)
         except SpecdecError as e:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecdecError
+from ..models import DEFAULT_MODEL
 from ..proposers import METHODS
 
 
@@ -41,6 +42,21 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--target/--draft/--profile shared by generate and serve (read by :func:`load_generator`)."""
+    options = [
+        click.option("--target", "-t", default=DEFAULT_MODEL, show_default=True,
+                     help="Packaged model name, local folder, .gguf file or hub id."),
+        click.option("--draft", "-d", default=None, help="Draft model (same tokenizer family as the target)."),
+        click.option("--profile", default=None, metavar="auto|NAME",
+                     help="Hardware profile: fills method, draft, quantization and their options not given "
+                          "(see `specdec-local detect`, `specdec-local profiles list`)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--target/--draft/--method/... shared by generate and bench."""
     options = [
@@ -69,3 +85,25 @@ def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the method options of :func:`model_options` into a dict for ``specdec.load``."""
     return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads",
                                                  "static_cache")}
+
+
+def load_generator(kwargs: dict[str, Any], **options: Any):
+    """Pop the options of :func:`target_options` and :func:`model_options` from ``kwargs`` and load the
+    generator with ``specdec.load`` (``options``: more method options); print the profile's notes."""
+    import specdec
+
+    options.update(method_options(kwargs))
+    gen = specdec.load(
+        kwargs.pop("target"),
+        draft=kwargs.pop("draft"),
+        method=kwargs.pop("method"),
+        dtype=kwargs.pop("dtype"),
+        device=kwargs.pop("device"),
+        num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
+        threads=kwargs.pop("threads"),
+        profile=kwargs.pop("profile"),
+        **options,
+    )
+    for note in getattr(gen, "profile_notes", ()):
+        click.echo(f"[{note}]", err=True)
+    return gen

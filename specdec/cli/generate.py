@@ -7,15 +7,12 @@ from typing import Any
 
 import click
 
-from ..models import DEFAULT_MODEL
-from .common import method_options, model_options, quiet_libraries, report_errors
+from .common import load_generator, model_options, quiet_libraries, report_errors, target_options
 
 
 @click.command()
 @click.argument("prompt")
-@click.option("--target", "-t", default=DEFAULT_MODEL, show_default=True,
-              help="Packaged model name, local folder, .gguf file or hub id.")
-@click.option("--draft", "-d", default=None, help="Draft model (same tokenizer family as the target).")
+@target_options
 @model_options
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
@@ -34,20 +31,14 @@ from .common import method_options, model_options, quiet_libraries, report_error
               help="With --typical-acceptance: hard probability threshold [default: 0.09].")
 @click.option("--posterior-alpha", type=click.FloatRange(min=0.0), default=None,
               help="With --typical-acceptance: scale of the entropy threshold alpha*exp(-entropy) [default: 0.3].")
-@click.option("--profile", default=None, metavar="auto|NAME",
-              help="Hardware profile: fills method, draft, quantization and their options not given "
-                   "(see `specdec-local detect`, `specdec-local profiles list`).")
 @report_errors
-def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: bool, profile: str | None,
-             **kwargs: Any) -> None:
+def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone).
 
     The one exception is --typical-acceptance (Medusa, sampling), which is lossy and opt-in.
     """
-    import specdec
-
     quiet_libraries()
-    options = method_options(kwargs)
+    options = {}
     typical = kwargs.pop("typical_acceptance")
     for name in ("posterior_threshold", "posterior_alpha"):
         value = kwargs.pop(name)
@@ -55,19 +46,7 @@ def generate(prompt: str, target: str, draft: str | None, chat: bool, as_json: b
             options[name] = value
     if typical:
         options["typical_acceptance"] = True
-    gen = specdec.load(
-        target,
-        draft=draft,
-        method=kwargs.pop("method"),
-        dtype=kwargs.pop("dtype"),
-        device=kwargs.pop("device"),
-        num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
-        threads=kwargs.pop("threads"),
-        profile=profile,
-        **options,
-    )
-    for note in getattr(gen, "profile_notes", ()):
-        click.echo(f"[{note}]", err=True)
+    gen = load_generator(kwargs, **options)
     messages = [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
     sampling = dict(kwargs, stop=list(kwargs.pop("stop")) or None)
     if as_json:

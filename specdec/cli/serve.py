@@ -1,0 +1,79 @@
+"""``specdec-local serve``: an OpenAI-compatible HTTP server (needs ``pip install 'specdec[serve]'``)."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+import click
+
+from ..errors import SpecdecError
+from .common import load_generator, model_options, quiet_libraries, report_errors, target_options
+
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) only listens on this machine."""
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@target_options
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="SPECDEC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 (also read from $SPECDEC_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests that may wait while one generates; one more gets 429.")
+@click.option("--model-name", default=None,
+              help="The model id clients send and /v1/models lists [default: --target as given].")
+@report_errors
+def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name: str | None, **kwargs: Any) -> None:
+    """Serve one model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Generations run one at a time, in arrival order; the output is the target's own (lossless).
+    Ctrl-C or SIGTERM stops taking requests, ends the running generation and exits.
+    """
+    from ..server import require_extra
+
+    require_extra()
+    if not is_loopback(host) and not api_key:
+        raise SpecdecError(f"--host {host} would expose the model to the network without a key",
+                           "add --api-key KEY (or set SPECDEC_API_KEY), or keep the default --host 127.0.0.1")
+    _log_to_stderr()
+    quiet_libraries()
+    model_id = model_name or kwargs["target"]
+    gen = load_generator(kwargs)
+
+    from ..server import serve as run
+    from ..server.app import ServerConfig
+
+    display = f"[{host}]" if ":" in host else host
+    config = ServerConfig(model_id=model_id, api_key=api_key, max_queue=max_queue, url=f"http://{display}:{port}")
+    try:
+        run(gen, config, host, port)
+    except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
+        pass
+
+
+def _log_to_stderr() -> None:
+    """One line per request on stderr, with a timestamp."""
+    logger = logging.getLogger("specdec.server")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+commands = [serve]

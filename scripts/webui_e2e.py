@@ -121,48 +121,64 @@ def request(port: int, messages: list[dict[str, str]], max_tokens: int) -> dict:
     }
 
 
-def suite(port: int, max_tokens: int, out: Path) -> None:
-    """The first reply after start (timed alone), then every prompt of :data:`SUITE`; results to ``out``."""
-    first = request(port, SUITE[0][2], max_tokens)
-    print(f"first reply: {first['tokens']} tokens in {first['seconds']:.2f} s")
-    results = {"first_reply": first, "prompts": {}}
+def suite(ports: dict[str, int], max_tokens: int, repeats: int, out: Path) -> None:
+    """Both webuis side by side: their first replies, then every prompt of :data:`SUITE` ``repeats`` times.
+
+    Requests alternate between the webui without (``off``) and with (``on``)
+    the extension, the order flipping each round, so a slow spell of the
+    machine hits both alike. Each prompt keeps its fastest time per side.
+    """
+    results: dict = {"first_reply": {}, "prompts": {}}
+    for side, port in ports.items():
+        first = request(port, SUITE[0][2], max_tokens)
+        results["first_reply"][side] = first
+        print(f"{side}: first reply {first['tokens']} tokens in {first['seconds']:.2f} s")
     for name, kind, messages in SUITE:
-        r = request(port, messages, max_tokens)
-        r["kind"] = kind
-        results["prompts"][name] = r
-        print(f"{name}: {r['tokens']} tokens in {r['seconds']:.2f} s ({r['tokens'] / r['seconds']:.2f} tok/s)")
+        entry: dict = {"kind": kind}
+        for round_ in range(repeats):
+            for side in (list(ports) if round_ % 2 == 0 else list(reversed(ports))):
+                r = request(ports[side], messages, max_tokens)
+                seen = entry.setdefault(side, {"text": r["text"], "tokens": r["tokens"], "seconds": [], "same": True})
+                seen["seconds"].append(r["seconds"])
+                seen["same"] &= r["text"] == seen["text"]
+        for side in ports:
+            best = min(entry[side]["seconds"])
+            print(f"{name} {side}: {entry[side]['tokens']} tokens, fastest {best:.2f} s "
+                  f"({entry[side]['tokens'] / best:.2f} tok/s)")
+        results["prompts"][name] = entry
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def table(runs: list[Path], min_free: float) -> int:
-    """Print one table for pairs ``MODEL:off.json MODEL:on.json``; 1 on any difference or free chat below ``min_free``."""
+    """Print one table for the runs (one JSON per model); 1 on any difference or free chat below ``min_free``."""
     failed = False
-    print(f"| model | prompt | tokens off/on | tok/s off | tok/s on | on/off | identical |")
+    print("| model | prompt | tokens off/on | tok/s off | tok/s on | on/off | identical |")
     print("|---|---|---|---|---|---|---|")
-    firsts = []
-    for off_file, on_file in zip(runs[::2], runs[1::2]):
-        model = off_file.name.rsplit("-", 1)[0]
-        off, on = json.loads(off_file.read_text()), json.loads(on_file.read_text())
+    notes = []
+    for run in runs:
+        model = run.stem
+        data = json.loads(run.read_text())
         free = {"off": [0, 0.0], "on": [0, 0.0]}
-        for name, a in off["prompts"].items():
-            b = on["prompts"][name]
-            same = a["text"] == b["text"]
+        for name, entry in data["prompts"].items():
+            a, b = entry["off"], entry["on"]
+            same = a["text"] == b["text"] and a["same"] and b["same"]
             failed |= not same
-            ra, rb = a["tokens"] / a["seconds"], b["tokens"] / b["seconds"]
+            ra, rb = a["tokens"] / min(a["seconds"]), b["tokens"] / min(b["seconds"])
             print(f"| {model} | {name} | {a['tokens']}/{b['tokens']} | {ra:.2f} | {rb:.2f} | {rb / ra:.2f}x | "
                   f"{'yes' if same else 'NO'} |")
-            if a["kind"] == "free":
+            if entry["kind"] == "free":
                 for side, r in (("off", a), ("on", b)):
                     free[side][0] += r["tokens"]
-                    free[side][1] += r["seconds"]
+                    free[side][1] += min(r["seconds"])
             if not same:
                 print(f"--- {model} {name} off ---\n{a['text']}\n--- on ---\n{b['text']}", file=sys.stderr)
         ratio = (free["on"][0] / free["on"][1]) / (free["off"][0] / free["off"][1])
-        firsts.append(f"{model}: first reply {off['first_reply']['seconds']:.1f} s off, {on['first_reply']['seconds']:.1f} s on; "
-                      f"free chat on/off {ratio:.2f}x")
+        first = data["first_reply"]
+        notes.append(f"{model}: first reply {first['off']['seconds']:.1f} s off, {first['on']['seconds']:.1f} s on "
+                     f"({first['on']['tokens']} tokens); free chat on/off {ratio:.2f}x")
         failed |= ratio < min_free
-    print("\n" + "\n".join(firsts))
-    print("result: " + ("FAIL (a text differs or free chat is below %.2fx)" % min_free if failed else "pass"))
+    print("\n" + "\n".join(notes))
+    print("result: " + (f"FAIL (a text differs or free chat is below {min_free:.2f}x)" if failed else "pass"))
     return 1 if failed else 0
 
 
@@ -179,11 +195,13 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log", type=Path)
     p = sub.add_parser("suite")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port-off", type=int, required=True)
+    p.add_argument("--port-on", type=int, required=True)
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("table")
-    p.add_argument("runs", type=Path, nargs="+", help="MODEL-off.json MODEL-on.json pairs")
+    p.add_argument("runs", type=Path, nargs="+", help="one MODEL.json per model")
     p.add_argument("--min-free", type=float, default=0.95)
     args = parser.parse_args()
     if args.cmd == "prepare-model":
@@ -191,7 +209,7 @@ def main() -> int:
     elif args.cmd == "wait":
         wait(args.port, args.timeout, args.log)
     elif args.cmd == "suite":
-        suite(args.port, args.max_tokens, args.out)
+        suite({"off": args.port_off, "on": args.port_on}, args.max_tokens, args.repeats, args.out)
     else:
         return table(args.runs, args.min_free)
     return 0

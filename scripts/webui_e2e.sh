@@ -18,7 +18,8 @@
 #
 # Environment:
 #   WEBUI_PYTHON  the webui's Python (default: WEBUI_DIR/installer_files/env/bin/python, else python3)
-#   PORT          API port (default 5005)      MAX_TOKENS  reply length (default 96)
+#   PORT          API ports PORT, PORT+1 (default 5005)   MAX_TOKENS  reply length (default 96)
+#   REPEATS       requests per prompt and side (default 2)
 #   THREADS       OMP_NUM_THREADS for the webui (default: torch's own choice)
 #   OUT           where results and logs go (default: a temp dir)
 set -euo pipefail
@@ -30,6 +31,7 @@ if [[ -z "${WEBUI_PYTHON:-}" ]]; then
 fi
 PORT=${PORT:-5005}
 MAX_TOKENS=${MAX_TOKENS:-96}
+REPEATS=${REPEATS:-2}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 [[ -n "${THREADS:-}" ]] && export OMP_NUM_THREADS=$THREADS
@@ -42,34 +44,38 @@ MODELS="$WEBUI_DIR/user_data/models"; [[ -d "$MODELS" ]] || MODELS="$WEBUI_DIR/m
 "$WEBUI_PYTHON" "$HERE/webui_e2e.py" prepare-model smollm2-135m "$MODELS/smollm2-135m" --fixed "$MODELS/smollm2-135m-fixed-eos"
 "$WEBUI_PYTHON" -c "import transformers; print('the webui runs transformers', transformers.__version__)"
 
-SERVER_PID=""
-stop_server() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
+PIDS=()
+stop_servers() {
+  for pid in "${PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then kill "$pid"; wait "$pid" 2>/dev/null || true; fi
+  done
+  PIDS=()
 }
-trap stop_server EXIT
+trap stop_servers EXIT
 
-run_once() {  # $1 = model folder name, $2 = off|on
-  local model=$1 mode=$2 ext=()
+start_server() {  # $1 = model folder name, $2 = off|on, $3 = port
+  local model=$1 mode=$2 port=$3 ext=()
   [[ $mode == on ]] && ext=(--extensions specdec)
-  echo "== $model, extension $mode: starting the webui on 127.0.0.1:$PORT"
+  echo "== $model, extension $mode: starting the webui on 127.0.0.1:$port"
   # never --listen: without it the API binds to 127.0.0.1 only
-  (cd "$WEBUI_DIR" && exec "$WEBUI_PYTHON" server.py --api --nowebui --api-port "$PORT" \
+  (cd "$WEBUI_DIR" && exec "$WEBUI_PYTHON" server.py --api --nowebui --api-port "$port" \
       --loader Transformers --cpu --model "$model" "${ext[@]}") > "$OUT/server-$model-$mode.log" 2>&1 &
-  SERVER_PID=$!
-  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" wait --port "$PORT" --log "$OUT/server-$model-$mode.log"
-  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" suite --port "$PORT" --max-tokens "$MAX_TOKENS" --out "$OUT/$model-$mode.json"
-  stop_server
+  PIDS+=($!)
 }
 
 runs=()
 for model in smollm2-135m smollm2-135m-fixed-eos; do
-  run_once "$model" off
-  run_once "$model" on
-  runs+=("$OUT/$model-off.json" "$OUT/$model-on.json")
+  # both webuis run at once and the requests alternate between them (one computes at a time)
+  start_server "$model" off "$PORT"
+  start_server "$model" on $((PORT + 1))
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" wait --port "$PORT" --log "$OUT/server-$model-off.log"
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" wait --port $((PORT + 1)) --log "$OUT/server-$model-on.log"
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" suite --port-off "$PORT" --port-on $((PORT + 1)) \
+      --max-tokens "$MAX_TOKENS" --repeats "$REPEATS" --out "$OUT/$model.json"
+  stop_servers
+  echo "   extension log: $(grep -c 'specdec: output generated' "$OUT/server-$model-on.log" || true) replies by specdec, " \
+       "$(grep -c 'Output generated in' "$OUT/server-$model-on.log" || true) by the webui itself"
+  runs+=("$OUT/$model.json")
 done
 echo "== results (files and server logs in $OUT)"
-grep -h "specdec:" "$OUT"/server-*-on.log | sed 's/^/  log: /' | sort | uniq -c | sort -rn | head -12 || true
 "$WEBUI_PYTHON" "$HERE/webui_e2e.py" table "${runs[@]}"

@@ -277,9 +277,9 @@ def release(what: str = "all") -> None:
 def release_stale() -> None:
     """Release what no longer fits: another or no model loaded, specdec off, or no draft picked."""
     model = getattr(shared, "model", None)
-    if not params["enabled"] or (_generator.target is not None and _generator.target is not model):
-        release("all")
-    elif params["draft_model"] == NO_DRAFT and _draft.model is not None:
+    other_model = _generator.target is not None and _generator.target is not model
+    unused_draft = params["draft_model"] == NO_DRAFT and _draft.model is not None
+    if not params["enabled"] or other_model or unused_draft:
         release("all")
 
 

@@ -1,40 +1,84 @@
-"""Helpers of scripts/webui_e2e.sh: prepare a model, wait for the API, send a request, compare runs.
+"""Helpers of scripts/webui_e2e.sh: prepare the models, wait for the API, run the prompt suite, print the table.
 
 Runs with the webui's Python (specdec installed there by install.py). Only
-the ``prepare-model`` step imports specdec; the others use the standard
-library and talk to the webui's OpenAI-compatible API on 127.0.0.1.
+``prepare-model`` imports specdec and transformers; the others use the
+standard library and talk to the webui's OpenAI-compatible API on 127.0.0.1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+# (name, kind, messages): a free question, a rewrite, a summary and a long chat turn
+SUITE: list[tuple[str, str, list[dict[str, str]]]] = [
+    ("free-tea", "free", [{"role": "user", "content": "What are the main differences between green tea and black tea?"}]),
+    ("free-rome", "free", [{"role": "user", "content": "Why did the Roman Empire split into east and west?"}]),
+    ("rewrite-email", "rewrite", [{"role": "user", "content": (
+        "Rewrite this email so it sounds more polite, keeping every detail:\n\nHi Tom, the report you sent on Monday "
+        "is missing the sales numbers for March and April. Send them by Friday. Also the chart on page three uses the "
+        "wrong colours, fix it. And stop cc-ing the whole team on every message, only Anna and me need to see these. "
+        "Thanks, Lisa")}]),
+    ("summary-notes", "summary", [{"role": "user", "content": (
+        "Summarize these meeting notes in three bullet points:\n\nThe team met on Tuesday to plan the spring release. "
+        "Maria said the new search page is finished but still needs review from the design team. Paul reported that "
+        "the payment bug from last week is fixed and the fix is already deployed. The release date was moved from "
+        "April 3 to April 10 because the mobile app needs one more week of testing. Everyone agreed to hold a short "
+        "check-in every morning until the release.")}]),
+    ("chat-turn", "chat", [
+        {"role": "user", "content": "I have this function:\n\ndef average(values):\n    total = 0\n    for value in values:\n"
+                                    "        total += value\n    return total / len(values)"},
+        {"role": "assistant", "content": "It returns the mean of the list, but it fails with ZeroDivisionError on an "
+                                         "empty list."},
+        {"role": "user", "content": "Fix that and rename total to running_sum. Show the whole function."},
+    ]),
+]
 
-def prepare_model(name: str, folder: Path) -> None:
-    """Save packaged model ``name`` as a float32 transformers folder the webui's Transformers loader can read."""
+
+def prepare_model(name: str, folder: Path, fixed: Path | None, eos_token: str) -> None:
+    """Save packaged model ``name`` as the float32 folder users get, and a copy whose tokenizer EOS/pad is ``eos_token``.
+
+    The GGUF conversion of transformers can name another EOS than the model's
+    config (smollm2-135m: the tokenizer says ``<|im_start|>``, config and
+    generation config ``<|im_end|>``); the first folder keeps that as users
+    meet it, the corrected copy sets the tokenizer's EOS and pad to ``eos_token``.
+    """
     if (folder / "config.json").is_file():
         print(f"model folder {folder} already exists")
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from specdec.loading import load_model
+
+        model, tokenizer = load_model(name, dtype="float32", device="cpu")
+        config = model.config
+        if hasattr(config, "quantization_config"):  # dequantised from GGUF: save plain weights
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        plain.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        print(f"saved {name} to {folder}")
+    if fixed is None:
         return
-    import torch
-    from transformers import AutoModelForCausalLM
+    if (fixed / "config.json").is_file():
+        print(f"model folder {fixed} already exists")
+        return
+    from transformers import AutoTokenizer
 
-    from specdec.loading import load_model
-
-    model, tokenizer = load_model(name, dtype="float32", device="cpu")
-    config = model.config
-    if hasattr(config, "quantization_config"):  # dequantised from GGUF: save plain weights
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
-    plain.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    print(f"saved {name} to {folder}")
+    shutil.copytree(folder, fixed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    print(f"{folder.name}: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}), pad {tokenizer.pad_token!r}")
+    tokenizer.eos_token = tokenizer.pad_token = eos_token
+    tokenizer.save_pretrained(fixed)
+    print(f"saved {fixed} with tokenizer EOS and pad {eos_token!r}")
 
 
 def wait(port: int, timeout: float, log: Path | None) -> None:
@@ -57,15 +101,9 @@ def wait(port: int, timeout: float, log: Path | None) -> None:
     sys.exit(1)
 
 
-def request(port: int, prompt: str, max_tokens: int, out: Path | None) -> dict:
-    """One greedy chat completion; returns text, token count and timing."""
-    body = {
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "seed": 0,
-        "stream": False,
-    }
+def request(port: int, messages: list[dict[str, str]], max_tokens: int) -> dict:
+    """One greedy chat completion through the API; text, token count and wall time seen by the client."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0, "stream": False}
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -75,35 +113,73 @@ def request(port: int, prompt: str, max_tokens: int, out: Path | None) -> dict:
     with urllib.request.urlopen(req, timeout=1800) as r:
         reply = json.load(r)
     seconds = time.perf_counter() - start
-    tokens = reply["usage"]["completion_tokens"]
-    result = {
+    return {
         "text": reply["choices"][0]["message"]["content"],
-        "completion_tokens": tokens,
+        "tokens": reply["usage"]["completion_tokens"],
         "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "finish_reason": reply["choices"][0].get("finish_reason"),
     }
-    if out:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{tokens} tokens in {seconds:.2f} s ({result['tokens_per_second']:.2f} tok/s)")
-    return result
 
 
-def compare(off_file: Path, on_file: Path, log_on: Path | None) -> int:
-    """Print the comparison; exit status 1 when the texts differ."""
-    off, on = json.loads(off_file.read_text()), json.loads(on_file.read_text())
-    same = off["text"] == on["text"]
-    print(f"texts identical: {'yes' if same else 'NO'}")
-    print(f"extension off: {off['completion_tokens']} tokens, {off['tokens_per_second']:.2f} tok/s")
-    print(f"extension on : {on['completion_tokens']} tokens, {on['tokens_per_second']:.2f} tok/s")
-    if off["tokens_per_second"] > 0:
-        print(f"speed-up     : {on['tokens_per_second'] / off['tokens_per_second']:.2f}x")
-    if log_on and log_on.is_file():
-        lines = [l.strip() for l in log_on.read_text(errors="replace").splitlines() if "specdec:" in l]
-        print("extension log:" + "".join(f"\n  {l}" for l in lines[-4:]) if lines else "extension log: (no specdec lines!)")
-    if not same:
-        print("--- off ---\n" + off["text"] + "\n--- on ---\n" + on["text"])
-    return 0 if same else 1
+def suite(ports: dict[str, int], max_tokens: int, repeats: int, out: Path) -> None:
+    """Both webuis side by side: their first replies, then every prompt of :data:`SUITE` ``repeats`` times.
+
+    Requests alternate between the webui without (``off``) and with (``on``)
+    the extension, the order flipping each round, so a slow spell of the
+    machine hits both alike. Each prompt keeps its fastest time per side.
+    """
+    results: dict = {"first_reply": {}, "prompts": {}}
+    for side, port in ports.items():
+        first = request(port, SUITE[0][2], max_tokens)
+        results["first_reply"][side] = first
+        print(f"{side}: first reply {first['tokens']} tokens in {first['seconds']:.2f} s")
+    for name, kind, messages in SUITE:
+        entry: dict = {"kind": kind}
+        for round_ in range(repeats):
+            for side in (list(ports) if round_ % 2 == 0 else list(reversed(ports))):
+                r = request(ports[side], messages, max_tokens)
+                seen = entry.setdefault(side, {"text": r["text"], "tokens": r["tokens"], "seconds": [], "same": True})
+                seen["seconds"].append(r["seconds"])
+                seen["same"] &= r["text"] == seen["text"]
+        for side in ports:
+            best = min(entry[side]["seconds"])
+            print(f"{name} {side}: {entry[side]['tokens']} tokens, fastest {best:.2f} s "
+                  f"({entry[side]['tokens'] / best:.2f} tok/s)")
+        results["prompts"][name] = entry
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def table(runs: list[Path], min_free: float) -> int:
+    """Print one table for the runs (one JSON per model); 1 on any difference or free chat below ``min_free``."""
+    failed = False
+    print("| model | prompt | tokens off/on | tok/s off | tok/s on | on/off | identical |")
+    print("|---|---|---|---|---|---|---|")
+    notes = []
+    for run in runs:
+        model = run.stem
+        data = json.loads(run.read_text())
+        free = {"off": [0, 0.0], "on": [0, 0.0]}
+        for name, entry in data["prompts"].items():
+            a, b = entry["off"], entry["on"]
+            same = a["text"] == b["text"] and a["same"] and b["same"]
+            failed |= not same
+            ra, rb = a["tokens"] / min(a["seconds"]), b["tokens"] / min(b["seconds"])
+            print(f"| {model} | {name} | {a['tokens']}/{b['tokens']} | {ra:.2f} | {rb:.2f} | {rb / ra:.2f}x | "
+                  f"{'yes' if same else 'NO'} |")
+            if entry["kind"] == "free":
+                for side, r in (("off", a), ("on", b)):
+                    free[side][0] += r["tokens"]
+                    free[side][1] += min(r["seconds"])
+            if not same:
+                print(f"--- {model} {name} off ---\n{a['text']}\n--- on ---\n{b['text']}", file=sys.stderr)
+        ratio = (free["on"][0] / free["on"][1]) / (free["off"][0] / free["off"][1])
+        first = data["first_reply"]
+        notes.append(f"{model}: first reply {first['off']['seconds']:.1f} s off, {first['on']['seconds']:.1f} s on "
+                     f"({first['on']['tokens']} tokens); free chat on/off {ratio:.2f}x")
+        failed |= ratio < min_free
+    print("\n" + "\n".join(notes))
+    print("result: " + (f"FAIL (a text differs or free chat is below {min_free:.2f}x)" if failed else "pass"))
+    return 1 if failed else 0
 
 
 def main() -> int:
@@ -112,28 +188,30 @@ def main() -> int:
     p = sub.add_parser("prepare-model")
     p.add_argument("name")
     p.add_argument("folder", type=Path)
+    p.add_argument("--fixed", type=Path, help="also write a copy whose tokenizer EOS/pad is --eos-token")
+    p.add_argument("--eos-token", default="<|im_end|>")
     p = sub.add_parser("wait")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log", type=Path)
-    p = sub.add_parser("request")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--out", type=Path)
-    p = sub.add_parser("compare")
-    p.add_argument("off", type=Path)
-    p.add_argument("on", type=Path)
-    p.add_argument("--log-on", type=Path)
+    p = sub.add_parser("suite")
+    p.add_argument("--port-off", type=int, required=True)
+    p.add_argument("--port-on", type=int, required=True)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("table")
+    p.add_argument("runs", type=Path, nargs="+", help="one MODEL.json per model")
+    p.add_argument("--min-free", type=float, default=0.95)
     args = parser.parse_args()
     if args.cmd == "prepare-model":
-        prepare_model(args.name, args.folder)
+        prepare_model(args.name, args.folder, args.fixed, args.eos_token)
     elif args.cmd == "wait":
         wait(args.port, args.timeout, args.log)
-    elif args.cmd == "request":
-        request(args.port, args.prompt, args.max_tokens, args.out)
+    elif args.cmd == "suite":
+        suite({"off": args.port_off, "on": args.port_on}, args.max_tokens, args.repeats, args.out)
     else:
-        return compare(args.off, args.on, args.log_on)
+        return table(args.runs, args.min_free)
     return 0
 
 

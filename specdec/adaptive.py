@@ -102,12 +102,32 @@ class DraftLengthController:
     def record_verify(self, rows: int, seconds: float) -> None:
         self.verify_seconds[rows] = ema(self.verify_seconds.get(rows), seconds, self.decay)
 
+    def pays(self, candidates: int, rows: int) -> bool:
+        """Whether a step verifying a chain of ``candidates`` in a ``rows``-row forward beats a plain step.
+
+        Expected tokens per second of that step (from the acceptance estimate)
+        against one token per one-row forward, both from measured costs. True
+        while the costs are not measured yet, and always in ``deterministic``
+        mode, where timings must not steer the tokens.
+        """
+        if self.deterministic or not self.verify_seconds or candidates < 1:
+            return True
+        alpha = self.acceptance
+        tokens = (1 - alpha ** (candidates + 1)) / (1 - alpha)
+        return tokens / self._verify_cost(rows) > 1.0 / self._verify_cost(1)
+
     def _verify_cost(self, rows: int) -> float:
-        if rows in self.verify_seconds:
-            return self.verify_seconds[rows]
-        # scale the nearest measurement by the prior shape
-        near = min(self.verify_seconds, key=lambda r: abs(r - rows))
-        return self.verify_seconds[near] * _prior_shape(rows) / _prior_shape(near)
+        measured = self.verify_seconds
+        if rows in measured:
+            return measured[rows]
+        below = [r for r in measured if r < rows]
+        above = [r for r in measured if r > rows]
+        if below and above:  # between two measurements: linear
+            lo, hi = max(below), min(above)
+            return measured[lo] + (measured[hi] - measured[lo]) * (rows - lo) / (hi - lo)
+        # outside them: scale the nearest measurement by the prior shape
+        near = min(measured, key=lambda r: abs(r - rows))
+        return measured[near] * _prior_shape(rows) / _prior_shape(near)
 
 
 @dataclass

@@ -24,13 +24,18 @@ PROMPT = "<|user|>abcabcabc abc abc<|assistant|>"
 
 # --------------------------------------------------------------------------- tiny model and tokenizer
 def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer: 256 tokens that each decode to whole characters, then <s>, </s>, chat markers.
+
+    (A byte-level one would let the random tiny models write invalid UTF-8,
+    which the webui's streaming never shows, leaving nothing to compare.)
+    """
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {c: i for i, c in enumerate(chars + [f"\u00a7{i}" for i in range(256 - len(chars))])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
     return fast
@@ -129,15 +134,27 @@ def state(**overrides: Any) -> dict[str, Any]:
 
 def reference(model: Any, tokenizer: Any, prompt: str = PROMPT, max_new_tokens: int = 24, keep: int | None = None,
               suppress: list[int] | None = None) -> str:
-    """What the webui's own greedy generation gives: transformers greedy, stopped at the tokenizer's EOS."""
+    """What the webui's own greedy generation gives: ``generate`` called as the webui calls it.
+
+    Only the tokenizer's EOS and no attention mask (transformers infers one from
+    the model's ``pad_token_id``), then the tokens decoded one by one and
+    joined, as the webui's streaming loop does.
+    """
     ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt)
     if keep is not None:
         ids = ids[-keep:]
     kwargs: dict[str, Any] = {"suppress_tokens": suppress} if suppress else {}
     out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.eos_token_id, **kwargs)[0, len(ids):]
-    new = [int(t) for t in out if int(t) != tokenizer.eos_token_id]
-    return tokenizer.decode(new, skip_special_tokens=True)
+                         eos_token_id=[tokenizer.eos_token_id], **kwargs)[0, len(ids):]
+    text, start, new = "", 0, []
+    for t in out.tolist():
+        if t == tokenizer.eos_token_id:
+            break
+        new.append(t)
+        piece = tokenizer.decode(new[start:], skip_special_tokens=True)
+        if "\ufffd" not in piece:
+            text, start = text + piece, len(new)
+    return text
 
 
 def reply(ext: types.ModuleType, *args: Any, **kwargs: Any) -> list[str]:
@@ -289,29 +306,11 @@ def _first_greedy_token(model: Any, tokenizer: Any) -> int:
         return int(model(torch.tensor([ids])).logits[0, -1].argmax())
 
 
-def test_auto_configure_uses_the_hardware_profiles(ext, webui, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
-    from specdec import profiles
-
-    seen: dict[str, Any] = {}
-
-    def configure(**kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return types.SimpleNamespace(
-            profile="fake-cpu", device=types.SimpleNamespace(backend="cpu"), method="lookahead",
-            num_speculative_tokens=None,
-            lookahead=types.SimpleNamespace(model_dump=lambda: {"window_size": 3, "ngram_size": 3, "guess_size": 2}),
-        )
-
-    monkeypatch.setattr(profiles, "configure", configure)
+def test_auto_configure_uses_specdecs_own_auto(ext, webui, tiny) -> None:
     assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(*tiny)
-    assert ext.last_reply.method == "lookahead" and seen["target_loaded"] is True
-    # a profile that wants a draft model when none is picked gets prompt lookup (nothing is downloaded)
-    assert ext.auto_configuration(has_draft=False)[0] == "lookahead"
-    ext._auto_cache.clear()
-    monkeypatch.setattr(profiles, "configure", lambda **kw: types.SimpleNamespace(
-        profile="p", device=types.SimpleNamespace(backend="cpu"), method="draft", num_speculative_tokens=4, lookahead=None))
-    assert ext.auto_configuration(has_draft=False) == ("prompt_lookup", None, {})
-    assert ext.auto_configuration(has_draft=True) == ("draft", 4, {})
+    assert ext.last_reply.method == "prompt_lookup"
+    assert "auto-configure" in ext.last_reply.markdown() and "decoded plainly" in ext.last_reply.markdown()
+    assert ext.auto_configuration(has_draft=True)[0] == "draft"
 
 
 def test_fallback_after_a_failure_runs_after_the_failed_attempt_is_freed(ext, webui, tiny) -> None:
@@ -349,3 +348,214 @@ def test_a_call_the_adapter_cannot_read_goes_to_the_webui_unchanged(ext, webui) 
     odd_state = UserDict(state())  # a mapping, but not a dict: parse_call takes it for an old-style seed and fails
     assert reply(ext, PROMPT, PROMPT, odd_state, ["x"], is_chat=True)[-1] == "webui reply"
     assert webui.calls[-1][0] == "HF" and webui.calls[-1][1][2] is odd_state and webui.calls[-1][1][3] == ["x"]
+
+
+    ext.params["medusa_heads"] = "/some/heads"
+    assert ext.auto_configuration(has_draft=False)[0] == "medusa"
+
+
+# --------------------------------------------------------------------------- the webui's exact inputs
+def _llama(vocab: int, seed: int, **special: Any) -> Any:
+    """A tiny Llama whose config (and so generation config) carries ``special`` ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _greedy_tokens(model: Any, tokenizer: Any, n: int) -> list[int]:
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _first_logits(model: Any, ids: list[int], eos: list[int], **kwargs: Any) -> torch.Tensor:
+    """Scores of the first token of ``generate`` called with ``eos`` (and ``kwargs``)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, eos_token_id=eos,
+                         return_dict_in_generate=True, output_logits=True, **kwargs)
+    return out.logits[0][0]
+
+
+@pytest.mark.parametrize("case", ["pad_in_prompt", "pad_is_eos", "no_pad"])
+def test_masked_prompt_tokens_follow_transformers(ext, tiny, case: str) -> None:
+    """Which prompts transformers masks when the webui calls ``generate``: checked against ``generate`` itself."""
+    _, tokenizer = tiny
+    a = tokenizer.encode("a")[0]
+    special = {"pad_in_prompt": {"pad_token_id": a, "eos_token_id": 257}, "pad_is_eos": {"pad_token_id": a, "eos_token_id": a},
+               "no_pad": {"eos_token_id": a}}[case]
+    model = _llama(len(tokenizer), 0, **special)
+    if case == "no_pad":
+        model.generation_config.pad_token_id = None
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
+    eos = [a] if case != "pad_in_prompt" else [257]
+    hidden = ext.masked_prompt_tokens(ids, model, eos)
+    inferred = _first_logits(model, ids, eos)
+    unmasked = _first_logits(model, ids, eos, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    if case == "pad_in_prompt":
+        assert hidden == ids.count(a) > 0
+        assert not torch.allclose(inferred, unmasked), "transformers masked the pad tokens"
+    else:
+        assert hidden == 0
+        assert torch.equal(inferred, unmasked)
+
+
+def test_tokenizer_eos_other_than_the_configs_stops_where_the_webui_stops(ext, webui) -> None:
+    """The webui stops at the tokenizer's EOS only (here a token the model writes mid-reply), not the config's."""
+    tokenizer = _tokenizer()
+    model = _llama(len(tokenizer), 3, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    stop_at = _greedy_tokens(model, tokenizer, 12)[6]
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop_at)
+    webui.shared.model, webui.shared.tokenizer = model, tokenizer
+    expected = reference(model, tokenizer)
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == expected
+    assert ext.last_reply.method == "prompt_lookup" and ext.last_reply.finish_reason == "eos"
+    assert webui.calls == []
+
+
+def test_a_prompt_that_transformers_would_mask_goes_to_the_webui(ext, webui, caplog) -> None:
+    """The issue's case: tokenizer EOS <|im_start|>-like, config pad = the <|im_end|>-like token inside the prompt."""
+    tokenizer = _tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=im_end, pad_token_id=im_end)
+    webui.shared.model, webui.shared.tokenizer = model, tokenizer
+    with caplog.at_level(logging.WARNING, logger="webui-stub"):
+        assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+        assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    assert [c[0] for c in webui.calls] == ["HF", "HF"]
+    assert "pad_token_id" in ext.last_reply.note
+    assert sum("pad_token_id" in r.message for r in caplog.records) == 1, "one logged reason"
+    # a prompt without that token is generated by specdec, and equals the webui's own text
+    plain = "<|user|>abcabcabc abc abc"
+    assert reply(ext, plain, plain, state(), None, is_chat=True)[-1] == reference(model, tokenizer, prompt=plain)
+    assert ext.last_reply.method == "prompt_lookup"
+
+
+@pytest.mark.parametrize("case", ["pad_is_eos", "no_pad"])
+def test_eos_inside_the_prompt_without_masking(ext, webui, case: str) -> None:
+    """pad == EOS, or no pad at all (transformers then pads with EOS): nothing is masked and specdec generates."""
+    tokenizer = _tokenizer()
+    model = _llama(len(tokenizer), 1, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    if case == "no_pad":
+        model.generation_config.pad_token_id = None
+    webui.shared.model, webui.shared.tokenizer = model, tokenizer
+    prompt = "<|user|>abc</s>abcabc abc abc<|assistant|>"
+    assert 257 in tokenizer.encode(prompt)
+    assert reply(ext, prompt, prompt, state(), None, is_chat=True)[-1] == reference(model, tokenizer, prompt=prompt)
+    assert ext.last_reply.method == "prompt_lookup" and webui.calls == []
+
+
+def test_truncation_to_zero_keeps_the_whole_prompt_as_the_webui_does(ext, tiny) -> None:
+    """The webui keeps ``ids[-(truncation_length - max_new_tokens):]``; Python's ``ids[-0:]`` is every token."""
+    _, tokenizer = tiny
+    whole = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
+    assert ext._encode(PROMPT, state(truncation_length=24, max_new_tokens=24), tokenizer) == whole
+    assert ext._encode(PROMPT, state(truncation_length=34, max_new_tokens=24), tokenizer) == whole[-10:]
+
+
+def test_a_reply_past_the_context_goes_to_the_webui(ext, webui) -> None:
+    assert reply(ext, PROMPT, PROMPT, state(max_new_tokens=400, truncation_length=1000), None, is_chat=True)[-1] == "webui reply"
+    assert "context" in ext.last_reply.note
+
+
+def test_generation_config_processors_go_to_the_webui(ext, webui) -> None:
+    tokenizer = _tokenizer()
+    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model.generation_config.min_new_tokens = 5
+    webui.shared.model, webui.shared.tokenizer = model, tokenizer
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    assert "min_new_tokens" in ext.last_reply.note
+
+
+def test_the_models_own_suppress_tokens_apply_unless_the_webui_bans_tokens(ext, webui) -> None:
+    tokenizer = _tokenizer()
+    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    first = _greedy_tokens(model, tokenizer, 1)[0]
+    model.generation_config.suppress_tokens = [first]
+    webui.shared.model, webui.shared.tokenizer = model, tokenizer
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(model, tokenizer)
+    banned = state(custom_token_bans="65")
+    out = model.generate(torch.tensor([[256] + tokenizer.encode(PROMPT)]), max_new_tokens=24, do_sample=False,
+                         eos_token_id=[257], suppress_tokens=[65])[0, 1 + len(tokenizer.encode(PROMPT)):]
+    assert reply(ext, PROMPT, PROMPT, banned, None, is_chat=True)[-1] == tokenizer.decode(
+        [t for t in out.tolist() if t != 257], skip_special_tokens=True)
+
+
+def test_not_streaming_decodes_the_whole_output_once(ext, tiny) -> None:
+    chunks = reply(ext, PROMPT, PROMPT, state(stream=False), None, is_chat=True)
+    assert chunks == [reference(*tiny)]
+
+
+@pytest.mark.parametrize(("settings", "ok"), [
+    ({}, True),
+    ({"sampler_priority": ["top_p", "temperature", "top_k"]}, False),
+    ({"sampler_priority": "top_k\ntemperature\ntop_p"}, True),  # temperature and top-k commute
+    ({"temperature_last": True}, False),  # temperature after top-p
+    ({"temperature_last": True, "top_p": 1.0}, True),
+    ({"sampler_priority": ["temperature", "top_k"]}, False),  # unlisted top_p sorts first
+    ({"repetition_penalty": 1.2, "sampler_priority": ["top_k", "repetition_penalty", "temperature", "top_p"]}, False),
+])
+def test_sampler_order_follows_the_webuis_priority(ext, settings: dict[str, Any], ok: bool) -> None:
+    sampling = state(**{"do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9, **settings})
+    problems = [p for p in ext.unsupported_settings(sampling, 100) if "sampler_priority" in p]
+    assert (problems == []) is ok, problems
+
+
+# --------------------------------------------------------------------------- costly state kept
+def test_one_generator_is_kept_across_replies_and_released(ext, webui, tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    first = ext._generator.generator
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert first is not None and ext._generator.generator is first, "kept across replies"
+    # the draft's learnt costs live in the kept generator too
+    folder = Path(webui.shared.args.model_dir) / "tiny-draft"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ext.params["draft_model"] = "tiny-draft"
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    with_draft = ext._generator.generator
+    assert with_draft is not first and with_draft.method == "draft"
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert ext._generator.generator is with_draft
+    ext.params["draft_model"] = "None"
+    ext.release_stale()
+    assert ext._generator.generator is None and ext._draft.model is None, "draft set to None releases it"
+    # another model loaded by the webui (same class, maybe the same address later): a new generator
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    webui.shared.model = _model(len(tokenizer), 5)
+    ext.release_stale()
+    assert ext._generator.target is None
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert ext._generator.target is webui.shared.model
+    # unloaded, then specdec off
+    webui.shared.model = None
+    ext.release_stale()
+    assert ext._generator.generator is None
+    webui.shared.model = model
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    ext.params["enabled"] = False
+    ext.release_stale()
+    assert ext._generator.generator is None
+
+
+def test_a_changed_setting_builds_a_new_generator(ext, webui) -> None:
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    auto = ext._generator.generator
+    ext.params.update(auto_configure=False, method="lookahead")
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert ext._generator.generator is not auto and ext._generator.generator.method == "lookahead"
+    assert ext.last_reply.method == "lookahead"
+
+
+# --------------------------------------------------------------------------- the panel
+def test_the_panel_says_which_method_is_used_and_why(ext) -> None:
+    assert "prompt_lookup" in ext.method_in_use() and "auto-configure" in ext.method_in_use()
+    assert "ignored" in ext.method_label()
+    ext.params["draft_model"] = "tiny-draft"
+    assert "`draft`" in ext.method_in_use()
+    ext.params.update(auto_configure=False, method="lookahead")
+    assert ext.method_in_use() == "**In use:** `lookahead`, chosen by hand." and ext.method_label() == "Method"
+    ext.params["enabled"] = False
+    assert "webui's own generation" in ext.method_in_use()

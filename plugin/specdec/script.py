@@ -82,7 +82,6 @@ _SAMPLING_NEUTRAL: dict[str, Any] = {
     "dynamic_temperature": False,
     "mirostat_mode": 0,
     "adaptive_target": 0,
-    "temperature_last": False,
 }
 
 
@@ -99,6 +98,7 @@ class LastReply:
     seconds: float = 0.0
     finish_reason: str = ""
     note: str = ""  # why the webui's own generation was used, if it was
+    choice: str = ""  # the method specdec used and why
 
     def markdown(self) -> str:
         """The stats as a short Markdown block."""
@@ -111,6 +111,7 @@ class LastReply:
             f"**{self.tokens_per_second:.2f} tok/s** · method `{self.method}` · "
             f"mean accepted length {self.mean_accepted_length:.2f} (incl. the bonus token) · "
             f"acceptance rate {self.acceptance_rate:.0%}" + (f" · {self.note}" if self.note else "")
+            + (f"\n\n{self.choice}" if self.choice else "")
         )
 
 
@@ -124,9 +125,30 @@ class _DraftCache:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _GeneratorCache:
+    """One generator for the loaded model, kept across replies with what it learnt and built.
+
+    The int8 draft copy, the vocabulary check, the learnt costs and Medusa
+    heads live in the generator. ``target`` and ``tokenizer`` are held
+    (strongly) while cached, so comparing them with ``is`` against the webui's
+    ``shared.model`` is sound: an object cannot be replaced by another at the
+    same address while it is referenced here. :func:`release_stale` lets go
+    as soon as the webui loads another model or unloads it, specdec is
+    switched off or the draft is set to None.
+    """
+
+    target: Any = None
+    tokenizer: Any = None
+    key: tuple[Any, ...] = ()
+    generator: Any = None
+    choice: str = ""  # the method in use and why, for the panel
+
+
 last_reply = LastReply()
 _draft = _DraftCache()
-_medusa: dict[tuple[int, str], Any] = {}
+_generator = _GeneratorCache()
+_cache_lock = threading.RLock()
 _noted: set[str] = set()
 
 
@@ -178,8 +200,15 @@ def normalise_params() -> None:
 
 
 def setup() -> None:
-    """Called by the webui once the extension is imported."""
+    """Called by the webui once the extension is imported: read settings, start the release watcher."""
     apply_overrides(getattr(shared, "settings", {}) or {})
+    global _watcher
+    if _watcher is None:
+        _watcher = threading.Thread(target=_watch, name="specdec-release", daemon=True)
+        _watcher.start()
+
+
+_watcher: threading.Thread | None = None
 
 
 # --------------------------------------------------------------------------- the webui's models folder
@@ -224,14 +253,44 @@ def _load_draft(name: str, target: Any) -> tuple[Any, Any]:
 
 
 def _load_medusa(folder: str, target: Any) -> Any:
-    """Medusa heads trained for ``target`` (cached per target and folder)."""
-    key = (id(target), folder)
-    if key not in _medusa:
-        from specdec.medusa import MedusaHeads
+    """Medusa heads trained for ``target`` (loaded with each new generator, which then keeps them)."""
+    from specdec.medusa import MedusaHeads
 
-        _medusa.clear()
-        _medusa[key] = MedusaHeads.from_pretrained(folder, target)
-    return _medusa[key]
+    return MedusaHeads.from_pretrained(folder, target)
+
+
+def release(what: str = "all") -> None:
+    """Let go of the cached generator (``"generator"``) or of it and the draft model (``"all"``)."""
+    with _cache_lock:
+        dropped = _generator.generator is not None or (what == "all" and _draft.model is not None)
+        _generator.target = _generator.tokenizer = _generator.generator = None
+        _generator.key, _generator.choice = (), ""
+        if what == "all":
+            with _draft.lock:
+                _draft.key = _draft.model = _draft.tokenizer = None
+    if dropped:
+        import gc
+
+        gc.collect()
+
+
+def release_stale() -> None:
+    """Release what no longer fits: another or no model loaded, specdec off, or no draft picked."""
+    model = getattr(shared, "model", None)
+    other_model = _generator.target is not None and _generator.target is not model
+    unused_draft = params["draft_model"] == NO_DRAFT and _draft.model is not None
+    if not params["enabled"] or other_model or unused_draft:
+        release("all")
+
+
+def _watch(interval: float = 2.0) -> None:
+    """Release stale state every ``interval`` seconds (the webui has no hook for unloading a model)."""
+    while True:
+        time.sleep(interval)
+        try:
+            release_stale()
+        except Exception:  # noqa: BLE001 - the watcher must not die
+            logger.exception("specdec: releasing cached state failed")
 
 
 # --------------------------------------------------------------------------- reading the webui's state
@@ -292,6 +351,46 @@ def is_greedy(state: dict[str, Any]) -> bool:
     return not state.get("do_sample", True) or float(state.get("temperature", 1.0)) == 0.0
 
 
+# transformers' processors and warpers in the webui's order (its default ``sampler_priority``), named as the
+# webui names them; specdec applies the active ones in this order too (:func:`specdec.sampling.process_logits`)
+_SPECDEC_ORDER = ("repetition_penalty", "temperature", "top_k", "top_p")
+# pairs of them whose order changes the result (a penalty or a temperature commutes with the others listed here)
+_ORDER_MATTERS = (("repetition_penalty", "top_k"), ("repetition_penalty", "top_p"), ("temperature", "top_p"),
+                  ("top_k", "top_p"))
+
+
+def sampler_order(state: dict[str, Any]) -> list[str]:
+    """The active samplers of :data:`_SPECDEC_ORDER` in the order the webui's sampler hook applies them.
+
+    The webui sorts its processors by ``sampler_priority`` (a name it does not
+    list sorts first), after moving ``temperature`` last when
+    ``temperature_last`` is set.
+    """
+    priority = state.get("sampler_priority")
+    if isinstance(priority, str):
+        priority = [p.strip() for p in priority.replace("\n", ",").split(",") if p.strip()]
+    priority = list(priority) if isinstance(priority, (list, tuple)) and priority else list(_DEFAULT_PRIORITY)
+    if state.get("temperature_last"):
+        for name in ("temperature", "dynamic_temperature", "quadratic_sampling"):
+            if name in priority:
+                priority.remove(name)
+            priority.append(name)
+    active = {
+        "repetition_penalty": float(state.get("repetition_penalty", 1.0) or 1.0) != 1.0,
+        "temperature": not is_greedy(state) and float(state.get("temperature", 1.0)) != 1.0,
+        "top_k": not is_greedy(state) and int(state.get("top_k", 0) or 0) > 0,
+        "top_p": not is_greedy(state) and float(state.get("top_p", 1.0) or 1.0) < 1.0,
+    }
+    names = [n for n in _SPECDEC_ORDER if active[n]]
+    return sorted(names, key=lambda n: priority.index(n) if n in priority else -1)
+
+
+_DEFAULT_PRIORITY = ("repetition_penalty", "presence_penalty", "frequency_penalty", "dry", "temperature",
+                     "dynamic_temperature", "quadratic_sampling", "top_n_sigma", "top_k", "top_p", "typical_p",
+                     "epsilon_cutoff", "eta_cutoff", "tfs", "top_a", "min_p", "adaptive_p", "mirostat", "xtc",
+                     "encoder_repetition_penalty", "no_repeat_ngram")
+
+
 def unsupported_settings(state: dict[str, Any], total_tokens: int) -> list[str]:
     """Settings of ``state`` that specdec cannot reproduce exactly (empty when it can).
 
@@ -308,19 +407,61 @@ def unsupported_settings(state: dict[str, Any], total_tokens: int) -> list[str]:
         found.append(f"repetition_penalty_range={penalty_range} (shorter than the context)")
     if not is_greedy(state):
         found += [f"{k}={state[k]!r}" for k, neutral in _SAMPLING_NEUTRAL.items() if k in state and state[k] != neutral]
-        priority = state.get("sampler_priority")
-        if isinstance(priority, str):
-            priority = [p.strip() for p in priority.replace("\n", ",").split(",") if p.strip()]
-        if (
-            isinstance(priority, list)
-            and "temperature" in priority
-            and "top_p" in priority
-            and priority.index("top_p") < priority.index("temperature")
-            and float(state.get("top_p", 1.0)) < 1.0
-            and float(state.get("temperature", 1.0)) != 1.0
-        ):
-            found.append("sampler_priority with top_p before temperature")
+    order = sampler_order(state)
+    if any(a in order and b in order and order.index(a) > order.index(b) for a, b in _ORDER_MATTERS):
+        found.append(f"sampler_priority applying {' -> '.join(order)}")
     return found
+
+
+# fields of a model's generation config that add logits processors the webui does not override
+_GENERATION_CONFIG_NEUTRAL: dict[str, Any] = {
+    "min_length": 0,
+    "min_new_tokens": None,
+    "begin_suppress_tokens": None,
+    "bad_words_ids": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+}
+
+
+def generation_config_problems(model: Any) -> list[str]:
+    """Fields of ``model.generation_config`` whose processors transformers would add and specdec cannot apply."""
+    config = getattr(model, "generation_config", None)
+    found = []
+    for name, neutral in _GENERATION_CONFIG_NEUTRAL.items():
+        value = getattr(config, name, neutral)
+        if value not in (neutral, None, 0, False, [], ()):
+            found.append(f"the model's generation_config.{name}={value!r}")
+    return found
+
+
+def webui_eos_ids(tokenizer: Any) -> list[int]:
+    """The EOS ids the webui passes to ``generate``: the tokenizer's EOS alone (not the model config's)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [int(eos)] if eos is not None else []
+
+
+def masked_prompt_tokens(prompt_ids: list[int], model: Any, eos_ids: list[int]) -> int:
+    """How many prompt tokens transformers' ``generate`` would hide when the webui calls it.
+
+    The webui passes no attention mask, so transformers infers one: when the
+    generation config's ``pad_token_id`` (else the first EOS id) occurs in the
+    prompt and is not one of the EOS ids, every token equal to it is masked out
+    (and the positions after it shift). specdec's engine attends to the whole
+    prompt, so such a reply is left to the webui.
+    """
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    if pad is None:
+        return 0  # transformers then pads with eos_ids[0]: pad == EOS, nothing is inferred
+    pad = int(pad)
+    if pad in eos_ids:
+        return 0
+    return sum(1 for t in prompt_ids if t == pad)
 
 
 def _hooking_extensions() -> list[str]:
@@ -336,22 +477,28 @@ def _hooking_extensions() -> list[str]:
     return names
 
 
-def _token_bans(state: dict[str, Any], tokenizer: Any) -> list[int]:
-    """EOS when ``ban_eos_token``, plus ``custom_token_bans`` (comma-separated ids)."""
+def _token_bans(state: dict[str, Any], tokenizer: Any, model: Any = None) -> list[int]:
+    """What ``generate`` suppresses for the webui: EOS when ``ban_eos_token``, plus ``custom_token_bans``.
+
+    The webui passes these as ``suppress_tokens``, which replaces the model's
+    own ``generation_config.suppress_tokens``; when it passes none, the model's apply.
+    """
     bans: list[int] = []
     if state.get("ban_eos_token") and getattr(tokenizer, "eos_token_id", None) is not None:
         bans.append(int(tokenizer.eos_token_id))
     custom = state.get("custom_token_bans") or ""
     bans += [int(x) for x in str(custom).split(",") if x.strip()]
+    if not bans and model is not None:
+        bans = [int(t) for t in (getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or [])]
     return bans
 
 
 def _encode(question: str, state: dict[str, Any], tokenizer: Any) -> list[int]:
-    """Token ids of the prompt, tokenized as the webui does and cut from the left to fit.
+    """Token ids of the prompt, tokenized and cut from the left as the webui does.
 
-    The prompt keeps at most ``truncation_length - max_new_tokens`` tokens.
-    Uses the webui's own ``encode`` when it has one, so the tokens are the
-    same as with the extension off.
+    The webui keeps the last ``truncation_length - max_new_tokens`` tokens
+    (Python's ``ids[-n:]``, so 0 keeps all of them); its own ``encode`` is
+    used when there is one, so the tokens are those of the extension off.
     """
     max_prompt = int(state.get("truncation_length", 0) or 0) - int(state.get("max_new_tokens", 0) or 0)
     add_bos = bool(state.get("add_bos_token", True))
@@ -360,7 +507,7 @@ def _encode(question: str, state: dict[str, Any], tokenizer: Any) -> list[int]:
     except ImportError:
         webui_encode = None
     if webui_encode is not None:
-        ids = webui_encode(question, add_bos_token=add_bos, truncation_length=max_prompt if max_prompt > 0 else None)
+        ids = webui_encode(question, add_bos_token=add_bos, truncation_length=max_prompt)
         return [int(t) for t in ids[0]]
     ids = list(tokenizer.encode(str(question), add_special_tokens=True))
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -369,7 +516,7 @@ def _encode(question: str, state: dict[str, Any], tokenizer: Any) -> list[int]:
             ids.insert(0, bos)
         while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids.pop(0)
-    return ids[-max_prompt:] if max_prompt > 0 else ids
+    return ids[-max_prompt:]
 
 
 def _decode(ids: list[int], state: dict[str, Any], tokenizer: Any) -> str:
@@ -381,6 +528,31 @@ def _decode(ids: list[int], state: dict[str, Any], tokenizer: Any) -> str:
     if get_reply_from_output_ids is not None:
         return get_reply_from_output_ids(ids, state, starting_from=0)
     return tokenizer.decode(ids, skip_special_tokens=bool(state.get("skip_special_tokens", True)))
+
+
+class ReplyText:
+    """The reply text built the way the webui's streaming loop builds it.
+
+    The webui decodes, after each token, the tokens since the text it last
+    kept and appends that piece, skipping a piece that holds an incomplete
+    character until a later token completes it. Pieces decoded one by one can
+    differ from the whole reply decoded at once, so this follows the same steps.
+    """
+
+    def __init__(self, state: dict[str, Any], tokenizer: Any) -> None:
+        self.state, self.tokenizer = state, tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._start = 0
+
+    def add(self, token: int) -> None:
+        """One generated token (not an EOS)."""
+        self.ids.append(int(token))
+        piece = _decode(self.ids[self._start :], self.state, self.tokenizer)
+        if "\ufffd" in piece:
+            return
+        self.text += piece
+        self._start = len(self.ids)
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -428,74 +600,61 @@ def _fallback(request: Request, key: str, reason: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- generation
-_auto_cache: dict[tuple[str, bool, bool], tuple[str, int | None, dict[str, Any]]] = {}
+def auto_configuration(has_draft: bool) -> tuple[str, str]:
+    """The method auto-configure uses, and why (one line for the panel).
 
-
-def auto_configuration(has_draft: bool) -> tuple[str, int | None, dict[str, Any]]:
-    """Method, draft length and options chosen by specdec's hardware profiles for the loaded model.
-
-    Uses :func:`specdec.profiles.configure` (device detection, profile
-    matching) once per model and draft choice. A draft picked in the panel
-    means method ``draft``; a profile that wants a draft when none is picked
-    gets prompt lookup instead (the extension never downloads models).
-    Without profiles, or when they fail: draft with a draft, else prompt lookup.
+    specdec's own ``auto``: the draft picked in the panel, else the Medusa
+    heads given, else prompt lookup. Each sizes its candidates per step from
+    the costs it measures on this machine and proposes nothing when no
+    candidate pays, so a reply that gains nothing from speculation is decoded
+    plainly after a few steps instead of paying for rows it does not use.
     """
-    medusa = bool(params["medusa_heads"])
-    key = (str(getattr(shared, "model_name", "")), has_draft, medusa)
-    if key not in _auto_cache:
-        method, k, options = ("draft" if has_draft else "prompt_lookup"), None, {}
-        try:
-            from specdec import profiles
+    if has_draft:
+        return "draft", f"a draft model ({params['draft_model']}) is picked; candidates per step follow its measured cost"
+    if params["medusa_heads"]:
+        return "medusa", "Medusa heads are given; trees are sized by the measured cost of rows"
+    return "prompt_lookup", ("no draft model or Medusa heads are picked; context copies are verified while their "
+                             "measured cost pays, else the reply is decoded plainly")
 
-            target_ref = models_dir() / key[0]
-            config = profiles.configure(target=str(target_ref) if target_ref.exists() else None,
-                                        target_loaded=True, has_medusa_heads=medusa)
-            method = "draft" if has_draft else config.method
-            if method == "draft" and not has_draft:
-                method = "prompt_lookup"
-            if method == "medusa" and not medusa:
-                method = "prompt_lookup"
-            k = config.num_speculative_tokens if method == "draft" else None
-            if method == "lookahead":
-                options = dict(config.lookahead.model_dump())
-            logger.info(f"specdec: profile {config.profile} on {config.device.backend}: method {method}"
-                        + (f", {k} speculative tokens" if k else ""))
-        except ImportError:
-            pass
-        except Exception as e:  # noqa: BLE001 - auto-configuration is best effort
-            _note_once(f"profile:{type(e).__name__}", f"auto-configuration failed ({e}); using {method}")
-        _auto_cache[key] = (method, k, options)
-    method, k, options = _auto_cache[key]
-    return method, k, dict(options)
+
+def _settings(has_draft: bool) -> tuple[str, int | None, dict[str, Any], str]:
+    """Method, draft length, method options and the panel's line for the current params."""
+    k = params["num_speculative_tokens"] or None
+    if params["auto_configure"]:
+        method, why = auto_configuration(has_draft)
+        return method, None, {}, f"auto-configure: `{method}` ({why})"
+    method, options = params["method"], {}
+    if method == "lookahead":
+        options = dict(window_size=params["window_size"], ngram_size=params["ngram_size"], guess_size=params["guess_size"])
+    return method, k, options, f"manual: `{method}`"
 
 
 def build_generator(target: Any, tokenizer: Any) -> Any:
-    """A :class:`specdec.SpeculativeGenerator` for the current params (cheap; models are cached)."""
+    """The :class:`specdec.SpeculativeGenerator` for the current params, reused while they and the model stay.
+
+    Built again when the webui loads another model or a setting that shapes
+    the generator changes; the draft model is loaded once per name.
+    """
     from specdec import SpeculativeGenerator
 
     uses_draft = params["auto_configure"] or params["method"] == "draft"
-    draft, draft_tokenizer = _load_draft(params["draft_model"], target) if uses_draft else (None, None)
-    options: dict[str, Any] = {}
-    k = params["num_speculative_tokens"] or None
-    if params["auto_configure"]:
-        method, k, options = auto_configuration(draft is not None)
+    with _cache_lock:
+        draft, draft_tokenizer = _load_draft(params["draft_model"], target) if uses_draft else (None, None)
+        method, k, options, choice = _settings(draft is not None)
+        key = (method, k, tuple(sorted(options.items())), params["draft_model"] if draft is not None else None,
+               params["medusa_heads"] if method == "medusa" else None)
+        if _generator.generator is not None and _generator.target is target and _generator.tokenizer is tokenizer \
+                and _generator.key == key:
+            return _generator.generator
+        release("generator")
         if method == "medusa":
-            options["medusa_heads"] = _load_medusa(params["medusa_heads"], target)
-    else:
-        method = params["method"]
-        if method == "lookahead":
-            options.update(window_size=params["window_size"], ngram_size=params["ngram_size"], guess_size=params["guess_size"])
-        elif method == "medusa":
             options["medusa_heads"] = _load_medusa(params["medusa_heads"], target) if params["medusa_heads"] else None
-    return SpeculativeGenerator(
-        target,
-        tokenizer,
-        method=method,
-        draft=draft,
-        num_speculative_tokens=k,
-        draft_tokenizer=draft_tokenizer,
-        **options,
-    )
+        logger.info(f"specdec: building the generator, {choice}")
+        generator = SpeculativeGenerator(target, tokenizer, method=method, draft=draft if method == "draft" else None,
+                                         num_speculative_tokens=k, draft_tokenizer=draft_tokenizer, **options)
+        _generator.target, _generator.tokenizer, _generator.key = target, tokenizer, key
+        _generator.generator, _generator.choice = generator, choice
+        return generator
 
 
 def custom_generate_reply(question: str, original_question: str, *args: Any, **kwargs: Any) -> Iterator[str]:
@@ -514,6 +673,7 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
     if request is None:
         yield from _webui_unparsed(question, original_question, args, kwargs)
         return
+    release_stale()
     if not params["enabled"]:
         last_reply.method, last_reply.note = "webui", "specdec is switched off in its panel."
         yield from webui_generate(request)
@@ -576,21 +736,22 @@ class _Unsupported(Exception):
 
 
 def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator[str]:
+    """The reply by speculative decoding, built from the same inputs the webui gives transformers."""
     state = request.state
     prompt_ids = _encode(request.question, state, tokenizer)
-    generator = build_generator(model, tokenizer)
     max_new = int(state.get("max_new_tokens", 512))
     if state.get("auto_max_new_tokens"):
         max_new = int(state.get("truncation_length", 0) or 0) - len(prompt_ids)
-    max_new = min(max_new, generator.context_length - len(prompt_ids))
-    if max_new < 1:
-        from specdec.errors import ContextLengthError
-
-        raise ContextLengthError(
-            f"the prompt ({len(prompt_ids)} tokens) leaves no room in the model's context ({generator.context_length})",
-            "lower truncation_length or max_new_tokens",
-        )
-    problems = unsupported_settings(state, len(prompt_ids) + max_new)
+    eos = webui_eos_ids(tokenizer)
+    problems = unsupported_settings(state, len(prompt_ids) + max_new) + generation_config_problems(model)
+    hidden = masked_prompt_tokens(prompt_ids, model, eos)
+    if hidden:
+        problems.append(f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers "
+                        f"masks out when the webui passes EOS {eos} and no attention mask")
+    generator = build_generator(model, tokenizer)
+    if max_new < 1 or len(prompt_ids) + max_new > generator.context_length:
+        problems.append(f"a reply past the model's context ({len(prompt_ids)} prompt tokens + max_new_tokens "
+                        f"{max_new} > {generator.context_length})")
     if problems:
         raise _Unsupported(", ".join(problems))
 
@@ -599,9 +760,9 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     if seed == -1:
         seed = random.randint(1, 2**31)
     stops = stop_strings(request)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    reply_ids: list[int] = []
-    text = ""
+    streaming = bool(state.get("stream", True))
+    reply = ReplyText(state, tokenizer)
+    every_id: list[int] = []  # the EOS too: the webui decodes it when not streaming
     last_reply.note = ""
     if not request.is_chat:
         yield ""
@@ -613,33 +774,37 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
         top_p=1.0 if greedy else float(state.get("top_p", 1.0) or 1.0),
         repetition_penalty=float(state.get("repetition_penalty", 1.0) or 1.0),
         seed=seed,
-        stop=stops or None,
-        eos_token_id=[int(eos)] if eos is not None else [],
-        suppress_tokens=_token_bans(state, tokenizer),
+        eos_token_id=eos,
+        suppress_tokens=_token_bans(state, tokenizer, model),
     )
     event = None
+    finish = ""
     try:
         for event in stream:
-            new = [t for t in event.token_ids if t != eos]
-            reply_ids.extend(new)
-            if new:
-                candidate, hit = _cut_at_stop(_decode(reply_ids, state, tokenizer), stops)
-                if not candidate.endswith("\ufffd") or event.done or hit:
-                    text = candidate
-                    yield text
-                if hit:
-                    break
+            every_id.extend(event.token_ids)
+            for t in event.token_ids:
+                if t not in eos:
+                    reply.add(t)
+            text = reply.text if streaming else _decode(every_id, state, tokenizer)
+            text, hit = _cut_at_stop(text, stops)
+            if hit:
+                finish = "stop"
+            if streaming or hit or event.done:
+                yield text
+            if hit:
+                break
             if _should_stop(state):
                 break
     finally:
         stream.close()
         if event is not None:
-            _record(event.stats, event.finish_reason or "stopped", len(prompt_ids), seed)
+            _record(event.stats, finish or event.finish_reason or "stopped", len(prompt_ids), seed)
 
 
 def _record(stats: Any, finish: str, context: int, seed: int) -> None:
     """Keep the stats of the reply for the panel and log them like the webui does."""
     last_reply.method = stats.method
+    last_reply.choice = _generator.choice
     last_reply.tokens_per_second = stats.tokens_per_second
     last_reply.mean_accepted_length = stats.mean_accepted_length
     last_reply.acceptance_rate = stats.acceptance_rate
@@ -655,13 +820,14 @@ def _record(stats: Any, finish: str, context: int, seed: int) -> None:
 
 # --------------------------------------------------------------------------- the panel
 def ui() -> None:
-    """The extension's panel: settings, a draft-model picker and the stats of the last reply."""
+    """The extension's panel: settings, a draft-model picker, the method in use and the stats of the last reply."""
     import gradio as gr
 
     def setter(name: str) -> Callable[[Any], None]:
         def update(value: Any) -> None:
             params[name] = value
             normalise_params()
+            release_stale()
 
         return update
 
@@ -674,8 +840,11 @@ def ui() -> None:
             enabled = gr.Checkbox(value=params["enabled"], label="Enable specdec")
             auto = gr.Checkbox(value=params["auto_configure"], label="Auto-configure (pick the method and draft length)")
         with gr.Row():
-            method = gr.Dropdown(choices=list(METHOD_CHOICES), value=params["method"], label="Method (when not auto-configured)")
-            k = gr.Slider(0, 16, step=1, value=params["num_speculative_tokens"], label="Speculative tokens per step (0 = adaptive)")
+            method = gr.Dropdown(choices=list(METHOD_CHOICES), value=params["method"], label=method_label(),
+                                 interactive=not params["auto_configure"])
+            k = gr.Slider(0, 16, step=1, value=params["num_speculative_tokens"], label="Speculative tokens per step (0 = adaptive)",
+                          interactive=not params["auto_configure"])
+        in_use = gr.Markdown(method_in_use)
         with gr.Row():
             draft = gr.Dropdown(choices=list_draft_models(), value=params["draft_model"], label="Draft model (from the models folder; same tokenizer as the loaded model)")
             refresh = gr.Button("Refresh list", elem_classes="refresh-button", scale=0, min_width=120)
@@ -694,6 +863,26 @@ def ui() -> None:
         (draft, "draft_model"), (window, "window_size"), (ngram, "ngram_size"), (guess, "guess_size"),
         (medusa, "medusa_heads"),
     ):
-        control.change(setter(name), control, None)
+        control.change(setter(name), control, None).then(method_in_use, None, in_use)
+    auto.change(lambda on: (gr.update(interactive=not on, label=method_label()), gr.update(interactive=not on)),
+                auto, [method, k])
     refresh.click(lambda: gr.update(choices=list_draft_models()), None, draft)
-    show.click(last_reply.markdown, None, stats)
+    show.click(lambda: (last_reply.markdown(), method_in_use()), None, [stats, in_use])
+
+
+def method_label() -> str:
+    """The manual method selector's label: it says when auto-configure overrides it."""
+    if params["auto_configure"]:
+        return "Method (ignored while auto-configure is on)"
+    return "Method"
+
+
+def method_in_use() -> str:
+    """One line for the panel: the method the next reply uses and why."""
+    if not params["enabled"]:
+        return "**In use:** the webui's own generation (specdec is off)."
+    if params["auto_configure"]:
+        has_draft = params["draft_model"] != NO_DRAFT
+        method, why = auto_configuration(has_draft)
+        return f"**In use:** `{method}`, chosen by auto-configure: {why}."
+    return f"**In use:** `{params['method']}`, chosen by hand."

@@ -1,0 +1,55 @@
+"""The cost rule that lets ``auto`` (prompt lookup) decode plainly when copies do not pay."""
+from __future__ import annotations
+
+import torch
+
+from specdec.adaptive import DraftLengthController
+from specdec.proposers.base import DecodeState
+from specdec.proposers.prompt_lookup import PromptLookupConfig, PromptLookupProposer
+from specdec.sampling import SamplingConfig
+
+
+def _measured(acceptance: tuple[float, float], costs: dict[int, float]) -> DraftLengthController:
+    """A controller with the given (accepted, rejected) counts and measured seconds per row count."""
+    c = DraftLengthController(draft_seconds=0.0, static_draft_cost=0.0)
+    c.alpha_accepted, c.alpha_rejected = acceptance
+    for rows, seconds in costs.items():
+        c.record_verify(rows, seconds)
+    return c
+
+
+def test_measured_costs_interpolate_between_row_counts() -> None:
+    c = _measured((3.0, 1.0), {1: 0.10, 9: 0.30})
+    assert abs(c._verify_cost(5) - 0.20) < 1e-9
+    assert c._verify_cost(9) == 0.30
+    assert c._verify_cost(17) > 0.30  # beyond the widest measurement: scaled by the prior shape
+
+
+def test_a_chain_pays_only_when_its_expected_tokens_beat_its_measured_cost() -> None:
+    steep = {1: 0.10, 7: 0.25}  # seven rows cost 2.5x one, as on a small float32 model on a busy CPU
+    assert not _measured((0.3, 2.7), steep).pays(6, 7)  # 10% acceptance: 1.1 tokens for 2.5x the time
+    assert _measured((9.0, 1.0), steep).pays(6, 7)  # 90% acceptance: ~5.2 tokens for 2.5x
+    assert _measured((0.3, 2.7), {1: 0.10, 7: 0.105}).pays(6, 7)  # rows nearly free: even a little pays
+
+
+def test_before_measuring_and_when_seeded_the_rule_never_refuses() -> None:
+    assert _measured((0.1, 5.0), {}).pays(6, 7)
+    seeded = _measured((0.1, 5.0), {1: 0.1, 7: 1.0})
+    seeded.start(deterministic=True)
+    assert seeded.pays(6, 7), "seeded sampling must not depend on timings"
+
+
+def _state(tokens: list[int]) -> DecodeState:
+    return DecodeState(tokens=torch.tensor(tokens), prompt_length=len(tokens), sampling=SamplingConfig(), generator=None)
+
+
+def test_prompt_lookup_sends_a_plain_step_when_its_copy_does_not_pay() -> None:
+    tokens = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7]  # the suffix 5 6 7 occurred before: a copy of 8 9 10 ... is found
+    proposer = PromptLookupProposer(PromptLookupConfig(branches=1), fixed=None)
+    proposer.reset(_state(tokens))
+    assert proposer.propose(_state(tokens), 8).num_nodes > 0, "nothing measured yet: the copy is sent"
+    proposer.controller = _measured((0.3, 2.7), {1: 0.10, 4: 0.20, 8: 0.30})
+    draft = proposer.propose(_state(tokens), 8)
+    assert draft.num_nodes == 0 and proposer._shadow == 8, "plain step; the copy's first token is still scored"
+    proposer.controller = _measured((9.0, 1.0), {1: 0.10, 4: 0.20, 8: 0.30})
+    assert proposer.propose(_state(tokens), 8).tokens.tolist()[:3] == [8, 9, 10]

@@ -131,8 +131,22 @@ class StaticKV(KVCache):
 
     def truncate(self, length: int) -> None:
         if length < self.length:
-            self.cache.crop(length - self.length)
+            self._rewind(self.length - length)
             self.length = length
+
+    def _rewind(self, n: int) -> None:
+        """Move every layer's write position back by ``n >= 0`` positions (the data stays, unseen).
+
+        ``StaticLayer.crop`` does this from transformers 5.2x on; before it (the webui's 5.6 pin) the
+        position is the layer's own counter tensor, which ``update`` advances in place.
+        """
+        if n <= 0:
+            return
+        for layer in self.cache.layers:
+            if hasattr(layer, "crop"):
+                layer.crop(-n)
+            else:
+                layer.cumulative_length.sub_(n)
 
     def _gather(self, start: int, rows: list[int]) -> None:
         """Copy the accepted rows to ``[start, start + len(rows))`` in place, then crop."""
@@ -155,7 +169,7 @@ class StaticKV(KVCache):
         ids, pos, mask = self._inputs(rows)
         self._fill(ids, pos, mask, tokens, positions, allowed)
         logits, last, captured = self._run(rows, hidden)
-        self.cache.crop(t - rows)  # the step advanced every layer by `rows`; keep the real rows
+        self._rewind(rows - t)  # the step advanced every layer by `rows`; keep the real rows
         self.length += t
         logits, last = logits[0, t - keep : t], last[0, t - keep : t] if hidden else None
         if self.graphs:  # a graph's outputs are overwritten by its next replay
@@ -246,7 +260,7 @@ class StaticKV(KVCache):
         with torch.cuda.stream(stream):
             for _ in range(2):
                 eager = self._call(rows, hidden)[0].clone()
-                self.cache.crop(-rows)
+                self._rewind(rows)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -254,7 +268,7 @@ class StaticKV(KVCache):
         with torch.cuda.graph(graph, pool=self._pool):
             logits, last = self._call(rows, hidden)
         graph.replay()
-        self.cache.crop(-rows)
+        self._rewind(rows)
         if not torch.allclose(logits.float(), eager.float(), rtol=1e-3, atol=1e-3):
             worst = float((logits.float() - eager.float()).abs().max())
             raise RuntimeError(f"the replayed graph's logits differ from the eager forward's by up to {worst:.3g}")

@@ -14,12 +14,11 @@ from typing import Any
 
 import torch
 
-from . import kvcache
 from .errors import ContextLengthError, SpecdecError
 from .proposers import ProposerContext, build_proposer, resolve_method
 from .proposers.base import DecodeState, Draft, StepOutcome
 from .sampling import SamplingConfig, check_request
-from .static import BUCKETS, StaticKV
+from .static import BUCKETS, StaticKV, open_cache
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
 from .verify import TypicalAcceptance, verify
@@ -158,7 +157,7 @@ class SpeculativeGenerator:
         self.context_length = model_context_length(target)
         if static_cache is None:
             static_cache = self.device.type == "cuda"
-        self.kv = kvcache.open_cache(target, static=bool(static_cache))
+        self.kv = open_cache(target, static=bool(static_cache))
         self.static_cache = isinstance(self.kv, StaticKV)
         self.proposer = build_proposer(
             self.method,

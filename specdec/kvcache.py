@@ -7,7 +7,7 @@ draft's proposals) goes through a :class:`KVCache`:
   a rejection is a crop, a tree's accepted path is gathered and concatenated.
 - :class:`specdec.static.StaticKV` preallocates the cache once per
   generation and runs each step at a fixed row bucket, so that on CUDA the
-  step can be a captured graph.
+  step can be a captured graph (:func:`specdec.static.open_cache` picks one).
 
 Terms: ``length`` positions are cached; a forward over ``t`` new rows writes
 them at ``[length, length + t)``. The new rows see every cached position and,
@@ -176,20 +176,3 @@ class DynamicKV(KVCache):
             layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)
         self.length = start + len(rows)
 
-
-def open_cache(model: torch.nn.Module, static: bool = False) -> KVCache:
-    """A :class:`StaticKV` for ``model`` when ``static`` and the model can take one, else a :class:`DynamicKV`.
-
-    Why a static cache cannot be used is logged once (see :func:`specdec.static.static_support`).
-    """
-    if static:
-        from .static import StaticKV, static_support
-
-        reason = static_support(model)
-        if reason is None:
-            return StaticKV(model)
-        import logging
-
-        logging.getLogger("specdec").warning("static cache off for %s: %s; using the eager path",
-                                             type(model).__name__, reason)
-    return DynamicKV(model)

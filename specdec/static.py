@@ -30,7 +30,7 @@ import torch
 from transformers import StaticCache
 
 from .errors import SpecdecError
-from .kvcache import Forward, KVCache, cache_argument, model_dtype
+from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, tree_mask
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a step runs at; a step of ``t`` rows runs at the smallest bucket ``>= t``."""
@@ -178,8 +178,6 @@ class StaticKV(KVCache):
 
     def _eager(self, tokens, positions, allowed, keep, hidden) -> Forward:
         """A forward beyond the buckets (a prompt): causal rows use transformers' own static mask."""
-        from .kvcache import tree_mask
-
         t = int(tokens.numel())
         mask = None
         if allowed is not None or positions is not None:
@@ -273,3 +271,14 @@ class StaticKV(KVCache):
             worst = float((logits.float() - eager.float()).abs().max())
             raise RuntimeError(f"the replayed graph's logits differ from the eager forward's by up to {worst:.3g}")
         return graph, logits, last
+
+
+def open_cache(model: torch.nn.Module, static: bool = False) -> KVCache:
+    """A :class:`StaticKV` for ``model`` when ``static`` and the model can take one, else a
+    :class:`~specdec.kvcache.DynamicKV`; why a static cache cannot be used is logged in one line."""
+    if static:
+        reason = static_support(model)
+        if reason is None:
+            return StaticKV(model)
+        log.warning("static cache off for %s: %s; using the eager path", type(model).__name__, reason)
+    return DynamicKV(model)

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import compact, kvcache
+from .. import compact
 from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
 from ..sampling import choose, presence_rows, process_logits
+from ..static import open_cache
 from .base import DecodeState, Draft, StepOutcome
 from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
@@ -93,7 +94,7 @@ class DraftModelProposer:
         self.target_vocab = target_vocab
         self.controller = controller
         self.cfg = cfg
-        self.kv = kvcache.open_cache(draft, static=static_cache)
+        self.kv = open_cache(draft, static=static_cache)
         self.cached = 0  # committed tokens whose KV is in the draft cache
         self._unfed = 0  # drafted tokens whose KV is in the draft cache
         self._ran = False  # whether the draft model ran for the current step

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import ContextLengthError, SpecdecError
+from .modelinfo import eos_token_ids, model_context_length
 from .proposers import ProposerContext, build_proposer, resolve_method
 from .proposers.base import DecodeState, Draft, StepOutcome
 from .sampling import SamplingConfig, check_request
@@ -398,22 +399,3 @@ class SpeculativeGenerator:
                 f"shorten the prompt or set max_new_tokens to at most {room}" if room > 0 else "shorten the prompt",
             )
 
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
-    """Every EOS id of ``model``'s generation config (else the tokenizer's; empty if neither has one)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = getattr(tokenizer, "eos_token_id", None)
-    if ids is None:
-        return set()
-    return {int(i) for i in ([ids] if isinstance(ids, int) else ids)}
-
-
-def model_context_length(model: torch.nn.Module) -> int:
-    """Positions ``model`` was made for (its config's maximum; 2048 when it names none)."""
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048

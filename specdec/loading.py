@@ -9,41 +9,10 @@ from typing import Any
 import torch
 
 from . import models
+from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - part of this module's API
 from .errors import ModelNotFoundError, SpecdecError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA (also ROCm), then MPS, then the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto``: bfloat16 on CPU (about 2.5x fp32 speed here) and on GPUs that support it, else float16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        try:
-            return DTYPES[dtype]
-        except KeyError:
-            raise SpecdecError(f"unknown dtype {dtype!r}", f"choose one of: auto, {', '.join(DTYPES)}") from None
-    device = device or resolve_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
-
 
 def locate(name_or_path: str, pull: bool = True) -> tuple[str, str | None]:
     """Map a model reference to ``(from_pretrained path or id, gguf file name or None)``.

@@ -519,7 +519,7 @@ class LoadSettings:
 
     def quantization_configs(self) -> tuple[Any, Any]:
         """``quantization_config`` for target and draft; a missing backend falls back (noted in ``notes``)."""
-        from .loading import resolve_dtype
+        from .devices import resolve_dtype
         from .quantization import build_quantization_config
 
         configs = []

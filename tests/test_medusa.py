@@ -773,7 +773,7 @@ def test_answer_batch_is_greedy_decoding_with_its_hidden_states():
     """Left-padded batched answers equal transformers' greedy per prompt, stop at EOS, and keep each
     position's final hidden state (as a full forward over prompt + answer computes it)."""
     from specdec.medusa.distill import ENDED, answer_batch
-    from specdec.medusa.train import decoder_body
+    from specdec.modelinfo import decoder_body
 
     prompts = [[5, 9, 13, 2, 7, 7, 30], [11, 3], [40, 41, 42, 43]]
     free = hf_greedy(tiny_model("qwen2", vocab=64, sharpness=3.0), prompts[1], 6)

@@ -202,7 +202,7 @@ def answer_batch(
         (``tokens[:, t + 1] == preds[:, t]`` until the end).
     """
     from .. import kvcache
-    from .train import decoder_body
+    from ..modelinfo import decoder_body
 
     body, lm_head = decoder_body(target), target.get_output_embeddings()
     device = next(target.parameters()).device
@@ -253,7 +253,7 @@ def answer_features(
     Prompts of similar length are batched together (less padding); the rows
     come back in the order of ``prompts``.
     """
-    from ..engine import model_context_length
+    from ..modelinfo import model_context_length
 
     if max(len(p) for p in prompts) + length > model_context_length(target):
         raise SpecdecError(f"a prompt + answer of {length} tokens exceeds the target's context", "lower --seq-len")

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import SpecdecError
 from ..files import atomic_path, write_atomic
+from ..modelinfo import decoder_body, eos_token_ids, model_context_length
 from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
 from .tree import measure_row_cost, row_cost, tree_from_accuracies
@@ -193,13 +194,6 @@ def make_windows(texts: list[str], tokenizer: Any, cfg: TrainConfig, prefix: lis
 
 
 # ---------------------------------------------------------------------- cache
-def decoder_body(target: torch.nn.Module) -> torch.nn.Module:
-    body = target.get_decoder() if hasattr(target, "get_decoder") else getattr(target, "model", None)
-    if body is None:
-        raise SpecdecError(f"cannot find the decoder body of {type(target).__name__}")
-    return body
-
-
 @torch.inference_mode()
 def collect_features(
     target: torch.nn.Module, windows: torch.Tensor, progress: ProgressFn | None = None
@@ -367,7 +361,6 @@ def load_or_answer(
     tokens [N, L])`` with ``L = cfg.seq_len``, first usable position 0, and
     ``tokens`` = :data:`~specdec.medusa.distill.ENDED` after an answer's end.
     """
-    from ..engine import eos_token_ids, model_context_length
     from .distill import MAX_PROMPT_TOKENS, answer_features, instruction_prompts, instructions_from_texts
 
     meta = {**_cache_meta(target, cfg, str(data)), "kind": "answers"}

@@ -87,13 +87,27 @@ def _cost(table: dict[str, float], rows: int) -> float:
     return table[str(sizes[-1])] * rows / sizes[-1]
 
 
+def step_costs(costs: dict, target: str) -> tuple[dict[str, float], dict[str, float], float, float]:
+    """Target and draft ms by row count, ms per step outside the forwards, and specdec-none's tokens/s,
+    from a ``gpu_profile.py`` result.
+
+    The static path's costs when the file has them; an older eager-only profile (``forward_ms``, one target
+    size) gives the eager costs, its draft measured at one row and scaled like the target's rows.
+    """
+    if target in costs:
+        table, none = costs[target]["step_ms"]["static"], costs[target]["generate_tok_s"]["specdec-none-static"]
+        return table, costs["draft_step_ms"]["static"], max(1e3 / none - table["1"], 0.0), none
+    fwd = costs["forward_ms"]
+    table = {k.split()[1]: v for k, v in fwd["target"].items() if k.startswith("tree") or k == "chain 1"}
+    draft = {r: fwd["draft"]["chain 1"] * v / table["1"] for r, v in table.items()}
+    return table, draft, costs["split_ms_per_step"]["none"]["outside"], costs["generate_tok_s"]["none"]
+
+
 def project(args: argparse.Namespace) -> None:
     traces = json.loads(Path(args.traces).read_text())
     costs = json.loads(Path(args.costs).read_text())
-    target = costs[args.target]["step_ms"]["static"]
-    draft = costs["draft_step_ms"]["static"]
-    none_tok_s = costs[args.target]["generate_tok_s"]["specdec-none-static"]
-    outside = max(1e3 / none_tok_s - target["1"], 0.0)  # per-step work besides the forward, plain decoding
+    target, draft, outside, none_tok_s = step_costs(costs, args.target)
+    plain_ms = target["1"] + outside  # a token of plain decoding, in the same units as the projection
     print(f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
           f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms, {outside:.2f} ms outside the forward")
     results = {}
@@ -107,16 +121,17 @@ def project(args: argparse.Namespace) -> None:
                 if step["rows"] is not None:
                     ms += _cost(target, step["rows"]) + outside
                     tokens += step["tokens"]
-            by_cat.setdefault(run["category"], []).append(tokens / ms * 1e3)
+            by_cat.setdefault(run["category"], []).append(tokens / ms * plain_ms)  # x plain decoding
         every = [v for vs in by_cat.values() for v in vs]
         results[method] = {"all": statistics.geometric_mean(every),
                            **{c: statistics.geometric_mean(v) for c, v in by_cat.items()}}
     cats = sorted({c for r in results.values() for c in r if c != "all"})
-    print(f"specdec-none (static) measured there: {none_tok_s:.0f} tok/s; ratios below are against it")
+    print(f"ratios against plain decoding projected the same way; tok/s = ratio x specdec-none measured there "
+          f"({none_tok_s:.0f} tok/s)")
     print(f"| method | all | {' | '.join(cats)} |")
     print("|---|---|" + "---|" * len(cats))
     for method, r in results.items():
-        cells = [f"{r[c]:.0f} tok/s ({r[c] / none_tok_s:.2f}x)" if c in r else "" for c in ["all", *cats]]
+        cells = [f"{r[c]:.2f}x ({r[c] * none_tok_s:.0f} tok/s)" if c in r else "" for c in ["all", *cats]]
         print(f"| {method} | " + " | ".join(cells) + " |")
 
 

@@ -221,9 +221,7 @@ def detect(probes: Sequence[tuple[str, Probe]] = DEFAULT_PROBES) -> DeviceInfo:
     for name, probe in probes:
         try:
             info = probe()
-        except BaseException as e:  # noqa: BLE001 - a probe must never take the caller down
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except Exception as e:  # noqa: BLE001 - a probe must never take the caller down
             notes.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'}")
             continue
         if info is None:

@@ -280,7 +280,8 @@ def test_dry_run_report_of_the_real_pip_finds_a_version_change(tmp_path: Path) -
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    old, new = _toy_wheel(wheels, "sdtoy", "1.0"), _toy_wheel(wheels, "sdtoy", "2.0")
+    old = _toy_wheel(wheels, "sdtoy", "1.0")
+    _toy_wheel(wheels, "sdtoy", "2.0")  # the newer version pip would upgrade to
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "env")], check=True, timeout=300)
     python = tmp_path / "env" / "bin" / "python"
     offline = ["--no-index", "--find-links", str(wheels), "--disable-pip-version-check"]

@@ -1,7 +1,6 @@
 """Lookahead decoding: window layout, n-gram pool, trie, losslessness (greedy and sampling)."""
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 

@@ -218,7 +218,7 @@ def test_unknown_key_names_file_field_and_reason(tmp_path):
 
 
 def test_missing_field_names_file_field_and_reason(tmp_path):
-    path = _write(tmp_path, "\n".join(l for l in VALID.splitlines() if not l.startswith("num_speculative_tokens")))
+    path = _write(tmp_path, "\n".join(line for line in VALID.splitlines() if not line.startswith("num_speculative_tokens")))
     with pytest.raises(ProfileError) as e:
         load_profile_file(path)
     assert [(p.file, p.field, p.reason) for p in e.value.problems] == [(str(path), "num_speculative_tokens", "Field required")]

@@ -7,7 +7,6 @@ sampling the exact distribution itself with the same number of draws.
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +14,7 @@ from ..proposers import METHODS
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' progress bars and advisory warnings from CLI output."""
-    warnings.filterwarnings("ignore")
+    """Hide transformers' progress bars and advisory log lines from CLI output (Python warnings stay visible)."""
     try:
         from transformers.utils import logging as hf_logging
 

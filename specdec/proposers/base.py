@@ -17,7 +17,7 @@ proposer in :class:`StepOutcome`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch

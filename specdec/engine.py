@@ -159,7 +159,6 @@ class SpeculativeGenerator:
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         self.kv = open_cache(target, static=bool(static_cache))
-        self.static_cache = isinstance(self.kv, StaticKV)
         self.proposer = build_proposer(
             self.method,
             ProposerContext(
@@ -173,6 +172,11 @@ class SpeculativeGenerator:
         )
         self.typical_acceptance: TypicalAcceptance | None = getattr(self.proposer, "typical_acceptance", None)
         self.last_stats: GenerationStats | None = None
+
+    @property
+    def static_cache(self) -> bool:
+        """Whether the target runs on the static path (:mod:`specdec.static`)."""
+        return isinstance(self.kv, StaticKV)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -248,7 +252,9 @@ class SpeculativeGenerator:
             suppress_tokens: ids never generated (e.g. a banned EOS).
         """
         prompt_ids = self.encode(prompt)
-        cfg, stops = check_request(self.target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, suppress_tokens=suppress_tokens, stop=stop)  # noqa: E501
+        cfg, stops = check_request(self.target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                   suppress_tokens=suppress_tokens, stop=stop)
         if stops and self.tokenizer is None:
             raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")
         if not prompt_ids:

@@ -108,18 +108,40 @@ def truncate(cache: DynamicCache, length: int) -> None:
 
 
 def tree_mask(allowed: torch.Tensor | None, t: int, length: int, width: int, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    """The additive 4D mask ``[1, 1, t, width]`` of ``t`` new rows written at ``[length, length + t)``.
+              device: torch.device, rows: int | None = None) -> torch.Tensor:
+    """The additive 4D mask ``[1, 1, rows, width]`` of ``t`` new rows written at ``[length, length + t)``.
 
     Columns ``[0, length)`` (the cache) are visible to every row, columns of the
     new rows follow ``allowed`` (``[t, t]`` bool, None = causal), the rest are hidden.
+    ``rows - t`` padding rows (``rows`` defaults to ``t``) see the cache and
+    their own slot only, so they compute finite values that no real row sees.
     """
-    full = torch.zeros(t, width, dtype=torch.bool, device=device)
+    rows = t if rows is None else rows
+    full = torch.zeros(rows, width, dtype=torch.bool, device=device)
     full[:, :length] = True
     new = allowed.to(device) if allowed is not None else torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    full[:, length : length + t] = new
-    mask = torch.zeros(t, width, dtype=dtype, device=device).masked_fill_(~full, torch.finfo(dtype).min)
+    full[:t, length : length + t] = new
+    pad = torch.arange(t, rows, device=device)
+    full[pad, length + pad] = True
+    mask = torch.zeros(rows, width, dtype=dtype, device=device).masked_fill_(~full, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def run_model(model: torch.nn.Module, cache_arg: str, cache, tokens: torch.Tensor, positions: torch.Tensor | None,
+              mask: torch.Tensor | None, keep: int, hidden: bool) -> Forward:
+    """One eager forward of ``tokens`` (``[t]``, on the model's device) on ``cache``; the last ``keep`` rows'
+    logits ``[keep, V]`` (and final hidden states ``[keep, H]``). ``positions``: ``[t]`` or None (transformers'
+    own, after the cache); ``mask``: ``[1, 1, t, width]`` additive or None (causal)."""
+    out = model(
+        input_ids=tokens[None],
+        position_ids=None if positions is None else positions[None],
+        attention_mask=mask,
+        use_cache=True,
+        output_hidden_states=hidden,
+        logits_to_keep=keep,
+        **{cache_arg: cache},
+    )
+    return Forward(out.logits[0, -keep:], out.hidden_states[-1][0, -keep:] if hidden else None)
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -147,23 +169,15 @@ class DynamicKV(KVCache):
 
     def forward(self, tokens, positions=None, allowed=None, keep=1, hidden=False) -> Forward:
         t = int(tokens.numel())
-        mask = None
-        if allowed is not None or positions is not None:
+        tokens, mask = tokens.to(self.device), None
+        if allowed is not None or positions is not None:  # a tree or extra rows; else transformers' causal mask
             if positions is None:
                 positions = torch.arange(self.length, self.length + t, device=self.device)
-            positions = positions.to(self.device)[None]
+            positions = positions.to(self.device)
             mask = tree_mask(allowed, t, self.length, self.length + t, self.dtype, self.device)
-        out = self.model(
-            input_ids=tokens.to(self.device)[None],
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            output_hidden_states=hidden,
-            logits_to_keep=keep,
-            **{self.cache_arg: self.cache},
-        )
+        out = run_model(self.model, self.cache_arg, self.cache, tokens, positions, mask, keep, hidden)
         self.length += t
-        return Forward(out.logits[0, -keep:], out.hidden_states[-1][0, -keep:] if hidden else None)
+        return out
 
     def truncate(self, length: int) -> None:
         truncate(self.cache, length)

@@ -30,7 +30,7 @@ import torch
 from transformers import StaticCache
 
 from .errors import SpecdecError
-from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, tree_mask
+from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, run_model, tree_mask
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a step runs at; a step of ``t`` rows runs at the smallest bucket ``>= t``."""
@@ -184,11 +184,10 @@ class StaticKV(KVCache):
             mask = tree_mask(allowed, t, self.length, self.capacity, self.dtype, self.device)
         if positions is None:
             positions = torch.arange(self.length, self.length + t, device=self.device)
-        out = self.model(input_ids=tokens.to(self.device)[None], position_ids=positions.to(self.device)[None],
-                         attention_mask=mask, use_cache=True, output_hidden_states=hidden, logits_to_keep=keep,
-                         **{self.cache_arg: self.cache})
+        out = run_model(self.model, self.cache_arg, self.cache, tokens.to(self.device), positions.to(self.device), mask,
+                        keep, hidden)
         self.length += t
-        return Forward(out.logits[0, -keep:], out.hidden_states[-1][0, -keep:] if hidden else None)
+        return out
 
     def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The static buffers of bucket ``rows``: tokens ``[1, R]``, positions ``[1, R]``, mask ``[1, 1, R, S]``."""
@@ -209,15 +208,7 @@ class StaticKV(KVCache):
             positions = torch.arange(n, n + t, device=self.device)
         pos[0, :t] = positions.to(self.device)
         pos[0, t:] = n
-        visible = torch.zeros(rows, self.capacity, dtype=torch.bool, device=self.device)
-        visible[:, :n] = True
-        new = allowed.to(self.device) if allowed is not None else \
-            torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        visible[:t, n : n + t] = new
-        pad = torch.arange(t, rows, device=self.device)
-        visible[pad, n + pad] = True  # a padding row sees the cache and itself: finite values, never kept
-        mask[0, 0].copy_(torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(
-            ~visible, torch.finfo(self.dtype).min).expand(rows, self.capacity))
+        mask.copy_(tree_mask(allowed, t, n, self.capacity, self.dtype, self.device, rows=rows))
 
     def _call(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, pos, mask = self._buffers[rows]

@@ -16,6 +16,17 @@ def decoder_body(target: torch.nn.Module) -> torch.nn.Module:
     return body
 
 
+def embedding_rows(layer: torch.nn.Module | None) -> int | None:
+    """Rows ``V`` of an embedding or output layer (None when it has no dense weight)."""
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def output_rows(model: torch.nn.Module) -> int:
+    """Rows ``V`` of ``model``'s output layer: the vocabulary its logits cover."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> set[int]:
     """Every EOS id of ``model``'s generation config (else the tokenizer's; empty if neither has one)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

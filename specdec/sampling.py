@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidSamplingError
+from .modelinfo import embedding_rows
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def check_request(
         raise InvalidSamplingError(f"suppress_tokens must be a list of token ids, got {suppress_tokens!r}",
                                    "e.g. suppress_tokens=[tokenizer.eos_token_id]")
     cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, tuple(suppress_tokens))
-    vocab_out = _rows(model.get_output_embeddings())
+    vocab_out = embedding_rows(model.get_output_embeddings())
     if vocab_out is not None and any(t >= vocab_out for t in cfg.suppress_tokens):
         raise InvalidSamplingError(
             f"suppress_tokens has id {max(cfg.suppress_tokens)}, outside the target's vocabulary of {vocab_out}",
@@ -116,7 +117,7 @@ def check_request(
     else:
         raise InvalidSamplingError(f"stop must be a string or a list of strings, got {stop!r}",
                                    'e.g. stop="\\n\\n" or stop=["User:", "###"]')
-    vocab_in = _rows(model.get_input_embeddings())
+    vocab_in = embedding_rows(model.get_input_embeddings())
     if vocab_in is not None and prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_in):
         worst = min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)
         raise InvalidSamplingError(
@@ -125,11 +126,6 @@ def check_request(
         )
     return cfg, stops
 
-
-def _rows(layer: torch.nn.Module | None) -> int | None:
-    """Rows ``V`` of an embedding or output layer (None when it has no dense weight)."""
-    weight = getattr(layer, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def presence_rows(context: torch.Tensor, vocab_size: int, path_tokens: torch.Tensor | None = None) -> torch.Tensor:

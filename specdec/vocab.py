@@ -6,12 +6,9 @@ from typing import Any
 import torch
 
 from .errors import VocabularyMismatchError
+from .modelinfo import output_rows
 
 _HINT = "use a draft of the same tokenizer family, or --method prompt_lookup (no draft needed)"
-
-
-def _embedding_rows(model: torch.nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
 
 
 def check_vocabularies(target: torch.nn.Module, draft: torch.nn.Module, tokenizer: Any, draft_tokenizer: Any) -> None:
@@ -21,7 +18,7 @@ def check_vocabularies(target: torch.nn.Module, draft: torch.nn.Module, tokenize
     they share agree. With both tokenizers, every token string must map to
     the same id; without them, the output sizes may differ only by padding.
     """
-    t_rows, d_rows = _embedding_rows(target), _embedding_rows(draft)
+    t_rows, d_rows = output_rows(target), output_rows(draft)
     if tokenizer is not None and draft_tokenizer is not None:
         t_vocab, d_vocab = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
         differ = [tok for tok, i in d_vocab.items() if t_vocab.get(tok, i) != i]

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..errors import SpecdecError
 from ..files import atomic_path, write_atomic
-from ..modelinfo import decoder_body, eos_token_ids, model_context_length
+from ..modelinfo import decoder_body, eos_token_ids, model_context_length, output_rows
 from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
 from .tree import measure_row_cost, row_cost, tree_from_accuracies
@@ -606,7 +606,7 @@ def train(
         del a_hidden
     else:
         train_preds = preds[: corpus[0].windows]
-    vocab = int(target.get_output_embeddings().weight.shape[0])
+    vocab = output_rows(target)
     subset = frequent_tokens(train_preds, cfg.subset_size, vocab)
 
     # answers are the target's own text: their labels are always exact (and none is read past an answer's end)

@@ -39,6 +39,7 @@ import torch
 from .. import compact
 from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
+from ..modelinfo import output_rows
 from ..sampling import choose, presence_rows, process_logits
 from ..static import open_cache
 from .base import DecodeState, Draft, StepOutcome
@@ -271,7 +272,7 @@ def build(ctx) -> DraftModelProposer:
         "draft",
     )
     cfg = DraftModelConfig(**opts)
-    target_vocab = int(ctx.target.get_output_embeddings().weight.shape[0])
+    target_vocab = output_rows(ctx.target)
     ratio = _parameters(ctx.draft) / max(_parameters(ctx.target), 1)
     draft = ctx.draft
     if cfg.int8 is not False and compact.int8_available(draft):

@@ -5,7 +5,7 @@ numbers of the model's ``config.json``, plus the published parameter count as
 a cross-check), its hub id, its quantized variants and, for targets, the
 drafts worth trying in order of preference. A draft must share the target's
 *tokenizer family* (the same ``family`` string as in
-:data:`specdec.models.CATALOGUE`): :func:`validate_catalogue` checks it.
+:data:`specdec.models.PACKAGED`): :func:`validate_catalogue` checks it.
 
 Memory model (:func:`estimate_memory`), deliberately simple and documented:
 
@@ -255,10 +255,10 @@ def validate_catalogue(catalogue: Mapping[str, ModelSpec] = CATALOGUE) -> list[s
                 problems.append(f"{spec.name}: draft {name} is not smaller than the target")
         packaged = spec.variants.get("gguf")
         if packaged is not None:
-            if packaged not in models.CATALOGUE:
+            if packaged not in models.PACKAGED:
                 problems.append(f"{spec.name}: gguf variant {packaged!r} is not a packaged model")
-            elif models.CATALOGUE[packaged].family != spec.family:
-                problems.append(f"{spec.name}: packaged {packaged} has family {models.CATALOGUE[packaged].family!r}")
+            elif models.PACKAGED[packaged].family != spec.family:
+                problems.append(f"{spec.name}: packaged {packaged} has family {models.PACKAGED[packaged].family!r}")
         if spec.params and abs(spec.config_params - spec.params) > 0.03 * spec.params:
             problems.append(f"{spec.name}: config gives {spec.config_params:,} parameters, published {spec.params:,}")
     return problems

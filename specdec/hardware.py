@@ -67,10 +67,6 @@ class DeviceInfo:
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     @property
-    def is_gpu(self) -> bool:
-        return self.backend in ("cuda", "rocm")
-
-    @property
     def available_bytes(self) -> int:
         """What a configuration may use: free memory when known, else the total."""
         return self.free_bytes if self.free_bytes > 0 else self.total_bytes

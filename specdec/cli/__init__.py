@@ -25,13 +25,7 @@ def main() -> None:
 
 def _register() -> None:
     for name in _COMMAND_MODULES:
-        module_name = f"{__name__}.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name == module_name:  # that subcommand is not part of this build
-                continue
-            raise
+        module = importlib.import_module(f"{__name__}.{name}")
         for command in module.commands:
             main.add_command(command)
 

@@ -17,7 +17,7 @@ def models_group() -> None:
 @models_group.command("list")
 def list_models() -> None:
     """List the packaged models and whether they are pulled."""
-    for m in models.CATALOGUE.values():
+    for m in models.PACKAGED.values():
         state = "pulled" if models.is_pulled(m.name) else "not pulled"
         default = " (default)" if m.name == models.DEFAULT_MODEL else ""
         click.echo(f"{m.name:18} {m.size_mb:>5} MB  {state:10}  {m.about}{default}")

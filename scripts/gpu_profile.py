@@ -35,7 +35,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from specdec import SpeculativeGenerator, kvcache, static
-from specdec.bench import hf_runner, specdec_runner
+from specdec.bench.harness import hf_runner, specdec_runner
 
 # hidden, intermediate, layers, heads, kv heads, vocab, tied (Qwen2.5 sizes, as in specdec.catalogue)
 SIZES = {

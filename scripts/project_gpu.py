@@ -30,7 +30,7 @@ def trace(args: argparse.Namespace) -> None:
     import torch
 
     import specdec
-    from specdec.bench import load_prompts
+    from specdec.bench.harness import load_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)

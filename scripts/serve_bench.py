@@ -98,7 +98,7 @@ def main() -> None:
     import torch
 
     import specdec
-    from specdec.bench import load_average, load_prompts
+    from specdec.bench.harness import load_average, load_prompts
     from specdec.cli.common import quiet_libraries
 
     quiet_libraries()

@@ -14,19 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from specdec.bench import (
-    BASELINE,
-    Bench,
-    BenchConfig,
-    BenchPrompt,
-    BenchReport,
-    BenchRow,
-    RunResult,
-    first_divergence,
-    geometric_mean,
-    load_prompts,
-    make_row,
-)
+from specdec.bench.harness import Bench, BenchConfig, BenchPrompt, RunResult, load_prompts, make_row
+from specdec.bench.report import BASELINE, BenchReport, BenchRow, first_divergence, geometric_mean
 from specdec.errors import MissingExtraError, SpecdecError
 
 WORDS = [f"w{i}" for i in range(60)]

@@ -640,6 +640,18 @@ def test_training_is_seeded_and_resumes(tmp_path):
     assert rep["steps_run"] == 2 and rep["cache_seconds"] < 5  # resumed from step 12, cached states reused
 
 
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    target = tiny_model("qwen2", vocab=256, sharpness=4.0)
+    data = _corpus(tmp_path)
+    cfg = TrainConfig(num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False,
+                      chat_wrap=False, steps=8, checkpoint_every=0)
+    fresh, _ = train(target, ByteTokenizer(), data, tmp_path / "fresh", cfg)
+    resumed, rep = train(target, ByteTokenizer(), data, tmp_path / "resumed", cfg, resume=True)
+    assert rep["steps_run"] == 8
+    h = torch.randn(3, 32, device=target.device)
+    torch.testing.assert_close(resumed.float()(h), fresh.float()(h), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- the CLI
 def _tiny_folder(tmp_path: Path) -> Path:
     """A tiny Llama saved with a byte-level tokenizer, loadable by ``specdec.loading.load_model``."""

@@ -177,8 +177,6 @@ def test_both_call_signatures(ext, tiny) -> None:
     old = reply(ext, PROMPT, PROMPT, 1234, state(), None, is_chat=True)
     keywords = reply(ext, PROMPT, PROMPT, state=state(), stopping_strings=None, is_chat=True)
     assert new[-1] == old[-1] == keywords[-1] == reference(*tiny)
-    call = ext.parse_call("q", "o", (7, state(seed=-1), ["x"]), {"is_chat": True})
-    assert (call.seed, call.stopping_strings, call.is_chat, call.old_signature) == (7, ["x"], True, True)
 
 
 def test_completions_yield_an_empty_reply_first(ext, tiny) -> None:
@@ -245,9 +243,6 @@ def test_fallback_on_a_specdec_error(ext, webui) -> None:
 def test_fallback_on_unsupported_samplers(ext, webui) -> None:
     assert reply(ext, PROMPT, PROMPT, state(presence_penalty=0.5), None, is_chat=True)[-1] == "webui reply"
     assert "presence_penalty" in ext.last_reply.note
-    # samplers that only act when sampling do not matter for greedy decoding
-    assert ext.unsupported_settings(state(min_p=0.1), 100) == []
-    assert ext.unsupported_settings(state(min_p=0.1, do_sample=True, temperature=0.7), 100) == ["min_p=0.1"]
 
 
 def test_the_extension_switched_off_uses_the_webui(ext, webui) -> None:
@@ -371,36 +366,6 @@ def _greedy_tokens(model: Any, tokenizer: Any, n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _first_logits(model: Any, ids: list[int], eos: list[int], **kwargs: Any) -> torch.Tensor:
-    """Scores of the first token of ``generate`` called with ``eos`` (and ``kwargs``)."""
-    out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, eos_token_id=eos,
-                         return_dict_in_generate=True, output_logits=True, **kwargs)
-    return out.logits[0][0]
-
-
-@pytest.mark.parametrize("case", ["pad_in_prompt", "pad_is_eos", "no_pad"])
-def test_masked_prompt_tokens_follow_transformers(ext, tiny, case: str) -> None:
-    """Which prompts transformers masks when the webui calls ``generate``: checked against ``generate`` itself."""
-    _, tokenizer = tiny
-    a = tokenizer.encode("a")[0]
-    special = {"pad_in_prompt": {"pad_token_id": a, "eos_token_id": 257}, "pad_is_eos": {"pad_token_id": a, "eos_token_id": a},
-               "no_pad": {"eos_token_id": a}}[case]
-    model = _llama(len(tokenizer), 0, **special)
-    if case == "no_pad":
-        model.generation_config.pad_token_id = None
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
-    eos = [a] if case != "pad_in_prompt" else [257]
-    hidden = ext.masked_prompt_tokens(ids, model, eos)
-    inferred = _first_logits(model, ids, eos)
-    unmasked = _first_logits(model, ids, eos, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    if case == "pad_in_prompt":
-        assert hidden == ids.count(a) > 0
-        assert not torch.allclose(inferred, unmasked), "transformers masked the pad tokens"
-    else:
-        assert hidden == 0
-        assert torch.equal(inferred, unmasked)
-
-
 def test_tokenizer_eos_other_than_the_configs_stops_where_the_webui_stops(ext, webui) -> None:
     """The webui stops at the tokenizer's EOS only (here a token the model writes mid-reply), not the config's."""
     tokenizer = _tokenizer()
@@ -485,21 +450,6 @@ def test_the_models_own_suppress_tokens_apply_unless_the_webui_bans_tokens(ext, 
 def test_not_streaming_decodes_the_whole_output_once(ext, tiny) -> None:
     chunks = reply(ext, PROMPT, PROMPT, state(stream=False), None, is_chat=True)
     assert chunks == [reference(*tiny)]
-
-
-@pytest.mark.parametrize(("settings", "ok"), [
-    ({}, True),
-    ({"sampler_priority": ["top_p", "temperature", "top_k"]}, False),
-    ({"sampler_priority": "top_k\ntemperature\ntop_p"}, True),  # temperature and top-k commute
-    ({"temperature_last": True}, False),  # temperature after top-p
-    ({"temperature_last": True, "top_p": 1.0}, True),
-    ({"sampler_priority": ["temperature", "top_k"]}, False),  # unlisted top_p sorts first
-    ({"repetition_penalty": 1.2, "sampler_priority": ["top_k", "repetition_penalty", "temperature", "top_p"]}, False),
-])
-def test_sampler_order_follows_the_webuis_priority(ext, settings: dict[str, Any], ok: bool) -> None:
-    sampling = state(**{"do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9, **settings})
-    problems = [p for p in ext.unsupported_settings(sampling, 100) if "sampler_priority" in p]
-    assert (problems == []) is ok, problems
 
 
 # --------------------------------------------------------------------------- costly state kept

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..bench import DEFAULT_METHODS, BenchConfig, BenchEvent, load_average
+from ..bench.harness import DEFAULT_METHODS, BenchConfig, BenchEvent, load_average
 from ..proposers import METHODS
 from .common import quiet_libraries, report_errors
 
@@ -65,7 +65,7 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..bench import run_bench
+    from ..bench.harness import run_bench
 
     quiet_libraries()
     console = Console(stderr=True)

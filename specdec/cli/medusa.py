@@ -59,7 +59,9 @@ def _default(name: str) -> Any:
               help="Put the training text in the assistant turn of the chat template.")
 @click.option("--seed", type=int, default=_default("seed"), show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=_default("checkpoint_every"), show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint (and reuse OUT/cache).")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT/checkpoint when there is one (else start afresh); OUT/cache is reused "
+                   "either way.")
 @click.option("--cache-only", is_flag=True,
               help="Only compute OUT/cache (the target's states) and stop; a later run with the same data, "
                    "--seq-len, --seed and at most as many --cache-tokens reuses it.")

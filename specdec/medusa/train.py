@@ -568,6 +568,260 @@ def _read_train_state(ck: Path) -> dict[str, Any]:
     return state
 
 
+@dataclass
+class Sources:
+    """The cached target states and the positions read from them, corpus windows first, then answers.
+
+    Attributes:
+        hidden: ``[N, L, H]`` final hidden states: the corpus windows, then the answers (if any).
+        corpus: ``(train, held_out)`` positions of the corpus windows.
+        answers: ``(train, held_out)`` positions of the target's answers (None without ``cfg.answers``).
+        train_preds: the target's predictions in the training windows, answers up to their end (the head
+            vocabulary is drawn from them).
+        corpus_windows, answer_windows: windows of each source.
+        cache_seconds, answer_seconds: wall time to load or compute each source.
+    """
+
+    hidden: torch.Tensor
+    corpus: tuple[Positions, Positions]
+    answers: tuple[Positions, Positions] | None
+    train_preds: torch.Tensor
+    corpus_windows: int
+    answer_windows: int
+    cache_seconds: float
+    answer_seconds: float
+
+    @property
+    def evaluated(self) -> tuple[Positions, Positions]:
+        """The source the tree is sized on: the answers when there are some, since decoding continues answers."""
+        return self.answers or self.corpus
+
+
+def gather_sources(target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
+                   progress: ProgressFn | None = None) -> Sources:
+    """The corpus windows' states (``out/cache``) and, with ``cfg.answers``, the answers' (``out/answers``)."""
+    t0 = time.perf_counter()
+    hidden, preds, start, tokens = load_or_collect(target, tokenizer, data, cfg, out, progress)
+    cache_seconds = time.perf_counter() - t0
+    corpus = split_positions(preds, tokens, start, cfg)
+    n_corpus = hidden.shape[0]
+    if not cfg.answers:
+        return Sources(hidden, corpus, None, preds[: corpus[0].windows], n_corpus, 0, cache_seconds, 0.0)
+    t0 = time.perf_counter()
+    a_hidden, a_preds, a_tokens = load_or_answer(target, tokenizer, data, cfg, out, progress)
+    answer_seconds = time.perf_counter() - t0
+    answers = split_positions(a_preds, a_tokens, 0, cfg, offset=n_corpus)
+    a_train = answers[0].windows - n_corpus  # the subset counts answer tokens, not what follows an answer's end
+    train_preds = torch.cat([preds[: corpus[0].windows].flatten(), a_preds[:a_train][a_tokens[:a_train] != ENDED]])
+    return Sources(torch.cat([hidden, a_hidden]), corpus, answers, train_preds, n_corpus, int(a_hidden.shape[0]),
+                   cache_seconds, answer_seconds)
+
+
+@dataclass
+class TrainingSet:
+    """The positions training samples from.
+
+    Attributes:
+        pos: ``[P, 2]`` (window, t) in :attr:`Sources.hidden`.
+        prev: ``[P, K]`` tokens before each head's guess.
+        labels: ``[P, K]`` indices into the head vocabulary (-100 = not learnt: outside the subset, or not exact
+            where only exact labels count).
+        all_positions: positions before those that teach no head were dropped.
+    """
+
+    pos: torch.Tensor
+    prev: torch.Tensor
+    labels: torch.Tensor
+    all_positions: int
+
+
+def training_set(sources: Sources, subset: torch.Tensor | None, vocab: int, cfg: TrainConfig) -> TrainingSet:
+    """The training positions of every source with their head-vocabulary labels.
+
+    The corpus' labels count everywhere, or only where exact with ``cfg.exact_labels``; answers are the
+    target's own text, so their labels are always exact (and none is read past an answer's end).
+    """
+    parts = [(sources.corpus[0], cfg.exact_labels)] + ([(sources.answers[0], True)] if sources.answers else [])
+    pos = torch.cat([q.pos for q, _ in parts])
+    labels = torch.cat([q.labels for q, _ in parts])
+    prev = torch.cat([q.prev for q, _ in parts])
+    exact = torch.cat([q.exact for q, _ in parts])
+    exact_only = torch.cat([torch.full((q.pos.shape[0],), only) for q, only in parts])
+    sub_labels = to_subset(labels, subset, vocab).masked_fill(~exact & exact_only[:, None], -100)
+    keep = exact[:, 0] | ~exact_only  # a position whose first label is not exact teaches no head
+    if not keep.any():
+        raise SpecdecError("no position where the corpus follows the target's own predictions",
+                           "train without exact_labels (--all-labels)")
+    return TrainingSet(pos[keep], prev[keep], sub_labels[keep], int(pos.shape[0]))
+
+
+def start_heads(target: torch.nn.Module, cfg: TrainConfig, subset: torch.Tensor | None, out: Path,
+                resume: bool) -> tuple[MedusaHeads, torch.optim.Optimizer, int]:
+    """Heads, optimizer and first step, from ``out/checkpoint`` when resuming from one, else fresh.
+
+    ``resume`` without a checkpoint starts afresh (a first run with ``--resume`` is a plain run).
+    """
+    ck = out / CHECKPOINT_DIR
+    state = None
+    if resume and (ck / "train_state.pt").is_file():
+        heads = MedusaHeads.from_pretrained(ck, target)  # a damaged config or weights file is a SpecdecError
+        shape = (heads.config.num_heads, heads.config.num_layers, heads.config.sequential)
+        if shape != (cfg.num_heads, cfg.num_layers, cfg.sequential):
+            kinds = ("plain", "sequential")
+            raise SpecdecError(f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
+                               f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
+                               "resume with the same --heads, --layers and --sequential")
+        state = _read_train_state(ck)
+    else:
+        heads = MedusaHeads.init(target, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                                 own_lm_head=cfg.own_lm_head, token_subset=subset, sequential=cfg.sequential)
+    heads.float().train()
+    opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    if state is None:
+        return heads, opt, 0
+    opt.load_state_dict(state["optimizer"])
+    return heads, opt, int(state["step"])
+
+
+def train_step(heads: MedusaHeads, opt: torch.optim.Optimizer, states: torch.Tensor, prev: torch.Tensor,
+               labels: torch.Tensor, lr: float, decay: float) -> tuple[float, torch.Tensor]:
+    """One AdamW step at learning rate ``lr``; returns the batch's loss and each head's top-1 accuracy ``[K]``.
+
+    Args:
+        states: ``[B, H]`` target hidden states (the cache's dtype, on the CPU; moved to the heads' device).
+        prev: ``[B, K]`` tokens before each head's guess; labels: ``[B, K]`` head-vocabulary indices.
+        decay: :attr:`TrainConfig.distance_decay`.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    device = next(heads.parameters()).device
+    logits = heads(states.to(device).float(), prev.to(device))  # [B, K, V']; sequential heads read prev
+    loss, top1 = medusa_loss(logits, labels.to(device), decay)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item(), top1.detach()
+
+
+def run_steps(heads: MedusaHeads, opt: torch.optim.Optimizer, hidden: torch.Tensor, data: TrainingSet,
+              cfg: TrainConfig, first_step: int, out: Path, progress: ProgressFn | None = None) -> float | None:
+    """Steps ``first_step .. cfg.steps - 1`` on seeded batches, checkpointing; returns the loss' EMA.
+
+    Step ``s`` samples its batch with the seed ``cfg.seed * 1_000_003 + s``, so a resumed run draws the
+    batches an uninterrupted one would.
+    """
+    loss_ema: float | None = None
+    acc_ema: torch.Tensor | None = None
+    for step in range(first_step, cfg.steps):
+        lr = cfg.lr * cosine_lr(step, cfg)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, data.pos.shape[0], (cfg.batch_size,), generator=g)
+        p = data.pos[idx]
+        loss, top1 = train_step(heads, opt, hidden[p[:, 0], p[:, 1]], data.prev[idx], data.labels[idx], lr,
+                                cfg.distance_decay)
+        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+        acc_ema = top1 if acc_ema is None else 0.9 * acc_ema + 0.1 * top1
+        if progress:
+            progress(Progress("train", step + 1, cfg.steps, loss_ema, acc_ema.tolist(), lr))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(heads, opt, step + 1, out, cfg)
+    return loss_ema
+
+
+@dataclass
+class Evaluation:
+    """Held-out accuracy of the trained heads.
+
+    Attributes:
+        accuracy: ``[K][ranks]`` on labels that are the target's own greedy continuation (what decoding checks).
+        accuracy_all: ``[K][ranks]`` on every label read in the corpus' context (noisier: the corpus may
+            leave the target's path).
+        accuracy_corpus: ``[K][ranks]`` on the held-out corpus windows when the tree is sized on answers.
+        held_out: the positions measured.
+    """
+
+    accuracy: list[list[float]]
+    accuracy_all: list[list[float]]
+    accuracy_corpus: list[list[float]] | None
+    held_out: Positions
+
+
+def evaluate(heads: MedusaHeads, sources: Sources) -> Evaluation:
+    """Per-head, per-rank accuracy on the held-out positions (some training ones when none are held out)."""
+    heads.eval()
+    train_part, held_out = sources.evaluated
+    if held_out.pos.shape[0] == 0:
+        held_out = Positions(train_part.pos[:2048], train_part.labels[:2048], train_part.prev[:2048],
+                             train_part.exact[:2048], 0)
+    hidden = sources.hidden
+    states = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
+    accuracy = rank_accuracy(heads, states, held_out.labels, valid=held_out.exact, prev=held_out.prev)
+    accuracy_all = rank_accuracy(heads, states, held_out.labels, prev=held_out.prev)
+    corpus = sources.corpus[1]
+    accuracy_corpus = None
+    if sources.answers is not None and corpus.pos.shape[0]:
+        accuracy_corpus = rank_accuracy(heads, hidden[corpus.pos[:, 0], corpus.pos[:, 1]], corpus.labels,
+                                        valid=corpus.exact, prev=corpus.prev)
+    return Evaluation(accuracy, accuracy_all, accuracy_corpus, held_out)
+
+
+def choose_tree(target: torch.nn.Module, accuracy: list[list[float]],
+                cfg: TrainConfig) -> tuple[list[list[int]], float, dict[int, float] | None]:
+    """The tree of at most ``cfg.max_tree_nodes`` that maximises expected tokens per unit of forward cost.
+
+    Returns ``(tree, expected tokens per step, row costs measured on the target or None)``.
+    """
+    costs = measure_row_cost(target) if cfg.measure_cost else None
+    tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
+                                          (lambda r: row_cost(r, costs)) if costs else None)
+    return tree, expected, costs
+
+
+def save_heads(heads: MedusaHeads, opt: torch.optim.Optimizer, target: torch.nn.Module, ev: Evaluation,
+               tree: list[list[int]], out: Path, cfg: TrainConfig) -> None:
+    """Store the heads in the target's dtype with their accuracy and tree in ``out``, and the final checkpoint."""
+    heads.config.head_accuracy = [[round(a, 4) for a in row] for row in ev.accuracy]
+    heads.config.tree = tree or None
+    heads.to(dtype=next(target.parameters()).dtype)
+    heads.save(out)
+    _save_checkpoint(heads, opt, cfg.steps, out, cfg)
+
+
+def training_report(cfg: TrainConfig, sources: Sources, data: TrainingSet, subset: torch.Tensor | None,
+                    ev: Evaluation, tree: list[list[int]], expected: float, costs: dict[int, float] | None,
+                    train_seconds: float, final_loss: float | None, first_step: int) -> dict[str, Any]:
+    """What ``train_report.json`` holds: accuracies, the tree, the positions used, wall times."""
+    exact = ev.held_out.exact
+    return {
+        "top1": [row[0] for row in ev.accuracy],
+        "top5": [sum(row[:5]) for row in ev.accuracy],
+        "rank_accuracy": ev.accuracy,
+        "top1_all_labels": [row[0] for row in ev.accuracy_all],
+        "top5_all_labels": [sum(row[:5]) for row in ev.accuracy_all],
+        "exact_label_share": [float(x) for x in exact.float().mean(0)] if exact.numel() else [],
+        "exact_labels": cfg.exact_labels,
+        "tree": tree,
+        "tree_nodes": len(tree),
+        "expected_tokens_per_step": expected,
+        "row_cost": costs,
+        "cache_positions": int(sources.corpus_windows * sources.hidden.shape[1]),
+        "train_positions": int(data.pos.shape[0]),
+        "train_positions_all": data.all_positions,
+        "eval_positions": int(ev.held_out.pos.shape[0]),
+        "subset_size": 0 if subset is None else int(subset.numel()),
+        "subset_coverage": float((data.labels >= 0).float().mean()) if subset is not None else 1.0,
+        "eval_on": "answers" if sources.answers is not None else "corpus",
+        "top1_corpus": [row[0] for row in ev.accuracy_corpus] if ev.accuracy_corpus else None,
+        "answer_windows": sources.answer_windows,
+        "cache_seconds": sources.cache_seconds,
+        "answer_seconds": sources.answer_seconds,
+        "train_seconds": train_seconds,
+        "final_loss": final_loss,
+        "steps_run": cfg.steps - first_step,
+    }
+
+
 def train(
     target: torch.nn.Module,
     tokenizer: Any,
@@ -579,8 +833,9 @@ def train(
 ) -> tuple[MedusaHeads, dict[str, Any]]:
     """Train Medusa heads for ``target`` on ``data`` and save them to ``out``.
 
-    Returns the heads and a report: per-head top-1 accuracy, per-rank accuracy,
-    the chosen tree with its expected tokens per step, wall times.
+    ``resume`` continues from ``out/checkpoint`` when there is one (else the run starts afresh); the
+    cached states in ``out`` are reused either way. Returns the heads and a report: per-head top-1
+    accuracy, per-rank accuracy, the chosen tree with its expected tokens per step, wall times.
     """
     cfg = cfg or TrainConfig()
     out = Path(out)
@@ -588,143 +843,22 @@ def train(
     if cfg.seq_len > int(getattr(target.config, "max_position_embeddings", cfg.seq_len) or cfg.seq_len):
         raise SpecdecError(f"seq_len {cfg.seq_len} exceeds the target's context", "lower --seq-len")
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    hidden, preds, start, tokens = load_or_collect(target, tokenizer, data, cfg, out, progress)
-    cache_seconds = time.perf_counter() - t0
-    corpus = split_positions(preds, tokens, start, cfg)
-    answers: tuple[Positions, Positions] | None = None
-    answer_seconds, n_answers, n_corpus = 0.0, 0, hidden.shape[0]
-    if cfg.answers:
-        t0 = time.perf_counter()
-        a_hidden, a_preds, a_tokens = load_or_answer(target, tokenizer, data, cfg, out, progress)
-        answer_seconds = time.perf_counter() - t0
-        n_answers = a_hidden.shape[0]
-        answers = split_positions(a_preds, a_tokens, 0, cfg, offset=n_corpus)
-        a_train = answers[0].windows - n_corpus  # the subset counts answer tokens, not what follows an answer's end
-        train_preds = torch.cat([preds[: corpus[0].windows].flatten(), a_preds[:a_train][a_tokens[:a_train] != ENDED]])
-        hidden = torch.cat([hidden, a_hidden])
-        del a_hidden
-    else:
-        train_preds = preds[: corpus[0].windows]
+    sources = gather_sources(target, tokenizer, data, cfg, out, progress)
     vocab = output_rows(target)
-    subset = frequent_tokens(train_preds, cfg.subset_size, vocab)
-
-    # answers are the target's own text: their labels are always exact (and none is read past an answer's end)
-    parts = [(corpus[0], cfg.exact_labels)] + ([(answers[0], True)] if answers else [])
-    pos = torch.cat([q.pos for q, _ in parts])
-    labels = torch.cat([q.labels for q, _ in parts])
-    prev = torch.cat([q.prev for q, _ in parts])
-    exact = torch.cat([q.exact for q, _ in parts])
-    exact_only = torch.cat([torch.full((q.pos.shape[0],), only) for q, only in parts])
-    all_positions = int(pos.shape[0])
-    sub_labels = to_subset(labels, subset, vocab).masked_fill(~exact & exact_only[:, None], -100)
-    keep = exact[:, 0] | ~exact_only  # a position whose first label is not exact teaches no head
-    pos, labels, prev, sub_labels, exact = pos[keep], labels[keep], prev[keep], sub_labels[keep], exact[keep]
-    if pos.shape[0] == 0:
-        raise SpecdecError("no position where the corpus follows the target's own predictions",
-                           "train without exact_labels (--all-labels)")
-
-    ck = out / CHECKPOINT_DIR
-    first_step = 0
-    if resume and (ck / "train_state.pt").is_file():
-        heads = MedusaHeads.from_pretrained(ck, target)  # a damaged config or weights file is a SpecdecError
-        shape = (heads.config.num_heads, heads.config.num_layers, heads.config.sequential)
-        if shape != (cfg.num_heads, cfg.num_layers, cfg.sequential):
-            kinds = ("plain", "sequential")
-            raise SpecdecError(f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
-                               f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
-                               "resume with the same --heads, --layers and --sequential")
-        state = _read_train_state(ck)
-        first_step = int(state["step"])
-    else:
-        if resume:
-            pass  # nothing to resume from: start afresh
-        heads = MedusaHeads.init(target, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                 own_lm_head=cfg.own_lm_head, token_subset=subset, sequential=cfg.sequential)
-        state = None
-    heads.float().train()
-    device = next(heads.parameters()).device
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
+    subset = frequent_tokens(sources.train_preds, cfg.subset_size, vocab)
+    data_set = training_set(sources, subset, vocab, cfg)
+    heads, opt, first_step = start_heads(target, cfg, subset, out, resume)
 
     t1 = time.perf_counter()
-    loss_ema: float | None = None
-    acc_ema: torch.Tensor | None = None
-    for step in range(first_step, cfg.steps):
-        lr = cfg.lr * cosine_lr(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, pos.shape[0], (cfg.batch_size,), generator=g)
-        p = pos[idx]
-        h = hidden[p[:, 0], p[:, 1]].to(device).float()  # [B, H]: cached on the CPU, trained where the heads are
-        logits = heads(h, prev[idx].to(device))  # [B, K, V']; sequential heads read prev, the target's own tokens
-        loss, top1 = medusa_loss(logits, sub_labels[idx].to(device), cfg.distance_decay)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
-        acc_ema = top1.detach() if acc_ema is None else 0.9 * acc_ema + 0.1 * top1.detach()
-        if progress:
-            progress(Progress("train", step + 1, cfg.steps, loss_ema, acc_ema.tolist(), lr))
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(heads, opt, step + 1, out, cfg)
+    final_loss = run_steps(heads, opt, sources.hidden, data_set, cfg, first_step, out, progress)
     train_seconds = time.perf_counter() - t1
 
-    heads.eval()
     if progress:
         progress(Progress("eval", 0, 1))
-    # the tree is sized on held-out answers when there are some: decoding continues answers
-    held_out = (answers or corpus)[1]
-    if held_out.pos.shape[0] == 0:  # nothing held out: measure on (some) training positions
-        seen = (answers or corpus)[0]
-        held_out = Positions(seen.pos[:2048], seen.labels[:2048], seen.prev[:2048], seen.exact[:2048], 0)
-    eh = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
-    el, ev, ep = held_out.labels, held_out.exact, held_out.prev
-    # "exact": only labels that are the target's own greedy continuation (what decoding checks);
-    # "all": every label read in the corpus' context (noisier: the corpus may leave the target's path)
-    accuracy = rank_accuracy(heads, eh, el, valid=ev, prev=ep)
-    accuracy_all = rank_accuracy(heads, eh, el, prev=ep)
-    accuracy_corpus = None
-    if answers is not None and corpus[1].pos.shape[0]:
-        accuracy_corpus = rank_accuracy(heads, hidden[corpus[1].pos[:, 0], corpus[1].pos[:, 1]], corpus[1].labels,
-                                        valid=corpus[1].exact, prev=corpus[1].prev)
-    costs = measure_row_cost(target) if cfg.measure_cost else None
-    tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
-                                          (lambda r: row_cost(r, costs)) if costs else None)
-    heads.config.head_accuracy = [[round(a, 4) for a in row] for row in accuracy]
-    heads.config.tree = tree or None
-    heads.to(dtype=next(target.parameters()).dtype)
-    heads.save(out)
-    _save_checkpoint(heads, opt, cfg.steps, out, cfg)
-    report = {
-        "top1": [row[0] for row in accuracy],
-        "top5": [sum(row[:5]) for row in accuracy],
-        "rank_accuracy": accuracy,
-        "top1_all_labels": [row[0] for row in accuracy_all],
-        "top5_all_labels": [sum(row[:5]) for row in accuracy_all],
-        "exact_label_share": [float(x) for x in ev.float().mean(0)] if ev.numel() else [],
-        "exact_labels": cfg.exact_labels,
-        "tree": tree,
-        "tree_nodes": len(tree),
-        "expected_tokens_per_step": expected,
-        "row_cost": costs,
-        "cache_positions": int(n_corpus * hidden.shape[1]),
-        "train_positions": int(pos.shape[0]),
-        "train_positions_all": all_positions,
-        "eval_positions": int(eh.shape[0]),
-        "subset_size": 0 if subset is None else int(subset.numel()),
-        "subset_coverage": float((sub_labels >= 0).float().mean()) if subset is not None else 1.0,
-        "eval_on": "answers" if answers is not None else "corpus",
-        "top1_corpus": [row[0] for row in accuracy_corpus] if accuracy_corpus else None,
-        "answer_windows": int(n_answers),
-        "cache_seconds": cache_seconds,
-        "answer_seconds": answer_seconds,
-        "train_seconds": train_seconds,
-        "final_loss": loss_ema,
-        "steps_run": cfg.steps - first_step,
-    }
+    ev = evaluate(heads, sources)
+    tree, expected, costs = choose_tree(target, ev.accuracy, cfg)
+    save_heads(heads, opt, target, ev, tree, out, cfg)
+    report = training_report(cfg, sources, data_set, subset, ev, tree, expected, costs, train_seconds, final_loss,
+                             first_step)
     write_atomic(out / "train_report.json", json.dumps(report, indent=2))
     return heads, report

@@ -7,7 +7,7 @@ preference, ``num_speculative_tokens``, lookahead ``W/N/G``, the Medusa tree
 size and the context length assumed for the KV cache.
 
 :func:`select` is a pure function of (:class:`~specdec.hardware.DeviceInfo`,
-catalogue, profiles, target) to a :class:`Configuration` whose memory
+catalogue, profiles, target) to a :class:`Selection` whose memory
 estimate fits the device, found by falling back step by step and saying why
 each earlier step was rejected::
 
@@ -18,9 +18,11 @@ each earlier step was rejected::
           others: the target alone, plus the method's wider verify step
         -> the first that fits
 
-:func:`profile_settings` turns a profile into the arguments of
-:func:`specdec.load` without overriding what the caller gave explicitly;
-front ends (``generate --profile``, ``bench --profile``, the webui) call it.
+:func:`profile_settings` turns a profile's selection into the arguments of
+:func:`specdec.load` (:class:`LoadArguments`) without overriding what the
+caller gave explicitly, filling only the chosen method's options
+(:func:`profile_options`); front ends (``generate --profile``, ``bench
+--profile``, the webui) call it.
 """
 from __future__ import annotations
 
@@ -40,13 +42,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from . import catalogue as cat
 from .errors import SpecdecError
 from .hardware import BACKENDS, DeviceInfo, format_bytes, parse_size
+from .proposers import REGISTRY, MedusaOptions, MethodOptions, method_of, method_options
 from .quantization import FLOAT_KINDS, KINDS, torch_dtype_name
 
 log = logging.getLogger(__name__)
 
 PROFILE_SUFFIX = ".yaml"
 AUTO = "auto"
-SPECULATIVE_METHODS: tuple[str, ...] = ("medusa", "draft", "lookahead", "prompt_lookup", "none")
 
 
 # ---------------------------------------------------------------------- schema
@@ -60,7 +62,7 @@ def _size(value: Any) -> int:
 
 Size = Annotated[int, BeforeValidator(_size), Field(ge=0)]
 Kind = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq", "gguf"]
-Method = Literal["medusa", "draft", "lookahead", "prompt_lookup", "none"]
+Method = Literal[tuple(REGISTRY)]  # a concrete method (not "auto")
 
 
 class _Strict(BaseModel):
@@ -264,7 +266,7 @@ def match_profile(device: DeviceInfo, profiles: Sequence[Profile]) -> Profile:
 
 # ---------------------------------------------------------------------- selection
 @dataclass(frozen=True)
-class Configuration:
+class Selection:
     """What :func:`select` chose, with the estimate and the reasons for each fallback.
 
     ``target_ref``/``draft_ref`` are what to load (a hub id of a quantized
@@ -386,7 +388,7 @@ def select(
     target_loaded: bool = False,
     has_medusa_heads: bool = False,
     available: Iterable[str] = KINDS,
-) -> Configuration:
+) -> Selection:
     """Choose target/draft/method/quantization for ``device``; pure (no probing, no imports of backends).
 
     Args:
@@ -422,12 +424,12 @@ def select(
     else:
         targets = [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
 
-    best: Configuration | None = None
+    best: Selection | None = None
 
     def make(tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: dict[str, int],
-             draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Configuration:
+             draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Selection:
         run_dtype = torch_dtype_name(t_kind, dtype) if t_kind in FLOAT_KINDS else dtype
-        return Configuration(
+        return Selection(
             profile=chosen.name, device=device,
             target=tgt.spec.name if tgt.spec is not None and tgt.is_short_name else tgt.ref,
             target_ref=tgt.reference(t_kind) if t_kind != "loaded" else tgt.ref,
@@ -496,23 +498,24 @@ def select(
         first = ([f"nothing fits with what is installed: install {' and '.join(missing)} first "
                   "(quantized weights need a fraction of the memory)"] if missing else [])
         reasons.append("nothing fits: this is the smallest configuration tried")
-        return Configuration(**{**best.__dict__, "reasons": tuple(dict.fromkeys(first + reasons))})
+        return Selection(**{**best.__dict__, "reasons": tuple(dict.fromkeys(first + reasons))})
     raise SpecdecError("no configuration could be chosen: " + "; ".join(reasons[-3:]),
                        "name another target, or choose a profile with --profile")
 
 
 # ---------------------------------------------------------------------- front ends
 @dataclass
-class LoadSettings:
-    """Arguments for :func:`specdec.loading.load_model`/``load`` that a profile filled in."""
+class LoadArguments:
+    """Arguments for :func:`specdec.loading.load_model`/``load`` that a profile filled in from its
+    :class:`Selection`; ``options`` are the chosen method's."""
 
-    configuration: Configuration
+    selection: Selection
     target: str
     method: str
     draft: str | None
     dtype: str
     num_speculative_tokens: int | None
-    options: dict[str, Any]
+    options: MethodOptions
     target_quantization: str | None
     draft_quantization: str | None
     notes: list[str] = field(default_factory=list)
@@ -551,7 +554,7 @@ def configure(
     device: DeviceInfo | None = None,
     target_loaded: bool = False,
     has_medusa_heads: bool = False,
-) -> Configuration:
+) -> Selection:
     """Detect the device (unless given) and :func:`select` with the packaged profiles and catalogue.
 
     The entry point for front ends (``detect``, ``generate``, ``bench``, the webui).
@@ -567,6 +570,22 @@ def configure(
                   has_medusa_heads=has_medusa_heads, available=available_kinds())
 
 
+def profile_options(method: str, selection: Selection, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``method``'s keyword options: ``given``, plus the profile's values for those not given.
+
+    A profile sets lookahead's ``window_size``/``ngram_size``/``guess_size`` and
+    Medusa's ``tree_size`` (unless a ``tree`` is given: the most Medusa tree
+    nodes this hardware verifies well); other methods take only what was given.
+    """
+    filled = {k: v for k, v in (given or {}).items() if v is not None}
+    if method == "lookahead":
+        for name in ("window_size", "ngram_size", "guess_size"):
+            filled.setdefault(name, getattr(selection.lookahead, name))
+    elif method == "medusa" and "tree" not in filled:
+        filled.setdefault("tree_size", selection.medusa_tree_size)
+    return filled
+
+
 def profile_settings(
     profile: str,
     target: str,
@@ -575,62 +594,71 @@ def profile_settings(
     draft: str | None = None,
     dtype: str = AUTO,
     num_speculative_tokens: int | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: MethodOptions | Mapping[str, Any] | None = None,
     device: DeviceInfo | str | None = None,
     target_loaded: bool = False,
-) -> LoadSettings:
+    has_medusa_heads: bool | None = None,
+) -> LoadArguments:
     """What ``specdec.load(..., profile=profile)`` loads: the profile fills only what was not given.
 
     "Not given" means: ``method="auto"``, ``draft=None``, ``dtype="auto"``,
-    ``num_speculative_tokens=None``, lookahead options and Medusa's ``tree_size``
-    absent or None (``tree_size`` is filled only when ``medusa_heads`` are given
-    and no ``tree`` is). A
-    draft given explicitly is loaded unquantized unless the profile chose the
-    same draft.
+    ``num_speculative_tokens=None``, and the chosen method's options absent or
+    None (:func:`profile_options`; ``options`` may also be a method's options
+    object, which is taken as it is and names the method). A draft given
+    explicitly is loaded unquantized unless the profile chose the same draft.
+    ``has_medusa_heads``: whether Medusa heads are at hand (None = whether
+    ``options`` carry ``medusa_heads``), e.g. for the bench's medusa row.
     """
-    options = dict(options or {})
+    given = dict(options) if isinstance(options, Mapping) else {}
+    options_object = None if options is None or isinstance(options, Mapping) else options
+    if options_object is not None and method == AUTO:
+        method = method_of(options_object)
     if isinstance(device, str):
         from .hardware import detect_for
 
         device = detect_for(device)
-    config = configure(profile, target, device=device, target_loaded=target_loaded,
-                       has_medusa_heads=options.get("medusa_heads") is not None)
-    notes = [f"profile {config.profile}: {config.method}"
-             + (f" with draft {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "")
-             + f", target {config.target_ref} ({config.target_quantization}), "
-             f"estimate {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)}"]
-    if not config.fits:
+    heads = options_object.medusa_heads if isinstance(options_object, MedusaOptions) else given.get("medusa_heads")
+    selection = configure(profile, target, device=device, target_loaded=target_loaded,
+                          has_medusa_heads=heads is not None if has_medusa_heads is None else has_medusa_heads)
+    notes = [f"profile {selection.profile}: {selection.method}"
+             + (f" with draft {selection.draft_ref} ({selection.draft_quantization})" if selection.draft_ref else "")
+             + f", target {selection.target_ref} ({selection.target_quantization}), "
+             f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"]
+    if not selection.fits:
         notes.append("the estimate exceeds the available memory; loading may fail")
-    chosen_method = method if method != AUTO else config.method
-    if method == AUTO and draft is not None and config.method != "draft":
+    chosen_method = method if method != AUTO else selection.method
+    if method == AUTO and draft is not None and selection.method != "draft":
         chosen_method = "draft"  # the user gave a draft: use it
-    chosen_draft = draft if draft is not None else (config.draft_ref if chosen_method == "draft" else None)
-    draft_kind = config.draft_quantization if chosen_draft is not None and chosen_draft == config.draft_ref else None
+    chosen_draft = draft if draft is not None else (selection.draft_ref if chosen_method == "draft" else None)
+    draft_kind = selection.draft_quantization if chosen_draft is not None and chosen_draft == selection.draft_ref else None
     if chosen_method == "draft" and chosen_draft is None:
         notes.append("method draft was asked for but the profile found no draft that fits")
-    for name in ("window_size", "ngram_size", "guess_size"):
-        if options.get(name) is None:
-            options[name] = getattr(config.lookahead, name)
-    if options.get("medusa_heads") is not None and options.get("tree_size") is None and options.get("tree") is None:
-        options["tree_size"] = config.medusa_tree_size  # the most Medusa tree nodes this hardware verifies well
-    target_kind = None if config.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else config.target_quantization
+    if options_object is None:
+        try:
+            options_object = method_options(chosen_method, profile_options(chosen_method, selection, given))
+        except SpecdecError as e:
+            if method != AUTO:
+                raise
+            raise SpecdecError(f"{e.message} (the method profile {selection.profile} chose)",
+                               f"name the method of these options (--method), or drop them; {e.hint}") from None
+    target_kind = None if selection.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else selection.target_quantization
     if target_loaded:
         target_kind = None
-    return LoadSettings(
-        configuration=config,
-        target=config.target_ref if not target_loaded else target,
+    return LoadArguments(
+        selection=selection,
+        target=selection.target_ref if not target_loaded else target,
         method=chosen_method,
         draft=chosen_draft,
-        dtype=dtype if dtype != AUTO else config.dtype,
-        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else config.num_speculative_tokens,
-        options=options,
+        dtype=dtype if dtype != AUTO else selection.dtype,
+        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else selection.num_speculative_tokens,
+        options=options_object,
         target_quantization=target_kind,
         draft_quantization=None if draft_kind in (None, *FLOAT_KINDS, "gguf") else draft_kind,
         notes=notes,
     )
 
 
-def describe(config: Configuration) -> list[str]:
+def describe(config: Selection) -> list[str]:
     """Human-readable lines for ``detect``."""
     d = config.device
     lines = [
@@ -654,6 +682,6 @@ def describe(config: Configuration) -> list[str]:
     return lines
 
 
-__all__ = ["Profile", "ProfileError", "Problem", "Configuration", "LoadSettings", "parse_profile", "load_profiles",
+__all__ = ["Profile", "ProfileError", "Problem", "Selection", "LoadArguments", "parse_profile", "load_profiles",
            "load_profile_file", "profiles_dir", "match_profile", "find_profile", "select", "configure",
-           "profile_settings", "describe", "BACKENDS"]
+           "profile_options", "profile_settings", "describe", "BACKENDS"]

@@ -30,11 +30,13 @@ from typing import Any
 
 from modules import shared
 from modules.logging_colors import logger
+from specdec.proposers import REGISTRY, LookaheadOptions
 
 EXTENSION_NAME = "specdec"
 
-METHOD_CHOICES: tuple[str, ...] = ("draft", "prompt_lookup", "lookahead", "medusa", "none")
+METHOD_CHOICES: tuple[str, ...] = tuple(REGISTRY)  # "auto" is the auto_configure switch
 NO_DRAFT = "None"
+_LOOKAHEAD = LookaheadOptions()  # the library's defaults
 
 params: dict[str, Any] = {
     "display_name": "Speculative decoding (specdec)",
@@ -46,9 +48,9 @@ params: dict[str, Any] = {
     "method": "prompt_lookup",
     "draft_model": NO_DRAFT,  # a folder or .gguf file in the webui's models folder
     "num_speculative_tokens": 0,  # 0 = adaptive
-    "window_size": 4,  # lookahead W
-    "ngram_size": 4,  # lookahead N
-    "guess_size": 4,  # lookahead G
+    "window_size": _LOOKAHEAD.window_size,  # lookahead W
+    "ngram_size": _LOOKAHEAD.ngram_size,  # lookahead N
+    "guess_size": _LOOKAHEAD.guess_size,  # lookahead G
     "medusa_heads": "",  # folder of Medusa heads trained for the loaded model
 }
 

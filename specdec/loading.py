@@ -10,7 +10,7 @@ import torch
 from . import models
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - part of this module's API
 from .errors import ModelNotFoundError, SpecdecError
-from .proposers import MethodOptions
+from .proposers import MethodOptions, method_and_options
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,9 @@ def load(
         num_speculative_tokens, options = arguments.num_speculative_tokens, arguments.options
         target_qc, draft_qc = arguments.quantization_configs()
         log.info("; ".join(arguments.notes))
+    else:  # check the method and its options before loading anything (a profile has done so already)
+        method, options = method_and_options(method, draft, options, method_options)
+        method_options = {}
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
     if draft is not None and method in ("auto", "draft"):

@@ -30,7 +30,7 @@ def test_keyword_options_are_built_for_the_chosen_method_only():
     assert method_options("none", {"window_size": None, "tree": None}) == NoneOptions()  # None = not given
     with pytest.raises(SpecdecError, match="window_size do not apply to method 'draft'") as err:
         method_options("draft", {"window_size": 4, "max_ngram": 2})
-    assert "window_size (lookahead)" in err.value.hint and "max_ngram" in err.value.hint
+    assert "window_size (lookahead)" in err.value.hint and "max_ngram" in err.value.hint  # own options listed
     with pytest.raises(SpecdecError, match="no method"):
         method_options("prompt_lookup", {"windw_size": 4})
     with pytest.raises(SpecdecError, match="resolve"):
@@ -75,6 +75,13 @@ def test_auto_builds_the_options_of_the_method_it_resolves_to():
     assert gen.method == "prompt_lookup" and gen.options == PromptLookupOptions(max_ngram=2)
     with pytest.raises(SpecdecError, match="do not apply to method 'prompt_lookup'"):
         specdec.SpeculativeGenerator(target, window_size=2)
+
+
+def test_load_checks_the_options_before_loading_a_model():
+    with pytest.raises(SpecdecError, match="do not apply to method 'none'"):
+        specdec.load("no-such-model-here", method="none", window_size=3)
+    with pytest.raises(SpecdecError, match="needs a draft model"):
+        specdec.load("no-such-model-here", method="draft")
 
 
 def test_options_are_frozen_and_importable_without_torch():

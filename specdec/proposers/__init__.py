@@ -91,12 +91,13 @@ def method_options(method: str, given: Mapping[str, Any] | None = None) -> Metho
         owners = [f"{k} ({', '.join(m for m in REGISTRY if k in option_names(m)) or 'no method'})" for k in foreign]
         raise SpecdecError(
             f"option(s) {', '.join(foreign)} do not apply to method {method!r}",
-            f"options of {method!r}: {', '.join(own) or 'none'}; the others belong to: {', '.join(owners)}",
+            f"options of {method!r}: {', '.join(own) or 'none'}; drop the others or choose their method: "
+            f"{', '.join(owners)}",
         )
     return REGISTRY[method].options(**given)
 
 
-def resolve_method(method: str, draft: torch.nn.Module | None, medusa_heads: bool = False) -> str:
+def resolve_method(method: str, draft: object | None, medusa_heads: bool = False) -> str:
     """The concrete method for ``method`` (``"auto"`` picks one: Medusa when heads are given, else the draft
     when one is given, else prompt lookup)."""
     _check_method(method)
@@ -109,10 +110,13 @@ def resolve_method(method: str, draft: torch.nn.Module | None, medusa_heads: boo
     return method
 
 
-def method_and_options(method: str, draft: torch.nn.Module | None, options: MethodOptions | None,
+def method_and_options(method: str, draft: object | None, options: MethodOptions | None,
                        given: Mapping[str, Any]) -> tuple[str, MethodOptions]:
     """The concrete method and its options: ``options`` (an options object, whose method is then the
-    method) or else the keyword options ``given``, built once ``"auto"`` is resolved."""
+    method) or else the keyword options ``given``, built once ``"auto"`` is resolved.
+
+    ``draft``: the draft model, or its reference before loading (only whether one is given matters).
+    """
     if options is not None:
         if any(v is not None for v in given.values()):
             raise SpecdecError(f"method options given both as {type(options).__name__} and as keywords "

@@ -16,7 +16,7 @@ import torch
 
 from .errors import ContextLengthError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
-from .proposers import ProposerContext, build_proposer, resolve_method
+from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Draft, StepOutcome
 from .sampling import SamplingConfig, check_request
 from .static import BUCKETS, StaticKV, open_cache
@@ -120,11 +120,14 @@ class SpeculativeGenerator:
         draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
         static_cache: run the target and the draft on preallocated caches at fixed row buckets,
             captured as CUDA graphs on CUDA (:mod:`specdec.static`); None = on for CUDA, off elsewhere.
-        **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
-            ``medusa_heads``, ``tree``, ``tree_size``, ``max_ngram``...), validated by the method.
-            Medusa's ``typical_acceptance=True`` (with ``posterior_threshold``,
-            ``posterior_alpha``) is LOSSY when sampling and off by default: see
-            :class:`specdec.verify.TypicalAcceptance`.
+        options: the method's options as an object (:mod:`specdec.proposers.options`, e.g.
+            ``LookaheadOptions(window_size=4)``); with ``method="auto"`` its class names the method.
+        **method_options: or the method's options as keywords (``window_size``, ``ngram_size``,
+            ``guess_size``, ``medusa_heads``, ``tree``, ``tree_size``, ``max_ngram``...): only the
+            chosen method's (once ``auto`` is resolved); None means the default, and a value for
+            another method's option is an error. Medusa's ``typical_acceptance=True`` (with
+            ``posterior_threshold``, ``posterior_alpha``) is LOSSY when sampling and off by default:
+            see :class:`specdec.verify.TypicalAcceptance`.
 
     Verification is exact unless the proposer carries a ``typical_acceptance``
     attribute that is not None (only Medusa's, and only when asked for); that
@@ -141,12 +144,13 @@ class SpeculativeGenerator:
         *,
         draft_tokenizer: Any = None,
         static_cache: bool | None = None,
-        **options: Any,
+        options: MethodOptions | None = None,
+        **method_options: Any,
     ) -> None:
         self.target = target.eval()
         self.tokenizer = tokenizer
         self.draft = draft.eval() if draft is not None else None
-        self.method = resolve_method(method, draft=draft, options=options)
+        self.method, self.options = method_and_options(method, draft, options, method_options)
         if num_speculative_tokens is not None and (int(num_speculative_tokens) != num_speculative_tokens or num_speculative_tokens < 0):
             raise SpecdecError(
                 f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens}",
@@ -166,7 +170,7 @@ class SpeculativeGenerator:
                 draft=self.draft,
                 tokenizer=tokenizer,
                 num_speculative_tokens=num_speculative_tokens,
-                options=options,
+                options=self.options,
                 static_cache=self.static_cache,
             ),
         )

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from . import models
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - part of this module's API
 from .errors import ModelNotFoundError, SpecdecError
+from .proposers import MethodOptions, method_and_options
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def load(
     threads: int | None = None,
     profile: str | None = None,
     static_cache: bool | None = None,
-    **options: Any,
+    options: MethodOptions | None = None,
+    **method_options: Any,
 ):
     """Load a target (and a draft) and return a ready :class:`~specdec.SpeculativeGenerator`.
 
@@ -151,12 +152,14 @@ def load(
         device: ``auto`` or a torch device string.
         num_speculative_tokens: fixed candidates per step (None = adaptive).
         threads: CPU threads for torch (None = torch's default).
-        **options: method options (``window_size``, ``ngram_size``, ``guess_size``,
-            ``medusa_heads`` (a folder or a MedusaHeads), ``tree``...).
+        options: the method's options as an object (:mod:`specdec.proposers.options`).
+        **method_options: or the chosen method's options as keywords (``window_size``, ``ngram_size``,
+            ``guess_size``, ``medusa_heads`` (a folder or a MedusaHeads), ``tree``...; see
+            :class:`~specdec.SpeculativeGenerator`).
         profile: ``"auto"`` or a hardware profile name: detect the device and let the
             profile fill method, draft, quantization, dtype, num_speculative_tokens and
-            lookahead options that were not given (see :func:`specdec.profiles.profile_settings`);
-            the generator then has a ``configuration`` attribute saying what was chosen.
+            the chosen method's options that were not given (see :func:`specdec.profiles.profile_settings`);
+            the generator then has a ``selection`` attribute saying what the profile chose.
         static_cache: preallocated caches at fixed row buckets, captured as CUDA graphs on
             CUDA (None = on for CUDA, off elsewhere; see :mod:`specdec.static`).
     """
@@ -164,25 +167,26 @@ def load(
 
     if threads:
         torch.set_num_threads(int(threads))
-    target_qc = draft_qc = settings = None
+    target_qc = draft_qc = arguments = None
     if profile is not None:
         from .profiles import profile_settings
 
-        settings = profile_settings(profile, target, method=method, draft=draft, dtype=dtype, device=device,
-                                    num_speculative_tokens=num_speculative_tokens, options=options)
-        target, draft, method, dtype = settings.target, settings.draft, settings.method, settings.dtype
-        num_speculative_tokens, options = settings.num_speculative_tokens, settings.options
-        target_qc, draft_qc = settings.quantization_configs()
-        log.info("; ".join(settings.notes))
+        arguments = profile_settings(profile, target, method=method, draft=draft, dtype=dtype, device=device,
+                                     num_speculative_tokens=num_speculative_tokens,
+                                     options=options if options is not None else method_options)
+        target, draft, method, dtype = arguments.target, arguments.draft, arguments.method, arguments.dtype
+        if options is None:  # the keywords are in arguments.options now (both given: the generator refuses)
+            method_options = {}
+        num_speculative_tokens, options = arguments.num_speculative_tokens, arguments.options
+        target_qc, draft_qc = arguments.quantization_configs()
+        log.info("; ".join(arguments.notes))
+    else:  # check the method and its options before loading anything (a profile has done so already)
+        method, options = method_and_options(method, draft, options, method_options)
+        method_options = {}
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
     if draft is not None and method in ("auto", "draft"):
         draft_model, draft_tokenizer = load_model(draft, dtype=dtype, device=str(model.device), quantization_config=draft_qc)
-    heads = options.get("medusa_heads")
-    if isinstance(heads, (str, os.PathLike)):
-        from .medusa import MedusaHeads
-
-        options["medusa_heads"] = MedusaHeads.from_pretrained(heads, model)
     generator = SpeculativeGenerator(
         model,
         tokenizer,
@@ -191,9 +195,10 @@ def load(
         num_speculative_tokens=num_speculative_tokens,
         draft_tokenizer=draft_tokenizer,
         static_cache=static_cache,
-        **options,
+        options=options,
+        **method_options,
     )
-    if settings is not None:
-        generator.configuration = settings.configuration
-        generator.profile_notes = settings.notes
+    if arguments is not None:
+        generator.selection = arguments.selection
+        generator.profile_notes = arguments.notes
     return generator

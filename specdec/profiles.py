@@ -7,20 +7,22 @@ preference, ``num_speculative_tokens``, lookahead ``W/N/G``, the Medusa tree
 size and the context length assumed for the KV cache.
 
 :func:`select` is a pure function of (:class:`~specdec.hardware.DeviceInfo`,
-catalogue, profiles, target) to a :class:`Configuration` whose memory
+catalogue, profiles, target) to a :class:`Selection` whose memory
 estimate fits the device, found by falling back step by step and saying why
 each earlier step was rejected::
 
-    for each target (the user's, else the profile's suggestions, then the smaller tiers'):
-      for each method of the profile (medusa, draft, lookahead, prompt_lookup, none):
-        for each target quantization (profile order, smaller last):
-          draft:  for each draft (larger first), for each draft quantization
+    for each target (the user's, else the profile's suggestions, then the smaller tiers'):   select
+      for each method of the profile (medusa, draft, lookahead, prompt_lookup, none):      _fit_target
+        for each target quantization (profile order, smaller last):                        _fit_method
+          draft:  for each draft (larger first), for each draft quantization               _fit_draft
           others: the target alone, plus the method's wider verify step
-        -> the first that fits
+        -> the first that fits (else the smallest tried: _smallest_tried)
 
-:func:`profile_settings` turns a profile into the arguments of
-:func:`specdec.load` without overriding what the caller gave explicitly;
-front ends (``generate --profile``, ``bench --profile``, the webui) call it.
+:func:`profile_settings` turns a profile's selection into the arguments of
+:func:`specdec.load` (:class:`LoadArguments`) without overriding what the
+caller gave explicitly, filling only the chosen method's options
+(:func:`profile_options`); front ends (``generate --profile``, ``bench
+--profile``, the webui) call it.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import json
 import logging
 import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -40,13 +42,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from . import catalogue as cat
 from .errors import SpecdecError
 from .hardware import BACKENDS, DeviceInfo, format_bytes, parse_size
+from .proposers import REGISTRY, MedusaOptions, MethodOptions, method_of, method_options
 from .quantization import FLOAT_KINDS, KINDS, torch_dtype_name
 
 log = logging.getLogger(__name__)
 
 PROFILE_SUFFIX = ".yaml"
 AUTO = "auto"
-SPECULATIVE_METHODS: tuple[str, ...] = ("medusa", "draft", "lookahead", "prompt_lookup", "none")
 
 
 # ---------------------------------------------------------------------- schema
@@ -60,7 +62,7 @@ def _size(value: Any) -> int:
 
 Size = Annotated[int, BeforeValidator(_size), Field(ge=0)]
 Kind = Literal["fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq", "gguf"]
-Method = Literal["medusa", "draft", "lookahead", "prompt_lookup", "none"]
+Method = Literal[tuple(REGISTRY)]  # a concrete method (not "auto")
 
 
 class _Strict(BaseModel):
@@ -264,7 +266,7 @@ def match_profile(device: DeviceInfo, profiles: Sequence[Profile]) -> Profile:
 
 # ---------------------------------------------------------------------- selection
 @dataclass(frozen=True)
-class Configuration:
+class Selection:
     """What :func:`select` chose, with the estimate and the reasons for each fallback.
 
     ``target_ref``/``draft_ref`` are what to load (a hub id of a quantized
@@ -386,7 +388,7 @@ def select(
     target_loaded: bool = False,
     has_medusa_heads: bool = False,
     available: Iterable[str] = KINDS,
-) -> Configuration:
+) -> Selection:
     """Choose target/draft/method/quantization for ``device``; pure (no probing, no imports of backends).
 
     Args:
@@ -402,117 +404,199 @@ def select(
         has_medusa_heads: Medusa heads were given for the target.
         available: quantization kinds whose backends are installed.
     Returns:
-        The first configuration that fits; if none does, the smallest one
+        The first selection that fits; if none does, the smallest one
         tried, with ``fits=False``.
     """
     profiles = load_profiles() if profiles is None else profiles
     chosen = match_profile(device, profiles) if profile == AUTO else find_profile(profile, profiles)
-    available = frozenset(available)
-    dtype = compute_dtype(device, chosen)
-    dtype_bits = _DTYPE_BITS[dtype]
-    context = chosen.context_length
-    budget = device.available_bytes
-    known_memory = budget > 0
-    reasons: list[str] = []
-    if not known_memory:
-        reasons.append("device memory unknown: the first configuration is taken without a memory check")
+    search = _Search(chosen, device, catalogue, frozenset(available), target_loaded, compute_dtype(device, chosen))
+    if not search.known_memory:
+        search.reasons.append("device memory unknown: the first configuration is taken without a memory check")
+    for tgt in _targets_to_try(target, chosen, profiles, device.backend, catalogue):
+        found = _fit_target(search, tgt, has_medusa_heads)
+        if found is not None:
+            return found
+    return _smallest_tried(search)
 
-    if target is None:
-        targets = [cat.resolve(name, catalogue) for name in suggested_targets(chosen, profiles, device.backend)]
-    else:
-        targets = [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
 
-    best: Configuration | None = None
+@dataclass
+class _Search:
+    """One run of :func:`select`: its fixed inputs, the reasons given so far and the smallest estimate tried."""
 
-    def make(tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: dict[str, int],
-             draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Configuration:
-        run_dtype = torch_dtype_name(t_kind, dtype) if t_kind in FLOAT_KINDS else dtype
-        return Configuration(
-            profile=chosen.name, device=device,
+    profile: Profile
+    device: DeviceInfo
+    catalogue: Mapping[str, cat.ModelSpec]
+    available: frozenset[str]
+    target_loaded: bool
+    dtype: str
+    reasons: list[str] = field(default_factory=list)
+    smallest: Selection | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.device.available_bytes
+
+    @property
+    def known_memory(self) -> bool:
+        return self.budget > 0
+
+    def fits(self, total: int) -> bool:
+        """Whether an estimate fits the budget (anything does when the memory is unknown)."""
+        return not self.known_memory or total <= self.budget
+
+    def padded(self, estimate: int) -> int:
+        """An estimate plus the profile's margin, and its reserve unless the target is already loaded."""
+        return padded(estimate, self.profile, reserve=not self.target_loaded)
+
+    def estimate(self, spec: cat.ModelSpec, kind: str, verify_rows: int, weights_loaded: bool = False) -> cat.MemoryEstimate:
+        return cat.estimate_memory(spec, kind, self.profile.context_length, _DTYPE_BITS[self.dtype], verify_rows,
+                                   weights_loaded=weights_loaded)
+
+    def kinds(self, model: cat.ResolvedModel, role: str) -> list[str]:
+        """The profile's quantizations of ``role`` (target or draft) that ``model`` can be loaded as."""
+        preferred = self.profile.quantization.target if role == "target" else self.profile.quantization.draft
+        return _kinds(model, preferred, self.dtype, self.available, self.reasons, role)
+
+    def selection(self, tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: Mapping[str, int],
+                  draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Selection:
+        """The :class:`Selection` of these choices, with the reasons given so far."""
+        chosen = self.profile
+        run_dtype = torch_dtype_name(t_kind, self.dtype) if t_kind in FLOAT_KINDS else self.dtype
+        return Selection(
+            profile=chosen.name, device=self.device,
             target=tgt.spec.name if tgt.spec is not None and tgt.is_short_name else tgt.ref,
             target_ref=tgt.reference(t_kind) if t_kind != "loaded" else tgt.ref,
             draft=draft.name if draft else None, draft_ref=draft.reference(d_kind) if draft and d_kind else None,
             method=method, target_quantization=t_kind, draft_quantization=d_kind if draft else None, dtype=run_dtype,
             num_speculative_tokens=chosen.num_speculative_tokens if method == "draft" else None,
-            lookahead=chosen.lookahead, medusa_tree_size=chosen.medusa.tree_size, context_length=context,
-            estimated_bytes=total, budget_bytes=budget, fits=fits, reasons=tuple(dict.fromkeys(reasons)),
+            lookahead=chosen.lookahead, medusa_tree_size=chosen.medusa.tree_size, context_length=chosen.context_length,
+            estimated_bytes=total, budget_bytes=self.budget, fits=fits, reasons=tuple(dict.fromkeys(self.reasons)),
             breakdown=dict(parts))
 
-    for tgt in targets:
-        if tgt.spec is None:
-            reasons.append(f"target {tgt.ref} is not in the catalogue: memory not estimated, no draft chosen")
-            kind = tgt.fixed_kind or _FLOAT_OF_DTYPE[dtype]
-            method = next((m for m in chosen.methods if m in ("lookahead", "prompt_lookup", "none")), "none")
-            return make(tgt, method, "loaded" if target_loaded else kind, 0, {}, fits=not known_memory)
-        t_kinds = ["loaded"] if target_loaded else _kinds(tgt, chosen.quantization.target, dtype, available, reasons, "target")
-        if not t_kinds:
-            reasons.append(f"target {tgt.ref}: no quantization of the profile is usable")
+    def keep_if_smallest(self, tgt: cat.ResolvedModel, method: str, t_kind: str, total: int,
+                         parts: Mapping[str, int]) -> None:
+        """Remember a selection that does not fit, if it is the smallest so far (the answer when nothing fits)."""
+        if self.smallest is None or total < self.smallest.estimated_bytes:
+            self.smallest = self.selection(tgt, method, t_kind, total, parts, fits=False)
+
+
+def _targets_to_try(target: str | cat.ResolvedModel | None, chosen: Profile, profiles: Sequence[Profile],
+                    backend: str, catalogue: Mapping[str, cat.ModelSpec]) -> list[cat.ResolvedModel]:
+    """The user's target, else the suggestions of the profile and of the smaller tiers."""
+    if target is None:
+        return [cat.resolve(name, catalogue) for name in suggested_targets(chosen, profiles, backend)]
+    return [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
+
+
+def _verify_rows(method: str, profile: Profile) -> int:
+    """Rows of one verify forward of ``method``, for the activation estimate."""
+    return {"lookahead": profile.lookahead.verify_tokens, "medusa": profile.medusa.tree_size,
+            "draft": (profile.num_speculative_tokens or 8) + 1, "prompt_lookup": 11}.get(method, 1)
+
+
+def _fit_target(search: _Search, tgt: cat.ResolvedModel, has_medusa_heads: bool) -> Selection | None:
+    """The first of the profile's methods (then quantizations, then drafts) with which ``tgt`` fits."""
+    if tgt.spec is None:
+        return _uncatalogued(search, tgt)
+    t_kinds = ["loaded"] if search.target_loaded else search.kinds(tgt, "target")
+    if not t_kinds:
+        search.reasons.append(f"target {tgt.ref}: no quantization of the profile is usable")
+        return None
+    too_big: set[str] = set()  # target quantizations that do not fit even alone
+    for method in search.profile.methods:
+        if method == "medusa" and not has_medusa_heads:
+            search.reasons.append("medusa: no Medusa heads given for the target")
             continue
-        too_big: set[str] = set()
-        for method in chosen.methods:
-            if method == "medusa" and not has_medusa_heads:
-                reasons.append("medusa: no Medusa heads given for the target")
+        found = _fit_method(search, tgt, method, [k for k in t_kinds if k not in too_big], too_big)
+        if found is not None:
+            return found
+    return None
+
+
+def _uncatalogued(search: _Search, tgt: cat.ResolvedModel) -> Selection:
+    """A target the catalogue does not know: no estimate, no draft, the profile's first method without one."""
+    search.reasons.append(f"target {tgt.ref} is not in the catalogue: memory not estimated, no draft chosen")
+    kind = tgt.fixed_kind or _FLOAT_OF_DTYPE[search.dtype]
+    method = next((m for m in search.profile.methods if m in ("lookahead", "prompt_lookup", "none")), "none")
+    return search.selection(tgt, method, "loaded" if search.target_loaded else kind, 0, {},
+                            fits=not search.known_memory)
+
+
+def _fit_method(search: _Search, tgt: cat.ResolvedModel, method: str, t_kinds: Sequence[str],
+                too_big: set[str]) -> Selection | None:
+    """The first target quantization with which ``method`` fits (for ``draft``: with a draft that fits too);
+    quantizations too big for the target alone join ``too_big``."""
+    rows = _verify_rows(method, search.profile)
+    for t_kind in t_kinds:
+        t_est = search.estimate(tgt.spec, "bf16" if t_kind == "loaded" else t_kind, rows,
+                                weights_loaded=search.target_loaded)
+        t_total = search.padded(t_est.total)
+        parts = {"target_weights": t_est.weights, "target_kv_cache": t_est.kv_cache,
+                 "target_activations": t_est.activations}
+        if not search.fits(t_total):
+            too_big.add(t_kind)
+            search.reasons.append(f"target {tgt.ref} as {t_kind}: needs {format_bytes(t_total)}, "
+                                  f"{format_bytes(search.budget)} available")
+            search.keep_if_smallest(tgt, method, t_kind, t_total, parts)
+            continue
+        if method != "draft":
+            return search.selection(tgt, method, t_kind, t_total, parts)
+        drafts = cat.drafts_for(tgt.spec, search.catalogue)
+        if not drafts:
+            search.reasons.append(f"draft: no model in the catalogue shares the tokenizer of {tgt.ref} and is smaller")
+            return None
+        found = _fit_draft(search, tgt, t_kind, t_est, parts, rows, drafts)
+        if found is not None:
+            return found
+    return None
+
+
+def _fit_draft(search: _Search, tgt: cat.ResolvedModel, t_kind: str, t_est: cat.MemoryEstimate,
+               parts: Mapping[str, int], rows: int, drafts: Sequence[cat.ModelSpec]) -> Selection | None:
+    """The first draft (larger first) and draft quantization that fit beside the target as ``t_kind``."""
+    for draft in drafts:
+        if draft.family != tgt.spec.family:
+            search.reasons.append(f"draft {draft.name}: tokenizer family {draft.family}, not {tgt.spec.family}")
+            continue
+        d_model = cat.ResolvedModel(draft.name, draft, is_short_name=True)
+        for d_kind in search.kinds(d_model, "draft"):
+            d_est = search.estimate(draft, d_kind, rows)
+            total = search.padded(t_est.total + d_est.total)
+            if not search.fits(total):
+                search.reasons.append(f"target {tgt.ref} as {t_kind} + draft {draft.name} as {d_kind}: needs "
+                                      f"{format_bytes(total)}, {format_bytes(search.budget)} available")
                 continue
-            verify = {"lookahead": chosen.lookahead.verify_tokens, "medusa": chosen.medusa.tree_size,
-                      "draft": (chosen.num_speculative_tokens or 8) + 1, "prompt_lookup": 11}.get(method, 1)
-            for t_kind in t_kinds:
-                if t_kind in too_big:
-                    continue
-                t_est = cat.estimate_memory(tgt.spec, "bf16" if t_kind == "loaded" else t_kind, context, dtype_bits,
-                                            verify, weights_loaded=target_loaded)
-                t_total = padded(t_est.total, chosen, reserve=not target_loaded)
-                parts = {"target_weights": t_est.weights, "target_kv_cache": t_est.kv_cache,
-                         "target_activations": t_est.activations}
-                if known_memory and t_total > budget:
-                    too_big.add(t_kind)
-                    reasons.append(f"target {tgt.ref} as {t_kind}: needs {format_bytes(t_total)}, "
-                                   f"{format_bytes(budget)} available")
-                    if best is None or t_total < best.estimated_bytes:
-                        best = make(tgt, method, t_kind, t_total, parts, fits=False)
-                    continue
-                if method != "draft":
-                    return make(tgt, method, t_kind, t_total, parts)
-                drafts = cat.drafts_for(tgt.spec, catalogue)
-                if not drafts:
-                    reasons.append(f"draft: no model in the catalogue shares the tokenizer of {tgt.ref} and is smaller")
-                    break
-                for draft in drafts:
-                    if draft.family != tgt.spec.family:
-                        reasons.append(f"draft {draft.name}: tokenizer family {draft.family}, not {tgt.spec.family}")
-                        continue
-                    d_model = cat.ResolvedModel(draft.name, draft, is_short_name=True)
-                    for d_kind in _kinds(d_model, chosen.quantization.draft, dtype, available, reasons, "draft"):
-                        d_est = cat.estimate_memory(draft, d_kind, context, dtype_bits, verify)
-                        total = padded(t_est.total + d_est.total, chosen, reserve=not target_loaded)
-                        if known_memory and total > budget:
-                            reasons.append(f"target {tgt.ref} as {t_kind} + draft {draft.name} as {d_kind}: needs "
-                                           f"{format_bytes(total)}, {format_bytes(budget)} available")
-                            continue
-                        parts.update(draft_weights=d_est.weights, draft_kv_cache=d_est.kv_cache,
-                                     draft_activations=d_est.activations)
-                        return make(tgt, method, t_kind, total, parts, draft, d_kind)
-    if best is not None:
-        missing = _missing_extras(reasons)
-        first = ([f"nothing fits with what is installed: install {' and '.join(missing)} first "
-                  "(quantized weights need a fraction of the memory)"] if missing else [])
-        reasons.append("nothing fits: this is the smallest configuration tried")
-        return Configuration(**{**best.__dict__, "reasons": tuple(dict.fromkeys(first + reasons))})
-    raise SpecdecError("no configuration could be chosen: " + "; ".join(reasons[-3:]),
-                       "name another target, or choose a profile with --profile")
+            with_draft = {**parts, "draft_weights": d_est.weights, "draft_kv_cache": d_est.kv_cache,
+                          "draft_activations": d_est.activations}
+            return search.selection(tgt, "draft", t_kind, total, with_draft, draft, d_kind)
+    return None
+
+
+def _smallest_tried(search: _Search) -> Selection:
+    """When nothing fits: the smallest selection tried (``fits=False``), saying what to install first."""
+    if search.smallest is None:
+        raise SpecdecError("no configuration could be chosen: " + "; ".join(search.reasons[-3:]),
+                           "name another target, or choose a profile with --profile")
+    missing = _missing_extras(search.reasons)
+    first = ([f"nothing fits with what is installed: install {' and '.join(missing)} first "
+              "(quantized weights need a fraction of the memory)"] if missing else [])
+    search.reasons.append("nothing fits: this is the smallest configuration tried")
+    return replace(search.smallest, reasons=tuple(dict.fromkeys(first + search.reasons)))
 
 
 # ---------------------------------------------------------------------- front ends
 @dataclass
-class LoadSettings:
-    """Arguments for :func:`specdec.loading.load_model`/``load`` that a profile filled in."""
+class LoadArguments:
+    """Arguments for :func:`specdec.loading.load_model`/``load`` that a profile filled in from its
+    :class:`Selection`; ``options`` are the chosen method's."""
 
-    configuration: Configuration
+    selection: Selection
     target: str
     method: str
     draft: str | None
     dtype: str
     num_speculative_tokens: int | None
-    options: dict[str, Any]
+    options: MethodOptions
     target_quantization: str | None
     draft_quantization: str | None
     notes: list[str] = field(default_factory=list)
@@ -551,7 +635,7 @@ def configure(
     device: DeviceInfo | None = None,
     target_loaded: bool = False,
     has_medusa_heads: bool = False,
-) -> Configuration:
+) -> Selection:
     """Detect the device (unless given) and :func:`select` with the packaged profiles and catalogue.
 
     The entry point for front ends (``detect``, ``generate``, ``bench``, the webui).
@@ -567,6 +651,22 @@ def configure(
                   has_medusa_heads=has_medusa_heads, available=available_kinds())
 
 
+def profile_options(method: str, selection: Selection, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``method``'s keyword options: ``given``, plus the profile's values for those not given.
+
+    A profile sets lookahead's ``window_size``/``ngram_size``/``guess_size`` and
+    Medusa's ``tree_size`` (unless a ``tree`` is given: the most Medusa tree
+    nodes this hardware verifies well); other methods take only what was given.
+    """
+    filled = {k: v for k, v in (given or {}).items() if v is not None}
+    if method == "lookahead":
+        for name in ("window_size", "ngram_size", "guess_size"):
+            filled.setdefault(name, getattr(selection.lookahead, name))
+    elif method == "medusa" and "tree" not in filled:
+        filled.setdefault("tree_size", selection.medusa_tree_size)
+    return filled
+
+
 def profile_settings(
     profile: str,
     target: str,
@@ -575,62 +675,71 @@ def profile_settings(
     draft: str | None = None,
     dtype: str = AUTO,
     num_speculative_tokens: int | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: MethodOptions | Mapping[str, Any] | None = None,
     device: DeviceInfo | str | None = None,
     target_loaded: bool = False,
-) -> LoadSettings:
+    has_medusa_heads: bool | None = None,
+) -> LoadArguments:
     """What ``specdec.load(..., profile=profile)`` loads: the profile fills only what was not given.
 
     "Not given" means: ``method="auto"``, ``draft=None``, ``dtype="auto"``,
-    ``num_speculative_tokens=None``, lookahead options and Medusa's ``tree_size``
-    absent or None (``tree_size`` is filled only when ``medusa_heads`` are given
-    and no ``tree`` is). A
-    draft given explicitly is loaded unquantized unless the profile chose the
-    same draft.
+    ``num_speculative_tokens=None``, and the chosen method's options absent or
+    None (:func:`profile_options`; ``options`` may also be a method's options
+    object, which is taken as it is and names the method). A draft given
+    explicitly is loaded unquantized unless the profile chose the same draft.
+    ``has_medusa_heads``: whether Medusa heads are at hand (None = whether
+    ``options`` carry ``medusa_heads``), e.g. for the bench's medusa row.
     """
-    options = dict(options or {})
+    given = dict(options) if isinstance(options, Mapping) else {}
+    options_object = None if options is None or isinstance(options, Mapping) else options
+    if options_object is not None and method == AUTO:
+        method = method_of(options_object)
     if isinstance(device, str):
         from .hardware import detect_for
 
         device = detect_for(device)
-    config = configure(profile, target, device=device, target_loaded=target_loaded,
-                       has_medusa_heads=options.get("medusa_heads") is not None)
-    notes = [f"profile {config.profile}: {config.method}"
-             + (f" with draft {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "")
-             + f", target {config.target_ref} ({config.target_quantization}), "
-             f"estimate {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)}"]
-    if not config.fits:
+    heads = options_object.medusa_heads if isinstance(options_object, MedusaOptions) else given.get("medusa_heads")
+    selection = configure(profile, target, device=device, target_loaded=target_loaded,
+                          has_medusa_heads=heads is not None if has_medusa_heads is None else has_medusa_heads)
+    notes = [f"profile {selection.profile}: {selection.method}"
+             + (f" with draft {selection.draft_ref} ({selection.draft_quantization})" if selection.draft_ref else "")
+             + f", target {selection.target_ref} ({selection.target_quantization}), "
+             f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"]
+    if not selection.fits:
         notes.append("the estimate exceeds the available memory; loading may fail")
-    chosen_method = method if method != AUTO else config.method
-    if method == AUTO and draft is not None and config.method != "draft":
+    chosen_method = method if method != AUTO else selection.method
+    if method == AUTO and draft is not None and selection.method != "draft":
         chosen_method = "draft"  # the user gave a draft: use it
-    chosen_draft = draft if draft is not None else (config.draft_ref if chosen_method == "draft" else None)
-    draft_kind = config.draft_quantization if chosen_draft is not None and chosen_draft == config.draft_ref else None
+    chosen_draft = draft if draft is not None else (selection.draft_ref if chosen_method == "draft" else None)
+    draft_kind = selection.draft_quantization if chosen_draft is not None and chosen_draft == selection.draft_ref else None
     if chosen_method == "draft" and chosen_draft is None:
         notes.append("method draft was asked for but the profile found no draft that fits")
-    for name in ("window_size", "ngram_size", "guess_size"):
-        if options.get(name) is None:
-            options[name] = getattr(config.lookahead, name)
-    if options.get("medusa_heads") is not None and options.get("tree_size") is None and options.get("tree") is None:
-        options["tree_size"] = config.medusa_tree_size  # the most Medusa tree nodes this hardware verifies well
-    target_kind = None if config.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else config.target_quantization
+    if options_object is None:
+        try:
+            options_object = method_options(chosen_method, profile_options(chosen_method, selection, given))
+        except SpecdecError as e:
+            if method != AUTO:
+                raise
+            raise SpecdecError(f"{e.message} (the method profile {selection.profile} chose)",
+                               f"name the method of these options (--method), or drop them; {e.hint}") from None
+    target_kind = None if selection.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else selection.target_quantization
     if target_loaded:
         target_kind = None
-    return LoadSettings(
-        configuration=config,
-        target=config.target_ref if not target_loaded else target,
+    return LoadArguments(
+        selection=selection,
+        target=selection.target_ref if not target_loaded else target,
         method=chosen_method,
         draft=chosen_draft,
-        dtype=dtype if dtype != AUTO else config.dtype,
-        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else config.num_speculative_tokens,
-        options=options,
+        dtype=dtype if dtype != AUTO else selection.dtype,
+        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else selection.num_speculative_tokens,
+        options=options_object,
         target_quantization=target_kind,
         draft_quantization=None if draft_kind in (None, *FLOAT_KINDS, "gguf") else draft_kind,
         notes=notes,
     )
 
 
-def describe(config: Configuration) -> list[str]:
+def describe(config: Selection) -> list[str]:
     """Human-readable lines for ``detect``."""
     d = config.device
     lines = [
@@ -654,6 +763,6 @@ def describe(config: Configuration) -> list[str]:
     return lines
 
 
-__all__ = ["Profile", "ProfileError", "Problem", "Configuration", "LoadSettings", "parse_profile", "load_profiles",
+__all__ = ["Profile", "ProfileError", "Problem", "Selection", "LoadArguments", "parse_profile", "load_profiles",
            "load_profile_file", "profiles_dir", "match_profile", "find_profile", "select", "configure",
-           "profile_settings", "describe", "BACKENDS"]
+           "profile_options", "profile_settings", "describe", "BACKENDS"]

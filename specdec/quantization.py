@@ -1,6 +1,6 @@
 """Quantization kinds: what each costs in memory and how to ask transformers for it.
 
-Kinds (the names profiles and :class:`~specdec.profiles.Configuration` use):
+Kinds (the names profiles and :class:`~specdec.profiles.Selection` use):
 
 ========  ==========================================================  ==========
 kind      how it is loaded                                            extra

@@ -5,7 +5,8 @@ import torch
 
 from specdec.adaptive import DraftLengthController
 from specdec.proposers.base import DecodeState
-from specdec.proposers.prompt_lookup import PromptLookupConfig, PromptLookupProposer
+from specdec.proposers.options import PromptLookupOptions
+from specdec.proposers.prompt_lookup import PromptLookupProposer
 from specdec.sampling import SamplingConfig
 
 
@@ -45,7 +46,7 @@ def _state(tokens: list[int]) -> DecodeState:
 
 def test_prompt_lookup_sends_a_plain_step_when_its_copy_does_not_pay() -> None:
     tokens = [5, 6, 7, 8, 9, 10, 11, 5, 6, 7]  # the suffix 5 6 7 occurred before: a copy of 8 9 10 ... is found
-    proposer = PromptLookupProposer(PromptLookupConfig(branches=1), fixed=None)
+    proposer = PromptLookupProposer(PromptLookupOptions(branches=1), fixed=None)
     proposer.reset(_state(tokens))
     assert proposer.propose(_state(tokens), 8).num_nodes > 0, "nothing measured yet: the copy is sent"
     proposer.controller = _measured((0.3, 2.7), {1: 0.10, 4: 0.20, 8: 0.30})

@@ -174,18 +174,19 @@ def test_copy_length_follows_how_far_the_match_agrees():
 
 def test_prompt_lookup_proposes_a_trie_of_alternatives():
     from specdec.proposers.base import DecodeState
-    from specdec.proposers.prompt_lookup import PromptLookupConfig, PromptLookupProposer
+    from specdec.proposers.options import PromptLookupOptions
+    from specdec.proposers.prompt_lookup import PromptLookupProposer
     from specdec.sampling import SamplingConfig
 
     tokens = torch.tensor([1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2])
     state = DecodeState(tokens=tokens, prompt_length=11, sampling=SamplingConfig(), generator=None)
-    proposer = PromptLookupProposer(PromptLookupConfig(branches=3, branch_tokens=2), fixed=None)
+    proposer = PromptLookupProposer(PromptLookupOptions(branches=3, branch_tokens=2), fixed=None)
     proposer.reset(state)
     draft = proposer.propose(state, max_nodes=16)
     assert draft.tokens.tolist() == [5, 1, 2, 4, 1, 3, 1]
     assert draft.parents.tolist() == [-1, 0, 1, -1, 3, -1, 5]
     assert proposer._main_branch(draft) == [5, 1, 2]
-    fixed = PromptLookupProposer(PromptLookupConfig(), fixed=2)  # a fixed length keeps one chain
+    fixed = PromptLookupProposer(PromptLookupOptions(), fixed=2)  # a fixed length keeps one chain
     fixed.reset(state)
     chain = fixed.propose(state, max_nodes=16)
     assert chain.tokens.tolist() == [5, 1] and chain.parents is None

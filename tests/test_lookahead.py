@@ -13,12 +13,12 @@ from specdec.errors import SpecdecError, UnsupportedModelError
 from specdec.proposers.base import DecodeState
 from specdec.proposers.lookahead import (
     JacobiWindow,
-    LookaheadConfig,
     LookaheadProposer,
     NgramPool,
     build_trie,
     window_layout,
 )
+from specdec.proposers.options import LookaheadOptions
 from specdec.proposers.prompt_lookup import next_copy_length
 from specdec.sampling import SamplingConfig
 
@@ -95,7 +95,7 @@ def test_window_layout_is_a_causal_prefix(W: int, L: int) -> None:
 
 def test_draft_rows_mask_and_positions() -> None:
     """Candidates as a trie; the window's extra mask sees the root and window rows only."""
-    cfg = LookaheadConfig(window_size=2, ngram_size=3, guess_size=3, copy_tokens=0)  # pool candidates only
+    cfg = LookaheadOptions(window_size=2, ngram_size=3, guess_size=3, copy_tokens=0)  # pool candidates only
     proposer = LookaheadProposer(cfg)
     tokens = torch.tensor([5, 6, 7, 5, 6, 8, 5, 9, 1, 5])
     state = DecodeState(tokens=tokens, prompt_length=10, sampling=SamplingConfig(), generator=None)
@@ -119,7 +119,7 @@ def test_draft_rows_mask_and_positions() -> None:
 
 def test_context_copy_is_the_first_candidate() -> None:
     """The tokens after the latest earlier occurrence of the current 2-3 token suffix lead the trie."""
-    cfg = LookaheadConfig(window_size=2, ngram_size=3, guess_size=2, copy_tokens=4)
+    cfg = LookaheadOptions(window_size=2, ngram_size=3, guess_size=2, copy_tokens=4)
     proposer = LookaheadProposer(cfg)
     tokens = torch.tensor([3, 4, 5, 6, 7, 8, 9, 3, 4])
     state = DecodeState(tokens=tokens, prompt_length=9, sampling=SamplingConfig(), generator=None)
@@ -129,7 +129,7 @@ def test_context_copy_is_the_first_candidate() -> None:
     assert draft.tokens.tolist() == [5, 6, 7, 8]
     assert draft.parents.tolist() == [-1, 0, 1, 2]
     assert proposer.propose(state, max_nodes=2).tokens.tolist() == [5, 6]
-    off = LookaheadProposer(LookaheadConfig(window_size=2, ngram_size=3, guess_size=2, copy_tokens=0))
+    off = LookaheadProposer(LookaheadOptions(window_size=2, ngram_size=3, guess_size=2, copy_tokens=0))
     off.reset(state)
     assert off.propose(state, max_nodes=8).tokens.tolist() == [5, 6]
 
@@ -198,11 +198,11 @@ def test_trie_merges_shared_prefixes() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(SpecdecError):
-        LookaheadConfig(ngram_size=1)
+        LookaheadOptions(ngram_size=1)
     with pytest.raises(SpecdecError):
-        LookaheadConfig(window_size=0)
+        LookaheadOptions(window_size=0)
     with pytest.raises(SpecdecError):
-        LookaheadConfig(guess_size=2.5)
+        LookaheadOptions(guess_size=2.5)
     with pytest.raises(SpecdecError):
         specdec.SpeculativeGenerator(tiny_model(), method="lookahead", min_ngram=2)
 

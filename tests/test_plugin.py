@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+from specdec.proposers import REGISTRY, LookaheadOptions
+
 SCRIPT = Path(__file__).resolve().parents[1] / "plugin" / "specdec" / "script.py"
 PROMPT = "<|user|>abcabcabc abc abc<|assistant|>"
 
@@ -276,6 +278,10 @@ def test_params_from_settings_yaml(webui, monkeypatch: pytest.MonkeyPatch) -> No
     assert module.params["num_speculative_tokens"] == 3 and module.params["window_size"] == 3
     generator = module.build_generator(*(webui.shared.model, webui.shared.tokenizer))
     assert generator.method == "lookahead"
+    # W from settings.yaml, N and G the library's own defaults
+    assert generator.options == LookaheadOptions(window_size=3)
+    assert (module.params["ngram_size"], module.params["guess_size"]) == (LookaheadOptions.ngram_size, LookaheadOptions.guess_size)
+    assert module.METHOD_CHOICES == tuple(REGISTRY)
     assert reply(module, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(webui.shared.model, webui.shared.tokenizer)
 
 

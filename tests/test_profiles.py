@@ -15,6 +15,7 @@ from specdec.profiles import (
     ProfileError, find_profile, load_profile_file, load_profiles, match_profile, parse_profile, profile_settings,
     profiles_dir, select,
 )
+from specdec.proposers.options import DraftOptions, LookaheadOptions, NoneOptions
 from specdec.quantization import FLOAT_KINDS, KINDS
 
 PROFILES = load_profiles()
@@ -129,11 +130,20 @@ def test_profile_settings_fill_only_what_was_not_given():
     auto = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB))
     assert (auto.method, auto.draft, auto.num_speculative_tokens) == ("draft", "Qwen/Qwen2.5-0.5B-Instruct", 5)
     assert auto.target_quantization == "nf4" and auto.draft_quantization is None and auto.dtype == "bfloat16"
-    assert auto.options == {"window_size": 6, "ngram_size": 4, "guess_size": 6}
+    assert auto.options == DraftOptions()  # only the chosen method's options: no lookahead W/N/G for a draft
     given = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="none", dtype="float16",
-                             num_speculative_tokens=2, options={"window_size": 3, "ngram_size": None})
+                             num_speculative_tokens=2)
     assert (given.method, given.draft, given.dtype, given.num_speculative_tokens) == ("none", None, "float16", 2)
-    assert given.options == {"window_size": 3, "ngram_size": 4, "guess_size": 6}
+    assert given.options == NoneOptions()
+    lookahead = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="lookahead",
+                                 options={"window_size": 3, "ngram_size": None})
+    assert lookahead.options == LookaheadOptions(window_size=3, ngram_size=4, guess_size=6)
+    own = LookaheadOptions(window_size=2)  # an options object is taken as it is and names the method
+    assert profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), options=own).options is own
+    with pytest.raises(SpecdecError, match="do not apply to method 'none'"):
+        profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="none", options={"window_size": 3})
+    with pytest.raises(SpecdecError, match="the method profile gpu-8gb chose"):
+        profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), options={"window_size": 3})
     own_draft = profile_settings("auto", "smollm2-135m", device=CPU_16GB, draft="/my/draft")
     assert own_draft.method == "draft" and own_draft.draft == "/my/draft" and own_draft.draft_quantization is None
 

@@ -140,7 +140,7 @@ def test_load_with_a_profile_quantizes_the_target_and_keeps_explicit_choices(tmp
     pytest.importorskip("bitsandbytes")
     folder = _tiny_folder(tmp_path / "tiny")
     gen = specdec.load(folder, method="prompt_lookup", device="cpu", profile="gpu-4gb", num_speculative_tokens=3)
-    config = gen.configuration
+    config = gen.selection
     assert (config.profile, config.target_quantization, config.draft_ref) == ("gpu-4gb", "nf4", None)
     assert gen.method == "prompt_lookup"  # given explicitly: the profile does not override it
     assert type(gen.target.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"

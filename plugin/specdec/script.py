@@ -31,24 +31,30 @@ from typing import Any
 
 from modules import shared
 from modules.logging_colors import logger
-from specdec.webui import (
-    Request,
-    cut_at_stop,
-    generation_config_problems,
-    masked_prompt_tokens,
-    new_tokens_limit,
-    parse_call,
-    sampling_arguments,
-    stop_strings,
-    token_bans,
-    unsupported_settings,
-    webui_eos_ids,
-)
+try:
+    from specdec.proposers import REGISTRY, LookaheadOptions
+    from specdec.webui import (
+        Request,
+        cut_at_stop,
+        generation_config_problems,
+        masked_prompt_tokens,
+        new_tokens_limit,
+        parse_call,
+        sampling_arguments,
+        stop_strings,
+        token_bans,
+        unsupported_settings,
+        webui_eos_ids,
+    )
+except ImportError as e:  # the webui's Python lacks the package: say how to install it, not only the traceback
+    raise ImportError(f"the specdec extension needs the specdec package in the webui's Python ({e}); "
+                      "run `python install.py WEBUI_DIR` from the specdec checkout") from e
 
 EXTENSION_NAME = "specdec"
 
-METHOD_CHOICES: tuple[str, ...] = ("draft", "prompt_lookup", "lookahead", "medusa", "none")
+METHOD_CHOICES: tuple[str, ...] = tuple(REGISTRY)  # "auto" is the auto_configure switch
 NO_DRAFT = "None"
+_LOOKAHEAD = LookaheadOptions()  # the library's defaults
 
 params: dict[str, Any] = {
     "display_name": "Speculative decoding (specdec)",
@@ -60,9 +66,9 @@ params: dict[str, Any] = {
     "method": "prompt_lookup",
     "draft_model": NO_DRAFT,  # a folder or .gguf file in the webui's models folder
     "num_speculative_tokens": 0,  # 0 = adaptive
-    "window_size": 4,  # lookahead W
-    "ngram_size": 4,  # lookahead N
-    "guess_size": 4,  # lookahead G
+    "window_size": _LOOKAHEAD.window_size,  # lookahead W
+    "ngram_size": _LOOKAHEAD.ngram_size,  # lookahead N
+    "guess_size": _LOOKAHEAD.guess_size,  # lookahead G
     "medusa_heads": "",  # folder of Medusa heads trained for the loaded model
 }
 

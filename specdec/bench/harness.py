@@ -29,8 +29,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,8 @@ class BenchConfig:
         warmup_tokens: new tokens of the untimed warm-up run of each runner (0 = none).
         device: ``auto`` or a torch device string.
         num_speculative_tokens: fixed candidates per step for the specdec rows (None = adaptive).
-        method_options: method options for the specdec rows (e.g. lookahead's
-            ``window_size``), as ``(name, value)`` pairs; a hardware profile fills them.
+        method_options: keyword options of each method's specdec row, by method (e.g.
+            ``{"lookahead": {"window_size": 4}}``); a hardware profile fills them.
         medusa_heads: folder of trained Medusa heads for the target, given to the
             ``specdec-medusa`` row only (without them that row is skipped).
         static_cache: the specdec rows' static path (None = on for CUDA, off elsewhere).
@@ -86,7 +86,7 @@ class BenchConfig:
     warmup_tokens: int = 16
     device: str = "auto"
     num_speculative_tokens: int | None = None
-    method_options: tuple[tuple[str, Any], ...] = ()
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     medusa_heads: str | None = None
     static_cache: bool | None = None
 
@@ -349,7 +349,7 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.static_cache = False
         for method in config.methods:
-            options = dict(config.method_options)
+            options = dict(config.method_options.get(method, {}))
             if method == "medusa" and config.medusa_heads is not None:
                 options["medusa_heads"] = config.medusa_heads
             try:

@@ -69,19 +69,18 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
 
     quiet_libraries()
     console = Console(stderr=True)
-    num_speculative_tokens, method_options = None, ()
+    num_speculative_tokens, method_options = None, {}
     if methods is None:
         methods = ",".join(DEFAULT_METHODS + (("medusa",) if medusa_heads else ()))
     if profile:
-        from ..profiles import profile_settings
+        from ..profiles import profile_options, profile_settings
 
-        settings = profile_settings(profile, target, draft=draft,
-                                    options={"medusa_heads": medusa_heads} if medusa_heads else None)
-        draft, num_speculative_tokens = settings.draft, settings.num_speculative_tokens
-        # the heads go to the specdec-medusa row only (with heads, "auto" would pick medusa too)
-        method_options = tuple(sorted((k, v) for k, v in settings.options.items()
-                                      if v is not None and k != "medusa_heads"))
-        for note in settings.notes:
+        arguments = profile_settings(profile, target, draft=draft, has_medusa_heads=medusa_heads is not None)
+        draft, num_speculative_tokens = arguments.draft, arguments.num_speculative_tokens
+        # each row gets the profile's options of its own method; the heads go to the specdec-medusa row
+        # only, through BenchConfig.medusa_heads (with heads, "auto" would pick medusa too)
+        method_options = {m: profile_options(m, arguments.selection) for m in _split((methods,))}
+        for note in arguments.notes:
             console.print(f"[bold]{note}[/bold]")
     config = BenchConfig(
         target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),

@@ -10,7 +10,7 @@ import click
 
 from ..errors import SpecdecError
 from ..models import DEFAULT_MODEL
-from ..proposers import METHODS
+from ..proposers import METHODS, LookaheadOptions
 
 
 def quiet_libraries() -> None:
@@ -62,9 +62,12 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Proposer: none (plain decoding), draft, prompt_lookup, lookahead, medusa, auto."),
         click.option("--num-speculative-tokens", "-k", type=click.IntRange(min=0), default=None,
                      help="Fixed candidates per step (default: adaptive)."),
-        click.option("--window-size", type=click.IntRange(min=1), default=None, help="Lookahead window W."),
-        click.option("--ngram-size", type=click.IntRange(min=2), default=None, help="Lookahead n-gram size N."),
-        click.option("--guess-size", type=click.IntRange(min=1), default=None, help="Lookahead candidates per step G."),
+        click.option("--window-size", type=click.IntRange(min=1), default=None,
+                     help=f"Lookahead window W [default: {LookaheadOptions.window_size}, or the profile's]."),
+        click.option("--ngram-size", type=click.IntRange(min=2), default=None,
+                     help=f"Lookahead n-gram size N [default: {LookaheadOptions.ngram_size}, or the profile's]."),
+        click.option("--guess-size", type=click.IntRange(min=1), default=None,
+                     help=f"Lookahead candidates per step G [default: {LookaheadOptions.guess_size}, or the profile's]."),
         click.option("--medusa-heads", type=click.Path(), default=None, help="Folder of trained Medusa heads."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
                      show_default=True, help="auto = bfloat16 on CPU."),
@@ -80,7 +83,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the method options of :func:`model_options` into a dict for ``specdec.load``."""
+    """Pop the method options of :func:`model_options` (and ``static_cache``) into keywords for ``specdec.load``
+    (None = not given; ``specdec.load`` builds the chosen method's options object from them)."""
     return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads",
                                                  "static_cache")}
 

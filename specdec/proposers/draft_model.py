@@ -32,7 +32,6 @@ would copy costs one draft forward for several tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +42,7 @@ from ..modelinfo import output_rows
 from ..sampling import choose, presence_rows, process_logits
 from ..static import open_cache
 from .base import DecodeState, Draft, StepOutcome
+from .options import DraftOptions
 from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
@@ -52,43 +52,11 @@ GUESS_START = 3  # copied tokens the draft checks at first; doubles while all ar
 MAX_GUESS_TOKENS = 16
 
 
-@dataclass(frozen=True)
-class DraftModelConfig:
-    """Options of the draft-model method.
-
-    Attributes:
-        ngram_first: propose n-gram matches from the context before running the draft,
-            and let the draft check context copies in its own forwards (greedy).
-        ngram_min_tokens: shortest n-gram continuation used instead of the draft.
-        ngram_tokens: tokens copied from an n-gram match at first.
-        max_copy_tokens: most tokens copied once copies keep being kept whole.
-        max_ngram: longest context suffix matched.
-        confidence_stop: stop drafting when the draft's probability of its token
-            is below this (0 = never stop early).
-        int8: run an int8 weight-only copy of the draft (None = wherever the
-            kernel runs, i.e. on a CPU).
-    """
-
-    ngram_first: bool = True
-    ngram_min_tokens: int = 3
-    ngram_tokens: int = 10
-    max_copy_tokens: int = 32
-    max_ngram: int = 3
-    confidence_stop: float = 0.3
-    int8: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.confidence_stop < 1.0:
-            raise SpecdecError(f"confidence_stop must be in [0, 1), got {self.confidence_stop}")
-        if self.ngram_min_tokens < 1 or self.ngram_tokens < self.ngram_min_tokens or self.max_ngram < 1:
-            raise SpecdecError("need 1 <= ngram_min_tokens <= ngram_tokens and max_ngram >= 1")
-
-
 class DraftModelProposer:
     name = "draft"
 
     def __init__(
-        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftModelConfig,
+        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftOptions,
         static_cache: bool = False,
     ) -> None:
         self.model = draft
@@ -264,14 +232,7 @@ class DraftModelProposer:
 
 
 def build(ctx) -> DraftModelProposer:
-    from . import take_options
-
-    opts = take_options(
-        ctx.options,
-        ("ngram_first", "ngram_min_tokens", "ngram_tokens", "max_copy_tokens", "max_ngram", "confidence_stop", "int8"),
-        "draft",
-    )
-    cfg = DraftModelConfig(**opts)
+    cfg: DraftOptions = ctx.options
     target_vocab = output_rows(ctx.target)
     ratio = _parameters(ctx.draft) / max(_parameters(ctx.target), 1)
     draft = ctx.draft

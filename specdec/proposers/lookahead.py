@@ -38,56 +38,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import SpecdecError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..tree import build_trie
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import COPY_TOKENS, ContextCopies
+from .options import LookaheadOptions
+from .prompt_lookup import ContextCopies
 
 
 # attention implementations that take a custom 4D float mask through the public forward
 MASKABLE_ATTENTION = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class LookaheadConfig:
-    """Options of lookahead decoding.
-
-    A step forwards ``1 + (N-1)*W`` rows plus at most ``G*(N-1)`` candidate
-    nodes (fewer once shared prefixes are merged). On a 2-core CPU in bf16
-    (Qwen2.5-Coder-1.5B) a forward over 4 new rows costs what a 1-row one
-    does, 8 rows ~1.15x, 16 rows ~1.45x and 32 rows ~2x, so the defaults keep
-    the window to one column (W=1: a step of ~5 rows). Measured side by side
-    in one process on the shared prompts (128 tokens): W=1 gave 1.07x the
-    tokens/s of W=3 and 1.03x that of W=2 (accepted length 1.24-2.61 vs
-    1.33-2.72 per step: the extra columns' n-grams were worth less than their
-    rows); N=3 vs N=2 or 4 and G=3 vs 2 were within noise. GPUs, where rows are
-    nearly free, get wider windows from their hardware profiles.
-
-    Attributes:
-        window_size: ``W``, columns of the Jacobi window (parallel guesses).
-        ngram_size: ``N``, length of the n-grams (key token + ``N-1`` candidates);
-            the window has ``N-1`` levels.
-        guess_size: ``G``, most n-grams kept per key and verified per step.
-        copy_tokens: longest context copy verified per step (0 = no copies).
-        copy_min_ngram: shortest context suffix that must match for a copy.
-    """
-
-    window_size: int = 1
-    ngram_size: int = 3
-    guess_size: int = 3
-    copy_tokens: int = COPY_TOKENS
-    copy_min_ngram: int = 1
-
-    def __post_init__(self) -> None:
-        for name, value, low in (("window_size", self.window_size, 1), ("ngram_size", self.ngram_size, 2),
-                                 ("guess_size", self.guess_size, 1), ("copy_tokens", self.copy_tokens, 0),
-                                 ("copy_min_ngram", self.copy_min_ngram, 1)):
-            if isinstance(value, bool) or int(value) != value or value < low:
-                raise SpecdecError(f"lookahead {name} must be an integer >= {low}, got {value!r}")
 
 
 class NgramPool:
@@ -212,7 +174,7 @@ def check_model(model: torch.nn.Module) -> None:
 class LookaheadProposer:
     name = "lookahead"
 
-    def __init__(self, cfg: LookaheadConfig) -> None:
+    def __init__(self, cfg: LookaheadOptions) -> None:
         self.cfg = cfg
         self.pool = NgramPool(cfg.ngram_size, cfg.guess_size)
         self.window: JacobiWindow | None = None
@@ -279,9 +241,5 @@ class LookaheadProposer:
 
 
 def build(ctx) -> LookaheadProposer:
-    from . import take_options
-
-    opts = take_options(ctx.options, ("window_size", "ngram_size", "guess_size", "copy_tokens", "copy_min_ngram"), "lookahead")
-    cfg = LookaheadConfig(**opts)
     check_model(ctx.target)
-    return LookaheadProposer(cfg)
+    return LookaheadProposer(ctx.options)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -48,50 +47,13 @@ from ..medusa.tree import (CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, b
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import COPY_TOKENS, ContextCopies
+from .options import MedusaOptions
+from .prompt_lookup import ContextCopies
 
 
 # most nodes of a per-step (dynamic) tree unless tree_size says otherwise: on the reference
 # CPU a forward over 17 rows costs 1.3-1.5x one, more than the likeliest extra nodes repay
 DYNAMIC_TREE_NODES = 16
-
-
-@dataclass(frozen=True)
-class MedusaOptions:
-    """Options of method ``medusa``.
-
-    Attributes:
-        tree: ``medusa_choices``-style paths, or None for the tree stored with the
-            heads (built from their measured accuracy) or else the CPU default.
-        tree_size: most nodes of the tree (a hardware profile's ``medusa.tree_size``);
-            a bigger tree keeps its most probable nodes (None = no cap).
-        typical_acceptance: LOSSY typical acceptance when sampling (None = exact,
-            the default); greedy decoding stays exact either way.
-        copy_tokens: longest context copy verified beside the tree (0 = heads only).
-        dynamic_tree: when no ``tree`` is given, choose each step's tree from the
-            heads' own confidence (:meth:`~specdec.medusa.heads.MedusaHeads.dynamic_tree`),
-            at most ``tree_size`` (else :data:`DYNAMIC_TREE_NODES`) nodes; False = the
-            fixed tree stored with the heads.
-        size_by_cost: a dynamic tree keeps, each step, as many nodes as maximise the
-            expected tokens per unit of forward cost (the heads' path probabilities
-            against this machine's cost per row, learnt from the measured forwards,
-            from a table measured on the reference CPU or an H100 until then);
-            False = always the most nodes.
-    """
-
-    tree: tuple[tuple[int, ...], ...] | None = None
-    tree_size: int | None = None
-    typical_acceptance: TypicalAcceptance | None = None
-    copy_tokens: int = COPY_TOKENS
-    dynamic_tree: bool = True
-    size_by_cost: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("dynamic_tree", "size_by_cost"):
-            if not isinstance(getattr(self, name), bool):
-                raise SpecdecError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.copy_tokens, bool) or not isinstance(self.copy_tokens, int) or self.copy_tokens < 0:
-            raise SpecdecError(f"copy_tokens must be an integer >= 0, got {self.copy_tokens!r}", "0 turns copies off")
 
 
 class MedusaProposer:
@@ -205,9 +167,10 @@ def _resolve_tree(value: object, heads: MedusaHeads) -> tuple[tuple[int, ...], .
     return tuple(tuple(int(i) for i in p) for p in tree)
 
 
-def _resolve_typical(opts: dict[str, object]) -> TypicalAcceptance | None:
-    value = opts.get("typical_acceptance")
-    knobs = {k: float(opts[k]) for k in ("posterior_threshold", "posterior_alpha") if opts.get(k) is not None}
+def _resolve_typical(options: MedusaOptions) -> TypicalAcceptance | None:
+    value = options.typical_acceptance
+    knobs = {k: float(getattr(options, k)) for k in ("posterior_threshold", "posterior_alpha")
+             if getattr(options, k) is not None}
     if isinstance(value, TypicalAcceptance):
         if knobs:
             raise SpecdecError("give posterior_threshold/posterior_alpha either in the TypicalAcceptance or alone")
@@ -222,35 +185,17 @@ def _resolve_typical(opts: dict[str, object]) -> TypicalAcceptance | None:
     raise SpecdecError(f"typical_acceptance must be True, False or a TypicalAcceptance, got {value!r}")
 
 
-def _resolve_tree_size(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecdecError(f"tree_size must be an integer >= 1, got {value!r}")
-    return value
-
-
 def build(ctx) -> MedusaProposer:
-    from . import take_options
-
-    opts = take_options(ctx.options, ("medusa_heads", "tree", "tree_size", "typical_acceptance", "posterior_threshold",
-                                      "posterior_alpha", "copy_tokens", "dynamic_tree", "size_by_cost"), "medusa")
-    heads = _resolve_heads(opts.get("medusa_heads"), ctx.target)
-    options = MedusaOptions(tree=_resolve_tree(opts.get("tree"), heads),
-                            tree_size=_resolve_tree_size(opts.get("tree_size")),
-                            typical_acceptance=_resolve_typical(opts),
-                            **{k: opts[k] for k in ("copy_tokens", "dynamic_tree", "size_by_cost")
-                               if opts.get(k) is not None})
-    if opts.get("dynamic_tree") and opts.get("tree") is not None:
-        raise SpecdecError("give either a fixed tree or dynamic_tree=True, not both",
-                           "a dynamic tree is chosen each step; tree_size caps its nodes")
-    tree = options.tree
+    options: MedusaOptions = ctx.options
+    heads = _resolve_heads(options.medusa_heads, ctx.target)
+    typical_acceptance = _resolve_typical(options)
+    tree = _resolve_tree(options.tree, heads)
     if options.tree_size is not None:
         tree = cap_tree(tree, options.tree_size, heads.config.head_accuracy)
     dynamic_nodes = row_costs = None
-    if options.dynamic_tree and opts.get("tree") is None:
+    if options.per_step_tree:
         dynamic_nodes = options.tree_size or DYNAMIC_TREE_NODES
         if options.size_by_cost:
             table = GPU_ROW_COST if next(ctx.target.parameters()).device.type == "cuda" else CPU_ROW_COST
             row_costs = RowCostModel(prior=lambda rows: row_cost(rows, table))
-    return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)
+    return MedusaProposer(heads, tree, typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)

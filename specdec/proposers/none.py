@@ -21,7 +21,4 @@ class NoProposer:
 
 
 def build(ctx) -> NoProposer:
-    from . import take_options
-
-    take_options(ctx.options, (), "none")
     return NoProposer()

@@ -16,13 +16,13 @@ tokens on the edit prompts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from ..adaptive import DraftLengthController
 from ..tree import build_trie, children
 from .base import DecodeState, Draft, StepOutcome
+from .options import PromptLookupOptions
 
 
 SHORT_COPY = 2  # most tokens copied after a match that agrees for one token only
@@ -47,36 +47,7 @@ def copy_length(length: int, agreement: int) -> int:
     return length
 
 
-@dataclass(frozen=True)
-class PromptLookupConfig:
-    """Options of prompt lookup.
-
-    Attributes:
-        max_ngram: longest suffix matched.
-        min_ngram: shortest suffix matched.
-        num_speculative_tokens: candidates copied per step, chosen from the
-            acceptance rate and measured costs up to this (fixed when given).
-        max_copy_tokens: while copies are kept whole, the copy length doubles
-            past ``num_speculative_tokens`` up to this (runs of copied text).
-        branches: continuations from different earlier occurrences, each
-            starting with a different token, verified together as a tree (the
-            latest occurrence's full length, the others ``branch_tokens``); 1 =
-            a single chain, as with a fixed ``num_speculative_tokens``.
-        branch_tokens: length of the alternative branches.
-    """
-
-    max_ngram: int = 3
-    min_ngram: int = 1
-    num_speculative_tokens: int = 10
-    max_copy_tokens: int = 32
-    branches: int = 3
-    branch_tokens: int = 4
-
-    def __post_init__(self) -> None:
-        from ..errors import SpecdecError
-
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise SpecdecError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram}, {self.max_ngram}")
+K_MAX = 10  # most candidates per step the length controller chooses (a fixed num_speculative_tokens overrides it)
 
 
 class NgramIndex:
@@ -170,7 +141,6 @@ def next_copy_length(copy: Sequence[int], new_tokens: Sequence[int], length: int
     return max(2, min(longest, grown))
 
 
-COPY_TOKENS = 32  # longest context copy a host proposer verifies per step (its ``copy_tokens`` default)
 COPY_MAX_NGRAM = 3  # longest context suffix matched for a copy
 COPY_START = 8  # length of the first copy of a generation
 COPY_BRANCHES = 2  # continuations of different earlier occurrences (the second one short)
@@ -231,22 +201,22 @@ class ContextCopies:
 class PromptLookupProposer:
     name = "prompt_lookup"
 
-    def __init__(self, cfg: PromptLookupConfig, fixed: int | None) -> None:
+    def __init__(self, cfg: PromptLookupOptions, fixed: int | None) -> None:
         self.cfg = cfg
         self.controller = DraftLengthController(
-            fixed=fixed, k_max=cfg.num_speculative_tokens, initial_k=cfg.num_speculative_tokens,
+            fixed=fixed, k_max=K_MAX, initial_k=K_MAX,
             draft_seconds=0.0, static_draft_cost=0.0,
         )
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
-        self.run_length = cfg.num_speculative_tokens  # copy length while copies are kept whole
+        self.run_length = K_MAX  # copy length while copies are kept whole
 
     def reset(self, state: DecodeState) -> None:
         self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
         self._shadow = None
-        self.run_length = self.cfg.num_speculative_tokens
+        self.run_length = K_MAX
 
     def propose(self, state: DecodeState, max_nodes: int) -> Draft:
         k = self.controller.choose()
@@ -280,7 +250,7 @@ class PromptLookupProposer:
         if n:
             main = self._main_branch(outcome.draft)
             self.controller.record_step(len(main), len(outcome.accepted_nodes))
-            longest = max(self.cfg.max_copy_tokens, self.cfg.num_speculative_tokens)
+            longest = max(self.cfg.max_copy_tokens, K_MAX)
             self.run_length = next_copy_length(main, outcome.new_tokens.tolist(), self.run_length, longest)
         elif self._shadow is not None:
             self.controller.record_step(1, int(int(outcome.new_tokens[0]) == self._shadow))
@@ -301,9 +271,4 @@ class PromptLookupProposer:
 
 
 def build(ctx) -> PromptLookupProposer:
-    from . import take_options
-
-    opts = take_options(
-        ctx.options, ("max_ngram", "min_ngram", "max_copy_tokens", "branches", "branch_tokens"), "prompt_lookup"
-    )
-    return PromptLookupProposer(PromptLookupConfig(**opts), ctx.num_speculative_tokens)
+    return PromptLookupProposer(ctx.options, ctx.num_speculative_tokens)

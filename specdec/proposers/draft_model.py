@@ -109,7 +109,8 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
+        self.controller.start(deterministic=state.seeded and not state.sampling.greedy,
+                              device_type=state.tokens.device.type)
         self.kv.reset(state.capacity)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device

@@ -40,11 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adaptive import RowCostModel
+from ..costs import RowCostModel
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import (CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree,
-                           row_cost)
+from ..medusa.tree import TreeBuffers, best_size, build_tree, cap_tree, default_tree
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
@@ -251,6 +250,5 @@ def build(ctx) -> MedusaProposer:
     if options.dynamic_tree and opts.get("tree") is None:
         dynamic_nodes = options.tree_size or DYNAMIC_TREE_NODES
         if options.size_by_cost:
-            table = GPU_ROW_COST if next(ctx.target.parameters()).device.type == "cuda" else CPU_ROW_COST
-            row_costs = RowCostModel(prior=lambda rows: row_cost(rows, table))
+            row_costs = RowCostModel.for_model(ctx.target)
     return MedusaProposer(heads, tree, options.typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)

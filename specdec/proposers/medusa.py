@@ -26,7 +26,7 @@ Each step costs one target forward:
 context (edits, summaries) the heads, which see one hidden state, guess only a
 few tokens ahead, while the tokens after an earlier occurrence of the current
 suffix may continue for dozens. Those copies
-(:class:`~specdec.proposers.prompt_lookup.ContextCopies`, as lookahead uses
+(:class:`~specdec.ngrams.ContextCopies`, as lookahead uses
 them) are merged with the tree's paths into one trie, still one forward and
 the same verifier; while copies are being kept the tree's rows are left out.
 
@@ -44,10 +44,10 @@ from ..costs import RowCostModel
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
 from ..medusa.tree import TreeBuffers, best_size, build_tree, cap_tree, default_tree
+from ..ngrams import COPY_TOKENS, ContextCopies
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
-from .prompt_lookup import COPY_TOKENS, ContextCopies
 
 
 # most nodes of a per-step (dynamic) tree unless tree_size says otherwise: on the reference

@@ -30,7 +30,9 @@ class DraftLengthController:
         initial_k: K used before anything is measured.
         decay: weight of the newest observation in the moving averages.
         row_prior: relative cost of a target forward by row count before (and
-            beyond) the measured ones; :meth:`start` sets the device kind's.
+            beyond) the measured ones; :meth:`start` sets the device kind's,
+            never cheaper for more rows: the measured CPU table's dip below one
+            row at 4 rows made it send copies a plain step beat (docs/design.md).
     """
 
     fixed: int | None = None
@@ -43,7 +45,7 @@ class DraftLengthController:
     verify_seconds: dict[int, float] = field(default_factory=dict)
     static_draft_cost: float = 0.4  # draft step / target step, from parameter counts
     deterministic: bool = False
-    row_prior: costs.RowCost = field(default_factory=lambda: costs.prior("cpu"))
+    row_prior: costs.RowCost = field(default_factory=lambda: costs.prior("cpu", monotone=True))
 
     def choose(self) -> int:
         if self.fixed is not None:
@@ -65,7 +67,7 @@ class DraftLengthController:
         so its draft lengths depend on the seed alone, not on earlier generations."""
         self.deterministic = deterministic
         if device_type is not None:
-            self.row_prior = costs.prior(device_type)
+            self.row_prior = costs.prior(device_type, monotone=True)
         if deterministic:
             fresh = DraftLengthController()
             self.alpha_accepted, self.alpha_rejected = fresh.alpha_accepted, fresh.alpha_rejected

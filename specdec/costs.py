@@ -60,9 +60,14 @@ def prior_table(device_type: str) -> dict[int, float]:
     return GPU_ROW_COST if device_type == "cuda" else CPU_ROW_COST
 
 
-def prior(device_type: str) -> RowCost:
-    """``rows -> relative cost`` from the measured table of a device kind (:func:`prior_table`)."""
-    return functools.partial(row_cost, table=prior_table(device_type))
+def prior(device_type: str, monotone: bool = False) -> RowCost:
+    """``rows -> relative cost`` from the measured table of a device kind (:func:`prior_table`).
+
+    With ``monotone``, more rows never cost less than fewer (the CPU table's 4 rows
+    at 0.98x one become 1.0x), as :func:`measure_row_cost` stores a table.
+    """
+    table = prior_table(device_type)
+    return functools.partial(row_cost, table=relative_cost(table, monotone=True) if monotone else table)
 
 
 def model_device_type(model: torch.nn.Module) -> str:

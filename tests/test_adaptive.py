@@ -62,6 +62,7 @@ def test_draft_lengths_and_medusa_trees_start_from_one_measured_cost_per_device_
     c.start(deterministic=True, device_type="cpu")
     medusa = RowCostModel(prior=prior("cpu"))
     assert c.step_cost(0, 64) == medusa(64) == CPU_ROW_COST[64]  # seeded: the measured table, no timings
+    assert medusa(4) == CPU_ROW_COST[4] < 1.0 and c.step_cost(0, 4) == 1.0  # the controller's never dips below one row
     c.start(deterministic=True, device_type="cuda")
     assert c.step_cost(0, 64) == RowCostModel(prior=prior("cuda"))(64) == GPU_ROW_COST[64]
     assert c.step_cost(0, 16) < CPU_ROW_COST[16]  # on a GPU rows are nearly free

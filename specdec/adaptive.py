@@ -4,22 +4,20 @@ With a per-token acceptance rate ``alpha``, a chain of ``K`` candidates yields
 ``(1 - alpha**(K+1)) / (1 - alpha)`` tokens per step (accepted + 1) and costs
 ``K * draft_seconds + verify_seconds(K + 1)``. The controller picks the ``K``
 that maximises tokens per second. Costs are exponential moving averages of
-what the engine measures; verify cost per row count starts from a prior
-shaped like the CPU curve measured in docs/design.md (16 rows ~1.3x one row) and is
-replaced by measurements as they come.
+what the engine measures; verify cost per row count starts from the measured
+prior of the device kind (:func:`specdec.costs.prior`) and is replaced by
+measurements as they come, the prior's shape extrapolating beyond them.
 
 Seeded sampling must be reproducible, and measured times are not: with
 ``deterministic`` set, the controller ignores timings and uses the static
 cost ratio (from parameter counts) instead, so the same seed gives the same
 draft lengths and hence the same tokens.
-
-:class:`RowCostModel` learns the other half of that trade for tree
-proposers: what a forward over ``r`` rows costs on this machine.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from . import costs
 
 
 @dataclass
@@ -31,6 +29,10 @@ class DraftLengthController:
         k_max: the largest K considered.
         initial_k: K used before anything is measured.
         decay: weight of the newest observation in the moving averages.
+        row_prior: relative cost of a target forward by row count before (and
+            beyond) the measured ones; :meth:`start` sets the device kind's,
+            never cheaper for more rows: the measured CPU table's dip below one
+            row at 4 rows made it send copies a plain step beat (docs/design.md).
     """
 
     fixed: int | None = None
@@ -43,6 +45,7 @@ class DraftLengthController:
     verify_seconds: dict[int, float] = field(default_factory=dict)
     static_draft_cost: float = 0.4  # draft step / target step, from parameter counts
     deterministic: bool = False
+    row_prior: costs.RowCost = field(default_factory=lambda: costs.prior("cpu", monotone=True))
 
     def choose(self) -> int:
         if self.fixed is not None:
@@ -58,13 +61,16 @@ class DraftLengthController:
                 best_k, best_rate = k, rate
         return best_k
 
-    def start(self, deterministic: bool) -> None:
-        """Begin a generation. A seeded one starts from the prior acceptance, so
-        its draft lengths depend on the seed alone, not on earlier generations."""
+    def start(self, deterministic: bool, device_type: str | None = None) -> None:
+        """Begin a generation (on the target's ``device_type``: its prior row costs,
+        :func:`specdec.costs.prior`). A seeded one starts from the prior acceptance,
+        so its draft lengths depend on the seed alone, not on earlier generations."""
         self.deterministic = deterministic
+        if device_type is not None:
+            self.row_prior = costs.prior(device_type, monotone=True)
         if deterministic:
-            prior = DraftLengthController()
-            self.alpha_accepted, self.alpha_rejected = prior.alpha_accepted, prior.alpha_rejected
+            fresh = DraftLengthController()
+            self.alpha_accepted, self.alpha_rejected = fresh.alpha_accepted, fresh.alpha_rejected
 
     def step_cost(self, drafted: int, rows: int) -> float:
         """Cost of a step that drafts ``drafted`` tokens and verifies ``rows`` rows.
@@ -74,7 +80,7 @@ class DraftLengthController:
         static cost ratio, so decisions never depend on timings there.
         """
         if self.deterministic or not self.measured:
-            return drafted * self.static_draft_cost + _prior_shape(rows)
+            return drafted * self.static_draft_cost + self.row_prior(rows)
         return drafted * self.draft_seconds + self._verify_cost(rows)
 
     @property
@@ -127,73 +133,7 @@ class DraftLengthController:
             return measured[lo] + (measured[hi] - measured[lo]) * (rows - lo) / (hi - lo)
         # outside them: scale the nearest measurement by the prior shape
         near = min(measured, key=lambda r: abs(r - rows))
-        return measured[near] * _prior_shape(rows) / _prior_shape(near)
-
-
-@dataclass
-class RowCostModel:
-    """Relative cost of a target forward over ``r`` rows on this machine, learnt as it decodes.
-
-    Fits ``seconds = c * prior(r) + d * (r - 1)`` to the measured forwards by
-    exponentially weighted least squares (``forget`` per new measurement): the
-    prior's shape scaled to this machine's level, plus a correction per row,
-    held toward zero as if ``ridge`` rows squared of spread had been seen, so
-    that steps that all have about the same rows keep the prior's shape. Until
-    ``min_samples`` forwards are measured, and always in ``deterministic``
-    mode (seeded sampling, whose tokens must not depend on timings), the prior
-    alone answers. Measurements carry over from one generation to the next:
-    the cost is the machine's.
-
-    Calling the model gives ``cost(rows) / cost(1)`` (never below 1), what
-    :func:`specdec.medusa.tree.best_size` weighs expected tokens against.
-    """
-
-    prior: Callable[[int], float]
-    forget: float = 0.97
-    min_samples: int = 8
-    ridge: float = 4.0
-    deterministic: bool = False
-    samples: int = 0
-    # weighted sums over measurements, with p = prior(rows), x = rows - 1, s = seconds
-    _sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("w", "pp", "px", "xx", "ps", "xs"), 0.0))
-
-    def start(self, deterministic: bool) -> None:
-        """Begin a generation; ``deterministic`` = answer from the prior alone."""
-        self.deterministic = deterministic
-
-    def record(self, rows: int, seconds: float) -> None:
-        """One measured target forward over ``rows`` rows."""
-        if rows < 1 or not seconds > 0:
-            return
-        p, x = self.prior(rows), float(rows - 1)
-        for key, value in (("w", 1.0), ("pp", p * p), ("px", p * x), ("xx", x * x), ("ps", p * seconds), ("xs", x * seconds)):
-            self._sums[key] = self.forget * self._sums[key] + value
-        self.samples += 1
-
-    @property
-    def measured(self) -> bool:
-        return self.samples >= self.min_samples and not self.deterministic
-
-    def fit(self) -> tuple[float, float]:
-        """``(c, d)`` of the fitted ``seconds = c * prior(rows) + d * (rows - 1)``."""
-        m = self._sums
-        a11, a12, a22 = m["pp"], m["px"], m["xx"] + self.ridge * m["w"]
-        det = a11 * a22 - a12 * a12
-        return (a22 * m["ps"] - a12 * m["xs"]) / det, (a11 * m["xs"] - a12 * m["ps"]) / det
-
-    def __call__(self, rows: int) -> float:
-        relative = self.prior(rows) / self.prior(1)
-        if not self.measured:
-            return relative
-        c, d = self.fit()
-        if c <= 0:  # noise no line explains: keep the prior
-            return relative
-        return max(relative + d * (rows - 1) / (c * self.prior(1)), 1.0)
-
-
-def _prior_shape(rows: int) -> float:
-    """Relative cost of a target forward over ``rows`` tokens (CPU, bf16: 16 rows ~1.3x one)."""
-    return 1 + 0.02 * (rows - 1)
+        return measured[near] * self.row_prior(rows) / self.row_prior(near)
 
 
 def ema(old: float | None, new: float, decay: float) -> float:

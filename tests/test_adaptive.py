@@ -54,3 +54,16 @@ def test_prompt_lookup_sends_a_plain_step_when_its_copy_does_not_pay() -> None:
     assert draft.num_nodes == 0 and proposer._shadow == 8, "plain step; the copy's first token is still scored"
     proposer.controller = _measured((9.0, 1.0), {1: 0.10, 4: 0.20, 8: 0.30})
     assert proposer.propose(_state(tokens), 8).tokens.tolist()[:3] == [8, 9, 10]
+
+
+def test_draft_lengths_and_medusa_trees_start_from_one_measured_cost_per_device_kind() -> None:
+    from specdec.costs import CPU_ROW_COST, GPU_ROW_COST, RowCostModel, prior
+
+    c = DraftLengthController(static_draft_cost=0.0)
+    c.start(deterministic=True, device_type="cpu")
+    medusa = RowCostModel(prior=prior("cpu"))
+    assert c.step_cost(0, 64) == medusa(64) == CPU_ROW_COST[64]  # seeded: the measured table, no timings
+    assert medusa(4) == CPU_ROW_COST[4] < 1.0 and c.step_cost(0, 4) == 1.0  # the controller's never dips below one row
+    c.start(deterministic=True, device_type="cuda")
+    assert c.step_cost(0, 64) == RowCostModel(prior=prior("cuda"))(64) == GPU_ROW_COST[64]
+    assert c.step_cost(0, 16) < CPU_ROW_COST[16]  # on a GPU rows are nearly free

@@ -134,7 +134,7 @@ def test_int8_draft_is_a_sharing_copy():
 
 
 def test_ngram_index_offers_alternatives_from_other_occurrences():
-    from specdec.proposers.prompt_lookup import NgramIndex
+    from specdec.ngrams import NgramIndex
 
     index = NgramIndex(1, 3)
     index.extend([1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2])
@@ -152,7 +152,7 @@ def test_ngram_index_offers_alternatives_from_other_occurrences():
 
 
 def test_copy_length_follows_how_far_the_match_agrees():
-    from specdec.proposers.prompt_lookup import LONG_COPY, SHORT_COPY, NgramIndex, copy_length
+    from specdec.ngrams import LONG_COPY, SHORT_COPY, NgramIndex, copy_length
 
     assert copy_length(8, 1) == SHORT_COPY  # a lone one-token match: short
     assert copy_length(1, 1) == 1

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import specdec
 from specdec.errors import SpecdecError, UnsupportedModelError
+from specdec.ngrams import next_copy_length
 from specdec.proposers.base import DecodeState
 from specdec.proposers.lookahead import (
     JacobiWindow,
@@ -19,7 +20,6 @@ from specdec.proposers.lookahead import (
     window_layout,
 )
 from specdec.proposers.options import LookaheadOptions
-from specdec.proposers.prompt_lookup import next_copy_length
 from specdec.sampling import SamplingConfig
 
 

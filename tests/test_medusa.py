@@ -14,10 +14,11 @@ import torch
 
 import specdec
 from conftest import hf_greedy, tiny_model
+from specdec.costs import CPU_ROW_COST, row_cost
 from specdec.errors import SpecdecError
 from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
 from specdec.medusa.train import TrainConfig, exact_label_mask, head_labels, medusa_loss, train
-from specdec.medusa.tree import CPU_ROW_COST, best_size, row_cost
+from specdec.medusa.tree import best_size
 from specdec.sampling import SamplingConfig, process_logits
 
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -74,8 +75,7 @@ def test_default_tree_fits_heads_and_is_valid():
 def test_row_cost_is_measured_on_the_target_per_row_count():
     """Every row count is timed (interleaved rounds, fastest kept);
     relative costs start at 1.0 and never fall with more rows."""
-    from specdec.measure import forward_cost
-    from specdec.medusa.tree import measure_row_cost
+    from specdec.costs import forward_cost, measure_row_cost
 
     target = tiny_model("qwen2", vocab=64)
     seconds = forward_cost(target, rows=(1, 3, 6), prompt_length=10, repeats=2)
@@ -401,7 +401,7 @@ def test_best_size_weighs_expected_tokens_against_row_cost():
 
 
 def test_row_cost_model_learns_this_machines_cost_per_row():
-    from specdec.adaptive import RowCostModel
+    from specdec.costs import RowCostModel
 
     prior = lambda rows: row_cost(rows, CPU_ROW_COST)  # noqa: E731
     model = RowCostModel(prior=prior)

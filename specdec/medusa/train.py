@@ -43,12 +43,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..costs import measure_row_cost, row_cost
 from ..errors import SpecdecError
 from ..files import atomic_path, write_atomic
 from ..modelinfo import decoder_body, eos_token_ids, model_context_length, output_rows
 from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
-from .tree import measure_row_cost, row_cost, tree_from_accuracies
+from .tree import tree_from_accuracies
 
 CACHE_DIR = "cache"
 ANSWERS_DIR = "answers"

@@ -19,20 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costs import row_cost
 from ..errors import SpecdecError
 from ..tree import ancestor_mask, depths
 
 Choices = Sequence[Sequence[int]]
-
-# Relative cost of one target forward over r rows (root + nodes) on a cached
-# prompt, measured on the reference CPU (2 cores, bf16, Qwen2.5-Coder-1.5B):
-# 16 rows cost 1.3x one, 64 rows 2.7x. Used when no measurement is given, and as the
-# prior shape of the cost a decoding run learns (specdec.adaptive.RowCostModel).
-CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
-# The same on an NVIDIA H100 (float16, a model of Qwen2.5-Coder-1.5B's size, under
-# the engine's tree mask; scripts/gpu_profile.py): launch-bound, so rows are nearly free.
-GPU_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.07, 4: 1.10, 16: 1.10, 64: 1.12}
-
 
 @dataclass(frozen=True)
 class TreeBuffers:
@@ -159,19 +150,6 @@ def cap_tree(
     return normalize_choices(kept)
 
 
-def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
-    """Relative cost of a forward over ``rows`` rows, interpolated linearly in ``table``."""
-    table = table or CPU_ROW_COST
-    xs = sorted(table)
-    if rows <= xs[0]:
-        return table[xs[0]]
-    for a, b in zip(xs, xs[1:]):
-        if rows <= b:
-            return table[a] + (table[b] - table[a]) * (rows - a) / (b - a)
-    a, b = xs[-2], xs[-1]  # extrapolate the last segment
-    return table[b] + (table[b] - table[a]) * (rows - b) / (b - a)
-
-
 def tree_from_accuracies(
     accuracy: Sequence[Sequence[float]],
     max_nodes: int = 64,
@@ -189,7 +167,8 @@ def tree_from_accuracies(
         accuracy: ``[num_heads][k]`` probability that head ``h``'s rank-``r``
             candidate is the target's token (not cumulative).
         max_nodes: largest tree considered.
-        cost: relative cost of a forward over ``r`` rows (default :func:`row_cost`).
+        cost: relative cost of a forward over ``r`` rows (default :func:`specdec.costs.row_cost`,
+            the reference CPU's).
 
     Returns:
         ``(paths, expected tokens per step)``; ``expected`` counts the +1 token.
@@ -251,15 +230,3 @@ def default_tree(num_heads: int) -> list[list[int]]:
     """:data:`CPU_DEFAULT_TREE` restricted to ``num_heads`` heads."""
     return [list(p) for p in CPU_DEFAULT_TREE if len(p) <= num_heads]
 
-
-def measure_row_cost(
-    target: torch.nn.Module,
-    rows: Sequence[int] = (1, 4, 8, 16, 32, 64),
-    context: int = 128,
-    repeats: int = 5,
-) -> dict[int, float]:
-    """Relative cost of a target forward over ``r`` rows on a cached context (1 row = 1.0),
-    never decreasing with ``r``. Use it with :func:`row_cost` / :func:`tree_from_accuracies`."""
-    from ..measure import forward_cost, relative_cost
-
-    return relative_cost(forward_cost(target, rows, prompt_length=context, repeats=repeats), monotone=True)

@@ -39,15 +39,15 @@ from .. import compact
 from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
 from ..modelinfo import output_rows
+from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
 from ..static import open_cache
 from .base import DecodeState, Draft, StepOutcome
 from .options import DraftOptions
-from .prompt_lookup import NgramIndex, common_prefix, next_copy_length
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
 GUESS_MIN_NGRAM = 1  # shortest suffix of the drafted text matched for a copy the draft checks (a lone
-# one-token match offers at most SHORT_COPY tokens: see prompt_lookup.copy_length)
+# one-token match offers at most SHORT_COPY tokens: see ngrams.copy_length)
 GUESS_START = 3  # copied tokens the draft checks at first; doubles while all are taken
 MAX_GUESS_TOKENS = 16
 
@@ -77,7 +77,8 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.start(deterministic=state.seeded and not state.sampling.greedy)
+        self.controller.start(deterministic=state.seeded and not state.sampling.greedy,
+                              device_type=state.tokens.device.type)
         self.kv.reset(state.capacity)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device

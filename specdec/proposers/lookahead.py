@@ -28,8 +28,8 @@ the current suffix (as in prompt lookup; ``COPY_BRANCHES`` of them, starting
 with different tokens) are verified as more candidates in the same trie, with a length that doubles while copies are accepted and
 shrinks when they are not (``copy_tokens`` at most; 0 turns copies off), and
 that follows how far the match agrees with the text before it
-(:func:`~specdec.proposers.prompt_lookup.copy_length`; constants and state in
-:class:`~specdec.proposers.prompt_lookup.ContextCopies`).
+(:func:`~specdec.ngrams.copy_length`; constants and state in
+:class:`~specdec.ngrams.ContextCopies`).
 While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
 it), a step sends the candidates without the window's rows, which makes it
 cheaper; the window waits and resumes when a copy fails.
@@ -42,10 +42,10 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import UnsupportedModelError
+from ..ngrams import ContextCopies
 from ..tree import build_trie
 from .base import DecodeState, Draft, StepOutcome
 from .options import LookaheadOptions
-from .prompt_lookup import ContextCopies
 
 
 # attention implementations that take a custom 4D float mask through the public forward

@@ -26,7 +26,7 @@ Each step costs one target forward:
 context (edits, summaries) the heads, which see one hidden state, guess only a
 few tokens ahead, while the tokens after an earlier occurrence of the current
 suffix may continue for dozens. Those copies
-(:class:`~specdec.proposers.prompt_lookup.ContextCopies`, as lookahead uses
+(:class:`~specdec.ngrams.ContextCopies`, as lookahead uses
 them) are merged with the tree's paths into one trie, still one forward and
 the same verifier; while copies are being kept the tree's rows are left out.
 
@@ -39,16 +39,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adaptive import RowCostModel
+from ..costs import RowCostModel
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import (CPU_ROW_COST, GPU_ROW_COST, TreeBuffers, best_size, build_tree, cap_tree, default_tree,
-                           row_cost)
+from ..medusa.tree import TreeBuffers, best_size, build_tree, cap_tree, default_tree
+from ..ngrams import ContextCopies
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
 from .base import DecodeState, Draft, StepOutcome
 from .options import MedusaOptions
-from .prompt_lookup import ContextCopies
 
 
 # most nodes of a per-step (dynamic) tree unless tree_size says otherwise: on the reference
@@ -196,6 +195,5 @@ def build(ctx) -> MedusaProposer:
     if options.per_step_tree:
         dynamic_nodes = options.tree_size or DYNAMIC_TREE_NODES
         if options.size_by_cost:
-            table = GPU_ROW_COST if next(ctx.target.parameters()).device.type == "cuda" else CPU_ROW_COST
-            row_costs = RowCostModel(prior=lambda rows: row_cost(rows, table))
+            row_costs = RowCostModel.for_model(ctx.target)
     return MedusaProposer(heads, tree, typical_acceptance, options.copy_tokens, dynamic_nodes, row_costs)

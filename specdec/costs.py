@@ -90,7 +90,7 @@ class RowCostModel:
     the cost is the machine's.
 
     Calling the model gives ``cost(rows) / cost(1)`` (never below 1 once
-    measured), what :func:`specdec.medusa.tree.best_size` weighs expected
+    measured), what :func:`specdec.medusa.choices.best_size` weighs expected
     tokens against.
     """
 
@@ -158,7 +158,7 @@ def forward_cost(
     ``repeats`` timed rounds follow one warm-up round, and each count keeps its
     fastest round (interference only adds time).
     """
-    from . import kvcache  # imports transformers, which the CLI's start (medusa.tree -> costs) leaves out
+    from . import kvcache  # imports transformers, which the CLI's start (medusa.choices -> costs) leaves out
 
     device = next(model.parameters()).device
     vocab = int(model.config.vocab_size)

@@ -17,7 +17,7 @@ import torch
 from .errors import ContextLengthError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
-from .proposers.base import DecodeState, Draft, StepOutcome
+from .proposers.base import DecodeState, Proposal, StepOutcome
 from .sampling import SamplingConfig, check_request
 from .static import BUCKETS, StaticKV, open_cache
 from .stream import IncrementalDecoder, StopStringMatcher
@@ -304,11 +304,11 @@ class SpeculativeGenerator:
             generated = length - len(prompt_ids)
             budget = min(limit - generated - 1, self.context_length - length - 1)
             with torch.inference_mode():
-                draft = self.proposer.propose(state, max(budget, 0))
-                new_tokens, outcome = self._step(draft, state, cfg, generator)
+                proposal = self.proposer.propose(state, max(budget, 0))
+                new_tokens, outcome = self._step(proposal, state, cfg, generator)
             stats.graph_capture_seconds += outcome.capture_seconds
             stats.steps += 1
-            stats.proposed += draft.num_nodes
+            stats.proposed += proposal.num_nodes
             stats.accepted += len(outcome.accepted_nodes)
             keep = new_tokens.tolist()[: limit - generated]
             for i, t in enumerate(keep):
@@ -346,31 +346,31 @@ class SpeculativeGenerator:
             self.kv.forward(state.tokens[:-1], keep=1)
 
     def _step(
-        self, draft: Draft, state: DecodeState, cfg: SamplingConfig, generator: torch.Generator
+        self, proposal: Proposal, state: DecodeState, cfg: SamplingConfig, generator: torch.Generator
     ) -> tuple[torch.Tensor, StepOutcome]:
-        """One target forward over the pending token (the root) and the draft; verify; keep the accepted KV.
+        """One target forward over the pending token (the root) and the proposal; verify; keep the accepted KV.
 
         Returns ``[a+1]`` new tokens and the outcome for the proposer.
         """
         base = state.tokens.numel() - 1  # position of the pending token (the root)
-        n, m = draft.num_nodes, draft.num_extra
-        parts = [state.tokens[base:], draft.tokens.to(self.device)]
+        n, m = proposal.num_nodes, proposal.num_extra
+        parts = [state.tokens[base:], proposal.tokens.to(self.device)]
         if m:
-            parts.append(draft.extra_tokens.to(self.device))
+            parts.append(proposal.extra_tokens.to(self.device))
         q = 1 + n + m  # rows of the forward, all of whose logits are needed
         positions = allowed = None
-        if not draft.is_chain or m:
-            positions, allowed = self._tree_inputs(draft, base)
+        if not proposal.is_chain or m:
+            positions, allowed = self._tree_inputs(proposal, base)
         t0 = time.perf_counter()
-        out = self.kv.forward(torch.cat(parts), positions, allowed, keep=q, hidden=draft.need_hidden)
+        out = self.kv.forward(torch.cat(parts), positions, allowed, keep=q, hidden=proposal.need_hidden)
         logits = out.logits  # [1+n+m, V]
-        verdict = verify(draft, logits[: 1 + n], cfg, state.tokens, generator, typical=self.typical_acceptance)
+        verdict = verify(proposal, logits[: 1 + n], cfg, state.tokens, generator, typical=self.typical_acceptance)
         verify_seconds = time.perf_counter() - t0 - out.captured
         self.kv.keep_rows(base, [0] + [1 + i for i in verdict.accepted_nodes])
-        accepted = draft.tokens[verdict.accepted_nodes].to(self.device)  # [a]; empty when nothing was accepted
+        accepted = proposal.tokens[verdict.accepted_nodes].to(self.device)  # [a]; empty when nothing was accepted
         new_tokens = torch.cat([accepted, torch.tensor([verdict.next_token], device=self.device)])
         outcome = StepOutcome(
-            draft=draft,
+            proposal=proposal,
             accepted_nodes=verdict.accepted_nodes,
             new_tokens=new_tokens,
             tokens=state.tokens,
@@ -383,21 +383,21 @@ class SpeculativeGenerator:
         return new_tokens, outcome
 
     @staticmethod
-    def _tree_inputs(draft: Draft, base: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tree_inputs(proposal: Proposal, base: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``[q]`` and the visibility ``[q, q]`` (bool) among the step's rows for a tree and extra rows.
 
         Every row sees the whole cache; among the step's rows (root, nodes,
         extra rows) it sees what the tree (or ``extra_mask``) allows.
         """
-        n, m = draft.num_nodes, draft.num_extra
+        n, m = proposal.num_nodes, proposal.num_extra
         q = 1 + n + m
-        parents = draft.parents if draft.parents is not None else torch.arange(-1, n - 1)
+        parents = proposal.parents if proposal.parents is not None else torch.arange(-1, n - 1)
         offsets = [torch.zeros(1, dtype=torch.long), depths(parents.cpu())]
         allowed = torch.zeros(q, q, dtype=torch.bool)
         allowed[: 1 + n, : 1 + n] = ancestor_mask(parents.cpu())
         if m:
-            offsets.append(draft.extra_positions.cpu().long())
-            allowed[1 + n :] = draft.extra_mask.cpu()
+            offsets.append(proposal.extra_positions.cpu().long())
+            allowed[1 + n :] = proposal.extra_mask.cpu()
         return base + torch.cat(offsets), allowed
 
     def _check_context(self, prompt_len: int, max_new_tokens: int) -> None:

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .proposers.base import Draft
+from .proposers.base import Proposal
 from .sampling import SamplingConfig, presence_rows, process_logits
 from .tree import chain_parents, children, path_tokens
 
 
 @dataclass
 class Verdict:
-    """Result of verifying one draft.
+    """Result of verifying one proposal.
 
     Attributes:
         accepted_nodes: node indices of the accepted path, root first excluded.
@@ -89,7 +89,7 @@ class TypicalAcceptance:
 
 
 def process_rows(
-    logits: torch.Tensor, draft: Draft, cfg: SamplingConfig, context: torch.Tensor
+    logits: torch.Tensor, proposal: Proposal, cfg: SamplingConfig, context: torch.Tensor
 ) -> torch.Tensor:
     """Processed target rows for the root and the nodes.
 
@@ -101,23 +101,23 @@ def process_rows(
     """
     presence = None
     if cfg.uses_prefix:
-        parents = draft.parents if draft.parents is not None else chain_parents(draft.num_nodes, logits.device)
-        presence = presence_rows(context, logits.shape[-1], path_tokens(draft.tokens, parents))
+        parents = proposal.parents if proposal.parents is not None else chain_parents(proposal.num_nodes, logits.device)
+        presence = presence_rows(context, logits.shape[-1], path_tokens(proposal.tokens, parents))
     return process_logits(logits, cfg, presence)
 
 
 def verify(
-    draft: Draft,
+    proposal: Proposal,
     logits: torch.Tensor,
     cfg: SamplingConfig,
     context: torch.Tensor,
     generator: torch.Generator | None = None,
     typical: TypicalAcceptance | None = None,
 ) -> Verdict:
-    """Verify ``draft`` against the target.
+    """Verify ``proposal`` against the target.
 
     Args:
-        draft: the candidates (``n`` nodes).
+        proposal: the candidates (``n`` nodes).
         logits: ``[1+n, V]`` raw target logits: row 0 is the pending token's,
             row ``i+1`` node ``i``'s.
         cfg: sampling configuration (applied identically to the proposer's).
@@ -126,27 +126,27 @@ def verify(
         typical: LOSSY typical acceptance for sampling (None = exact; see
             :class:`TypicalAcceptance`); greedy verification ignores it.
     """
-    processed = process_rows(logits, draft, cfg, context)
+    processed = process_rows(logits, proposal, cfg, context)
     if cfg.greedy:
-        return _verify_greedy(draft, processed)
+        return _verify_greedy(proposal, processed)
     if typical is not None:
-        return _verify_typical(draft, processed, typical, generator)
-    return _verify_sampling(draft, processed, generator)
+        return _verify_typical(proposal, processed, typical, generator)
+    return _verify_sampling(proposal, processed, generator)
 
 
-def _verify_greedy(draft: Draft, processed: torch.Tensor) -> Verdict:
+def _verify_greedy(proposal: Proposal, processed: torch.Tensor) -> Verdict:
     """processed: ``[1+n, V]``."""
     best = processed.argmax(dim=-1)  # [1+n]
-    n = draft.num_nodes
-    if draft.is_chain:
+    n = proposal.num_nodes
+    if proposal.is_chain:
         if n == 0:
             return Verdict([], int(best[0]), 0)
-        match = (draft.tokens == best[:n]).long()
+        match = (proposal.tokens == best[:n]).long()
         a = int(match.cumprod(0).sum())
         return Verdict(list(range(a)), int(best[a]), a)
     best_l = best.tolist()
-    toks = draft.tokens.tolist()
-    kids = children(draft.parents)
+    toks = proposal.tokens.tolist()
+    kids = children(proposal.parents)
     row, accepted = 0, []
     while True:
         nxt = next((c for c in kids[row] if toks[c] == best_l[row]), None)
@@ -156,11 +156,11 @@ def _verify_greedy(draft: Draft, processed: torch.Tensor) -> Verdict:
         row = nxt + 1
 
 
-def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+def _verify_sampling(proposal: Proposal, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
     """target_probs: ``[1+n, V]`` probabilities."""
-    parents = draft.parents if draft.parents is not None else chain_parents(draft.num_nodes, target_probs.device)
+    parents = proposal.parents if proposal.parents is not None else chain_parents(proposal.num_nodes, target_probs.device)
     kids = children(parents)
-    toks = draft.tokens.tolist()
+    toks = proposal.tokens.tolist()
     row, accepted = 0, []
     while True:
         residual = target_probs[row].clone()
@@ -168,7 +168,7 @@ def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.
         for c in kids[row]:
             x = toks[c]
             u = float(torch.rand((), generator=generator, device=target_probs.device))
-            if draft.draft_probs is None:
+            if proposal.draft_probs is None:
                 total = float(residual.sum())
                 p_accept = float(residual[x]) / total if total > 0 else 0.0
                 if u < p_accept:
@@ -176,7 +176,7 @@ def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.
                 else:
                     residual[x] = 0.0
             else:
-                q = draft.draft_probs[c]
+                q = proposal.draft_probs[c]
                 total = float(residual.sum())
                 p_accept = min(1.0, float(residual[x]) / total / max(float(q[x]), 1e-30)) if total > 0 else 0.0
                 if u < p_accept:
@@ -194,14 +194,14 @@ def _verify_sampling(draft: Draft, target_probs: torch.Tensor, generator: torch.
             return Verdict(accepted, token, row)
 
 
-def _verify_typical(draft: Draft, target_probs: torch.Tensor, typical: TypicalAcceptance,
+def _verify_typical(proposal: Proposal, target_probs: torch.Tensor, typical: TypicalAcceptance,
                     generator: torch.Generator | None) -> Verdict:
     """LOSSY typical acceptance (see :class:`TypicalAcceptance`). target_probs: ``[1+n, V]`` probabilities."""
-    n = draft.num_nodes
-    parents = draft.parents if draft.parents is not None else chain_parents(n, target_probs.device)
+    n = proposal.num_nodes
+    parents = proposal.parents if proposal.parents is not None else chain_parents(n, target_probs.device)
     if n:
         parent_rows = (parents.to(target_probs.device).long() + 1)  # [n] row whose distribution judges each node
-        node_probs = target_probs[parent_rows, draft.tokens.to(target_probs.device)]  # [n]
+        node_probs = target_probs[parent_rows, proposal.tokens.to(target_probs.device)]  # [n]
         passes = (node_probs > typical.thresholds(target_probs)[parent_rows]).tolist()
         logp = torch.log(node_probs.clamp_min(1e-30)).tolist()
     par = parents.tolist() if n else []

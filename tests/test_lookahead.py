@@ -227,10 +227,10 @@ def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
     original = gen.proposer.observe
     gen.proposer.observe = lambda outcome: (captured.append(outcome), original(outcome))[1]
     gen.generate(prompt, max_new_tokens=12)
-    full = [o for o in captured if o.draft.num_extra == 9]  # the window has all 3 levels
-    assert full and any(o.draft.num_nodes for o in full)
-    outcome = max(full, key=lambda o: o.draft.num_nodes)
-    draft = outcome.draft
+    full = [o for o in captured if o.proposal.num_extra == 9]  # the window has all 3 levels
+    assert full and any(o.proposal.num_nodes for o in full)
+    outcome = max(full, key=lambda o: o.proposal.num_nodes)
+    draft = outcome.proposal
     n, m = draft.num_nodes, draft.num_extra
     committed = outcome.tokens[: outcome.tokens.numel() - outcome.new_tokens.numel()].tolist()
     rows = [committed[-1]] + draft.tokens.tolist() + draft.extra_tokens.tolist()

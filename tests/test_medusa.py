@@ -18,7 +18,7 @@ from specdec.costs import CPU_ROW_COST, row_cost
 from specdec.errors import SpecdecError
 from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
 from specdec.medusa.train import TrainConfig, exact_label_mask, head_labels, medusa_loss, train
-from specdec.medusa.tree import best_size
+from specdec.medusa.choices import best_size
 from specdec.sampling import SamplingConfig, process_logits
 
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -220,10 +220,10 @@ def test_seeded_sampling_is_reproducible():
 
 # ---------------------------------------------------------------- typical acceptance (opt-in, LOSSY)
 def _typical_draft():
-    from specdec.proposers.base import Draft
+    from specdec.proposers.base import Proposal
 
     # root -> a(0) -> c(2); root -> b(1) -> d(3), b -> e(4)
-    return Draft(tokens=torch.tensor([1, 2, 3, 4, 5]), parents=torch.tensor([-1, -1, 0, 1, 1]))
+    return Proposal(tokens=torch.tensor([1, 2, 3, 4, 5]), parents=torch.tensor([-1, -1, 0, 1, 1]))
 
 
 def _rows(*dists: dict[int, float], vocab: int = 8) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 import specdec
 from conftest import tiny_model
-from specdec.proposers.base import Draft
+from specdec.proposers.base import Proposal
 from specdec.sampling import SamplingConfig, presence_rows, process_logits
 from specdec.verify import verify
 
@@ -52,7 +52,7 @@ def test_chain_with_draft_probs_first_token_matches_target():
     n, out = N_VERIFY, []
     for _ in range(n):
         x = int(torch.multinomial(draft_p, 1, generator=g))
-        d = Draft(tokens=torch.tensor([x]), draft_probs=draft_p[None])
+        d = Proposal(tokens=torch.tensor([x]), draft_probs=draft_p[None])
         v = verify(d, logits, SamplingConfig(temperature=1.0), torch.tensor([0]), g)
         out.append(x if v.accepted_nodes else v.next_token)
     assert tv(histogram(out, V), target) < noise_bound(target, n)
@@ -62,7 +62,7 @@ def test_point_mass_siblings_first_token_matches_target():
     """Recursive rejection over deterministic siblings (n-gram / tree candidates)."""
     target = _dist(4)
     logits = torch.stack([target.log()] + [_dist(10 + i).log() for i in range(3)])
-    d = Draft(tokens=torch.tensor([int(target.argmax()), 0, 5]), parents=torch.tensor([-1, -1, -1]))
+    d = Proposal(tokens=torch.tensor([int(target.argmax()), 0, 5]), parents=torch.tensor([-1, -1, -1]))
     g = torch.Generator().manual_seed(1)
     n, out = N_VERIFY, []
     for _ in range(n):
@@ -76,7 +76,7 @@ def test_tree_second_token_matches_target_conditional():
     target0 = _dist(5)
     rows = {0: _dist(6), 1: _dist(7)}  # target distribution after token 0 / token 1
     # tree: [0] -> [0,2] ; [1] -> [1,3]
-    d = Draft(tokens=torch.tensor([0, 1, 2, 3]), parents=torch.tensor([-1, -1, 0, 1]))
+    d = Proposal(tokens=torch.tensor([0, 1, 2, 3]), parents=torch.tensor([-1, -1, 0, 1]))
     logits = torch.stack([target0.log(), rows[0].log(), rows[1].log(), _dist(8).log(), _dist(9).log()])
     g = torch.Generator().manual_seed(2)
     firsts: list[int] = []

@@ -2,7 +2,7 @@
 
 - :class:`MedusaHeads` (``specdec.MedusaHeads``): create, save, load (also the
   Medusa project's published layout).
-- :mod:`specdec.medusa.tree`: ``medusa_choices``-style paths -> tree buffers,
+- :mod:`specdec.medusa.choices`: ``medusa_choices``-style paths -> tree buffers,
   default CPU trees, trees from measured per-head accuracy.
 - :mod:`specdec.medusa.train`: CPU-friendly self-distillation
   (``specdec-local train-medusa``).
@@ -13,6 +13,6 @@ Decoding with heads is method ``"medusa"`` of :class:`specdec.SpeculativeGenerat
 from __future__ import annotations
 
 from .heads import MedusaConfig, MedusaHeads
-from .tree import TreeBuffers, build_tree, default_tree, tree_from_accuracies
+from .choices import TreeBuffers, build_tree, default_tree, tree_from_accuracies
 
 __all__ = ["MedusaHeads", "MedusaConfig", "TreeBuffers", "build_tree", "default_tree", "tree_from_accuracies"]

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..errors import SpecdecError
 from ..files import atomic_path, write_atomic
-from .tree import TreeBuffers
+from .choices import TreeBuffers
 
 CONFIG_NAME = "medusa_config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"

@@ -49,7 +49,7 @@ from ..files import atomic_path, write_atomic
 from ..modelinfo import decoder_body, eos_token_ids, model_context_length, output_rows
 from .distill import ENDED
 from .heads import DEFAULT_NUM_HEADS, DEFAULT_NUM_LAYERS, MedusaHeads, target_fingerprint
-from .tree import tree_from_accuracies
+from .choices import tree_from_accuracies
 
 CACHE_DIR = "cache"
 ANSWERS_DIR = "answers"

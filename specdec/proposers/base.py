@@ -2,9 +2,9 @@
 
 One decode step (see :mod:`specdec.engine`)::
 
-    draft  = proposer.propose(state, budget)           # 1. candidate tokens
-    logits = target forward over [pending] + draft      # 2. one target forward
-    verdict = verify(draft, logits, sampling)           # 3. accepted + recovered/bonus
+    proposal = proposer.propose(state, budget)          # 1. candidate tokens
+    logits = target forward over [pending] + proposal   # 2. one target forward
+    verdict = verify(proposal, logits, sampling)        # 3. accepted + recovered/bonus
     commit KV of the accepted path; proposer.observe(step)   # 4.
     stream the new tokens                                # 5.
 
@@ -26,7 +26,7 @@ from ..sampling import SamplingConfig
 
 
 @dataclass
-class Draft:
+class Proposal:
     """What a proposer offers for one step.
 
     Attributes:
@@ -67,7 +67,7 @@ class Draft:
         return self.parents is None
 
     @classmethod
-    def empty(cls, device: torch.device | str = "cpu") -> "Draft":
+    def empty(cls, device: torch.device | str = "cpu") -> "Proposal":
         return cls(tokens=torch.empty(0, dtype=torch.long, device=device))
 
 
@@ -95,16 +95,16 @@ class DecodeState:
 
 @dataclass
 class StepOutcome:
-    """What happened to a draft, told to the proposer after the step.
+    """What happened to a proposal, told to the proposer after the step.
 
     Attributes:
-        draft: the draft that was verified.
-        accepted_nodes: indices (into ``draft.tokens``) of the accepted path, in order.
+        proposal: the proposal that was verified.
+        accepted_nodes: indices (into ``proposal.tokens``) of the accepted path, in order.
         new_tokens: ``[a+1]`` long, the accepted tokens followed by the recovered
             or bonus token (before any truncation for stops).
         tokens: ``[L']`` long, every committed token after the step.
         logits: ``[1+n+m, V]`` raw target logits of every row of the forward.
-        hidden: ``[1+n+m, H]`` target final hidden states (only when the draft
+        hidden: ``[1+n+m, H]`` target final hidden states (only when the proposal
             asked for them).
         last_row: row of the forward whose logits gave the last new token (the
             root if nothing was accepted, else the last accepted node's row).
@@ -113,7 +113,7 @@ class StepOutcome:
         capture_seconds: time this step spent capturing a CUDA graph.
     """
 
-    draft: Draft
+    proposal: Proposal
     accepted_nodes: list[int]
     new_tokens: torch.Tensor
     tokens: torch.Tensor
@@ -133,7 +133,7 @@ class Proposer(Protocol):
     def reset(self, state: DecodeState) -> None:
         """Start a new generation; ``state.tokens`` is the prompt."""
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         """Offer candidates continuing ``state.tokens``.
 
         ``max_nodes`` bounds the depth of the deepest path (for a chain: its

@@ -42,7 +42,7 @@ from ..modelinfo import output_rows
 from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
 from ..static import open_cache
-from .base import DecodeState, Draft, StepOutcome
+from .base import DecodeState, Proposal, StepOutcome
 from .options import DraftOptions
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
@@ -92,10 +92,10 @@ class DraftModelProposer:
             self.index = NgramIndex(1, self.cfg.max_ngram)
             self.index.extend(state.tokens.tolist())
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         self._unfed, self._ran = 0, False
         if max_nodes <= 0:
-            return Draft.empty(state.tokens.device)
+            return Proposal.empty(state.tokens.device)
         self._copy = []
         if self.index is not None:
             limit = min(max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, self.controller.fixed or max_nodes)
@@ -103,17 +103,17 @@ class DraftModelProposer:
             if len(copied) >= self.cfg.ngram_min_tokens:
                 self._copy = copied
                 if self._copy_pays():
-                    return Draft(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
+                    return Proposal(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
         k = self.controller.choose()
         if k == 0:  # drafting looks unprofitable; still probe now and then so the estimate can recover
             self._idle += 1
             k = 1 if self._idle % 16 == 0 else 0
         k = min(k, max_nodes)
         if k <= 0:
-            return Draft.empty(state.tokens.device)
+            return Proposal.empty(state.tokens.device)
         return self._draft_chain(state, k)
 
-    def _draft_chain(self, state: DecodeState, k: int) -> Draft:
+    def _draft_chain(self, state: DecodeState, k: int) -> Proposal:
         """Run the draft model for up to ``k`` tokens (fewer on a confidence stop).
 
         Under plain greedy decoding each draft forward also checks a context
@@ -167,7 +167,7 @@ class DraftModelProposer:
             draft_probs = torch.stack(probs)
             if draft_probs.shape[-1] < self.target_vocab:
                 draft_probs = torch.nn.functional.pad(draft_probs, (0, self.target_vocab - draft_probs.shape[-1]))
-        return Draft(tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs)
+        return Proposal(tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs)
 
     def _guess(self, state: DecodeState, drafted: list[int], room: int) -> list[int]:
         """Up to ``room`` tokens that followed the latest earlier occurrence of the drafted text's end."""
@@ -215,13 +215,13 @@ class DraftModelProposer:
             longest = max(self.cfg.max_copy_tokens, self.cfg.ngram_tokens)
             self.copy_length = next_copy_length(self._copy, new, self.copy_length, longest)
         if self._ran:
-            drafted = outcome.draft.num_nodes
+            drafted = outcome.proposal.num_nodes
             self.draft_value = ema(self.draft_value, len(new) / c.step_cost(drafted, 1 + drafted), VALUE_DECAY)
 
     def observe(self, outcome: StepOutcome) -> None:
         if self.index is not None:
             self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
-        n = outcome.draft.num_nodes
+        n = outcome.proposal.num_nodes
         self.controller.record_verify(1 + n, outcome.verify_seconds)
         self._score(outcome)
         if not self._ran:

@@ -44,7 +44,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..ngrams import ContextCopies
 from ..tree import build_trie
-from .base import DecodeState, Draft, StepOutcome
+from .base import DecodeState, Proposal, StepOutcome
 from .options import LookaheadOptions
 
 
@@ -200,25 +200,25 @@ class LookaheadProposer:
             self._layouts[num_levels] = window_layout(self.cfg.window_size, num_levels)
         return self._layouts[num_levels]
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         """Candidates of the pending token as a trie (depth <= ``max_nodes``) plus the window rows."""
         device = state.tokens.device
         if max_nodes <= 0 or self.window is None:
-            return Draft.empty(device)
+            return Proposal.empty(device)
         candidates = self.pool.candidates(int(state.tokens[-1]))
         copies = self.copies.propose(max_nodes) if self.copies is not None else []
         candidates = [*copies, *candidates]
         tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
         if copies and self.copies.hot:  # text is being copied: skip the window's rows this step
-            return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                          parents=torch.tensor(parents, dtype=torch.long, device=device))
         positions, allowed = self._layout(self.window.num_levels)
         m = positions.numel()
         extra_mask = torch.zeros(m, 1 + n + m, dtype=torch.bool)
         extra_mask[:, 0] = allowed[:, 0]
         extra_mask[:, 1 + n :] = allowed[:, 1:]
-        return Draft(
+        return Proposal(
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             parents=torch.tensor(parents, dtype=torch.long, device=device),
             extra_tokens=torch.tensor(self.window.tokens(), dtype=torch.long, device=device),
@@ -228,7 +228,7 @@ class LookaheadProposer:
 
     def observe(self, outcome: StepOutcome) -> None:
         """Advance the window from its last level's logits; add new n-grams to the pool."""
-        draft = outcome.draft
+        draft = outcome.proposal
         if draft.num_extra and self.window is not None:
             W, n = self.cfg.window_size, draft.num_nodes
             last = outcome.logits[1 + n + draft.num_extra - W : 1 + n + draft.num_extra]  # [W, V]

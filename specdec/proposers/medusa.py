@@ -7,7 +7,7 @@ Each step costs one target forward:
    tree: by default chosen from the heads' own probabilities
    (:meth:`~specdec.medusa.heads.MedusaHeads.dynamic_tree`, the likeliest
    paths, as many nodes as repay their forward cost), else the fixed tree of
-   :mod:`specdec.medusa.tree` (node ``[i0, i1]`` = head 0's rank-``i0``
+   :mod:`specdec.medusa.choices` (node ``[i0, i1]`` = head 0's rank-``i0``
    token, then head 1's rank-``i1`` token). Sequential heads
    (:class:`~specdec.medusa.heads.MedusaHeads`, ``sequential``) also read
    the tree's root token and each node's token before guessing its children.
@@ -42,11 +42,11 @@ import torch
 from ..costs import RowCostModel
 from ..errors import SpecdecError
 from ..medusa.heads import MedusaHeads
-from ..medusa.tree import TreeBuffers, best_size, build_tree, cap_tree, default_tree
+from ..medusa.choices import TreeBuffers, best_size, build_tree, cap_tree, default_tree
 from ..ngrams import ContextCopies
 from ..tree import build_trie, leaf_paths
 from ..verify import TypicalAcceptance
-from .base import DecodeState, Draft, StepOutcome
+from .base import DecodeState, Proposal, StepOutcome
 from .options import MedusaOptions
 
 
@@ -97,7 +97,7 @@ class MedusaProposer:
         if self.copies is not None:
             self.copies.reset(state.tokens.tolist())
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         """The tree (at most ``max_nodes`` deep) merged with the context copies, if any."""
         device = state.tokens.device
         copies = self.copies.propose(max_nodes) if self.copies is not None and max_nodes > 0 else []
@@ -108,7 +108,7 @@ class MedusaProposer:
             tokens, parents = tree[0][:n], tree[1][:n]
         else:
             tokens, parents = build_trie([*copies, *leaf_paths(*tree)], max_nodes)
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+        return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                      parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
 
     def _sized(self, tokens: list[int], parents: list[int], probs: list[float] | None,
@@ -126,7 +126,7 @@ class MedusaProposer:
         if self.copies is not None:
             self.copies.observe(outcome.tokens, outcome.new_tokens.tolist())
         if self.row_cost is not None:
-            self.row_cost.record(1 + outcome.draft.num_nodes, outcome.verify_seconds)
+            self.row_cost.record(1 + outcome.proposal.num_nodes, outcome.verify_seconds)
         if outcome.hidden is None:
             self._guesses = None
             return

@@ -4,7 +4,7 @@ The in-house baseline: the same loop, verifier and cache as every other method.
 """
 from __future__ import annotations
 
-from .base import DecodeState, Draft, StepOutcome
+from .base import DecodeState, Proposal, StepOutcome
 
 
 class NoProposer:
@@ -13,8 +13,8 @@ class NoProposer:
     def reset(self, state: DecodeState) -> None:
         pass
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
-        return Draft.empty(state.tokens.device)
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
+        return Proposal.empty(state.tokens.device)
 
     def observe(self, outcome: StepOutcome) -> None:
         pass

@@ -14,7 +14,7 @@ import torch
 from ..adaptive import DraftLengthController
 from ..ngrams import NgramIndex, next_copy_length
 from ..tree import build_trie, children
-from .base import DecodeState, Draft, StepOutcome
+from .base import DecodeState, Proposal, StepOutcome
 from .options import PromptLookupOptions
 
 
@@ -42,7 +42,7 @@ class PromptLookupProposer:
         self._shadow = None
         self.run_length = K_MAX
 
-    def propose(self, state: DecodeState, max_nodes: int) -> Draft:
+    def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         k = self.controller.choose()
         if k and self.controller.fixed is None:
             k = max(k, self.run_length)
@@ -51,7 +51,7 @@ class PromptLookupProposer:
         if k == 0:
             found = self.index.lookup(1) if max_nodes > 0 else []
             self._shadow = found[0] if found else None
-            return Draft.empty(device)
+            return Proposal.empty(device)
         self._shadow = None
         # copies sized by the controller's measured costs, not by copy_length: measured side by side, the
         # agreement sizing was 1.005x on qwen-coder-1.5b (bf16) and 0.87x on smollm2-135m (fp32) here
@@ -61,18 +61,18 @@ class PromptLookupProposer:
             rows = 1 + len(build_trie(found, k)[0]) if len(found) > 1 else 1 + len(found[0])
             if not self.controller.pays(len(found[0]), rows):  # measured: a plain step is faster
                 self._shadow = found[0][0]
-                return Draft.empty(device)
+                return Proposal.empty(device)
         if len(found) <= 1:
-            return Draft(tokens=torch.tensor(found[0] if found else [], dtype=torch.long, device=device))
+            return Proposal(tokens=torch.tensor(found[0] if found else [], dtype=torch.long, device=device))
         tokens, parents = build_trie(found, k)
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+        return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
                      parents=torch.tensor(parents, dtype=torch.long, device=device))
 
     def observe(self, outcome: StepOutcome) -> None:
-        n = outcome.draft.num_nodes
+        n = outcome.proposal.num_nodes
         self.controller.record_verify(1 + n, outcome.verify_seconds)
         if n:
-            main = self._main_branch(outcome.draft)
+            main = self._main_branch(outcome.proposal)
             self.controller.record_step(len(main), len(outcome.accepted_nodes))
             longest = max(self.cfg.max_copy_tokens, K_MAX)
             self.run_length = next_copy_length(main, outcome.new_tokens.tolist(), self.run_length, longest)
@@ -81,7 +81,7 @@ class PromptLookupProposer:
         self.index.extend(outcome.tokens[len(self.index.tokens) :].tolist())
 
     @staticmethod
-    def _main_branch(draft: Draft) -> list[int]:
+    def _main_branch(draft: Proposal) -> list[int]:
         """The first (full-length) branch: node 0 and its first-born descendants."""
         tokens = draft.tokens.tolist()
         if draft.parents is None:

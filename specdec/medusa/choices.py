@@ -8,7 +8,7 @@ must itself be in the tree.
 
 Nodes are ordered by depth, then lexicographically, so a parent precedes its
 children and siblings come in order of preference, which is what
-:class:`~specdec.proposers.base.Draft` asks for. Row 0 of every buffer is the
+:class:`~specdec.proposers.base.Proposal` asks for. Row 0 of every buffer is the
 root (the pending token); node ``i`` is row ``i + 1``.
 """
 from __future__ import annotations

@@ -368,10 +368,8 @@ def _should_stop(state: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- falling back to the webui
 def _is_transformers_model(model: Any) -> bool:
     """Whether ``model`` is a transformers model run by the webui's Transformers loader."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
+    from transformers import PreTrainedModel
+
     loader = getattr(getattr(shared, "args", None), "loader", None)
     return isinstance(model, PreTrainedModel) and loader in (None, "Transformers") and not getattr(shared, "is_seq2seq", False)
 

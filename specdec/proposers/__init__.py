@@ -134,13 +134,7 @@ def method_and_options(method: str, draft: object | None, options: MethodOptions
 
 def build_proposer(method: str, ctx: ProposerContext) -> Proposer:
     module_name, factory = REGISTRY[method].factory.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise UnknownMethodError(f"method {method!r} is not available in this version of specdec") from e
-        raise
-    return getattr(module, factory)(ctx)
+    return getattr(importlib.import_module(module_name), factory)(ctx)
 
 
 __all__ = ["AUTO", "REGISTRY", "METHODS", "MethodEntry", "MethodOptions", "ProposerContext", "option_names",

@@ -23,6 +23,7 @@ packages it installed and the files of the manifest that are unchanged (a
 folder only if install.py created it and it is then empty). Running it twice
 is harmless.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,9 @@ def find_webui(folder: Path) -> Webui:
     root = folder.expanduser().resolve()
     if not root.is_dir():
         raise InstallError(f"{root} is not a folder; give the path of your text-generation-webui checkout")
-    missing = [p for p in ("server.py", "modules/extensions.py", "modules/text_generation.py") if not (root / p).is_file()]
+    missing = [
+        p for p in ("server.py", "modules/extensions.py", "modules/text_generation.py") if not (root / p).is_file()
+    ]
     if missing:
         raise InstallError(
             f"{root} is not a text-generation-webui checkout (missing {', '.join(missing)}); "
@@ -84,7 +87,11 @@ def find_webui(folder: Path) -> Webui:
     user_ext = root / "user_data" / "extensions"
     extensions = user_ext if user_ext.is_dir() else root / "extensions"
     env = root / "installer_files" / "env"
-    candidates = [env / "python.exe", env / "bin" / "python"] if os.name == "nt" else [env / "bin" / "python", env / "bin" / "python3"]
+    candidates = (
+        [env / "python.exe", env / "bin" / "python"]
+        if os.name == "nt"
+        else [env / "bin" / "python", env / "bin" / "python3"]
+    )
     for python in candidates:
         if python.is_file():
             return Webui(root, extensions, python, True)
@@ -128,21 +135,31 @@ def planned_installs(python: Path, pip_args: list[str], cwd: Path) -> dict[str, 
     """
     with tempfile.TemporaryDirectory(prefix="specdec-install-") as tmp:
         report_file = Path(tmp) / "report.json"
-        _run([str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report_file), *pip_args],
-             "pip install --dry-run", cwd)
+        _run(
+            [str(python), "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report_file), *pip_args],
+            "pip install --dry-run",
+            cwd,
+        )
         try:
             report = json.loads(report_file.read_text())
-            return {canonical(item["metadata"]["name"]): str(item["metadata"]["version"])
-                    for item in report.get("install", [])}
+            return {
+                canonical(item["metadata"]["name"]): str(item["metadata"]["version"])
+                for item in report.get("install", [])
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InstallError(f"could not read pip's dry-run report ({e}); is pip older than 22.2? "
-                               f"upgrade it with {python} -m pip install -U pip") from None
+            raise InstallError(
+                f"could not read pip's dry-run report ({e}); is pip older than 22.2? "
+                f"upgrade it with {python} -m pip install -U pip"
+            ) from None
 
 
 def version_changes(current: dict[str, str], planned: dict[str, str], own: set[str]) -> dict[str, tuple[str, str]]:
     """Packages already installed whose version the plan would change (those in ``own`` excepted)."""
-    return {name: (current[name], version) for name, version in planned.items()
-            if name in current and current[name] != version and name not in own}
+    return {
+        name: (current[name], version)
+        for name, version in planned.items()
+        if name in current and current[name] != version and name not in own
+    }
 
 
 def read_record(webui: Webui) -> dict:
@@ -212,7 +229,11 @@ def _is_ours(webui: Webui) -> bool:
     target = webui.target
     if target.is_symlink():
         return target.resolve() == PLUGIN.resolve() or bool(read_record(webui))
-    return bool(read_record(webui)) or (target / "script.py").is_file() and "specdec" in (target / "script.py").read_text(errors="ignore")
+    return (
+        bool(read_record(webui))
+        or (target / "script.py").is_file()
+        and "specdec" in (target / "script.py").read_text(errors="ignore")
+    )
 
 
 def _remove_extension(webui: Webui, record: dict) -> list[str]:
@@ -241,8 +262,10 @@ def _copy_plugin(target: Path, manifest: dict[str, str]) -> None:
             shutil.copyfile(PLUGIN / rel, dst)  # never into a folder of that name, unlike copy2
             shutil.copymode(PLUGIN / rel, dst)
         except OSError as e:
-            raise InstallError(f"could not copy {rel} to {dst} ({e.strerror or e}); the install record lists what "
-                               "was copied so far: fix the cause and run again, or run with --uninstall") from None
+            raise InstallError(
+                f"could not copy {rel} to {dst} ({e.strerror or e}); the install record lists what "
+                "was copied so far: fix the cause and run again, or run with --uninstall"
+            ) from None
 
 
 def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) -> None:
@@ -275,10 +298,14 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
             if after[name] != before[name] and name not in installed:
                 changed[name] = [changed.get(name, [before[name]])[0], after[name]]
         if changed:
-            print("Changed versions (recorded): " + ", ".join(f"{n} {o} -> {v}" for n, (o, v) in sorted(changed.items())))
+            print(
+                "Changed versions (recorded): " + ", ".join(f"{n} {o} -> {v}" for n, (o, v) in sorted(changed.items()))
+            )
     else:
-        print("Skipping pip (--no-pip): install specdec into the webui's Python yourself, e.g. "
-              f"{webui.python} -m pip install {REPO}")
+        print(
+            "Skipping pip (--no-pip): install specdec into the webui's Python yourself, e.g. "
+            f"{webui.python} -m pip install {REPO}"
+        )
     webui.extensions.mkdir(parents=True, exist_ok=True)
     _remove_extension(webui, record)
     created = bool(record.get("created_folder", True)) if record else not webui.target.exists()
@@ -298,17 +325,28 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
         try:
             webui.target.symlink_to(PLUGIN, target_is_directory=True)
         except OSError as e:
-            raise InstallError(f"could not create a link at {webui.target} ({e}); run without --link to copy instead") from None
+            raise InstallError(
+                f"could not create a link at {webui.target} ({e}); run without --link to copy instead"
+            ) from None
     else:
         _copy_plugin(webui.target, manifest)
     write_record(webui, {**new_record, "complete": True})
-    foreign = sorted(p.relative_to(webui.target).as_posix() for p in webui.target.rglob("*")
-                     if p.is_file() and p.relative_to(webui.target).as_posix() not in manifest) if not link else []
+    foreign = (
+        sorted(
+            p.relative_to(webui.target).as_posix()
+            for p in webui.target.rglob("*")
+            if p.is_file() and p.relative_to(webui.target).as_posix() not in manifest
+        )
+        if not link
+        else []
+    )
     if foreign:
         print(f"Left in place (not copied by install.py): {', '.join(foreign)}")
     print(f"Installed the extension at {webui.target} ({'link to ' + str(PLUGIN) if link else 'copy'}).")
-    print("Enable it by starting the webui with `--extensions specdec` "
-          "(or tick it in the Session tab and apply), then load a model with the Transformers loader.")
+    print(
+        "Enable it by starting the webui with `--extensions specdec` "
+        "(or tick it in the Session tab and apply), then load a model with the Transformers loader."
+    )
 
 
 def uninstall(webui: Webui, pip: bool) -> None:
@@ -318,9 +356,12 @@ def uninstall(webui: Webui, pip: bool) -> None:
         if not _is_ours(webui):
             raise InstallError(f"{webui.target} was not installed by install.py; leaving it alone")
         kept = _remove_extension(webui, record)
-        print(f"Removed {webui.target}" if not kept else
-              f"Removed the files install.py copied to {webui.target}; left in place (changed or not ours): "
-              + ", ".join(kept))
+        print(
+            f"Removed {webui.target}"
+            if not kept
+            else f"Removed the files install.py copied to {webui.target}; left in place (changed or not ours): "
+            + ", ".join(kept)
+        )
     else:
         print(f"No extension at {webui.target}")
     packages = sorted(record.get("pip_installed", {}))
@@ -340,11 +381,20 @@ def uninstall(webui: Webui, pip: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Install the specdec extension into text-generation-webui.")
     parser.add_argument("webui_dir", type=Path, help="the text-generation-webui checkout (the folder with server.py)")
-    parser.add_argument("--link", action="store_true", help="link the extension and install specdec editable, for development")
-    parser.add_argument("--uninstall", action="store_true", help="remove the extension and what install.py pip-installed")
-    parser.add_argument("--no-pip", action="store_true", help="only copy/link/remove the extension; leave Python packages alone")
-    parser.add_argument("--allow-upgrade", action="store_true",
-                        help="let pip change the version of packages the webui's environment already has")
+    parser.add_argument(
+        "--link", action="store_true", help="link the extension and install specdec editable, for development"
+    )
+    parser.add_argument(
+        "--uninstall", action="store_true", help="remove the extension and what install.py pip-installed"
+    )
+    parser.add_argument(
+        "--no-pip", action="store_true", help="only copy/link/remove the extension; leave Python packages alone"
+    )
+    parser.add_argument(
+        "--allow-upgrade",
+        action="store_true",
+        help="let pip change the version of packages the webui's environment already has",
+    )
     args = parser.parse_args(argv)
     try:
         webui = find_webui(args.webui_dir)

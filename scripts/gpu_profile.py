@@ -22,6 +22,7 @@ The JSON is rewritten after each part, so a run cut short keeps what it
 measured. ``--small`` shrinks the models to check the script on a CPU. The
 projection of speculative methods from CPU traces is ``scripts/project_gpu.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,16 @@ PROMPT_TOKENS = 300
 def random_model(shape: tuple, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     hidden, inter, layers, heads, kv, vocab, tied = shape
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                      tie_word_embeddings=tied)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=32768,
+        tie_word_embeddings=tied,
+    )
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
@@ -94,8 +102,9 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
                 for r in rows:
                     ids = torch.randint(model.config.vocab_size, (r,), generator=gen).to(device)
                     pos = torch.full((r,), len(prompt), device=device) + (torch.arange(r, device=device) > 0)
-                    seconds, fwd = timer(lambda: kv.forward(ids, pos if r > 1 else None, star[r] if r > 1 else None,
-                                                            keep=r))
+                    seconds, fwd = timer(
+                        lambda: kv.forward(ids, pos if r > 1 else None, star[r] if r > 1 else None, keep=r)
+                    )
                     if fwd.captured:
                         out["capture_s"][str(r)] = round(fwd.captured, 3)
                     times[r].append(seconds - fwd.captured)
@@ -119,9 +128,15 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timer = Timer(device)
-    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-                 "prompt_tokens": PROMPT_TOKENS, "max_new_tokens": args.max_new_tokens, "buckets": static.BUCKETS}
+    res: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "dtype": str(dtype),
+        "prompt_tokens": PROMPT_TOKENS,
+        "max_new_tokens": args.max_new_tokens,
+        "buckets": static.BUCKETS,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -141,16 +156,20 @@ def main() -> None:
         res[size] = part
         save()
         t0 = time.perf_counter()
-        gens = {"specdec-none-eager": SpeculativeGenerator(target, method="none", static_cache=False),
-                "specdec-none-static": SpeculativeGenerator(target, method="none", static_cache=True)}
-        runners = {"hf-greedy": hf_runner(target, eos_token_ids=()),  # no EOS: every run makes n tokens
-                   **{name: specdec_runner(gen) for name, gen in gens.items()}}
+        gens = {
+            "specdec-none-eager": SpeculativeGenerator(target, method="none", static_cache=False),
+            "specdec-none-static": SpeculativeGenerator(target, method="none", static_cache=True),
+        }
+        runners = {
+            "hf-greedy": hf_runner(target, eos_token_ids=()),  # no EOS: every run makes n tokens
+            **{name: specdec_runner(gen) for name, gen in gens.items()},
+        }
         if args.hf_static:
             runners["hf-static"] = hf_runner(target, eos_token_ids=(), cache_implementation="static")
         tok_s: dict[str, list[float]] = {name: [] for name in runners}
         first_s: dict[str, float] = {}
         for rep in range(args.repeats):
-            order = list(runners)[rep % len(runners):] + list(runners)[: rep % len(runners)]
+            order = list(runners)[rep % len(runners) :] + list(runners)[: rep % len(runners)]
             for name in order:
                 run = runners[name](prompt, args.max_new_tokens)
                 tok_s[name].append(len(run.token_ids) / run.seconds)

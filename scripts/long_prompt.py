@@ -6,6 +6,7 @@ Prints one line per method: prefill seconds (``GenerationStats.prefill_seconds``
 process's peak resident memory (``ru_maxrss``), plus the ratio of each to method ``none``. A fresh process per
 method keeps one method's peak from hiding another's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,14 @@ def one(model: str, method: str, tokens: int, new_tokens: int, static: bool) -> 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     res = gen.generate(ids, max_new_tokens=new_tokens)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "prompt_tokens": len(ids), "prefill_seconds": res.stats.prefill_seconds,
-            "seconds": res.stats.seconds, "peak_mib": peak / 1024, "peak_above_load_mib": (peak - base) / 1024}
+    return {
+        "method": method,
+        "prompt_tokens": len(ids),
+        "prefill_seconds": res.stats.prefill_seconds,
+        "seconds": res.stats.seconds,
+        "peak_mib": peak / 1024,
+        "peak_above_load_mib": (peak - base) / 1024,
+    }
 
 
 def main() -> None:
@@ -50,18 +57,32 @@ def main() -> None:
         return
     rows = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--tokens", str(args.tokens),
-               "--new-tokens", str(args.new_tokens)] + (["--static-cache"] if args.static_cache else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            "--model",
+            args.model,
+            "--tokens",
+            str(args.tokens),
+            "--new-tokens",
+            str(args.new_tokens),
+        ] + (["--static-cache"] if args.static_cache else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     ref = rows[0]
-    print(f"{'method':<15} {'prompt':>6} {'prefill s':>10} {'x':>5} {'total s':>8} {'peak MiB':>9} {'x':>5} "
-          f"{'above load':>10} {'x':>5}")
+    print(
+        f"{'method':<15} {'prompt':>6} {'prefill s':>10} {'x':>5} {'total s':>8} {'peak MiB':>9} {'x':>5} "
+        f"{'above load':>10} {'x':>5}"
+    )
     for r in rows:
-        print(f"{r['method']:<15} {r['prompt_tokens']:>6} {r['prefill_seconds']:>10.2f} "
-              f"{r['prefill_seconds'] / ref['prefill_seconds']:>5.2f} {r['seconds']:>8.2f} {r['peak_mib']:>9.0f} "
-              f"{r['peak_mib'] / ref['peak_mib']:>5.2f} {r['peak_above_load_mib']:>10.0f} "
-              f"{r['peak_above_load_mib'] / max(ref['peak_above_load_mib'], 1):>5.2f}")
+        print(
+            f"{r['method']:<15} {r['prompt_tokens']:>6} {r['prefill_seconds']:>10.2f} "
+            f"{r['prefill_seconds'] / ref['prefill_seconds']:>5.2f} {r['seconds']:>8.2f} {r['peak_mib']:>9.0f} "
+            f"{r['peak_mib'] / ref['peak_mib']:>5.2f} {r['peak_above_load_mib']:>10.0f} "
+            f"{r['peak_above_load_mib'] / max(ref['peak_above_load_mib'], 1):>5.2f}"
+        )
 
 
 if __name__ == "__main__":

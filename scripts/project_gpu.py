@@ -16,6 +16,7 @@ plus the per-step work outside the forwards measured there for plain decoding.
 The result is a projection, labelled as such: it leaves out proposer work that
 is heavier than plain decoding's and the prompt's prefill.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,21 +38,37 @@ def trace(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts if args.prompts else (SHARED_PROMPTS if SHARED_PROMPTS.exists() else None))
     target, tokenizer = specdec.load_model(args.target, dtype=args.dtype, device="cpu")
     draft = specdec.load_model(args.draft, dtype=args.dtype, device="cpu")[0] if args.draft else None
-    out: dict = {"target": args.target, "draft": args.draft, "dtype": args.dtype,
-                 "max_new_tokens": args.max_new_tokens, "methods": {}}
+    out: dict = {
+        "target": args.target,
+        "draft": args.draft,
+        "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens,
+        "methods": {},
+    }
     for method in args.methods.split(","):
-        gen = specdec.SpeculativeGenerator(target, tokenizer, method=method, draft=draft if method in ("draft", "auto")
-                                           else None)
+        gen = specdec.SpeculativeGenerator(
+            target, tokenizer, method=method, draft=draft if method in ("draft", "auto") else None
+        )
         steps: list[dict] = []
         draft_rows: list[int] = []
         model = getattr(getattr(gen.proposer, "kv", None), "model", None)
-        hook = model.register_forward_pre_hook(lambda m, a, k: draft_rows.append(int(k["input_ids"].shape[1])),
-                                               with_kwargs=True) if model is not None else None
+        hook = (
+            model.register_forward_pre_hook(
+                lambda m, a, k: draft_rows.append(int(k["input_ids"].shape[1])), with_kwargs=True
+            )
+            if model is not None
+            else None
+        )
         observe = gen.proposer.observe
 
         def record(outcome, observe=observe):
-            steps.append({"rows": int(outcome.logits.shape[0]), "draft": list(draft_rows),
-                          "tokens": int(outcome.new_tokens.numel())})
+            steps.append(
+                {
+                    "rows": int(outcome.logits.shape[0]),
+                    "draft": list(draft_rows),
+                    "tokens": int(outcome.new_tokens.numel()),
+                }
+            )
             draft_rows.clear()
             observe(outcome)
 
@@ -65,11 +82,22 @@ def trace(args: argparse.Namespace) -> None:
                 res = gen.generate(ids, max_new_tokens=args.max_new_tokens)
                 if draft_rows:  # the last step (not observed) still ran its forwards
                     steps.append({"rows": None, "draft": list(draft_rows), "tokens": None})
-                runs.append({"id": prompt.id, "category": prompt.category, "prompt_tokens": len(ids),
-                             "new_tokens": res.stats.new_tokens, "steps_total": res.stats.steps,
-                             "cpu_tok_s": round(res.stats.tokens_per_second, 2), "steps": list(steps)})
-                print(f"{method:<14} {prompt.id:<22} {res.stats.new_tokens:>4} tok {res.stats.steps:>4} steps "
-                      f"{res.stats.tokens_per_second:6.2f} tok/s", flush=True)
+                runs.append(
+                    {
+                        "id": prompt.id,
+                        "category": prompt.category,
+                        "prompt_tokens": len(ids),
+                        "new_tokens": res.stats.new_tokens,
+                        "steps_total": res.stats.steps,
+                        "cpu_tok_s": round(res.stats.tokens_per_second, 2),
+                        "steps": list(steps),
+                    }
+                )
+                print(
+                    f"{method:<14} {prompt.id:<22} {res.stats.new_tokens:>4} tok {res.stats.steps:>4} steps "
+                    f"{res.stats.tokens_per_second:6.2f} tok/s",
+                    flush=True,
+                )
         finally:
             if hook is not None:
                 hook.remove()
@@ -108,8 +136,10 @@ def project(args: argparse.Namespace) -> None:
     costs = json.loads(Path(args.costs).read_text())
     target, draft, outside, none_tok_s = step_costs(costs, args.target)
     plain_ms = target["1"] + outside  # a token of plain decoding, in the same units as the projection
-    print(f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
-          f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms, {outside:.2f} ms outside the forward")
+    print(
+        f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
+        f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms, {outside:.2f} ms outside the forward"
+    )
     results = {}
     for method, runs in traces["methods"].items():
         by_cat: dict[str, list[float]] = {}
@@ -123,11 +153,15 @@ def project(args: argparse.Namespace) -> None:
                     tokens += step["tokens"]
             by_cat.setdefault(run["category"], []).append(tokens / ms * plain_ms)  # x plain decoding
         every = [v for vs in by_cat.values() for v in vs]
-        results[method] = {"all": statistics.geometric_mean(every),
-                           **{c: statistics.geometric_mean(v) for c, v in by_cat.items()}}
+        results[method] = {
+            "all": statistics.geometric_mean(every),
+            **{c: statistics.geometric_mean(v) for c, v in by_cat.items()},
+        }
     cats = sorted({c for r in results.values() for c in r if c != "all"})
-    print(f"ratios against plain decoding projected the same way; tok/s = ratio x specdec-none measured there "
-          f"({none_tok_s:.0f} tok/s)")
+    print(
+        f"ratios against plain decoding projected the same way; tok/s = ratio x specdec-none measured there "
+        f"({none_tok_s:.0f} tok/s)"
+    )
     print(f"| method | all | {' | '.join(cats)} |")
     print("|---|---|" + "---|" * len(cats))
     for method, r in results.items():

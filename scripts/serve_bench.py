@@ -14,6 +14,7 @@ Reported: tokens/s as the caller sees it (wall clock around the call: for the
 API that includes HTTP, JSON, prompt tokenization and the worker hand-off),
 per mode, and the ratio API / library.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,25 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "specdec.cli", "serve", "--target", args.target, "--method", args.method,
-           "--dtype", args.dtype, "--threads", str(args.threads), "--port", str(port)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"),
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "specdec.cli",
+        "serve",
+        "--target",
+        args.target,
+        "--method",
+        args.method,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"), env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
 
 
 def wait_ready(proc: subprocess.Popen, port: int) -> None:
@@ -69,8 +85,9 @@ def run_once(mode: str, gen: Any, client: Any, model: str, prompt: str, max_toke
         res = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
         return res.choices[0].message.content, res.usage.completion_tokens, time.perf_counter() - start
     text, tokens = [], 0
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                temperature=0, stream=True):
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             text.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
@@ -132,15 +149,25 @@ def main() -> None:
         proc.wait(timeout=120)
 
     summary = summarize(rows)
-    conditions = {"target": args.target, "method": args.method, "dtype": args.dtype, "threads": args.threads,
-                  "max_tokens": args.max_tokens, "repeats": args.repeats, "prompts": len(prompts),
-                  "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                  "cores": os.cpu_count(), "load_average": [load_before, load_after],
-                  "texts_equal": not any(row.get("text_differs") for row in rows)}
+    conditions = {
+        "target": args.target,
+        "method": args.method,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
+        "prompts": len(prompts),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average": [load_before, load_after],
+        "texts_equal": not any(row.get("text_differs") for row in rows),
+    }
     print(json.dumps({"conditions": conditions, "summary": summary}, indent=2))
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"conditions": conditions, "summary": summary, "rows": rows},
-                                                   indent=1))
+        Path(args.json_path).write_text(
+            json.dumps({"conditions": conditions, "summary": summary, "rows": rows}, indent=1)
+        )
     if args.markdown:
         Path(args.markdown).write_text(markdown(conditions, summary))
 
@@ -161,16 +188,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             lib = statistics.median(r["tokens"] / r["seconds"] for r in by[("library", p)])
             this = statistics.median(r["tokens"] / r["seconds"] for r in by[(mode, p)])
             ratios.append(this / lib)
-        out[mode] = {"tokens_per_second": total, "median_ratio_to_library": statistics.median(ratios),
-                     "min_ratio": min(ratios), "max_ratio": max(ratios)}
+        out[mode] = {
+            "tokens_per_second": total,
+            "median_ratio_to_library": statistics.median(ratios),
+            "min_ratio": min(ratios),
+            "max_ratio": max(ratios),
+        }
     return out
 
 
 def markdown(conditions: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = ["| mode | tokens/s (all runs) | per-prompt ratio to the library: median (min-max) |", "|---|---|---|"]
     for mode, s in summary.items():
-        lines.append(f"| {mode} | {s['tokens_per_second']:.2f} | {s['median_ratio_to_library']:.3f} "
-                     f"({s['min_ratio']:.3f}-{s['max_ratio']:.3f}) |")
+        lines.append(
+            f"| {mode} | {s['tokens_per_second']:.2f} | {s['median_ratio_to_library']:.3f} "
+            f"({s['min_ratio']:.3f}-{s['max_ratio']:.3f}) |"
+        )
     return "\n".join(lines) + "\n\nConditions: " + json.dumps(conditions) + "\n"
 
 

@@ -4,6 +4,7 @@ Runs with the webui's Python (specdec installed there by install.py). Only
 ``prepare-model`` imports specdec and transformers; the others use the
 standard library and talk to the webui's OpenAI-compatible API on 127.0.0.1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,26 +18,59 @@ from pathlib import Path
 
 # (name, kind, messages): a free question, a rewrite, a summary and a long chat turn
 SUITE: list[tuple[str, str, list[dict[str, str]]]] = [
-    ("free-tea", "free", [{"role": "user", "content": "What are the main differences between green tea and black tea?"}]),
+    (
+        "free-tea",
+        "free",
+        [{"role": "user", "content": "What are the main differences between green tea and black tea?"}],
+    ),
     ("free-rome", "free", [{"role": "user", "content": "Why did the Roman Empire split into east and west?"}]),
-    ("rewrite-email", "rewrite", [{"role": "user", "content": (
-        "Rewrite this email so it sounds more polite, keeping every detail:\n\nHi Tom, the report you sent on Monday "
-        "is missing the sales numbers for March and April. Send them by Friday. Also the chart on page three uses the "
-        "wrong colours, fix it. And stop cc-ing the whole team on every message, only Anna and me need to see these. "
-        "Thanks, Lisa")}]),
-    ("summary-notes", "summary", [{"role": "user", "content": (
-        "Summarize these meeting notes in three bullet points:\n\nThe team met on Tuesday to plan the spring release. "
-        "Maria said the new search page is finished but still needs review from the design team. Paul reported that "
-        "the payment bug from last week is fixed and the fix is already deployed. The release date was moved from "
-        "April 3 to April 10 because the mobile app needs one more week of testing. Everyone agreed to hold a short "
-        "check-in every morning until the release.")}]),
-    ("chat-turn", "chat", [
-        {"role": "user", "content": "I have this function:\n\ndef average(values):\n    total = 0\n    for value in values:\n"
-                                    "        total += value\n    return total / len(values)"},
-        {"role": "assistant", "content": "It returns the mean of the list, but it fails with ZeroDivisionError on an "
-                                         "empty list."},
-        {"role": "user", "content": "Fix that and rename total to running_sum. Show the whole function."},
-    ]),
+    (
+        "rewrite-email",
+        "rewrite",
+        [
+            {
+                "role": "user",
+                "content": (
+                    "Rewrite this email so it sounds more polite, keeping every detail:\n\nHi Tom, the report you sent on Monday "
+                    "is missing the sales numbers for March and April. Send them by Friday. Also the chart on page three uses the "
+                    "wrong colours, fix it. And stop cc-ing the whole team on every message, only Anna and me need to see these. "
+                    "Thanks, Lisa"
+                ),
+            }
+        ],
+    ),
+    (
+        "summary-notes",
+        "summary",
+        [
+            {
+                "role": "user",
+                "content": (
+                    "Summarize these meeting notes in three bullet points:\n\nThe team met on Tuesday to plan the spring release. "
+                    "Maria said the new search page is finished but still needs review from the design team. Paul reported that "
+                    "the payment bug from last week is fixed and the fix is already deployed. The release date was moved from "
+                    "April 3 to April 10 because the mobile app needs one more week of testing. Everyone agreed to hold a short "
+                    "check-in every morning until the release."
+                ),
+            }
+        ],
+    ),
+    (
+        "chat-turn",
+        "chat",
+        [
+            {
+                "role": "user",
+                "content": "I have this function:\n\ndef average(values):\n    total = 0\n    for value in values:\n"
+                "        total += value\n    return total / len(values)",
+            },
+            {
+                "role": "assistant",
+                "content": "It returns the mean of the list, but it fails with ZeroDivisionError on an empty list.",
+            },
+            {"role": "user", "content": "Fix that and rename total to running_sum. Show the whole function."},
+        ],
+    ),
 ]
 
 
@@ -75,7 +109,9 @@ def prepare_model(name: str, folder: Path, fixed: Path | None, eos_token: str) -
 
     shutil.copytree(folder, fixed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    print(f"{folder.name}: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}), pad {tokenizer.pad_token!r}")
+    print(
+        f"{folder.name}: tokenizer EOS {tokenizer.eos_token!r} ({tokenizer.eos_token_id}), pad {tokenizer.pad_token!r}"
+    )
     tokenizer.eos_token = tokenizer.pad_token = eos_token
     tokenizer.save_pretrained(fixed)
     print(f"saved {fixed} with tokenizer EOS and pad {eos_token!r}")
@@ -136,15 +172,17 @@ def suite(ports: dict[str, int], max_tokens: int, repeats: int, out: Path) -> No
     for name, kind, messages in SUITE:
         entry: dict = {"kind": kind}
         for round_ in range(repeats):
-            for side in (list(ports) if round_ % 2 == 0 else list(reversed(ports))):
+            for side in list(ports) if round_ % 2 == 0 else list(reversed(ports)):
                 r = request(ports[side], messages, max_tokens)
                 seen = entry.setdefault(side, {"text": r["text"], "tokens": r["tokens"], "seconds": [], "same": True})
                 seen["seconds"].append(r["seconds"])
                 seen["same"] &= r["text"] == seen["text"]
         for side in ports:
             best = min(entry[side]["seconds"])
-            print(f"{name} {side}: {entry[side]['tokens']} tokens, fastest {best:.2f} s "
-                  f"({entry[side]['tokens'] / best:.2f} tok/s)")
+            print(
+                f"{name} {side}: {entry[side]['tokens']} tokens, fastest {best:.2f} s "
+                f"({entry[side]['tokens'] / best:.2f} tok/s)"
+            )
         results["prompts"][name] = entry
     out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -164,8 +202,10 @@ def table(runs: list[Path], min_free: float) -> int:
             same = a["text"] == b["text"] and a["same"] and b["same"]
             failed |= not same
             ra, rb = a["tokens"] / min(a["seconds"]), b["tokens"] / min(b["seconds"])
-            print(f"| {model} | {name} | {a['tokens']}/{b['tokens']} | {ra:.2f} | {rb:.2f} | {rb / ra:.2f}x | "
-                  f"{'yes' if same else 'NO'} |")
+            print(
+                f"| {model} | {name} | {a['tokens']}/{b['tokens']} | {ra:.2f} | {rb:.2f} | {rb / ra:.2f}x | "
+                f"{'yes' if same else 'NO'} |"
+            )
             if entry["kind"] == "free":
                 for side, r in (("off", a), ("on", b)):
                     free[side][0] += r["tokens"]
@@ -174,8 +214,10 @@ def table(runs: list[Path], min_free: float) -> int:
                 print(f"--- {model} {name} off ---\n{a['text']}\n--- on ---\n{b['text']}", file=sys.stderr)
         ratio = (free["on"][0] / free["on"][1]) / (free["off"][0] / free["off"][1])
         first = data["first_reply"]
-        notes.append(f"{model}: first reply {first['off']['seconds']:.1f} s off, {first['on']['seconds']:.1f} s on "
-                     f"({first['on']['tokens']} tokens); free chat on/off {ratio:.2f}x")
+        notes.append(
+            f"{model}: first reply {first['off']['seconds']:.1f} s off, {first['on']['seconds']:.1f} s on "
+            f"({first['on']['tokens']} tokens); free chat on/off {ratio:.2f}x"
+        )
         failed |= ratio < min_free
     print("\n" + "\n".join(notes))
     print("result: " + (f"FAIL (a text differs or free chat is below {min_free:.2f}x)" if failed else "pass"))

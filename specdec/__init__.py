@@ -3,6 +3,7 @@
 Public names are imported lazily, so ``import specdec`` (and the CLI's start)
 does not pay for importing transformers until a model is used.
 """
+
 from __future__ import annotations
 
 import importlib

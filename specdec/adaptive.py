@@ -13,6 +13,7 @@ Seeded sampling must be reproducible, and measured times are not: with
 cost ratio (from parameter counts) instead, so the same seed gives the same
 draft lengths and hence the same tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -20,6 +20,7 @@ Memory model (:func:`estimate_memory`), deliberately simple and documented:
 * a safety margin and a fixed reserve are added by the caller
   (:mod:`specdec.profiles`), since they depend on the device.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -94,10 +95,37 @@ def _b(billions: float) -> int:
     return int(billions * 1e9)
 
 
-def _qwen(name: str, hub: str, params: float, layers: int, hidden: int, inter: int, heads: int, kv: int,
-          vocab: int, tied: bool, variants: dict[str, str], drafts: tuple[str, ...] = ()) -> ModelSpec:
-    return ModelSpec(name, hub, "qwen2.5", _b(params), layers, hidden, inter, heads, kv, hidden // heads,
-                     vocab, tied, qkv_bias=True, variants=variants, drafts=drafts)
+def _qwen(
+    name: str,
+    hub: str,
+    params: float,
+    layers: int,
+    hidden: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    vocab: int,
+    tied: bool,
+    variants: dict[str, str],
+    drafts: tuple[str, ...] = (),
+) -> ModelSpec:
+    return ModelSpec(
+        name,
+        hub,
+        "qwen2.5",
+        _b(params),
+        layers,
+        hidden,
+        inter,
+        heads,
+        kv,
+        hidden // heads,
+        vocab,
+        tied,
+        qkv_bias=True,
+        variants=variants,
+        drafts=drafts,
+    )
 
 
 def _qwen_family(prefix: str, hub_prefix: str, gguf: Mapping[str, str]) -> list[ModelSpec]:
@@ -116,27 +144,124 @@ def _qwen_family(prefix: str, hub_prefix: str, gguf: Mapping[str, str]) -> list[
         variants = {"gptq": f"{hub}-GPTQ-Int4"}
         if size in gguf:
             variants["gguf"] = gguf[size]
-        out.append(_qwen(f"{prefix}-{size}", hub, params, layers, hidden, inter, heads, kv, vocab, tied, variants,
-                         tuple(f"{prefix}-{d}" for d in drafts.get(size, ()))))
+        out.append(
+            _qwen(
+                f"{prefix}-{size}",
+                hub,
+                params,
+                layers,
+                hidden,
+                inter,
+                heads,
+                kv,
+                vocab,
+                tied,
+                variants,
+                tuple(f"{prefix}-{d}" for d in drafts.get(size, ())),
+            )
+        )
     return out
 
 
 _SPECS: list[ModelSpec] = [
     *_qwen_family("qwen2.5", "Qwen/Qwen2.5", {}),
     *_qwen_family("qwen2.5-coder", "Qwen/Qwen2.5-Coder", {"0.5b": "qwen-coder-0.5b", "1.5b": "qwen-coder-1.5b"}),
-    ModelSpec("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama3", _b(1.24), 16, 2048, 8192, 32, 8, 64,
-              128256, True, max_context=131072),
-    ModelSpec("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama3", _b(3.21), 28, 3072, 8192, 24, 8, 128,
-              128256, True, drafts=("llama-3.2-1b",), max_context=131072),
-    ModelSpec("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama3", _b(8.03), 32, 4096, 14336, 32, 8, 128,
-              128256, False, variants={"gptq": "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"},
-              drafts=("llama-3.2-1b",), max_context=131072),
-    ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2", 134_515_008, 30, 576, 1536, 9, 3, 64,
-              49152, True, variants={"gguf": "smollm2-135m"}, max_context=8192),
-    ModelSpec("smollm2-360m", "HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2", 361_821_120, 32, 960, 2560, 15, 5, 64,
-              49152, True, drafts=("smollm2-135m",), max_context=8192),
-    ModelSpec("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "smollm2", _b(1.71), 24, 2048, 8192, 32, 32, 64,
-              49152, True, drafts=("smollm2-360m", "smollm2-135m"), max_context=8192),
+    ModelSpec(
+        "llama-3.2-1b",
+        "meta-llama/Llama-3.2-1B-Instruct",
+        "llama3",
+        _b(1.24),
+        16,
+        2048,
+        8192,
+        32,
+        8,
+        64,
+        128256,
+        True,
+        max_context=131072,
+    ),
+    ModelSpec(
+        "llama-3.2-3b",
+        "meta-llama/Llama-3.2-3B-Instruct",
+        "llama3",
+        _b(3.21),
+        28,
+        3072,
+        8192,
+        24,
+        8,
+        128,
+        128256,
+        True,
+        drafts=("llama-3.2-1b",),
+        max_context=131072,
+    ),
+    ModelSpec(
+        "llama-3.1-8b",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "llama3",
+        _b(8.03),
+        32,
+        4096,
+        14336,
+        32,
+        8,
+        128,
+        128256,
+        False,
+        variants={"gptq": "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"},
+        drafts=("llama-3.2-1b",),
+        max_context=131072,
+    ),
+    ModelSpec(
+        "smollm2-135m",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "smollm2",
+        134_515_008,
+        30,
+        576,
+        1536,
+        9,
+        3,
+        64,
+        49152,
+        True,
+        variants={"gguf": "smollm2-135m"},
+        max_context=8192,
+    ),
+    ModelSpec(
+        "smollm2-360m",
+        "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "smollm2",
+        361_821_120,
+        32,
+        960,
+        2560,
+        15,
+        5,
+        64,
+        49152,
+        True,
+        drafts=("smollm2-135m",),
+        max_context=8192,
+    ),
+    ModelSpec(
+        "smollm2-1.7b",
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        "smollm2",
+        _b(1.71),
+        24,
+        2048,
+        8192,
+        32,
+        32,
+        64,
+        49152,
+        True,
+        drafts=("smollm2-360m", "smollm2-135m"),
+        max_context=8192,
+    ),
 ]
 
 CATALOGUE: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
@@ -177,7 +302,9 @@ class ResolvedModel:
         return self.ref
 
 
-def resolve(ref: str, catalogue: Mapping[str, ModelSpec] = CATALOGUE, config: Mapping[str, Any] | None = None) -> ResolvedModel:
+def resolve(
+    ref: str, catalogue: Mapping[str, ModelSpec] = CATALOGUE, config: Mapping[str, Any] | None = None
+) -> ResolvedModel:
     """Match ``ref`` (short name, packaged name, hub id, ``.gguf`` file, folder) to the catalogue.
 
     ``config`` (a parsed ``config.json``) lets a local folder be estimated
@@ -206,19 +333,27 @@ def spec_from_config(name: str, config: Mapping[str, Any], catalogue: Mapping[st
         heads = int(config["num_attention_heads"])
         vocab = int(config["vocab_size"])
         spec = ModelSpec(
-            name=name, hub_id=name, family="", params=0,
-            num_layers=int(config["num_hidden_layers"]), hidden_size=hidden,
-            intermediate_size=int(config.get("intermediate_size", 4 * hidden)), num_heads=heads,
+            name=name,
+            hub_id=name,
+            family="",
+            params=0,
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            intermediate_size=int(config.get("intermediate_size", 4 * hidden)),
+            num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads), vocab_size=vocab,
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=vocab,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
             max_context=int(config.get("max_position_embeddings", 32768)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise SpecdecError(f"cannot estimate the memory of {name}: its config lacks {e}") from None
-    family = next((s.family for s in catalogue.values() if s.vocab_size == vocab
-                   and _model_type(s) == config.get("model_type")), "")
+    family = next(
+        (s.family for s in catalogue.values() if s.vocab_size == vocab and _model_type(s) == config.get("model_type")),
+        "",
+    )
     return ModelSpec(**{**spec.__dict__, "family": family, "params": spec.config_params})
 
 
@@ -278,12 +413,19 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.activations
 
     def __add__(self, other: MemoryEstimate) -> MemoryEstimate:
-        return MemoryEstimate(self.weights + other.weights, self.kv_cache + other.kv_cache,
-                              self.activations + other.activations)
+        return MemoryEstimate(
+            self.weights + other.weights, self.kv_cache + other.kv_cache, self.activations + other.activations
+        )
 
 
-def estimate_memory(spec: ModelSpec, kind: str, context_length: int, dtype_bits: int = 16,
-                    verify_tokens: int = 1, weights_loaded: bool = False) -> MemoryEstimate:
+def estimate_memory(
+    spec: ModelSpec,
+    kind: str,
+    context_length: int,
+    dtype_bits: int = 16,
+    verify_tokens: int = 1,
+    weights_loaded: bool = False,
+) -> MemoryEstimate:
     """Bytes ``spec`` needs when loaded as ``kind`` and run over ``context_length`` tokens.
 
     Args:
@@ -303,7 +445,9 @@ def estimate_memory(spec: ModelSpec, kind: str, context_length: int, dtype_bits:
         weights = 0
     else:
         body = max(spec.config_params - spec.embedding_params, 0)
-        weights = int(body * weight_bits(kind, dtype_bits) / 8 + spec.embedding_params * embedding_bits(kind, dtype_bits) / 8)
+        weights = int(
+            body * weight_bits(kind, dtype_bits) / 8 + spec.embedding_params * embedding_bits(kind, dtype_bits) / 8
+        )
     kv = int(2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * context * dtype_bytes)
     prefill = context * (2 * spec.intermediate_size + 2 * spec.hidden_size) * dtype_bytes
     logits = max(verify_tokens, 1) * spec.vocab_size * 4

@@ -17,6 +17,7 @@ dense weights serve forwards over more than ``KERNEL_MAX_ROWS`` rows (a
 prompt, or drafted text checked against a context copy), where a matrix
 product beats the per-row int8 kernel.
 """
+
 from __future__ import annotations
 
 import copy

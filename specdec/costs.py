@@ -20,6 +20,7 @@ much to propose. This module owns that model:
 Where the figures come from, and the other measurements of this project, is in
 docs/design.md ("Cost of a forward by row count").
 """
+
 from __future__ import annotations
 
 import functools
@@ -117,7 +118,14 @@ class RowCostModel:
         if rows < 1 or not seconds > 0:
             return
         p, x = self.prior(rows), float(rows - 1)
-        for key, value in (("w", 1.0), ("pp", p * p), ("px", p * x), ("xx", x * x), ("ps", p * seconds), ("xs", x * seconds)):
+        for key, value in (
+            ("w", 1.0),
+            ("pp", p * p),
+            ("px", p * x),
+            ("xx", x * x),
+            ("ps", p * seconds),
+            ("xs", x * seconds),
+        ):
             self._sums[key] = self.forget * self._sums[key] + value
         self.samples += 1
 

@@ -1,12 +1,19 @@
 """Which device and dtype a model runs on: ``auto`` resolved once, for loading and for profiles."""
+
 from __future__ import annotations
 
 import torch
 
 from .errors import SpecdecError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -4,6 +4,7 @@
 webui extension). The method only chooses the proposer; the loop, the
 verifier and the KV bookkeeping are shared.
 """
+
 from __future__ import annotations
 
 import random
@@ -151,7 +152,9 @@ class SpeculativeGenerator:
         self.tokenizer = tokenizer
         self.draft = draft.eval() if draft is not None else None
         self.method, self.options = method_and_options(method, draft, options, method_options)
-        if num_speculative_tokens is not None and (int(num_speculative_tokens) != num_speculative_tokens or num_speculative_tokens < 0):
+        if num_speculative_tokens is not None and (
+            int(num_speculative_tokens) != num_speculative_tokens or num_speculative_tokens < 0
+        ):
             raise SpecdecError(
                 f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens}",
                 "leave it unset for an adaptive draft length",
@@ -256,17 +259,27 @@ class SpeculativeGenerator:
             suppress_tokens: ids never generated (e.g. a banned EOS).
         """
         prompt_ids = self.encode(prompt)
-        cfg, stops = check_request(self.target, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                   suppress_tokens=suppress_tokens, stop=stop)
+        cfg, stops = check_request(
+            self.target,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            suppress_tokens=suppress_tokens,
+            stop=stop,
+        )
         if stops and self.tokenizer is None:
             raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")
         if not prompt_ids:
             raise SpecdecError("the prompt is empty", "give at least one token of prompt")
         self._check_context(len(prompt_ids), max_new_tokens)
         self._last_prompt_ids = prompt_ids
-        eos = self.eos_token_ids() if eos_token_id is None else (
-            {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
+        eos = (
+            self.eos_token_ids()
+            if eos_token_id is None
+            else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id})
         )
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.randrange(2**63))
@@ -292,8 +305,14 @@ class SpeculativeGenerator:
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         matcher = StopStringMatcher(stops)
         start = time.perf_counter()
-        state = DecodeState(tokens=buf[:length], prompt_length=len(prompt_ids), sampling=cfg, generator=generator,
-                            seeded=seeded, capacity=len(prompt_ids) + limit + max(BUCKETS))
+        state = DecodeState(
+            tokens=buf[:length],
+            prompt_length=len(prompt_ids),
+            sampling=cfg,
+            generator=generator,
+            seeded=seeded,
+            capacity=len(prompt_ids) + limit + max(BUCKETS),
+        )
         self.kv.reset(state.capacity)
         with torch.inference_mode():
             self._prefill(state)
@@ -408,4 +427,3 @@ class SpeculativeGenerator:
                 f"context of {self.context_length} tokens",
                 f"shorten the prompt or set max_new_tokens to at most {room}" if room > 0 else "shorten the prompt",
             )
-

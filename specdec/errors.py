@@ -3,6 +3,7 @@
 Every error raised on purpose by specdec derives from :class:`SpecdecError`, so
 the CLI and the webui extension can show ``str(error)`` without a traceback.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ A reader (another process, a resumed run) sees either the old file or the
 new one, never a half-written one, whatever interrupts the writer (Ctrl-C, a
 full disk, a crash).
 """
+
 from __future__ import annotations
 
 import contextlib

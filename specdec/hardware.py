@@ -15,6 +15,7 @@ device just moves on to the next probe, and the reason is kept in
 :attr:`DeviceInfo.notes`. Profile selection is a pure function of a
 ``DeviceInfo`` (see :mod:`specdec.profiles`), so tests build fake ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,11 +35,20 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
 }
 
 
@@ -80,8 +90,12 @@ class DeviceInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``device`` object of ``specdec-local detect --json``."""
-        return {"backend": self.backend, "name": self.name, "total_bytes": int(self.total_bytes),
-                "free_bytes": int(self.free_bytes)}
+        return {
+            "backend": self.backend,
+            "name": self.name,
+            "total_bytes": int(self.total_bytes),
+            "free_bytes": int(self.free_bytes),
+        }
 
 
 Probe = Callable[[], "DeviceInfo | None"]
@@ -126,8 +140,14 @@ def probe_torch_cuda(index: int = 0) -> DeviceInfo | None:
     capability = None
     if backend == "cuda":
         capability = tuple(int(x) for x in torch.cuda.get_device_capability(index))[:2]
-    return DeviceInfo(backend, torch.cuda.get_device_name(index), int(total), int(free), capability,  # type: ignore[arg-type]
-                      source="torch.cuda")
+    return DeviceInfo(
+        backend,
+        torch.cuda.get_device_name(index),
+        int(total),
+        int(free),
+        capability,  # type: ignore[arg-type]
+        source="torch.cuda",
+    )
 
 
 def probe_mps() -> DeviceInfo | None:
@@ -150,8 +170,12 @@ def probe_nvidia_smi(index: int = 0, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> D
     if exe is None:
         return None
     for fields in ("name,memory.total,memory.free,compute_cap", "name,memory.total,memory.free"):
-        proc = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if proc.returncode == 0:
             break
     else:
@@ -164,8 +188,9 @@ def probe_nvidia_smi(index: int = 0, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> D
     if len(parts) > 3 and re.fullmatch(r"\d+\.\d+", parts[3]):
         major, minor = parts[3].split(".")
         capability = (int(major), int(minor))
-    return DeviceInfo("cuda", parts[0], int(float(parts[1])) * MIB, int(float(parts[2])) * MIB, capability,
-                      source="nvidia-smi")
+    return DeviceInfo(
+        "cuda", parts[0], int(float(parts[1])) * MIB, int(float(parts[2])) * MIB, capability, source="nvidia-smi"
+    )
 
 
 def probe_cpu() -> DeviceInfo | None:
@@ -236,17 +261,34 @@ def detect_for(device: str = "auto") -> DeviceInfo:
     if kind == "mps":
         return detect((("mps", probe_mps), ("cpu", probe_cpu)))
     if kind == "cuda":
-        return detect((("nvml", lambda: probe_nvml(i)), ("torch.cuda", lambda: probe_torch_cuda(i)),
-                       ("nvidia-smi", lambda: probe_nvidia_smi(i)), ("cpu", probe_cpu)))
+        return detect(
+            (
+                ("nvml", lambda: probe_nvml(i)),
+                ("torch.cuda", lambda: probe_torch_cuda(i)),
+                ("nvidia-smi", lambda: probe_nvidia_smi(i)),
+                ("cpu", probe_cpu),
+            )
+        )
     return detect()
 
 
-def assumed_gpu(total_bytes: int, free_bytes: int | None = None, backend: Backend = "cuda",
-                name: str | None = None, compute_capability: tuple[int, int] | None = None) -> DeviceInfo:
+def assumed_gpu(
+    total_bytes: int,
+    free_bytes: int | None = None,
+    backend: Backend = "cuda",
+    name: str | None = None,
+    compute_capability: tuple[int, int] | None = None,
+) -> DeviceInfo:
     """A hypothetical device, for ``detect --vram 8GiB`` and for tests."""
     label = name or f"assumed {format_bytes(total_bytes)} {'GPU' if backend in ('cuda', 'rocm') else backend}"
-    return DeviceInfo(backend, label, int(total_bytes), int(total_bytes if free_bytes is None else free_bytes),
-                      compute_capability, source="assumed")
+    return DeviceInfo(
+        backend,
+        label,
+        int(total_bytes),
+        int(total_bytes if free_bytes is None else free_bytes),
+        compute_capability,
+        source="assumed",
+    )
 
 
 # ---------------------------------------------------------------------- sizes

@@ -13,6 +13,7 @@ Terms: ``length`` positions are cached; a forward over ``t`` new rows writes
 them at ``[length, length + t)``. The new rows see every cached position and,
 among themselves, what ``allowed`` (``[t, t]`` bool, None = causal) permits.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -107,8 +108,15 @@ def truncate(cache: DynamicCache, length: int) -> None:
         cache.crop(-extra)
 
 
-def tree_mask(allowed: torch.Tensor | None, t: int, length: int, width: int, dtype: torch.dtype,
-              device: torch.device, rows: int | None = None) -> torch.Tensor:
+def tree_mask(
+    allowed: torch.Tensor | None,
+    t: int,
+    length: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    rows: int | None = None,
+) -> torch.Tensor:
     """The additive 4D mask ``[1, 1, rows, width]`` of ``t`` new rows written at ``[length, length + t)``.
 
     Columns ``[0, length)`` (the cache) are visible to every row, columns of the
@@ -127,8 +135,16 @@ def tree_mask(allowed: torch.Tensor | None, t: int, length: int, width: int, dty
     return mask[None, None]
 
 
-def run_model(model: torch.nn.Module, cache_arg: str, cache, tokens: torch.Tensor, positions: torch.Tensor | None,
-              mask: torch.Tensor | None, keep: int, hidden: bool) -> Forward:
+def run_model(
+    model: torch.nn.Module,
+    cache_arg: str,
+    cache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    keep: int,
+    hidden: bool,
+) -> Forward:
     """One eager forward of ``tokens`` (``[t]``, on the model's device) on ``cache``; the last ``keep`` rows'
     logits ``[keep, V]`` (and final hidden states ``[keep, H]``). ``positions``: ``[t]`` or None (transformers'
     own, after the cache); ``mask``: ``[1, 1, t, width]`` additive or None (causal)."""
@@ -189,4 +205,3 @@ class DynamicKV(KVCache):
             layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)
             layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, idx)], dim=-2)
         self.length = start + len(rows)
-

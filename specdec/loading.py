@@ -1,4 +1,5 @@
 """Loading targets and drafts: packaged names, local folders, ``.gguf`` files, hub ids."""
+
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from .errors import ModelNotFoundError, SpecdecError
 from .proposers import MethodOptions, method_and_options
 
 log = logging.getLogger(__name__)
+
 
 def locate(name_or_path: str, pull: bool = True) -> tuple[str, str | None]:
     """Map a model reference to ``(from_pretrained path or id, gguf file name or None)``.
@@ -104,7 +106,9 @@ def load_model(
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}",
             "no model hub may be reachable from here: use a packaged name (`specdec-local models list`), "
-            "a local folder or a .gguf file" if is_hub else "check that the folder holds a complete transformers model",
+            "a local folder or a .gguf file"
+            if is_hub
+            else "check that the folder holds a complete transformers model",
         ) from None
     except SpecdecError:
         raise
@@ -125,7 +129,11 @@ def unreadable_model(name_or_path: str, where: str, gguf_file: str | None, error
         hint = f"the file {what} may be truncated or corrupt: download or convert it again"
     else:
         hint = f"check that {what} holds a complete transformers model (its weights may be truncated or corrupt)"
-    kind = type(error).__name__ if type(error).__module__ == "builtins" else f"{type(error).__module__}.{type(error).__name__}"
+    kind = (
+        type(error).__name__
+        if type(error).__module__ == "builtins"
+        else f"{type(error).__module__}.{type(error).__name__}"
+    )
     return ModelNotFoundError(f"could not load model {name_or_path!r}: {kind}: {detail}", hint)
 
 
@@ -171,9 +179,16 @@ def load(
     if profile is not None:
         from .profiles import profile_settings
 
-        arguments = profile_settings(profile, target, method=method, draft=draft, dtype=dtype, device=device,
-                                     num_speculative_tokens=num_speculative_tokens,
-                                     options=options if options is not None else method_options)
+        arguments = profile_settings(
+            profile,
+            target,
+            method=method,
+            draft=draft,
+            dtype=dtype,
+            device=device,
+            num_speculative_tokens=num_speculative_tokens,
+            options=options if options is not None else method_options,
+        )
         target, draft, method, dtype = arguments.target, arguments.draft, arguments.method, arguments.dtype
         if options is None:  # the keywords are in arguments.options now (both given: the generator refuses)
             method_options = {}
@@ -186,7 +201,9 @@ def load(
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
     if draft is not None and method in ("auto", "draft"):
-        draft_model, draft_tokenizer = load_model(draft, dtype=dtype, device=str(model.device), quantization_config=draft_qc)
+        draft_model, draft_tokenizer = load_model(
+            draft, dtype=dtype, device=str(model.device), quantization_config=draft_qc
+        )
     generator = SpeculativeGenerator(
         model,
         tokenizer,

@@ -1,4 +1,5 @@
 """What specdec reads off a transformers causal LM: its decoder body, context length and EOS ids."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -24,6 +24,7 @@ caller gave explicitly, filling only the chosen method's options
 (:func:`profile_options`); front ends (``generate --profile``, ``bench
 --profile``, the webui) call it.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,11 @@ class Match(_Strict):
     max_memory: Size | None = Field(default=None, description="exclusive upper bound; none = no limit")
 
     def covers(self, device: DeviceInfo) -> bool:
-        return (device.backend in self.backends and device.total_bytes >= self.min_memory
-                and (self.max_memory is None or device.total_bytes < self.max_memory))
+        return (
+            device.backend in self.backends
+            and device.total_bytes >= self.min_memory
+            and (self.max_memory is None or device.total_bytes < self.max_memory)
+        )
 
 
 class Quantization(_Strict):
@@ -154,8 +158,10 @@ class ProfileError(SpecdecError):
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)
-        super().__init__("invalid profile:\n" + "\n".join(f"  {p}" for p in self.problems),
-                         "see `specdec-local profiles show cpu` for a valid profile")
+        super().__init__(
+            "invalid profile:\n" + "\n".join(f"  {p}" for p in self.problems),
+            "see `specdec-local profiles show cpu` for a valid profile",
+        )
 
 
 def _field_path(loc: Iterable[Any]) -> str:
@@ -224,7 +230,9 @@ def profiles_dir() -> Path:
         candidate = Path(base) / "share" / "specdec" / "profiles"
         if any(candidate.glob(f"*{PROFILE_SUFFIX}")):
             return candidate
-    raise SpecdecError("the packaged hardware profiles are missing", "reinstall specdec (pip install --force-reinstall specdec)")
+    raise SpecdecError(
+        "the packaged hardware profiles are missing", "reinstall specdec (pip install --force-reinstall specdec)"
+    )
 
 
 @lru_cache(maxsize=4)
@@ -257,10 +265,14 @@ def match_profile(device: DeviceInfo, profiles: Sequence[Profile]) -> Profile:
     """The profile for ``device``: among those that cover it, the one with the largest lower bound."""
     covering = [p for p in profiles if p.match.covers(device)]
     if not covering:  # memory unknown or outside every range: the smallest tier of the backend
-        covering = sorted((p for p in profiles if device.backend in p.match.backends), key=lambda p: p.match.min_memory)[:1]
+        covering = sorted(
+            (p for p in profiles if device.backend in p.match.backends), key=lambda p: p.match.min_memory
+        )[:1]
     if not covering:
-        raise SpecdecError(f"no profile matches a {device.backend} device",
-                           f"profiles: {', '.join(p.name for p in profiles)}; choose one with --profile")
+        raise SpecdecError(
+            f"no profile matches a {device.backend} device",
+            f"profiles: {', '.join(p.name for p in profiles)}; choose one with --profile",
+        )
     return max(covering, key=lambda p: p.match.min_memory)
 
 
@@ -334,8 +346,14 @@ _DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 _FLOAT_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _kinds(model: cat.ResolvedModel, preferred: Sequence[str], dtype: str, available: frozenset[str],
-           reasons: list[str], role: str) -> list[str]:
+def _kinds(
+    model: cat.ResolvedModel,
+    preferred: Sequence[str],
+    dtype: str,
+    available: frozenset[str],
+    reasons: list[str],
+    role: str,
+) -> list[str]:
     """The profile's kinds that ``model`` can be loaded as, in order; 16-bit floats follow the dtype."""
     own = model.kinds()
     if model.fixed_kind:  # a .gguf or GPTQ reference has only its own format
@@ -350,8 +368,10 @@ def _kinds(model: cat.ResolvedModel, preferred: Sequence[str], dtype: str, avail
     usable = [k for k in kinds if k in available]
     for k in kinds:
         if k not in available:
-            reasons.append(f"{role} {model.ref} as {k}: its backend is not installed "
-                           f"(install specdec[{'bnb' if k in ('int8', 'nf4', 'fp4') else k}])")
+            reasons.append(
+                f"{role} {model.ref} as {k}: its backend is not installed "
+                f"(install specdec[{'bnb' if k in ('int8', 'nf4', 'fp4') else k}])"
+            )
     if not usable and not model.fixed_kind and model.spec is not None:
         float_kind = _FLOAT_OF_DTYPE[dtype]
         reasons.append(f"{role} {model.ref}: none of the profile's quantizations is installed, trying {float_kind}")
@@ -367,8 +387,10 @@ def suggested_targets(chosen: Profile, profiles: Sequence[Profile], backend: str
     tiers of the same backend first, larger first, then the other backends'
     smallest tiers (the CPU profile's small models are the last resort).
     """
-    smaller = sorted((p for p in profiles if p is not chosen and p.match.min_memory <= chosen.match.min_memory),
-                     key=lambda p: (backend not in p.match.backends, -p.match.min_memory))
+    smaller = sorted(
+        (p for p in profiles if p is not chosen and p.match.min_memory <= chosen.match.min_memory),
+        key=lambda p: (backend not in p.match.backends, -p.match.min_memory),
+    )
     return list(dict.fromkeys([*chosen.targets, *(name for p in smaller for name in p.targets)]))
 
 
@@ -448,40 +470,69 @@ class _Search:
         """An estimate plus the profile's margin, and its reserve unless the target is already loaded."""
         return padded(estimate, self.profile, reserve=not self.target_loaded)
 
-    def estimate(self, spec: cat.ModelSpec, kind: str, verify_rows: int, weights_loaded: bool = False) -> cat.MemoryEstimate:
-        return cat.estimate_memory(spec, kind, self.profile.context_length, _DTYPE_BITS[self.dtype], verify_rows,
-                                   weights_loaded=weights_loaded)
+    def estimate(
+        self, spec: cat.ModelSpec, kind: str, verify_rows: int, weights_loaded: bool = False
+    ) -> cat.MemoryEstimate:
+        return cat.estimate_memory(
+            spec, kind, self.profile.context_length, _DTYPE_BITS[self.dtype], verify_rows, weights_loaded=weights_loaded
+        )
 
     def kinds(self, model: cat.ResolvedModel, role: str) -> list[str]:
         """The profile's quantizations of ``role`` (target or draft) that ``model`` can be loaded as."""
         preferred = self.profile.quantization.target if role == "target" else self.profile.quantization.draft
         return _kinds(model, preferred, self.dtype, self.available, self.reasons, role)
 
-    def selection(self, tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: Mapping[str, int],
-                  draft: cat.ModelSpec | None = None, d_kind: str | None = None, fits: bool = True) -> Selection:
+    def selection(
+        self,
+        tgt: cat.ResolvedModel,
+        method: str,
+        t_kind: str,
+        total: int,
+        parts: Mapping[str, int],
+        draft: cat.ModelSpec | None = None,
+        d_kind: str | None = None,
+        fits: bool = True,
+    ) -> Selection:
         """The :class:`Selection` of these choices, with the reasons given so far."""
         chosen = self.profile
         run_dtype = torch_dtype_name(t_kind, self.dtype) if t_kind in FLOAT_KINDS else self.dtype
         return Selection(
-            profile=chosen.name, device=self.device,
+            profile=chosen.name,
+            device=self.device,
             target=tgt.spec.name if tgt.spec is not None and tgt.is_short_name else tgt.ref,
             target_ref=tgt.reference(t_kind) if t_kind != "loaded" else tgt.ref,
-            draft=draft.name if draft else None, draft_ref=draft.reference(d_kind) if draft and d_kind else None,
-            method=method, target_quantization=t_kind, draft_quantization=d_kind if draft else None, dtype=run_dtype,
+            draft=draft.name if draft else None,
+            draft_ref=draft.reference(d_kind) if draft and d_kind else None,
+            method=method,
+            target_quantization=t_kind,
+            draft_quantization=d_kind if draft else None,
+            dtype=run_dtype,
             num_speculative_tokens=chosen.num_speculative_tokens if method == "draft" else None,
-            lookahead=chosen.lookahead, medusa_tree_size=chosen.medusa.tree_size, context_length=chosen.context_length,
-            estimated_bytes=total, budget_bytes=self.budget, fits=fits, reasons=tuple(dict.fromkeys(self.reasons)),
-            breakdown=dict(parts))
+            lookahead=chosen.lookahead,
+            medusa_tree_size=chosen.medusa.tree_size,
+            context_length=chosen.context_length,
+            estimated_bytes=total,
+            budget_bytes=self.budget,
+            fits=fits,
+            reasons=tuple(dict.fromkeys(self.reasons)),
+            breakdown=dict(parts),
+        )
 
-    def keep_if_smallest(self, tgt: cat.ResolvedModel, method: str, t_kind: str, total: int,
-                         parts: Mapping[str, int]) -> None:
+    def keep_if_smallest(
+        self, tgt: cat.ResolvedModel, method: str, t_kind: str, total: int, parts: Mapping[str, int]
+    ) -> None:
         """Remember a selection that does not fit, if it is the smallest so far (the answer when nothing fits)."""
         if self.smallest is None or total < self.smallest.estimated_bytes:
             self.smallest = self.selection(tgt, method, t_kind, total, parts, fits=False)
 
 
-def _targets_to_try(target: str | cat.ResolvedModel | None, chosen: Profile, profiles: Sequence[Profile],
-                    backend: str, catalogue: Mapping[str, cat.ModelSpec]) -> list[cat.ResolvedModel]:
+def _targets_to_try(
+    target: str | cat.ResolvedModel | None,
+    chosen: Profile,
+    profiles: Sequence[Profile],
+    backend: str,
+    catalogue: Mapping[str, cat.ModelSpec],
+) -> list[cat.ResolvedModel]:
     """The user's target, else the suggestions of the profile and of the smaller tiers."""
     if target is None:
         return [cat.resolve(name, catalogue) for name in suggested_targets(chosen, profiles, backend)]
@@ -490,8 +541,12 @@ def _targets_to_try(target: str | cat.ResolvedModel | None, chosen: Profile, pro
 
 def _verify_rows(method: str, profile: Profile) -> int:
     """Rows of one verify forward of ``method``, for the activation estimate."""
-    return {"lookahead": profile.lookahead.verify_tokens, "medusa": profile.medusa.tree_size,
-            "draft": (profile.num_speculative_tokens or 8) + 1, "prompt_lookup": 11}.get(method, 1)
+    return {
+        "lookahead": profile.lookahead.verify_tokens,
+        "medusa": profile.medusa.tree_size,
+        "draft": (profile.num_speculative_tokens or 8) + 1,
+        "prompt_lookup": 11,
+    }.get(method, 1)
 
 
 def _fit_target(search: _Search, tgt: cat.ResolvedModel, has_medusa_heads: bool) -> Selection | None:
@@ -518,25 +573,32 @@ def _uncatalogued(search: _Search, tgt: cat.ResolvedModel) -> Selection:
     search.reasons.append(f"target {tgt.ref} is not in the catalogue: memory not estimated, no draft chosen")
     kind = tgt.fixed_kind or _FLOAT_OF_DTYPE[search.dtype]
     method = next((m for m in search.profile.methods if m in ("lookahead", "prompt_lookup", "none")), "none")
-    return search.selection(tgt, method, "loaded" if search.target_loaded else kind, 0, {},
-                            fits=not search.known_memory)
+    return search.selection(
+        tgt, method, "loaded" if search.target_loaded else kind, 0, {}, fits=not search.known_memory
+    )
 
 
-def _fit_method(search: _Search, tgt: cat.ResolvedModel, method: str, t_kinds: Sequence[str],
-                too_big: set[str]) -> Selection | None:
+def _fit_method(
+    search: _Search, tgt: cat.ResolvedModel, method: str, t_kinds: Sequence[str], too_big: set[str]
+) -> Selection | None:
     """The first target quantization with which ``method`` fits (for ``draft``: with a draft that fits too);
     quantizations too big for the target alone join ``too_big``."""
     rows = _verify_rows(method, search.profile)
     for t_kind in t_kinds:
-        t_est = search.estimate(tgt.spec, "bf16" if t_kind == "loaded" else t_kind, rows,
-                                weights_loaded=search.target_loaded)
+        t_est = search.estimate(
+            tgt.spec, "bf16" if t_kind == "loaded" else t_kind, rows, weights_loaded=search.target_loaded
+        )
         t_total = search.padded(t_est.total)
-        parts = {"target_weights": t_est.weights, "target_kv_cache": t_est.kv_cache,
-                 "target_activations": t_est.activations}
+        parts = {
+            "target_weights": t_est.weights,
+            "target_kv_cache": t_est.kv_cache,
+            "target_activations": t_est.activations,
+        }
         if not search.fits(t_total):
             too_big.add(t_kind)
-            search.reasons.append(f"target {tgt.ref} as {t_kind}: needs {format_bytes(t_total)}, "
-                                  f"{format_bytes(search.budget)} available")
+            search.reasons.append(
+                f"target {tgt.ref} as {t_kind}: needs {format_bytes(t_total)}, {format_bytes(search.budget)} available"
+            )
             search.keep_if_smallest(tgt, method, t_kind, t_total, parts)
             continue
         if method != "draft":
@@ -551,8 +613,15 @@ def _fit_method(search: _Search, tgt: cat.ResolvedModel, method: str, t_kinds: S
     return None
 
 
-def _fit_draft(search: _Search, tgt: cat.ResolvedModel, t_kind: str, t_est: cat.MemoryEstimate,
-               parts: Mapping[str, int], rows: int, drafts: Sequence[cat.ModelSpec]) -> Selection | None:
+def _fit_draft(
+    search: _Search,
+    tgt: cat.ResolvedModel,
+    t_kind: str,
+    t_est: cat.MemoryEstimate,
+    parts: Mapping[str, int],
+    rows: int,
+    drafts: Sequence[cat.ModelSpec],
+) -> Selection | None:
     """The first draft (larger first) and draft quantization that fit beside the target as ``t_kind``."""
     for draft in drafts:
         if draft.family != tgt.spec.family:
@@ -563,11 +632,17 @@ def _fit_draft(search: _Search, tgt: cat.ResolvedModel, t_kind: str, t_est: cat.
             d_est = search.estimate(draft, d_kind, rows)
             total = search.padded(t_est.total + d_est.total)
             if not search.fits(total):
-                search.reasons.append(f"target {tgt.ref} as {t_kind} + draft {draft.name} as {d_kind}: needs "
-                                      f"{format_bytes(total)}, {format_bytes(search.budget)} available")
+                search.reasons.append(
+                    f"target {tgt.ref} as {t_kind} + draft {draft.name} as {d_kind}: needs "
+                    f"{format_bytes(total)}, {format_bytes(search.budget)} available"
+                )
                 continue
-            with_draft = {**parts, "draft_weights": d_est.weights, "draft_kv_cache": d_est.kv_cache,
-                          "draft_activations": d_est.activations}
+            with_draft = {
+                **parts,
+                "draft_weights": d_est.weights,
+                "draft_kv_cache": d_est.kv_cache,
+                "draft_activations": d_est.activations,
+            }
             return search.selection(tgt, "draft", t_kind, total, with_draft, draft, d_kind)
     return None
 
@@ -575,11 +650,19 @@ def _fit_draft(search: _Search, tgt: cat.ResolvedModel, t_kind: str, t_est: cat.
 def _smallest_tried(search: _Search) -> Selection:
     """When nothing fits: the smallest selection tried (``fits=False``), saying what to install first."""
     if search.smallest is None:
-        raise SpecdecError("no configuration could be chosen: " + "; ".join(search.reasons[-3:]),
-                           "name another target, or choose a profile with --profile")
+        raise SpecdecError(
+            "no configuration could be chosen: " + "; ".join(search.reasons[-3:]),
+            "name another target, or choose a profile with --profile",
+        )
     missing = _missing_extras(search.reasons)
-    first = ([f"nothing fits with what is installed: install {' and '.join(missing)} first "
-              "(quantized weights need a fraction of the memory)"] if missing else [])
+    first = (
+        [
+            f"nothing fits with what is installed: install {' and '.join(missing)} first "
+            "(quantized weights need a fraction of the memory)"
+        ]
+        if missing
+        else []
+    )
     search.reasons.append("nothing fits: this is the smallest configuration tried")
     return replace(search.smallest, reasons=tuple(dict.fromkeys(first + search.reasons)))
 
@@ -647,8 +730,16 @@ def configure(
     resolved = None
     if target is not None:
         resolved = cat.resolve(target, cat.CATALOGUE, config=_local_config(target))
-    return select(device, cat.CATALOGUE, load_profiles(), resolved, profile=profile, target_loaded=target_loaded,
-                  has_medusa_heads=has_medusa_heads, available=available_kinds())
+    return select(
+        device,
+        cat.CATALOGUE,
+        load_profiles(),
+        resolved,
+        profile=profile,
+        target_loaded=target_loaded,
+        has_medusa_heads=has_medusa_heads,
+        available=available_kinds(),
+    )
 
 
 def profile_options(method: str, selection: Selection, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -699,19 +790,28 @@ def profile_settings(
 
         device = detect_for(device)
     heads = options_object.medusa_heads if isinstance(options_object, MedusaOptions) else given.get("medusa_heads")
-    selection = configure(profile, target, device=device, target_loaded=target_loaded,
-                          has_medusa_heads=heads is not None if has_medusa_heads is None else has_medusa_heads)
-    notes = [f"profile {selection.profile}: {selection.method}"
-             + (f" with draft {selection.draft_ref} ({selection.draft_quantization})" if selection.draft_ref else "")
-             + f", target {selection.target_ref} ({selection.target_quantization}), "
-             f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"]
+    selection = configure(
+        profile,
+        target,
+        device=device,
+        target_loaded=target_loaded,
+        has_medusa_heads=heads is not None if has_medusa_heads is None else has_medusa_heads,
+    )
+    notes = [
+        f"profile {selection.profile}: {selection.method}"
+        + (f" with draft {selection.draft_ref} ({selection.draft_quantization})" if selection.draft_ref else "")
+        + f", target {selection.target_ref} ({selection.target_quantization}), "
+        f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"
+    ]
     if not selection.fits:
         notes.append("the estimate exceeds the available memory; loading may fail")
     chosen_method = method if method != AUTO else selection.method
     if method == AUTO and draft is not None and selection.method != "draft":
         chosen_method = "draft"  # the user gave a draft: use it
     chosen_draft = draft if draft is not None else (selection.draft_ref if chosen_method == "draft" else None)
-    draft_kind = selection.draft_quantization if chosen_draft is not None and chosen_draft == selection.draft_ref else None
+    draft_kind = (
+        selection.draft_quantization if chosen_draft is not None and chosen_draft == selection.draft_ref else None
+    )
     if chosen_method == "draft" and chosen_draft is None:
         notes.append("method draft was asked for but the profile found no draft that fits")
     if options_object is None:
@@ -720,9 +820,13 @@ def profile_settings(
         except SpecdecError as e:
             if method != AUTO:
                 raise
-            raise SpecdecError(f"{e.message} (the method profile {selection.profile} chose)",
-                               f"name the method of these options (--method), or drop them; {e.hint}") from None
-    target_kind = None if selection.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else selection.target_quantization
+            raise SpecdecError(
+                f"{e.message} (the method profile {selection.profile} chose)",
+                f"name the method of these options (--method), or drop them; {e.hint}",
+            ) from None
+    target_kind = (
+        None if selection.target_quantization in ("loaded", *FLOAT_KINDS, "gguf") else selection.target_quantization
+    )
     if target_loaded:
         target_kind = None
     return LoadArguments(
@@ -731,7 +835,9 @@ def profile_settings(
         method=chosen_method,
         draft=chosen_draft,
         dtype=dtype if dtype != AUTO else selection.dtype,
-        num_speculative_tokens=num_speculative_tokens if num_speculative_tokens is not None else selection.num_speculative_tokens,
+        num_speculative_tokens=num_speculative_tokens
+        if num_speculative_tokens is not None
+        else selection.num_speculative_tokens,
         options=options_object,
         target_quantization=target_kind,
         draft_quantization=None if draft_kind in (None, *FLOAT_KINDS, "gguf") else draft_kind,
@@ -751,8 +857,11 @@ def describe(config: Selection) -> list[str]:
         f"draft:        {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "draft:        none",
         f"method:       {config.method}"
         + (f", num_speculative_tokens {config.num_speculative_tokens}" if config.method == "draft" else "")
-        + (f", W={config.lookahead.window_size} N={config.lookahead.ngram_size} G={config.lookahead.guess_size}"
-           if config.method == "lookahead" else ""),
+        + (
+            f", W={config.lookahead.window_size} N={config.lookahead.ngram_size} G={config.lookahead.guess_size}"
+            if config.method == "lookahead"
+            else ""
+        ),
         f"dtype:        {config.dtype}, context {config.context_length} tokens",
         f"estimate:     {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)} available"
         + ("" if config.fits else "  (DOES NOT FIT)"),
@@ -763,6 +872,22 @@ def describe(config: Selection) -> list[str]:
     return lines
 
 
-__all__ = ["Profile", "ProfileError", "Problem", "Selection", "LoadArguments", "parse_profile", "load_profiles",
-           "load_profile_file", "profiles_dir", "match_profile", "find_profile", "select", "configure",
-           "profile_options", "profile_settings", "describe", "BACKENDS"]
+__all__ = [
+    "Profile",
+    "ProfileError",
+    "Problem",
+    "Selection",
+    "LoadArguments",
+    "parse_profile",
+    "load_profiles",
+    "load_profile_file",
+    "profiles_dir",
+    "match_profile",
+    "find_profile",
+    "select",
+    "configure",
+    "profile_options",
+    "profile_settings",
+    "describe",
+    "BACKENDS",
+]

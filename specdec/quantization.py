@@ -20,6 +20,7 @@ Backends are imported lazily. A missing one gives :class:`MissingExtraError`
 ("install specdec[bnb]"), or with ``fallback=True`` an unquantized load and a
 note saying which fallback was taken.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -128,8 +129,7 @@ def build_quantization_config(kind: str, compute_dtype: Any = None, *, fallback:
         if not fallback:
             raise error
         float_kind = {torch.float32: "fp32", torch.float16: "fp16"}.get(compute_dtype, "bf16")
-        note = (f"{error.message} Fell back to loading unquantized ({float_kind}), which needs more memory; "
-                f"{error.hint}")
+        note = f"{error.message} Fell back to loading unquantized ({float_kind}), which needs more memory; {error.hint}"
         if kind == "gptq":
             note += ". A GPTQ checkpoint cannot be loaded without it: use the unquantized checkpoint instead"
         return QuantizationChoice(float_kind, kind, None, note)
@@ -139,8 +139,12 @@ def build_quantization_config(kind: str, compute_dtype: Any = None, *, fallback:
         if kind == "int8":
             config = BitsAndBytesConfig(load_in_8bit=True)
         else:
-            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
-                                        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=kind,
+                bnb_4bit_compute_dtype=compute_dtype,
+                bnb_4bit_use_double_quant=True,
+            )
         return QuantizationChoice(kind, kind, config)
     return QuantizationChoice(kind, kind, None)
 

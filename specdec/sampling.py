@@ -5,6 +5,7 @@ apply exactly the same transformation to their logits, each position with its
 own prefix. The order is that of transformers' ``generate``: repetition
 penalty, then temperature, top-k and top-p.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,10 @@ class SamplingConfig:
             )
         bad = [t for t in self.suppress_tokens if not _is_int(t) or t < 0]
         if bad:
-            raise InvalidSamplingError(f"suppress_tokens must be token ids (integers >= 0), got {bad[0]!r}",
-                                       "token ids must be in [0, vocabulary size)")
+            raise InvalidSamplingError(
+                f"suppress_tokens must be token ids (integers >= 0), got {bad[0]!r}",
+                "token ids must be in [0, vocabulary size)",
+            )
         object.__setattr__(self, "suppress_tokens", tuple(int(t) for t in self.suppress_tokens))
 
     @property
@@ -99,24 +102,30 @@ def check_request(
         InvalidSamplingError: naming the argument and the value.
     """
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise InvalidSamplingError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
-                                   "pass a whole number of tokens, e.g. max_new_tokens=128")
+        raise InvalidSamplingError(
+            f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
+            "pass a whole number of tokens, e.g. max_new_tokens=128",
+        )
     if isinstance(suppress_tokens, (str, bytes)) or not isinstance(suppress_tokens, Iterable):
-        raise InvalidSamplingError(f"suppress_tokens must be a list of token ids, got {suppress_tokens!r}",
-                                   "e.g. suppress_tokens=[tokenizer.eos_token_id]")
+        raise InvalidSamplingError(
+            f"suppress_tokens must be a list of token ids, got {suppress_tokens!r}",
+            "e.g. suppress_tokens=[tokenizer.eos_token_id]",
+        )
     cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, tuple(suppress_tokens))
     vocab_out = embedding_rows(model.get_output_embeddings())
     if vocab_out is not None and any(t >= vocab_out for t in cfg.suppress_tokens):
         raise InvalidSamplingError(
             f"suppress_tokens has id {max(cfg.suppress_tokens)}, outside the target's vocabulary of {vocab_out}",
-            "token ids must be in [0, vocabulary size)")
+            "token ids must be in [0, vocabulary size)",
+        )
     if stop is None or isinstance(stop, str):
         stops = [stop] if stop else []
     elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
         stops = list(stop)
     else:
-        raise InvalidSamplingError(f"stop must be a string or a list of strings, got {stop!r}",
-                                   'e.g. stop="\\n\\n" or stop=["User:", "###"]')
+        raise InvalidSamplingError(
+            f"stop must be a string or a list of strings, got {stop!r}", 'e.g. stop="\\n\\n" or stop=["User:", "###"]'
+        )
     vocab_in = embedding_rows(model.get_input_embeddings())
     if vocab_in is not None and prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_in):
         worst = min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)
@@ -125,7 +134,6 @@ def check_request(
             "prompt token ids must be in [0, vocabulary size)",
         )
     return cfg, stops
-
 
 
 def presence_rows(context: torch.Tensor, vocab_size: int, path_tokens: torch.Tensor | None = None) -> torch.Tensor:

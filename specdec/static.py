@@ -21,6 +21,7 @@ rows. :class:`StaticKV` removes that cost the way graph-based decoders do:
 On a CPU the same path runs without capture, so the CPU tests cover every
 part but the capture itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,11 @@ def static_support(model: torch.nn.Module) -> str | None:
     attn = getattr(cfg, "_attn_implementation", None)
     if attn not in ATTENTION_IMPLEMENTATIONS:
         return f"attention implementation {attn!r} takes no 4D tree mask (use sdpa or eager)"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and \
-            any(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or ()):
+    if (
+        getattr(cfg, "sliding_window", None)
+        and getattr(cfg, "use_sliding_window", True)
+        and any(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or ())
+    ):
         return "sliding-window layers keep a rolling cache that cannot be rewritten in place"
     return None
 
@@ -89,8 +93,9 @@ class StaticKV(KVCache):
         if graphs is None:
             reason = graph_support(model)
             if reason is not None and self.device.type == "cuda":
-                log.warning("CUDA graphs off for %s: %s; steps run eagerly on the static cache",
-                            type(model).__name__, reason)
+                log.warning(
+                    "CUDA graphs off for %s: %s; steps run eagerly on the static cache", type(model).__name__, reason
+                )
             graphs = reason is None
         self.graphs = graphs
         self.cache: StaticCache | None = None
@@ -161,8 +166,10 @@ class StaticKV(KVCache):
     def forward(self, tokens, positions=None, allowed=None, keep=1, hidden=False) -> Forward:
         t = int(tokens.numel())
         if self.length + t > self.capacity:
-            raise SpecdecError(f"the static cache holds {self.capacity} positions, a forward needs "
-                               f"{self.length + t}", "this is a bug in specdec: please report it")
+            raise SpecdecError(
+                f"the static cache holds {self.capacity} positions, a forward needs {self.length + t}",
+                "this is a bug in specdec: please report it",
+            )
         rows = bucket(t)
         if rows is None or self.length + rows > self.capacity:
             return self._eager(tokens, positions, allowed, keep, hidden)
@@ -184,8 +191,16 @@ class StaticKV(KVCache):
             mask = tree_mask(allowed, t, self.length, self.capacity, self.dtype, self.device)
         if positions is None:
             positions = torch.arange(self.length, self.length + t, device=self.device)
-        out = run_model(self.model, self.cache_arg, self.cache, tokens.to(self.device), positions.to(self.device), mask,
-                        keep, hidden)
+        out = run_model(
+            self.model,
+            self.cache_arg,
+            self.cache,
+            tokens.to(self.device),
+            positions.to(self.device),
+            mask,
+            keep,
+            hidden,
+        )
         self.length += t
         return out
 
@@ -212,8 +227,14 @@ class StaticKV(KVCache):
 
     def _call(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, pos, mask = self._buffers[rows]
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
-                         output_hidden_states=hidden, **{self.cache_arg: self.cache})
+        out = self.model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=mask,
+            use_cache=True,
+            output_hidden_states=hidden,
+            **{self.cache_arg: self.cache},
+        )
         return out.logits, (out.hidden_states[-1] if hidden else None)
 
     def _run(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -229,8 +250,11 @@ class StaticKV(KVCache):
                 self._captured[key] = self._capture(rows, hidden)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
                 self.graphs = False
-                log.warning("CUDA graph capture failed (%s: %s); steps run eagerly on the static cache",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning(
+                    "CUDA graph capture failed (%s: %s); steps run eagerly on the static cache",
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
                 return (*self._call(rows, hidden), 0.0)
             captured = time.perf_counter() - t0
         graph, logits, last = self._captured[key]

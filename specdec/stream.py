@@ -5,6 +5,7 @@ tokenizer's replacement character ``\\ufffd`` at the end means a multi-byte
 character is still incomplete), and never the beginning of a stop string that
 may still complete.
 """
+
 from __future__ import annotations
 
 

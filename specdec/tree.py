@@ -3,6 +3,7 @@
 A draft tree has the pending token as its root (row 0) and ``n`` nodes
 (rows ``1..n``) given by ``parents`` (``-1`` = child of the root).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

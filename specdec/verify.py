@@ -21,6 +21,7 @@ step yields ``accepted + 1`` tokens.
   accepts a candidate whose target probability is high enough instead of
   sampling against it; greedy decoding ignores it and stays exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -88,9 +89,7 @@ class TypicalAcceptance:
         return torch.clamp(self.posterior_alpha * torch.exp(-entropy), max=self.posterior_threshold)
 
 
-def process_rows(
-    logits: torch.Tensor, proposal: Proposal, cfg: SamplingConfig, context: torch.Tensor
-) -> torch.Tensor:
+def process_rows(logits: torch.Tensor, proposal: Proposal, cfg: SamplingConfig, context: torch.Tensor) -> torch.Tensor:
     """Processed target rows for the root and the nodes.
 
     Args:
@@ -158,7 +157,9 @@ def _verify_greedy(proposal: Proposal, processed: torch.Tensor) -> Verdict:
 
 def _verify_sampling(proposal: Proposal, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
     """target_probs: ``[1+n, V]`` probabilities."""
-    parents = proposal.parents if proposal.parents is not None else chain_parents(proposal.num_nodes, target_probs.device)
+    parents = (
+        proposal.parents if proposal.parents is not None else chain_parents(proposal.num_nodes, target_probs.device)
+    )
     kids = children(parents)
     toks = proposal.tokens.tolist()
     row, accepted = 0, []
@@ -194,13 +195,14 @@ def _verify_sampling(proposal: Proposal, target_probs: torch.Tensor, generator: 
             return Verdict(accepted, token, row)
 
 
-def _verify_typical(proposal: Proposal, target_probs: torch.Tensor, typical: TypicalAcceptance,
-                    generator: torch.Generator | None) -> Verdict:
+def _verify_typical(
+    proposal: Proposal, target_probs: torch.Tensor, typical: TypicalAcceptance, generator: torch.Generator | None
+) -> Verdict:
     """LOSSY typical acceptance (see :class:`TypicalAcceptance`). target_probs: ``[1+n, V]`` probabilities."""
     n = proposal.num_nodes
     parents = proposal.parents if proposal.parents is not None else chain_parents(n, target_probs.device)
     if n:
-        parent_rows = (parents.to(target_probs.device).long() + 1)  # [n] row whose distribution judges each node
+        parent_rows = parents.to(target_probs.device).long() + 1  # [n] row whose distribution judges each node
         node_probs = target_probs[parent_rows, proposal.tokens.to(target_probs.device)]  # [n]
         passes = (node_probs > typical.thresholds(target_probs)[parent_rows]).tolist()
         logp = torch.log(node_probs.clamp_min(1e-30)).tolist()

@@ -1,4 +1,5 @@
 """Checking that a draft model speaks the target's vocabulary."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -12,6 +12,7 @@ The API server (:mod:`specdec.server`) reads OpenAI's request fields instead
 (``stop``, ``n``, ``logprobs``...) and refuses what it cannot do with a 400;
 nothing here is shared with it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -117,12 +118,35 @@ def sampling_arguments(state: dict[str, Any]) -> dict[str, Any]:
 # webui names them; specdec applies the active ones in this order too (:func:`specdec.sampling.process_logits`)
 _SPECDEC_ORDER = ("repetition_penalty", "temperature", "top_k", "top_p")
 # pairs of them whose order changes the result (a penalty or a temperature commutes with the others listed here)
-_ORDER_MATTERS = (("repetition_penalty", "top_k"), ("repetition_penalty", "top_p"), ("temperature", "top_p"),
-                  ("top_k", "top_p"))
-_DEFAULT_PRIORITY = ("repetition_penalty", "presence_penalty", "frequency_penalty", "dry", "temperature",
-                     "dynamic_temperature", "quadratic_sampling", "top_n_sigma", "top_k", "top_p", "typical_p",
-                     "epsilon_cutoff", "eta_cutoff", "tfs", "top_a", "min_p", "adaptive_p", "mirostat", "xtc",
-                     "encoder_repetition_penalty", "no_repeat_ngram")
+_ORDER_MATTERS = (
+    ("repetition_penalty", "top_k"),
+    ("repetition_penalty", "top_p"),
+    ("temperature", "top_p"),
+    ("top_k", "top_p"),
+)
+_DEFAULT_PRIORITY = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "dry",
+    "temperature",
+    "dynamic_temperature",
+    "quadratic_sampling",
+    "top_n_sigma",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "tfs",
+    "top_a",
+    "min_p",
+    "adaptive_p",
+    "mirostat",
+    "xtc",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram",
+)
 
 
 def sampler_order(state: dict[str, Any]) -> list[str]:
@@ -190,7 +214,9 @@ def unsupported_settings(state: dict[str, Any], total_tokens: int) -> list[str]:
         total_tokens: prompt length plus ``max_new_tokens`` (the webui's
             repetition penalty looks only at the last ``repetition_penalty_range`` tokens).
     """
-    found = [f"{k}={state[k]!r}" for k, neutral in _ALWAYS_NEUTRAL.items() if k in state and state[k] not in (neutral, None)]
+    found = [
+        f"{k}={state[k]!r}" for k, neutral in _ALWAYS_NEUTRAL.items() if k in state and state[k] not in (neutral, None)
+    ]
     if state.get("logits_processor"):
         found.append("logits processors from another extension")
     penalty_range = int(state.get("repetition_penalty_range", 0) or 0)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models built in-process, and the packaged real model."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,12 @@ DEVICE = torch.device("cpu")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu",
-                     help="torch device for the tiny random models (cpu, cuda, cuda:1, mps); tests that need the "
-                          "CPU (quantization, real models) keep it")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="torch device for the tiny random models (cpu, cuda, cuda:1, mps); tests that need the "
+        "CPU (quantization, real models) keep it",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,16 +36,31 @@ def one_thread():
 ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, sharpness: float = 1.0,
-               attn: str = "sdpa", max_positions: int = 512, eos: int | None = None) -> torch.nn.Module:
+def tiny_model(
+    arch: str = "llama",
+    seed: int = 0,
+    vocab: int = 96,
+    sharpness: float = 1.0,
+    attn: str = "sdpa",
+    max_positions: int = 512,
+    eos: int | None = None,
+) -> torch.nn.Module:
     """A tiny random causal LM in fp32 on :data:`DEVICE`. ``sharpness`` scales the lm_head so the
     output distributions are peaked (random models are otherwise near uniform)."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, eos_token_id=eos, bos_token_id=None,
-        pad_token_id=None, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=eos,
+        bos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
     )
     config._attn_implementation = attn
     model = model_cls(config).eval()
@@ -56,9 +75,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, sharpness: f
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     """transformers' own greedy decoding: the reference every method must reproduce."""
     ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         **kwargs)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The cost rule that lets ``auto`` (prompt lookup) decode plainly when copies do not pay."""
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,9 @@ def test_before_measuring_and_when_seeded_the_rule_never_refuses() -> None:
 
 
 def _state(tokens: list[int]) -> DecodeState:
-    return DecodeState(tokens=torch.tensor(tokens), prompt_length=len(tokens), sampling=SamplingConfig(), generator=None)
+    return DecodeState(
+        tokens=torch.tensor(tokens), prompt_length=len(tokens), sampling=SamplingConfig(), generator=None
+    )
 
 
 def test_prompt_lookup_sends_a_plain_step_when_its_copy_does_not_pay() -> None:

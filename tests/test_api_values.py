@@ -1,5 +1,6 @@
 """API values are checked when a call is made (``stream()`` included, before its first ``next()``),
 with an error naming the argument; Medusa files are checked before their heads are allocated."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,9 @@ def test_bad_values_are_refused_by_stream_before_next(gen, kwargs, name):
 
 @pytest.mark.parametrize("prompt,worst", [([1, VOCAB, 2], VOCAB), ([5, -1], -1), ([10**9], 10**9)])
 def test_prompt_ids_outside_the_vocabulary(gen, prompt, worst):
-    with pytest.raises(InvalidSamplingError, match=f"the prompt has token id {worst}, outside the target's "
-                                                   f"vocabulary of {VOCAB}"):
+    with pytest.raises(
+        InvalidSamplingError, match=f"the prompt has token id {worst}, outside the target's vocabulary of {VOCAB}"
+    ):
         gen.stream(prompt, max_new_tokens=4)
 
 

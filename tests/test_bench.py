@@ -3,6 +3,7 @@
 Nothing here measures speed: timings on tiny models mean nothing, and speed
 is shown by running ``specdec-local bench`` on real models.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,19 @@ from specdec.bench.report import BASELINE, BenchReport, BenchRow, first_divergen
 from specdec.errors import MissingExtraError, SpecdecError
 
 WORDS = [f"w{i}" for i in range(60)]
-ROW_KEYS = ["prompt_id", "category", "method", "new_tokens", "seconds", "tokens_per_second", "speedup",
-            "mean_accepted_length", "acceptance_rate", "identical", "first_divergence"]
+ROW_KEYS = [
+    "prompt_id",
+    "category",
+    "method",
+    "new_tokens",
+    "seconds",
+    "tokens_per_second",
+    "speedup",
+    "mean_accepted_length",
+    "acceptance_rate",
+    "identical",
+    "first_divergence",
+]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -31,8 +43,9 @@ def _tokenizer():
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     return tok
 
@@ -41,9 +54,18 @@ def _model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -76,12 +98,15 @@ def test_shipped_prompts_load():
     assert edit and all(p.category == "edit" for p in edit)
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "category": "c"}\n', "needs non-empty string fields"),
-    ("not json\n", "not JSON"),
-    ('{"id": "a", "category": "c", "prompt": "x"}\n{"id": "a", "category": "c", "prompt": "y"}\n', "duplicate"),
-    ("\n", "holds no prompt"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": "a", "category": "c"}\n', "needs non-empty string fields"),
+        ("not json\n", "not JSON"),
+        ('{"id": "a", "category": "c", "prompt": "x"}\n{"id": "a", "category": "c", "prompt": "y"}\n', "duplicate"),
+        ("\n", "holds no prompt"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     path.write_text(content)
@@ -95,8 +120,18 @@ def test_unknown_category(tmp_path):
 
 
 # --------------------------------------------------------------------------- config
-@pytest.mark.parametrize("kwargs", [{"methods": ("warp",)}, {"methods": ()}, {"methods": ("none", "none")},
-                                    {"repeats": 0}, {"max_new_tokens": 0}, {"threads": 0}, {"dtype": "int8"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"methods": ("warp",)},
+        {"methods": ()},
+        {"methods": ("none", "none")},
+        {"repeats": 0},
+        {"max_new_tokens": 0},
+        {"threads": 0},
+        {"dtype": "int8"},
+    ],
+)
 def test_config_validation(kwargs):
     with pytest.raises(SpecdecError):
         BenchConfig(target="t", **kwargs)
@@ -132,9 +167,15 @@ def test_make_row_median_speedup_and_divergence():
 
 def _report() -> BenchReport:
     rows = [
-        _row("e1", "edit", BASELINE, 1.0), _row("e1", "edit", "hf-assisted", 2.0), _row("e1", "edit", "specdec-draft", 4.0),
-        _row("e2", "edit", BASELINE, 1.0), _row("e2", "edit", "hf-assisted", 2.0), _row("e2", "edit", "specdec-draft", 1.0),
-        _row("c1", "chat", BASELINE, 1.0), _row("c1", "chat", "hf-assisted", 1.0), _row("c1", "chat", "specdec-draft", 1.0),
+        _row("e1", "edit", BASELINE, 1.0),
+        _row("e1", "edit", "hf-assisted", 2.0),
+        _row("e1", "edit", "specdec-draft", 4.0),
+        _row("e2", "edit", BASELINE, 1.0),
+        _row("e2", "edit", "hf-assisted", 2.0),
+        _row("e2", "edit", "specdec-draft", 1.0),
+        _row("c1", "chat", BASELINE, 1.0),
+        _row("c1", "chat", "hf-assisted", 1.0),
+        _row("c1", "chat", "specdec-draft", 1.0),
     ]
     rows[5].identical, rows[5].first_divergence = False, 7
     for row in rows:  # tokens/s consistent with the speedups, baseline 10 tok/s
@@ -193,14 +234,28 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 def test_bench_rows_on_tiny_model(tiny, tmp_path):
     model, tok = tiny
     draft = _model(seed=1)
-    config = BenchConfig(target="tiny", draft="tiny-draft", methods=("none", "draft", "prompt_lookup", "medusa"),
-                         max_new_tokens=10, dtype="float32", repeats=2, warmup_tokens=2)
+    config = BenchConfig(
+        target="tiny",
+        draft="tiny-draft",
+        methods=("none", "draft", "prompt_lookup", "medusa"),
+        max_new_tokens=10,
+        dtype="float32",
+        repeats=2,
+        warmup_tokens=2,
+    )
     events = []
     bench = Bench(model, tok, config, draft=draft, draft_tokenizer=tok)
     assert "medusa" in bench.skipped  # no heads: reported as skipped, not a crash
     report = bench.run(load_prompts(_prompt_file(tmp_path)), on_event=events.append)
-    runners = [BASELINE, "hf-static", "hf-assisted", "hf-prompt-lookup", "specdec-none", "specdec-draft",
-               "specdec-prompt_lookup"]
+    runners = [
+        BASELINE,
+        "hf-static",
+        "hf-assisted",
+        "hf-prompt-lookup",
+        "specdec-none",
+        "specdec-draft",
+        "specdec-prompt_lookup",
+    ]
     assert report.methods == runners
     assert len(report.rows) == 3 * len(runners)
     assert events[0].kind == "start" and events[0].total == len(runners) * (3 * 2 + 1)
@@ -240,9 +295,31 @@ def test_cli_bench(tiny, tmp_path):
 
     folder = _saved(tiny, tmp_path)
     out = tmp_path / "runs"
-    args = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
-            "--methods", "none,prompt_lookup", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
-            "--device", "cpu", "--warmup", "0", "--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
+    args = [
+        "bench",
+        "--target",
+        str(folder),
+        "--prompts",
+        str(_prompt_file(tmp_path)),
+        "--category",
+        "edit",
+        "--methods",
+        "none,prompt_lookup",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--warmup",
+        "0",
+        "--json",
+        str(out / "b.json"),
+        "--markdown",
+        str(out / "b.md"),
+    ]
     if _has_matplotlib():
         args += ["--plot", str(out / "b.png")]
     threads = torch.get_num_threads()
@@ -252,7 +329,13 @@ def test_cli_bench(tiny, tmp_path):
         torch.set_num_threads(threads)  # --threads sets it for the whole process
     assert result.exit_code == 0, result.output
     data = json.loads((out / "b.json").read_text())
-    assert [r["method"] for r in data["rows"]][:5] == [BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none", "specdec-prompt_lookup"]
+    assert [r["method"] for r in data["rows"]][:5] == [
+        BASELINE,
+        "hf-static",
+        "hf-prompt-lookup",
+        "specdec-none",
+        "specdec-prompt_lookup",
+    ]
     assert {r["prompt_id"] for r in data["rows"]} == {"copy-a", "copy-b"}
     assert data["config"]["dtype"] == "float32" and data["machine"]["threads"] == 1
     assert data["machine"]["device"] == "cpu"
@@ -295,10 +378,32 @@ def test_cli_bench_with_profile(tiny, tmp_path):
     out = tmp_path / "b.json"
     threads = torch.get_num_threads()
     try:
-        result = CliRunner().invoke(main, [
-            "bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
-            "--methods", "none,lookahead", "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1",
-            "--warmup", "0", "--profile", "cpu", "--json", str(out)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "bench",
+                "--target",
+                str(folder),
+                "--prompts",
+                str(_prompt_file(tmp_path)),
+                "--category",
+                "edit",
+                "--methods",
+                "none,lookahead",
+                "--max-new-tokens",
+                "6",
+                "--dtype",
+                "float32",
+                "--threads",
+                "1",
+                "--warmup",
+                "0",
+                "--profile",
+                "cpu",
+                "--json",
+                str(out),
+            ],
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
@@ -341,15 +446,37 @@ def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatc
     cpu_tree_size = next(p for p in load_profiles() if p.name == "cpu").medusa.tree_size
     assert cpu_tree_size < len(big_tree)
     out = tmp_path / "b.json"
-    common = ["bench", "--target", str(folder), "--prompts", str(_prompt_file(tmp_path)), "--category", "edit",
-              "--max-new-tokens", "6", "--dtype", "float32", "--threads", "1", "--warmup", "0",
-              "--medusa-heads", str(heads)]
+    common = [
+        "bench",
+        "--target",
+        str(folder),
+        "--prompts",
+        str(_prompt_file(tmp_path)),
+        "--category",
+        "edit",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        "--medusa-heads",
+        str(heads),
+    ]
     threads = torch.get_num_threads()
     try:
         plain = CliRunner().invoke(main, common + ["--methods", "none,medusa", "--json", str(out)])
         assert plain.exit_code == 0, plain.output
         rows = json.loads(out.read_text())["rows"]
-        assert {r["method"] for r in rows} == {BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none", "specdec-medusa"}
+        assert {r["method"] for r in rows} == {
+            BASELINE,
+            "hf-static",
+            "hf-prompt-lookup",
+            "specdec-none",
+            "specdec-medusa",
+        }
         assert all(r["identical"] for r in rows)  # greedy Medusa is lossless
         assert all(r["mean_accepted_length"] >= 1.0 for r in rows if r["method"] == "specdec-medusa")
         assert trees == [len(big_tree)]  # no profile: the tree stored with the heads
@@ -367,8 +494,14 @@ def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatc
 def test_bench_gives_heads_to_the_medusa_row_only(tiny, tmp_path):
     model, tok = tiny
     heads = _saved_heads(tiny, tmp_path, [[0], [1], [0, 0]])
-    config = BenchConfig(target="tiny", methods=("auto", "medusa"), max_new_tokens=4, dtype="float32",
-                         warmup_tokens=0, medusa_heads=str(heads))
+    config = BenchConfig(
+        target="tiny",
+        methods=("auto", "medusa"),
+        max_new_tokens=4,
+        dtype="float32",
+        warmup_tokens=0,
+        medusa_heads=str(heads),
+    )
     bench = Bench(model, tok, config)
     assert not bench.skipped and {"specdec-auto", "specdec-medusa"} <= set(bench.runners)
     report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
@@ -381,8 +514,22 @@ def test_cli_generate_typical_acceptance(tiny, tmp_path):
 
     folder = _saved(tiny, tmp_path)
     heads = _saved_heads(tiny, tmp_path, [[0], [1], [0, 0]])
-    base = ["generate", " ".join(WORDS[:8]), "--target", str(folder), "--method", "medusa", "--medusa-heads",
-            str(heads), "--dtype", "float32", "--max-new-tokens", "8", "--raw", "--json"]
+    base = [
+        "generate",
+        " ".join(WORDS[:8]),
+        "--target",
+        str(folder),
+        "--method",
+        "medusa",
+        "--medusa-heads",
+        str(heads),
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        "8",
+        "--raw",
+        "--json",
+    ]
     sampled = base + ["--temperature", "0.8", "--seed", "3", "--typical-acceptance", "--posterior-threshold", "0.05"]
     first = CliRunner().invoke(main, sampled)
     assert first.exit_code == 0, first.output
@@ -394,8 +541,14 @@ def test_cli_generate_typical_acceptance(tiny, tmp_path):
 
 def test_bench_records_the_static_path(tiny, tmp_path):
     model, tok = tiny
-    config = BenchConfig(target="tiny", methods=("none", "prompt_lookup"), max_new_tokens=8, dtype="float32",
-                         warmup_tokens=0, static_cache=True)
+    config = BenchConfig(
+        target="tiny",
+        methods=("none", "prompt_lookup"),
+        max_new_tokens=8,
+        dtype="float32",
+        warmup_tokens=0,
+        static_cache=True,
+    )
     report = Bench(model, tok, config).run(load_prompts(_prompt_file(tmp_path))[:1])
     assert report.config["static_cache"] is True
     assert all(row.identical for row in report.rows)

@@ -1,4 +1,5 @@
 """The CLI through click's test runner, and Ctrl-C through a real subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,17 @@ def test_unknown_method_choice():
 
 @pytest.mark.real_model
 def test_generate_json_on_default_model(smollm2):
-    res = run("generate", "Write a haiku about rivers.", "--json", "--max-new-tokens", "16", "--dtype", "float32",
-              "--method", "prompt_lookup")
+    res = run(
+        "generate",
+        "Write a haiku about rivers.",
+        "--json",
+        "--max-new-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--method",
+        "prompt_lookup",
+    )
     data = json.loads(res.stdout.strip().splitlines()[-1])
     assert data["stats"]["new_tokens"] == len(data["token_ids"]) <= 16
     assert data["stats"]["method"] == "prompt_lookup" and data["text"]
@@ -70,9 +80,24 @@ def test_generate_streams_then_prints_stats(smollm2):
 @pytest.mark.real_model
 def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "specdec.cli", "generate", "Count from 1 to 500, separated by commas.",
-         "-n", "2000", "--dtype", "float32", "--method", "none", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "specdec.cli",
+            "generate",
+            "Count from 1 to 500, separated by commas.",
+            "-n",
+            "2000",
+            "--dtype",
+            "float32",
+            "--method",
+            "none",
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
         # a terminal user's Ctrl-C: undo an inherited SIG_IGN (jobs started with `&` ignore SIGINT)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

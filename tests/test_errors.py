@@ -1,12 +1,19 @@
 """Bad input gets a clear error that says what is wrong and what to do."""
+
 from __future__ import annotations
 
 import pytest
 
 import specdec
 from conftest import tiny_model
-from specdec.errors import (ContextLengthError, InvalidSamplingError, ModelNotFoundError, SpecdecError,
-                            UnknownMethodError, VocabularyMismatchError)
+from specdec.errors import (
+    ContextLengthError,
+    InvalidSamplingError,
+    ModelNotFoundError,
+    SpecdecError,
+    UnknownMethodError,
+    VocabularyMismatchError,
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Greedy output of every core method equals transformers' greedy decoding, token for token (fp32)."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,8 +46,15 @@ def test_matches_hf_greedy(arch, method, draft_kind, k):
     assert res.stats.new_tokens == 48 and res.finish_reason == "length"
     if draft_kind == "self" and k:
         # the draft model alone (no n-gram candidates): the target as its own draft is always accepted
-        gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=k,
-                                           ngram_first=False, confidence_stop=0.0, int8=False)
+        gen = specdec.SpeculativeGenerator(
+            target,
+            method=method,
+            draft=draft,
+            num_speculative_tokens=k,
+            ngram_first=False,
+            confidence_stop=0.0,
+            int8=False,
+        )
         res = gen.generate(prompt, max_new_tokens=48)
         assert res.token_ids == ref
         assert res.stats.acceptance_rate == 1.0  # the target as its own draft is always accepted
@@ -66,8 +74,9 @@ def test_repetition_penalty_matches_hf(method, draft_kind):
 def test_eager_attention_matches_hf():
     target = tiny_model("qwen2", seed=2, attn="eager")
     prompt = _prompt(seed=4)
-    gen = specdec.SpeculativeGenerator(target, method="draft", draft=tiny_model("qwen2", seed=5, attn="eager"),
-                                       num_speculative_tokens=3)
+    gen = specdec.SpeculativeGenerator(
+        target, method="draft", draft=tiny_model("qwen2", seed=5, attn="eager"), num_speculative_tokens=3
+    )
     assert gen.generate(prompt, max_new_tokens=32).token_ids == hf_greedy(target, prompt, 32)
 
 
@@ -80,7 +89,8 @@ def test_eos_stops_like_hf():
     assert ref[-1] == eos and len(ref) <= 10
     for method, draft in [("none", None), ("draft", target), ("prompt_lookup", None)]:
         res = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=4).generate(
-            prompt, max_new_tokens=40)
+            prompt, max_new_tokens=40
+        )
         assert res.token_ids == ref and res.finish_reason == "eos"
     # eos_token_id=[] ignores EOS; suppress_tokens bans it (never generated)
     res = specdec.SpeculativeGenerator(target, method="none").generate(prompt, max_new_tokens=30, suppress_tokens=[eos])
@@ -105,12 +115,14 @@ def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
     res = gen.generate(messages, max_new_tokens=40)
     assert res.token_ids == ref
     assert res.stats.mean_accepted_length > 1.0
-    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4,
-                                       ngram_first=False, int8=False).generate(messages, max_new_tokens=40)
+    res = specdec.SpeculativeGenerator(
+        model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False, int8=False
+    ).generate(messages, max_new_tokens=40)
     assert res.token_ids == ref and res.stats.acceptance_rate == 1.0
     # the int8 copy of the draft (the CPU default) proposes slightly different tokens; the output is the same
-    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, num_speculative_tokens=4,
-                                       ngram_first=False).generate(messages, max_new_tokens=40)
+    res = specdec.SpeculativeGenerator(
+        model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False
+    ).generate(messages, max_new_tokens=40)
     assert res.token_ids == ref and res.stats.acceptance_rate > 0.6
 
 
@@ -221,8 +233,11 @@ def test_the_prompt_is_prefilled_apart(method):
     gen = specdec.SpeculativeGenerator(model, method=method)
     calls, observed = [], []
     hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append((kwargs["input_ids"].shape[1], kwargs.get("attention_mask"),
-                                                   kwargs.get("output_hidden_states"))), with_kwargs=True)
+        lambda module, args, kwargs: calls.append(
+            (kwargs["input_ids"].shape[1], kwargs.get("attention_mask"), kwargs.get("output_hidden_states"))
+        ),
+        with_kwargs=True,
+    )
     observe = gen.proposer.observe
     gen.proposer.observe = lambda outcome: (observed.append(outcome.logits.shape[0]), observe(outcome))
     prompt = [3, 4, 5, 6, 3, 4] * 20
@@ -233,7 +248,9 @@ def test_the_prompt_is_prefilled_apart(method):
     rows, mask, hidden = calls[0]
     assert rows == len(prompt) - 1 and mask is None and not hidden
     assert len(calls) == 1 + result.stats.steps
-    assert [rows for rows, _, _ in calls[1 : 1 + len(observed)]] == observed  # a step's forward: exactly its verified and extra rows
+    assert [
+        rows for rows, _, _ in calls[1 : 1 + len(observed)]
+    ] == observed  # a step's forward: exactly its verified and extra rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -259,4 +276,6 @@ def test_draft_checks_context_copies_in_its_own_forward(arch):
         hook.remove()
     assert drafted == hf_greedy(model, context, 12)
     assert len(forwards) < 12  # copied tokens the draft agreed with came several per forward
-    assert proposer.kv.length == kvcache.cache_length(proposer.kv.cache) == len(context) + 12 - 1  # committed + fed drafted tokens
+    assert (
+        proposer.kv.length == kvcache.cache_length(proposer.kv.cache) == len(context) + 12 - 1
+    )  # committed + fed drafted tokens

@@ -1,4 +1,5 @@
 """Device probes: each one on fakes, every one failing, sizes."""
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from specdec.hardware import BACKENDS, GIB, MIB, DeviceInfo, detect, parse_size
 def _raise(exc: BaseException):
     def probe(*args, **kwargs):
         raise exc
+
     return probe
 
 
@@ -86,7 +88,12 @@ def test_torch_cuda_probe_reports_rocm(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "AMD Radeon RX 7800 XT")
     monkeypatch.setattr(torch.version, "hip", "6.1", raising=False)
     info = hardware.probe_torch_cuda()
-    assert (info.backend, info.total_bytes, info.free_bytes, info.compute_capability) == ("rocm", 16 * GIB, 3 * GIB, None)
+    assert (info.backend, info.total_bytes, info.free_bytes, info.compute_capability) == (
+        "rocm",
+        16 * GIB,
+        3 * GIB,
+        None,
+    )
 
 
 def _fake_smi(tmp_path, body: str) -> str:
@@ -123,10 +130,19 @@ def test_device_info_json_fields():
     assert not d.supports_bf16 and DeviceInfo("cuda", "y", 1, 1, (8, 0)).supports_bf16
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("8GiB", 8 * GIB), ("8 GiB", 8 * GIB), ("8gib", 8 * GIB), ("8GB", 8 * 10**9), ("512MiB", 512 * MIB),
-    ("1.5G", 1_500_000_000), ("4096", 4096), (123, 123),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("8GiB", 8 * GIB),
+        ("8 GiB", 8 * GIB),
+        ("8gib", 8 * GIB),
+        ("8GB", 8 * 10**9),
+        ("512MiB", 512 * MIB),
+        ("1.5G", 1_500_000_000),
+        ("4096", 4096),
+        (123, 123),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 

@@ -6,6 +6,7 @@ records ``-m pip`` calls instead of running pip, so install.py's real code
 path (choosing the environment, the pip command lines, what uninstall
 removes, a failing pip) is exercised without downloading anything.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,10 +66,15 @@ def make_webui(root: Path, user_data: bool = True, env: bool = True) -> Path:
         python = bindir / "python"
         python.write_text(FAKE_PYTHON.format(python=sys.executable))
         python.chmod(0o755)
-        (bindir / "state.json").write_text(json.dumps({
-            "installed": {"torch": "2.3.1", "click": "8.1.7"}, "calls": [],
-            "plan": {"specdec": "0.1.0", "gguf": "0.17.1", "click": "8.1.7"},  # what pip would install
-        }))
+        (bindir / "state.json").write_text(
+            json.dumps(
+                {
+                    "installed": {"torch": "2.3.1", "click": "8.1.7"},
+                    "calls": [],
+                    "plan": {"specdec": "0.1.0", "gguf": "0.17.1", "click": "8.1.7"},  # what pip would install
+                }
+            )
+        )
     return root
 
 
@@ -105,12 +111,15 @@ def test_install_reinstall_uninstall_with_the_webuis_env(tmp_path: Path) -> None
     assert (target / "requirements.txt").read_bytes() == (REPO / "plugin" / "specdec" / "requirements.txt").read_bytes()
     (target / "requirements.txt").write_text("changed by hand\n")
     record = json.loads((root / "user_data" / "extensions" / ".specdec-install.json").read_text())
-    assert record["pip_installed"] == {"gguf": "0.17.1", "specdec": "0.1.0"}, "what the first run installed, with versions"
+    assert record["pip_installed"] == {"gguf": "0.17.1", "specdec": "0.1.0"}, (
+        "what the first run installed, with versions"
+    )
 
     gone = run(str(root), "--uninstall")
     assert gone.returncode == 0, gone.stderr
-    assert sorted(p.name for p in target.iterdir()) == ["requirements.txt", "stale.txt"], \
+    assert sorted(p.name for p in target.iterdir()) == ["requirements.txt", "stale.txt"], (
         "only unchanged copied files go; the folder stays while it holds files that are not install.py's"
+    )
     assert not (root / "user_data" / "extensions" / ".specdec-install.json").exists()
     assert env_state(root)["calls"][-1] == ["uninstall", "-y", "gguf", "specdec"]
     assert env_state(root)["installed"] == {"torch": "2.3.1", "click": "8.1.7"}, "packages that were there before stay"
@@ -128,8 +137,9 @@ def test_old_layout_and_link(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     target = root / "extensions" / "specdec"
     assert target.is_symlink() and target.resolve() == (REPO / "plugin" / "specdec").resolve()
-    assert sorted(p.parent.name for p in (root / "extensions").glob("*/script.py")) == ["specdec"], \
+    assert sorted(p.parent.name for p in (root / "extensions").glob("*/script.py")) == ["specdec"], (
         "the webui finds extensions by globbing */script.py, which must follow the link"
+    )
     assert env_state(root)["calls"][0][:3] == ["install", "-e", str(REPO)]
     assert run(str(root), "--link").returncode == 0, "harmless when run twice"
     assert run(str(root), "--uninstall").returncode == 0

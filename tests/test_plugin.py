@@ -4,6 +4,7 @@ The webui cannot be pip installed, so the few ``modules`` the adapter imports
 are stubbed in ``sys.modules`` the way the webui provides them; the target is
 a tiny random Llama and a byte-level tokenizer built in-process.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,9 +48,18 @@ def _model(vocab: int, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=257,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -87,7 +97,9 @@ class Webui:
         self.package.text_generation = self.text_generation
 
     def _own(self, name: str):
-        def generate(question: str, original_question: str, state: dict, stopping_strings=None, is_chat=False) -> Iterator[str]:
+        def generate(
+            question: str, original_question: str, state: dict, stopping_strings=None, is_chat=False
+        ) -> Iterator[str]:
             self.calls.append((name, (question, original_question, state, stopping_strings), {"is_chat": is_chat}))
             yield "webui "
             yield "webui reply"
@@ -99,8 +111,12 @@ class Webui:
 def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> Webui:
     stub = Webui(tmp_path)
     stub.shared.model, stub.shared.tokenizer = tiny
-    for name, module in (("modules", stub.package), ("modules.shared", stub.shared),
-                         ("modules.logging_colors", stub.logging), ("modules.text_generation", stub.text_generation)):
+    for name, module in (
+        ("modules", stub.package),
+        ("modules.shared", stub.shared),
+        ("modules.logging_colors", stub.logging),
+        ("modules.text_generation", stub.text_generation),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     return stub
 
@@ -123,19 +139,45 @@ def ext(webui: Webui, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 def state(**overrides: Any) -> dict[str, Any]:
     """A webui generation state with greedy settings (as the API sends for temperature 0)."""
     s = {
-        "max_new_tokens": 24, "auto_max_new_tokens": False, "truncation_length": 256, "temperature": 0,
-        "do_sample": False, "top_p": 1, "top_k": 0, "min_p": 0, "typical_p": 1, "repetition_penalty": 1,
-        "repetition_penalty_range": 1024, "presence_penalty": 0, "frequency_penalty": 0, "seed": -1,
-        "add_bos_token": True, "ban_eos_token": False, "custom_token_bans": "", "skip_special_tokens": True,
-        "custom_stopping_strings": "", "stream": True, "grammar_string": "", "negative_prompt": "",
-        "guidance_scale": 1, "dry_multiplier": 0, "no_repeat_ngram_size": 0, "stop_event": None,
+        "max_new_tokens": 24,
+        "auto_max_new_tokens": False,
+        "truncation_length": 256,
+        "temperature": 0,
+        "do_sample": False,
+        "top_p": 1,
+        "top_k": 0,
+        "min_p": 0,
+        "typical_p": 1,
+        "repetition_penalty": 1,
+        "repetition_penalty_range": 1024,
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "seed": -1,
+        "add_bos_token": True,
+        "ban_eos_token": False,
+        "custom_token_bans": "",
+        "skip_special_tokens": True,
+        "custom_stopping_strings": "",
+        "stream": True,
+        "grammar_string": "",
+        "negative_prompt": "",
+        "guidance_scale": 1,
+        "dry_multiplier": 0,
+        "no_repeat_ngram_size": 0,
+        "stop_event": None,
     }
     s.update(overrides)
     return s
 
 
-def reference(model: Any, tokenizer: Any, prompt: str = PROMPT, max_new_tokens: int = 24, keep: int | None = None,
-              suppress: list[int] | None = None) -> str:
+def reference(
+    model: Any,
+    tokenizer: Any,
+    prompt: str = PROMPT,
+    max_new_tokens: int = 24,
+    keep: int | None = None,
+    suppress: list[int] | None = None,
+) -> str:
     """What the webui's own greedy generation gives: ``generate`` called as the webui calls it.
 
     Only the tokenizer's EOS and no attention mask (transformers infers one from
@@ -146,8 +188,13 @@ def reference(model: Any, tokenizer: Any, prompt: str = PROMPT, max_new_tokens: 
     if keep is not None:
         ids = ids[-keep:]
     kwargs: dict[str, Any] = {"suppress_tokens": suppress} if suppress else {}
-    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=[tokenizer.eos_token_id], **kwargs)[0, len(ids):]
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=[tokenizer.eos_token_id],
+        **kwargs,
+    )[0, len(ids) :]
     text, start, new = "", 0, []
     for t in out.tolist():
         if t == tokenizer.eos_token_id:
@@ -271,8 +318,12 @@ def test_truncation_keeps_the_end_of_the_prompt(ext, tiny) -> None:
 
 
 def test_params_from_settings_yaml(webui, monkeypatch: pytest.MonkeyPatch) -> None:
-    webui.shared.settings = {"specdec-method": "lookahead", "specdec-auto_configure": "false",
-                             "specdec-num_speculative_tokens": "3", "specdec-window_size": 3}
+    webui.shared.settings = {
+        "specdec-method": "lookahead",
+        "specdec-auto_configure": "false",
+        "specdec-num_speculative_tokens": "3",
+        "specdec-window_size": 3,
+    }
     module = load_extension(monkeypatch)
     assert module.params["method"] == "lookahead" and module.params["auto_configure"] is False
     assert module.params["num_speculative_tokens"] == 3 and module.params["window_size"] == 3
@@ -280,9 +331,14 @@ def test_params_from_settings_yaml(webui, monkeypatch: pytest.MonkeyPatch) -> No
     assert generator.method == "lookahead"
     # W from settings.yaml, N and G the library's own defaults
     assert generator.options == LookaheadOptions(window_size=3)
-    assert (module.params["ngram_size"], module.params["guess_size"]) == (LookaheadOptions.ngram_size, LookaheadOptions.guess_size)
+    assert (module.params["ngram_size"], module.params["guess_size"]) == (
+        LookaheadOptions.ngram_size,
+        LookaheadOptions.guess_size,
+    )
     assert module.METHOD_CHOICES == tuple(REGISTRY)
-    assert reply(module, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(webui.shared.model, webui.shared.tokenizer)
+    assert reply(module, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(
+        webui.shared.model, webui.shared.tokenizer
+    )
 
 
 def test_draft_model_from_the_models_folder_is_loaded_once(ext, webui, tiny, tmp_path: Path) -> None:
@@ -350,7 +406,6 @@ def test_a_call_the_adapter_cannot_read_goes_to_the_webui_unchanged(ext, webui) 
     assert reply(ext, PROMPT, PROMPT, odd_state, ["x"], is_chat=True)[-1] == "webui reply"
     assert webui.calls[-1][0] == "HF" and webui.calls[-1][1][2] is odd_state and webui.calls[-1][1][3] == ["x"]
 
-
     ext.params["medusa_heads"] = "/some/heads"
     assert ext.auto_configuration(has_draft=False)[0] == "medusa"
 
@@ -361,15 +416,23 @@ def _llama(vocab: int, seed: int, **special: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **special)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **special,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def _greedy_tokens(model: Any, tokenizer: Any, n: int) -> list[int]:
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_tokenizer_eos_other_than_the_configs_stops_where_the_webui_stops(ext, webui) -> None:
@@ -426,7 +489,10 @@ def test_truncation_to_zero_keeps_the_whole_prompt_as_the_webui_does(ext, tiny) 
 
 
 def test_a_reply_past_the_context_goes_to_the_webui(ext, webui) -> None:
-    assert reply(ext, PROMPT, PROMPT, state(max_new_tokens=400, truncation_length=1000), None, is_chat=True)[-1] == "webui reply"
+    assert (
+        reply(ext, PROMPT, PROMPT, state(max_new_tokens=400, truncation_length=1000), None, is_chat=True)[-1]
+        == "webui reply"
+    )
     assert "context" in ext.last_reply.note
 
 
@@ -447,10 +513,16 @@ def test_the_models_own_suppress_tokens_apply_unless_the_webui_bans_tokens(ext, 
     webui.shared.model, webui.shared.tokenizer = model, tokenizer
     assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(model, tokenizer)
     banned = state(custom_token_bans="65")
-    out = model.generate(torch.tensor([[256] + tokenizer.encode(PROMPT)]), max_new_tokens=24, do_sample=False,
-                         eos_token_id=[257], suppress_tokens=[65])[0, 1 + len(tokenizer.encode(PROMPT)):]
+    out = model.generate(
+        torch.tensor([[256] + tokenizer.encode(PROMPT)]),
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=[257],
+        suppress_tokens=[65],
+    )[0, 1 + len(tokenizer.encode(PROMPT)) :]
     assert reply(ext, PROMPT, PROMPT, banned, None, is_chat=True)[-1] == tokenizer.decode(
-        [t for t in out.tolist() if t != 257], skip_special_tokens=True)
+        [t for t in out.tolist() if t != 257], skip_special_tokens=True
+    )
 
 
 def test_not_streaming_decodes_the_whole_output_once(ext, tiny) -> None:

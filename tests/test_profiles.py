@@ -1,4 +1,5 @@
 """Profiles: schema errors, the catalogue, the estimator, selection on fake devices, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ from specdec.cli import main
 from specdec.errors import SpecdecError
 from specdec.hardware import GIB, DeviceInfo, assumed_gpu
 from specdec.profiles import (
-    ProfileError, find_profile, load_profile_file, load_profiles, match_profile, parse_profile, profile_settings,
-    profiles_dir, select,
+    ProfileError,
+    find_profile,
+    load_profile_file,
+    load_profiles,
+    match_profile,
+    parse_profile,
+    profile_settings,
+    profiles_dir,
+    select,
 )
 from specdec.proposers.options import DraftOptions, LookaheadOptions, NoneOptions
 from specdec.quantization import FLOAT_KINDS, KINDS
@@ -26,12 +34,30 @@ ONE_GB_FREE = DeviceInfo("cuda", "RTX 3070 (target loaded)", 8 * GIB, 1 * GIB, (
 
 # device -> (profile, target, draft, method, target quantization, draft quantization)
 EXPECTED = {
-    "4gb laptop": (LAPTOP_4GB, ("gpu-4gb", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "int8")),
-    "8gb": (assumed_gpu(8 * GIB), ("gpu-8gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "bf16")),
-    "12gb": (assumed_gpu(12 * GIB), ("gpu-12gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "int8", "bf16")),
-    "16gb": (assumed_gpu(16 * GIB), ("gpu-16gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "nf4", "int8")),
-    "24gb": (assumed_gpu(24 * GIB), ("gpu-24gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "int8", "bf16")),
-    "apple 16gb": (APPLE_16GB, ("apple", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "fp16", "fp16")),
+    "4gb laptop": (
+        LAPTOP_4GB,
+        ("gpu-4gb", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "int8"),
+    ),
+    "8gb": (
+        assumed_gpu(8 * GIB),
+        ("gpu-8gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "nf4", "bf16"),
+    ),
+    "12gb": (
+        assumed_gpu(12 * GIB),
+        ("gpu-12gb", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "int8", "bf16"),
+    ),
+    "16gb": (
+        assumed_gpu(16 * GIB),
+        ("gpu-16gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "nf4", "int8"),
+    ),
+    "24gb": (
+        assumed_gpu(24 * GIB),
+        ("gpu-24gb", "Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "draft", "int8", "bf16"),
+    ),
+    "apple 16gb": (
+        APPLE_16GB,
+        ("apple", "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "draft", "fp16", "fp16"),
+    ),
     "cpu only": (CPU_16GB, ("cpu", "qwen-coder-1.5b", "qwen-coder-0.5b", "draft", "gguf", "gguf")),
 }
 
@@ -41,8 +67,14 @@ EXPECTED = {
 def test_fake_devices_get_the_expected_configuration_within_memory(name):
     device, expected = EXPECTED[name]
     config = select(device, cat.CATALOGUE, PROFILES)
-    got = (config.profile, config.target_ref, config.draft_ref, config.method,
-           config.target_quantization, config.draft_quantization)
+    got = (
+        config.profile,
+        config.target_ref,
+        config.draft_ref,
+        config.method,
+        config.target_quantization,
+        config.draft_quantization,
+    )
     assert got == expected
     assert config.fits and 0 < config.estimated_bytes <= device.available_bytes
     assert config.estimated_bytes >= sum(config.breakdown.values())  # margin and reserve come on top
@@ -119,8 +151,20 @@ def test_profile_by_name_and_unknown_name():
         select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-3gb")
 
 
-@pytest.mark.parametrize("gib,name", [(2, "gpu-4gb"), (4, "gpu-4gb"), (6, "gpu-6gb"), (8, "gpu-8gb"), (10, "gpu-12gb"),
-                                      (12, "gpu-12gb"), (16, "gpu-16gb"), (24, "gpu-24gb"), (80, "gpu-24gb")])
+@pytest.mark.parametrize(
+    "gib,name",
+    [
+        (2, "gpu-4gb"),
+        (4, "gpu-4gb"),
+        (6, "gpu-6gb"),
+        (8, "gpu-8gb"),
+        (10, "gpu-12gb"),
+        (12, "gpu-12gb"),
+        (16, "gpu-16gb"),
+        (24, "gpu-24gb"),
+        (80, "gpu-24gb"),
+    ],
+)
 def test_gpu_tiers_cover_every_size(gib, name):
     assert match_profile(assumed_gpu(gib * GIB), PROFILES).name == name
     assert match_profile(assumed_gpu(gib * GIB, backend="rocm"), PROFILES).name == name
@@ -131,12 +175,18 @@ def test_profile_settings_fill_only_what_was_not_given():
     assert (auto.method, auto.draft, auto.num_speculative_tokens) == ("draft", "Qwen/Qwen2.5-0.5B-Instruct", 5)
     assert auto.target_quantization == "nf4" and auto.draft_quantization is None and auto.dtype == "bfloat16"
     assert auto.options == DraftOptions()  # only the chosen method's options: no lookahead W/N/G for a draft
-    given = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="none", dtype="float16",
-                             num_speculative_tokens=2)
+    given = profile_settings(
+        "auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="none", dtype="float16", num_speculative_tokens=2
+    )
     assert (given.method, given.draft, given.dtype, given.num_speculative_tokens) == ("none", None, "float16", 2)
     assert given.options == NoneOptions()
-    lookahead = profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), method="lookahead",
-                                 options={"window_size": 3, "ngram_size": None})
+    lookahead = profile_settings(
+        "auto",
+        "qwen2.5-7b",
+        device=assumed_gpu(8 * GIB),
+        method="lookahead",
+        options={"window_size": 3, "ngram_size": None},
+    )
     assert lookahead.options == LookaheadOptions(window_size=3, ngram_size=4, guess_size=6)
     own = LookaheadOptions(window_size=2)  # an options object is taken as it is and names the method
     assert profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), options=own).options is own
@@ -179,14 +229,23 @@ def test_estimator_parts():
     assert est.kv_cache == 2 * 28 * 4 * 128 * 4096 * 2
     assert abs(est.weights - 2 * spec.params) < 0.03 * 2 * spec.params
     assert cat.estimate_memory(spec, "bf16", 4096, weights_loaded=True).weights == 0
-    assert cat.estimate_memory(spec, "gguf", 4096, dtype_bits=32).weights == cat.estimate_memory(spec, "fp32", 4096).weights
+    assert (
+        cat.estimate_memory(spec, "gguf", 4096, dtype_bits=32).weights
+        == cat.estimate_memory(spec, "fp32", 4096).weights
+    )
 
 
 def test_spec_from_a_local_config_guesses_the_family(tmp_path):
     from transformers import Qwen2Config
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2).to_dict()
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ).to_dict()
     resolved = cat.resolve(str(tmp_path), config=config)
     assert resolved.spec.family == "qwen2.5" and resolved.spec.num_layers == 2
     assert [d.family for d in cat.drafts_for(resolved.spec)] == []  # nothing 4x smaller than a tiny model
@@ -228,10 +287,14 @@ def test_unknown_key_names_file_field_and_reason(tmp_path):
 
 
 def test_missing_field_names_file_field_and_reason(tmp_path):
-    path = _write(tmp_path, "\n".join(line for line in VALID.splitlines() if not line.startswith("num_speculative_tokens")))
+    path = _write(
+        tmp_path, "\n".join(line for line in VALID.splitlines() if not line.startswith("num_speculative_tokens"))
+    )
     with pytest.raises(ProfileError) as e:
         load_profile_file(path)
-    assert [(p.file, p.field, p.reason) for p in e.value.problems] == [(str(path), "num_speculative_tokens", "Field required")]
+    assert [(p.file, p.field, p.reason) for p in e.value.problems] == [
+        (str(path), "num_speculative_tokens", "Field required")
+    ]
 
 
 def test_nested_list_item_and_invalid_yaml(tmp_path):
@@ -250,8 +313,17 @@ def test_find_profile():
 
 
 # ---------------------------------------------------------------------- CLI
-REQUIRED = {"device", "profile", "target", "draft", "method", "quantization", "num_speculative_tokens", "lookahead",
-            "estimated_bytes"}
+REQUIRED = {
+    "device",
+    "profile",
+    "target",
+    "draft",
+    "method",
+    "quantization",
+    "num_speculative_tokens",
+    "lookahead",
+    "estimated_bytes",
+}
 
 
 def test_detect_json_here_and_for_an_assumed_card():
@@ -269,7 +341,9 @@ def test_detect_json_here_and_for_an_assumed_card():
 
 def test_detect_text_and_bad_size():
     runner = CliRunner()
-    result = runner.invoke(main, ["detect", "--vram", "6GiB", "--free", "1GiB", "--target", "qwen2.5-7b", "--target-loaded"])
+    result = runner.invoke(
+        main, ["detect", "--vram", "6GiB", "--free", "1GiB", "--target", "qwen2.5-7b", "--target-loaded"]
+    )
     assert result.exit_code == 0 and "profile:      gpu-6gb" in result.output
     assert runner.invoke(main, ["detect", "--vram", "lots"]).exit_code == 2
 

@@ -1,4 +1,5 @@
 """Quantization kinds, missing extras, and real bitsandbytes models staying lossless on CPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +11,12 @@ import specdec
 from conftest import ARCHS, hf_greedy
 from specdec.errors import MissingExtraError, SpecdecError
 from specdec.quantization import (
-    KINDS, available_kinds, build_quantization_config, embedding_bits, missing_extra, weight_bits,
+    KINDS,
+    available_kinds,
+    build_quantization_config,
+    embedding_bits,
+    missing_extra,
+    weight_bits,
 )
 
 
@@ -68,9 +74,19 @@ def tiny_model(arch: str, seed: int, sharpness: float = 4.0, vocab: int = 96) ->
     """A tiny random fp32 model whose matrices bitsandbytes' 4-bit CPU kernels accept (64-wide blocks)."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        eos_token_id=None, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = model_cls(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
@@ -106,7 +122,8 @@ def test_nf4_draft_with_fp32_target_is_greedy_identical_to_the_target(tmp_path):
     reference = hf_greedy(target, prompt, 16)
     for k in (None, 3):  # adaptive and fixed draft lengths
         result = specdec.SpeculativeGenerator(target, method="draft", draft=draft, num_speculative_tokens=k).generate(
-            prompt, max_new_tokens=16)
+            prompt, max_new_tokens=16
+        )
         assert result.token_ids == reference
         assert result.stats.accepted > 0  # the quantized copy agrees often: the draft really ran
 
@@ -120,7 +137,8 @@ def test_quantized_target_with_speculation_is_identical_to_its_own_greedy(tmp_pa
     reference = hf_greedy(target, prompt, 16)  # the quantized target's own greedy decoding
     for method, draft in (("draft", full), ("prompt_lookup", None)):
         result = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=4).generate(
-            prompt, max_new_tokens=16)
+            prompt, max_new_tokens=16
+        )
         assert result.token_ids == reference, method
 
 

@@ -5,6 +5,7 @@ bounds), and whole generations with tiny models on a small vocabulary against
 the exact distribution computed by enumeration. Noise bounds come from
 sampling the exact distribution itself with the same number of draws.
 """
+
 from __future__ import annotations
 
 
@@ -112,8 +113,11 @@ N_RUNS = 1500
 def _exact_two_tokens(target, prompt: list[int], cfg: SamplingConfig) -> torch.Tensor:
     """Exact joint distribution ``[V*V]`` of the first two generated tokens."""
     with torch.no_grad():
-        first = process_logits(target(torch.tensor([prompt], device=target.device)).logits[0, -1:].cpu(), cfg,
-                               presence_rows(torch.tensor(prompt), VOCAB))[0]
+        first = process_logits(
+            target(torch.tensor([prompt], device=target.device)).logits[0, -1:].cpu(),
+            cfg,
+            presence_rows(torch.tensor(prompt), VOCAB),
+        )[0]
         batch = torch.tensor([prompt + [a] for a in range(VOCAB)], device=target.device)
         logits = target(batch).logits[:, -1].cpu()
         presence = torch.stack([presence_rows(torch.tensor(prompt + [a]), VOCAB)[0] for a in range(VOCAB)])
@@ -138,11 +142,20 @@ def test_generation_distribution_matches_target(method, cfg):
     exact = _exact_two_tokens(target, prompt, cfg)
     samples = []
     for seed in range(N_RUNS):
-        ids = gen.generate(prompt, max_new_tokens=2, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           repetition_penalty=cfg.repetition_penalty, seed=seed).token_ids
+        ids = gen.generate(
+            prompt,
+            max_new_tokens=2,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty,
+            seed=seed,
+        ).token_ids
         samples.append(ids[0] * VOCAB + ids[1])
     hist = histogram(samples, VOCAB * VOCAB)
-    assert tv(hist.view(VOCAB, VOCAB).sum(1), exact.view(VOCAB, VOCAB).sum(1)) < noise_bound(exact.view(VOCAB, VOCAB).sum(1), N_RUNS)
+    assert tv(hist.view(VOCAB, VOCAB).sum(1), exact.view(VOCAB, VOCAB).sum(1)) < noise_bound(
+        exact.view(VOCAB, VOCAB).sum(1), N_RUNS
+    )
     assert tv(hist, exact) < noise_bound(exact, N_RUNS)
 
 

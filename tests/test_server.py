@@ -5,6 +5,7 @@ module; ``specdec-local generate --json`` runs beside it while it starts, as
 the reference for the greedy answer. The last test stops the server with
 SIGTERM in the middle of a stream.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -92,11 +93,19 @@ def processes(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     port = _free_port()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(_cli("serve", *COMMON, "--port", str(port), "--api-key", KEY,
-                                     "--max-queue", str(MAX_QUEUE)),
-                                stdout=log_file, stderr=subprocess.STDOUT, env=_env())
-    reference = subprocess.Popen(_cli("generate", MESSAGE, "--json", "-n", str(GREEDY_TOKENS), *COMMON),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        proc = subprocess.Popen(
+            _cli("serve", *COMMON, "--port", str(port), "--api-key", KEY, "--max-queue", str(MAX_QUEUE)),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    reference = subprocess.Popen(
+        _cli("generate", MESSAGE, "--json", "-n", str(GREEDY_TOKENS), *COMMON),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     yield Server(proc, port, log_path), reference
     for p in (proc, reference):
         if p.poll() is None:
@@ -278,7 +287,9 @@ def test_queue_full_gives_429_and_dropped_clients_free_the_server(server):
     assert _chat(server.client(), max_tokens=4).usage.completion_tokens == 4
     dropped = [line for line in server.log().splitlines() if " 499 " in line]
     assert len(dropped) == 1 + MAX_QUEUE
-    completions = [int(part.split("=")[1]) for line in dropped for part in line.split() if part.startswith("completion=")]
+    completions = [
+        int(part.split("=")[1]) for line in dropped for part in line.split() if part.startswith("completion=")
+    ]
     assert len(completions) == 1 and 0 < completions[0] < 2000  # only the running one had started; it stopped early
 
 
@@ -307,12 +318,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (json.dumps({**ok, "n": 2}).encode(), 400, "n", "unsupported_parameter"),
         (json.dumps({**ok, "logprobs": True}).encode(), 400, "logprobs", "unsupported_parameter"),
         (json.dumps({**ok, "presence_penalty": 0.5}).encode(), 400, "presence_penalty", "unsupported_parameter"),
-        (json.dumps({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(), 400, "tools",
-         "unsupported_parameter"),
+        (
+            json.dumps({**ok, "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(),
+            400,
+            "tools",
+            "unsupported_parameter",
+        ),
         (json.dumps({**ok, "max_tokens": -5}).encode(), 400, "max_tokens", "invalid_value"),
         (json.dumps({**ok, "max_tokens": 9000}).encode(), 400, "messages", "context_length_exceeded"),
-        (json.dumps({**ok, "messages": [{"role": "user", "content": "hello " * 9000}]}).encode(), 400, "messages",
-         "context_length_exceeded"),
+        (
+            json.dumps({**ok, "messages": [{"role": "user", "content": "hello " * 9000}]}).encode(),
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
         (b" " * (2 << 20), 413, None, "request_too_large"),
     ]
     for body, status, param, code in cases:
@@ -335,8 +354,10 @@ def test_every_request_is_one_log_line(server):
     rid = _chat(server.client(), max_tokens=2).id
     lines = [line for line in server.log().splitlines() if rid in line]
     assert len(lines) == 1
-    assert all(f" {field}" in lines[0] for field in ("200", "prompt=", "completion=2", "tok/s=", "method=prompt_lookup",
-                                                     "accepted="))
+    assert all(
+        f" {field}" in lines[0]
+        for field in ("200", "prompt=", "completion=2", "tok/s=", "method=prompt_lookup", "accepted=")
+    )
 
 
 # ---------------------------------------------------------------------- the command line

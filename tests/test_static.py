@@ -3,6 +3,7 @@
 On a CPU ``static_cache=True`` runs every part of the path but the graph
 capture; ``python -m pytest --device cuda`` runs these with graphs on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ def _generator(target, method: str, options: dict, static_cache: bool) -> specde
     draft = {"random": lambda: tiny_model(target.config.model_type, seed=7), "self": lambda: target}.get(kind)
     if options.get("medusa_heads") == "fresh":
         options["medusa_heads"] = MedusaHeads.init(target, num_heads=3)
-    return specdec.SpeculativeGenerator(target, method=method, draft=draft() if draft else None,
-                                        static_cache=static_cache, **options)
+    return specdec.SpeculativeGenerator(
+        target, method=method, draft=draft() if draft else None, static_cache=static_cache, **options
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -80,8 +82,9 @@ def test_static_sampling_distribution_matches_target(method):
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
     draft = tiny_model("llama", seed=3, vocab=VOCAB, sharpness=6.0) if method == "draft" else None
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
-    gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, static_cache=True,
-                                       num_speculative_tokens=2 if draft else None)
+    gen = specdec.SpeculativeGenerator(
+        target, method=method, draft=draft, static_cache=True, num_speculative_tokens=2 if draft else None
+    )
     exact = _exact_two_tokens(target, prompt, cfg)
     samples = []
     for seed in range(N_RUNS // 2):

@@ -1,4 +1,5 @@
 """Streaming: incremental text that never breaks a UTF-8 character, stop strings, and their edges."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,13 @@ def test_incremental_decoder_never_emits_broken_characters(smollm2):
 @pytest.mark.parametrize("method", ["none", "prompt_lookup", "draft"])
 def test_stream_equals_generate_and_stop_strings_cut(smollm2, method):
     model, tok = smollm2
-    gen = specdec.SpeculativeGenerator(model, tok, method=method, draft=model if method == "draft" else None,
-                                       num_speculative_tokens=3 if method == "draft" else None)
+    gen = specdec.SpeculativeGenerator(
+        model,
+        tok,
+        method=method,
+        draft=model if method == "draft" else None,
+        num_speculative_tokens=3 if method == "draft" else None,
+    )
     messages = [{"role": "user", "content": "List three colours, one per line."}]
     full = gen.generate(messages, max_new_tokens=40)
     events = list(gen.stream(messages, max_new_tokens=40))

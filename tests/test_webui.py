@@ -5,6 +5,7 @@ Inputs are shaped as text-generation-webui makes them: its generation
 ``custom_generate_reply``, its stop-string text box; models and tokenizers
 are tiny real ones built in-process.
 """
+
 from __future__ import annotations
 
 from collections import UserDict
@@ -109,15 +110,21 @@ def test_new_tokens_limit() -> None:
     assert new_tokens_limit({}, 10) == 512
 
 
-@pytest.mark.parametrize(("settings", "ok"), [
-    ({}, True),
-    ({"sampler_priority": ["top_p", "temperature", "top_k"]}, False),
-    ({"sampler_priority": "top_k\ntemperature\ntop_p"}, True),  # temperature and top-k commute
-    ({"temperature_last": True}, False),  # temperature after top-p
-    ({"temperature_last": True, "top_p": 1.0}, True),
-    ({"sampler_priority": ["temperature", "top_k"]}, False),  # unlisted top_p sorts first
-    ({"repetition_penalty": 1.2, "sampler_priority": ["top_k", "repetition_penalty", "temperature", "top_p"]}, False),
-])
+@pytest.mark.parametrize(
+    ("settings", "ok"),
+    [
+        ({}, True),
+        ({"sampler_priority": ["top_p", "temperature", "top_k"]}, False),
+        ({"sampler_priority": "top_k\ntemperature\ntop_p"}, True),  # temperature and top-k commute
+        ({"temperature_last": True}, False),  # temperature after top-p
+        ({"temperature_last": True, "top_p": 1.0}, True),
+        ({"sampler_priority": ["temperature", "top_k"]}, False),  # unlisted top_p sorts first
+        (
+            {"repetition_penalty": 1.2, "sampler_priority": ["top_k", "repetition_penalty", "temperature", "top_p"]},
+            False,
+        ),
+    ],
+)
 def test_sampler_order_follows_the_webuis_priority(settings: dict[str, Any], ok: bool) -> None:
     sampling = state(**{"do_sample": True, "temperature": 0.7, "top_k": 40, "top_p": 0.9, **settings})
     problems = [p for p in unsupported_settings(sampling, 100) if "sampler_priority" in p]
@@ -135,7 +142,9 @@ def test_sampler_order_lists_only_active_samplers() -> None:
 def test_unsupported_settings_of_a_greedy_state() -> None:
     assert unsupported_settings(state(), 100) == []
     assert unsupported_settings(state(presence_penalty=0.5, negative_prompt="bad"), 100) == [
-        "presence_penalty=0.5", "negative_prompt='bad'"]
+        "presence_penalty=0.5",
+        "negative_prompt='bad'",
+    ]
     assert unsupported_settings(state(grammar_string=None), 100) == []  # None is neutral
     assert unsupported_settings(state(logits_processor=[object()]), 100) == ["logits processors from another extension"]
     # samplers that only act when sampling do not matter for greedy decoding
@@ -145,7 +154,8 @@ def test_unsupported_settings_of_a_greedy_state() -> None:
 
 def test_a_repetition_penalty_range_shorter_than_the_context() -> None:
     assert unsupported_settings(state(repetition_penalty=1.2, repetition_penalty_range=64), 100) == [
-        "repetition_penalty_range=64 (shorter than the context)"]
+        "repetition_penalty_range=64 (shorter than the context)"
+    ]
     assert unsupported_settings(state(repetition_penalty=1.2, repetition_penalty_range=128), 100) == []
     assert unsupported_settings(state(repetition_penalty=1.2, repetition_penalty_range=0), 100) == []
     assert unsupported_settings(state(repetition_penalty=1, repetition_penalty_range=64), 100) == []
@@ -156,14 +166,23 @@ def test_generation_config_processors() -> None:
     assert generation_config_problems(model) == []
     model.generation_config.min_new_tokens = 5
     model.generation_config.renormalize_logits = True
-    assert generation_config_problems(model) == ["the model's generation_config.min_new_tokens=5",
-                                                 "the model's generation_config.renormalize_logits=True"]
+    assert generation_config_problems(model) == [
+        "the model's generation_config.min_new_tokens=5",
+        "the model's generation_config.renormalize_logits=True",
+    ]
 
 
 def _first_logits(model: Any, ids: list[int], eos: list[int], **kwargs: Any) -> torch.Tensor:
     """Scores of the first token of ``generate`` called with ``eos`` (and ``kwargs``)."""
-    out = model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False, eos_token_id=eos,
-                         return_dict_in_generate=True, output_logits=True, **kwargs)
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=1,
+        do_sample=False,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **kwargs,
+    )
     return out.logits[0][0]
 
 
@@ -172,8 +191,11 @@ def test_masked_prompt_tokens_follow_transformers(case: str) -> None:
     """Which prompts transformers masks when the webui calls ``generate``: checked against ``generate`` itself."""
     tokenizer = _tokenizer()
     a = tokenizer.encode("a")[0]
-    special = {"pad_in_prompt": {"pad_token_id": a, "eos_token_id": 257}, "pad_is_eos": {"pad_token_id": a, "eos_token_id": a},
-               "no_pad": {"eos_token_id": a}}[case]
+    special = {
+        "pad_in_prompt": {"pad_token_id": a, "eos_token_id": 257},
+        "pad_is_eos": {"pad_token_id": a, "eos_token_id": a},
+        "no_pad": {"eos_token_id": a},
+    }[case]
     model = _llama(len(tokenizer), 0, **special)
     if case == "no_pad":
         model.generation_config.pad_token_id = None

@@ -18,6 +18,7 @@ with the extension off.
 Every entry of :data:`params` can be set in the webui's settings.yaml as
 ``specdec-<name>`` (e.g. ``specdec-method: lookahead``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,6 +32,7 @@ from typing import Any
 
 from modules import shared
 from modules.logging_colors import logger
+
 try:
     from specdec.proposers import REGISTRY, LookaheadOptions
     from specdec.webui import (
@@ -47,8 +49,10 @@ try:
         webui_eos_ids,
     )
 except ImportError as e:  # the webui's Python lacks the package: say how to install it, not only the traceback
-    raise ImportError(f"the specdec extension needs the specdec package in the webui's Python ({e}); "
-                      "run `python install.py WEBUI_DIR` from the specdec checkout") from e
+    raise ImportError(
+        f"the specdec extension needs the specdec package in the webui's Python ({e}); "
+        "run `python install.py WEBUI_DIR` from the specdec checkout"
+    ) from e
 
 EXTENSION_NAME = "specdec"
 
@@ -101,7 +105,8 @@ class LastReply:
             f"**Last reply:** {self.new_tokens} tokens in {self.seconds:.2f} s, "
             f"**{self.tokens_per_second:.2f} tok/s** · method `{self.method}` · "
             f"mean accepted length {self.mean_accepted_length:.2f} (incl. the bonus token) · "
-            f"acceptance rate {self.acceptance_rate:.0%}" + (f" · {self.note}" if self.note else "")
+            f"acceptance rate {self.acceptance_rate:.0%}"
+            + (f" · {self.note}" if self.note else "")
             + (f"\n\n{self.choice}" if self.choice else "")
         )
 
@@ -292,7 +297,9 @@ def _hooking_extensions() -> list[str]:
         return []
     names = []
     for extension, name in extensions.iterator():
-        if name != EXTENSION_NAME and any(hasattr(extension, h) for h in ("tokenizer_modifier", "logits_processor_modifier")):
+        if name != EXTENSION_NAME and any(
+            hasattr(extension, h) for h in ("tokenizer_modifier", "logits_processor_modifier")
+        ):
             names.append(name)
     return names
 
@@ -371,7 +378,11 @@ def _is_transformers_model(model: Any) -> bool:
     from transformers import PreTrainedModel
 
     loader = getattr(getattr(shared, "args", None), "loader", None)
-    return isinstance(model, PreTrainedModel) and loader in (None, "Transformers") and not getattr(shared, "is_seq2seq", False)
+    return (
+        isinstance(model, PreTrainedModel)
+        and loader in (None, "Transformers")
+        and not getattr(shared, "is_seq2seq", False)
+    )
 
 
 def webui_generate(request: Request) -> Iterator[str]:
@@ -383,9 +394,22 @@ def webui_generate(request: Request) -> Iterator[str]:
     else:
         func = text_generation.generate_reply_custom
     if "seed" in inspect.signature(func).parameters:
-        yield from func(request.question, request.original_question, request.webui_seed, request.state, request.stopping_strings, is_chat=request.is_chat)
+        yield from func(
+            request.question,
+            request.original_question,
+            request.webui_seed,
+            request.state,
+            request.stopping_strings,
+            is_chat=request.is_chat,
+        )
     else:
-        yield from func(request.question, request.original_question, request.state, request.stopping_strings, is_chat=request.is_chat)
+        yield from func(
+            request.question,
+            request.original_question,
+            request.state,
+            request.stopping_strings,
+            is_chat=request.is_chat,
+        )
 
 
 def _fallback(request: Request, key: str, reason: str) -> Iterator[str]:
@@ -405,11 +429,16 @@ def auto_configuration(has_draft: bool) -> tuple[str, str]:
     plainly after a few steps instead of paying for rows it does not use.
     """
     if has_draft:
-        return "draft", f"a draft model ({params['draft_model']}) is picked; candidates per step follow its measured cost"
+        return (
+            "draft",
+            f"a draft model ({params['draft_model']}) is picked; candidates per step follow its measured cost",
+        )
     if params["medusa_heads"]:
         return "medusa", "Medusa heads are given; trees are sized by the measured cost of rows"
-    return "prompt_lookup", ("no draft model or Medusa heads are picked; context copies are verified while their "
-                             "measured cost pays, else the reply is decoded plainly")
+    return "prompt_lookup", (
+        "no draft model or Medusa heads are picked; context copies are verified while their "
+        "measured cost pays, else the reply is decoded plainly"
+    )
 
 
 def _settings(has_draft: bool) -> tuple[str, int | None, dict[str, Any], str]:
@@ -420,7 +449,9 @@ def _settings(has_draft: bool) -> tuple[str, int | None, dict[str, Any], str]:
         return method, None, {}, f"auto-configure: `{method}` ({why})"
     method, options = params["method"], {}
     if method == "lookahead":
-        options = dict(window_size=params["window_size"], ngram_size=params["ngram_size"], guess_size=params["guess_size"])
+        options = dict(
+            window_size=params["window_size"], ngram_size=params["ngram_size"], guess_size=params["guess_size"]
+        )
     return method, k, options, f"manual: `{method}`"
 
 
@@ -436,17 +467,33 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
     with _cache_lock:
         draft, draft_tokenizer = _load_draft(params["draft_model"], target) if uses_draft else (None, None)
         method, k, options, choice = _settings(draft is not None)
-        key = (method, k, tuple(sorted(options.items())), params["draft_model"] if draft is not None else None,
-               params["medusa_heads"] if method == "medusa" else None)
-        if _generator.generator is not None and _generator.target is target and _generator.tokenizer is tokenizer \
-                and _generator.key == key:
+        key = (
+            method,
+            k,
+            tuple(sorted(options.items())),
+            params["draft_model"] if draft is not None else None,
+            params["medusa_heads"] if method == "medusa" else None,
+        )
+        if (
+            _generator.generator is not None
+            and _generator.target is target
+            and _generator.tokenizer is tokenizer
+            and _generator.key == key
+        ):
             return _generator.generator
         release("generator")
         if method == "medusa":
             options["medusa_heads"] = _load_medusa(params["medusa_heads"], target) if params["medusa_heads"] else None
         logger.info(f"specdec: building the generator, {choice}")
-        generator = SpeculativeGenerator(target, tokenizer, method=method, draft=draft if method == "draft" else None,
-                                         num_speculative_tokens=k, draft_tokenizer=draft_tokenizer, **options)
+        generator = SpeculativeGenerator(
+            target,
+            tokenizer,
+            method=method,
+            draft=draft if method == "draft" else None,
+            num_speculative_tokens=k,
+            draft_tokenizer=draft_tokenizer,
+            **options,
+        )
         _generator.target, _generator.tokenizer, _generator.key = target, tokenizer, key
         _generator.generator, _generator.choice = generator, choice
         return generator
@@ -462,8 +509,9 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
     try:
         request = parse_call(question, original_question, args, dict(kwargs))
     except Exception as e:  # noqa: BLE001 - a call this adapter cannot read goes to the webui unchanged
-        logger.warning("specdec: cannot read this generation call (%s: %s); using the webui's own generation",
-                       type(e).__name__, e)
+        logger.warning(
+            "specdec: cannot read this generation call (%s: %s); using the webui's own generation", type(e).__name__, e
+        )
         request = None
     if request is None:
         yield from _webui_unparsed(question, original_question, args, kwargs)
@@ -483,7 +531,9 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
         return
     hooks = _hooking_extensions()
     if hooks:
-        yield from _fallback(request, "hooks:" + ",".join(hooks), f"extension(s) {', '.join(hooks)} change tokens or logits")
+        yield from _fallback(
+            request, "hooks:" + ",".join(hooks), f"extension(s) {', '.join(hooks)} change tokens or logits"
+        )
         return
     failure: tuple[str, str] | None = None
     try:
@@ -517,12 +567,18 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _webui_unparsed(question: str, original_question: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[str]:
+def _webui_unparsed(
+    question: str, original_question: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterator[str]:
     """The webui's own generation, given the call exactly as the webui made it."""
     from modules import text_generation
 
-    func = (text_generation.generate_reply_HF if _is_transformers_model(getattr(shared, "model", None))
-            or not hasattr(text_generation, "generate_reply_custom") else text_generation.generate_reply_custom)
+    func = (
+        text_generation.generate_reply_HF
+        if _is_transformers_model(getattr(shared, "model", None))
+        or not hasattr(text_generation, "generate_reply_custom")
+        else text_generation.generate_reply_custom
+    )
     yield from func(question, original_question, *args, **kwargs)
 
 
@@ -539,12 +595,16 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     problems = unsupported_settings(state, len(prompt_ids) + max_new) + generation_config_problems(model)
     hidden = masked_prompt_tokens(prompt_ids, model, eos)
     if hidden:
-        problems.append(f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers "
-                        f"masks out when the webui passes EOS {eos} and no attention mask")
+        problems.append(
+            f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers "
+            f"masks out when the webui passes EOS {eos} and no attention mask"
+        )
     generator = build_generator(model, tokenizer)
     if max_new < 1 or len(prompt_ids) + max_new > generator.context_length:
-        problems.append(f"a reply past the model's context ({len(prompt_ids)} prompt tokens + max_new_tokens "
-                        f"{max_new} > {generator.context_length})")
+        problems.append(
+            f"a reply past the model's context ({len(prompt_ids)} prompt tokens + max_new_tokens "
+            f"{max_new} > {generator.context_length})"
+        )
     if problems:
         raise _Unsupported(", ".join(problems))
 
@@ -627,15 +687,31 @@ def ui() -> None:
         )
         with gr.Row():
             enabled = gr.Checkbox(value=params["enabled"], label="Enable specdec")
-            auto = gr.Checkbox(value=params["auto_configure"], label="Auto-configure (pick the method and draft length)")
+            auto = gr.Checkbox(
+                value=params["auto_configure"], label="Auto-configure (pick the method and draft length)"
+            )
         with gr.Row():
-            method = gr.Dropdown(choices=list(METHOD_CHOICES), value=params["method"], label=method_label(),
-                                 interactive=not params["auto_configure"])
-            k = gr.Slider(0, 16, step=1, value=params["num_speculative_tokens"], label="Speculative tokens per step (0 = adaptive)",
-                          interactive=not params["auto_configure"])
+            method = gr.Dropdown(
+                choices=list(METHOD_CHOICES),
+                value=params["method"],
+                label=method_label(),
+                interactive=not params["auto_configure"],
+            )
+            k = gr.Slider(
+                0,
+                16,
+                step=1,
+                value=params["num_speculative_tokens"],
+                label="Speculative tokens per step (0 = adaptive)",
+                interactive=not params["auto_configure"],
+            )
         in_use = gr.Markdown(method_in_use)
         with gr.Row():
-            draft = gr.Dropdown(choices=list_draft_models(), value=params["draft_model"], label="Draft model (from the models folder; same tokenizer as the loaded model)")
+            draft = gr.Dropdown(
+                choices=list_draft_models(),
+                value=params["draft_model"],
+                label="Draft model (from the models folder; same tokenizer as the loaded model)",
+            )
             refresh = gr.Button("Refresh list", elem_classes="refresh-button", scale=0, min_width=120)
         with gr.Accordion("Lookahead and Medusa", open=False):
             with gr.Row():
@@ -648,13 +724,22 @@ def ui() -> None:
             show = gr.Button("Refresh stats", elem_classes="refresh-button", scale=0, min_width=120)
 
     for control, name in (
-        (enabled, "enabled"), (auto, "auto_configure"), (method, "method"), (k, "num_speculative_tokens"),
-        (draft, "draft_model"), (window, "window_size"), (ngram, "ngram_size"), (guess, "guess_size"),
+        (enabled, "enabled"),
+        (auto, "auto_configure"),
+        (method, "method"),
+        (k, "num_speculative_tokens"),
+        (draft, "draft_model"),
+        (window, "window_size"),
+        (ngram, "ngram_size"),
+        (guess, "guess_size"),
         (medusa, "medusa_heads"),
     ):
         control.change(setter(name), control, None).then(method_in_use, None, in_use)
-    auto.change(lambda on: (gr.update(interactive=not on, label=method_label()), gr.update(interactive=not on)),
-                auto, [method, k])
+    auto.change(
+        lambda on: (gr.update(interactive=not on, label=method_label()), gr.update(interactive=not on)),
+        auto,
+        [method, k],
+    )
     refresh.click(lambda: gr.update(choices=list_draft_models()), None, draft)
     show.click(lambda: (last_reply.markdown(), method_in_use()), None, [stats, in_use])
 

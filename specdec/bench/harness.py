@@ -21,6 +21,7 @@ lists, so two runs that diverge always differ, also in length.
 The harness draws nothing on screen: pass ``on_event`` to follow progress
 (the CLI draws a rich progress bar with it).
 """
+
 from __future__ import annotations
 
 import copy
@@ -98,8 +99,11 @@ class BenchConfig:
             raise SpecdecError("no method to benchmark", f"name at least one of: {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise SpecdecError(f"a method is named twice in {', '.join(self.methods)}")
-        for name, value, low in (("max_new_tokens", self.max_new_tokens, 1), ("repeats", self.repeats, 1),
-                                 ("warmup_tokens", self.warmup_tokens, 0)):
+        for name, value, low in (
+            ("max_new_tokens", self.max_new_tokens, 1),
+            ("repeats", self.repeats, 1),
+            ("warmup_tokens", self.warmup_tokens, 0),
+        ):
             if int(value) != value or value < low:
                 raise SpecdecError(f"{name} must be an integer >= {low}, got {value}")
         if self.threads is not None and (int(self.threads) != self.threads or self.threads < 1):
@@ -142,7 +146,9 @@ def load_prompts(path: str | Path | None = None, categories: Iterable[str] = ())
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise SpecdecError(f"{file}:{number}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item.get(k) for k in ("id", "category", "prompt")):
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(k), str) and item.get(k) for k in ("id", "category", "prompt")
+        ):
             raise SpecdecError(f"{file}:{number}: each line needs non-empty string fields id, category and prompt")
         prompts.append(BenchPrompt(item["id"], item["category"], item["prompt"]))
     ids = [p.id for p in prompts]
@@ -154,8 +160,9 @@ def load_prompts(path: str | Path | None = None, categories: Iterable[str] = ())
         known = {p.category for p in prompts}
         missing = sorted(wanted - known)
         if missing:
-            raise SpecdecError(f"no prompt of category {', '.join(missing)} in {file}",
-                               f"categories there: {', '.join(sorted(known))}")
+            raise SpecdecError(
+                f"no prompt of category {', '.join(missing)} in {file}", f"categories there: {', '.join(sorted(known))}"
+            )
         prompts = [p for p in prompts if p.category in wanted]
     if not prompts:
         raise SpecdecError(f"{file} holds no prompt")
@@ -226,7 +233,7 @@ def hf_runner(
             )
         _sync(device)
         seconds = time.perf_counter() - start
-        return RunResult(token_ids=out[0, len(prompt_ids):].tolist(), seconds=seconds)
+        return RunResult(token_ids=out[0, len(prompt_ids) :].tolist(), seconds=seconds)
 
     return run
 
@@ -265,8 +272,13 @@ class BenchEvent:
     result: RunResult | None = None
 
 
-def make_row(prompt: BenchPrompt, method: str, results: Sequence[RunResult], baseline: RunResult | None,
-             baseline_tps: float | None) -> BenchRow:
+def make_row(
+    prompt: BenchPrompt,
+    method: str,
+    results: Sequence[RunResult],
+    baseline: RunResult | None,
+    baseline_tps: float | None,
+) -> BenchRow:
     """Reduce the repeats of one runner on one prompt to a row (tokens of the first repeat, median time)."""
     first = results[0]
     seconds = statistics.median(r.seconds for r in results)
@@ -307,8 +319,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     name = device.type
     if device.type == "cuda":
         name = f"cuda ({torch.cuda.get_device_name(device)})"
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": name}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": name,
+    }
 
 
 def load_average() -> float | None:
@@ -330,8 +347,14 @@ class Bench:
         draft_tokenizer: the draft's tokenizer (vocabulary check of ``specdec-draft``).
     """
 
-    def __init__(self, target: torch.nn.Module, tokenizer: Any, config: BenchConfig,
-                 draft: torch.nn.Module | None = None, draft_tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        tokenizer: Any,
+        config: BenchConfig,
+        draft: torch.nn.Module | None = None,
+        draft_tokenizer: Any = None,
+    ) -> None:
         from ..engine import SpeculativeGenerator
 
         self.config = config
@@ -353,10 +376,16 @@ class Bench:
             if method == "medusa" and config.medusa_heads is not None:
                 options["medusa_heads"] = config.medusa_heads
             try:
-                gen = SpeculativeGenerator(target, tokenizer, method=method, draft=self.draft,
-                                           draft_tokenizer=draft_tokenizer,
-                                           num_speculative_tokens=config.num_speculative_tokens,
-                                           static_cache=config.static_cache, **options)
+                gen = SpeculativeGenerator(
+                    target,
+                    tokenizer,
+                    method=method,
+                    draft=self.draft,
+                    draft_tokenizer=draft_tokenizer,
+                    num_speculative_tokens=config.num_speculative_tokens,
+                    static_cache=config.static_cache,
+                    **options,
+                )
             except SpecdecError as e:
                 self.skipped[method] = e.message
                 continue
@@ -398,8 +427,13 @@ class Bench:
         device = next(self.target.parameters()).device
         return BenchReport(
             machine=machine_info(device),
-            config={"target": cfg.target, "draft": cfg.draft, "dtype": cfg.dtype, "max_new_tokens": cfg.max_new_tokens,
-                    "static_cache": self.static_cache},
+            config={
+                "target": cfg.target,
+                "draft": cfg.draft,
+                "dtype": cfg.dtype,
+                "max_new_tokens": cfg.max_new_tokens,
+                "static_cache": self.static_cache,
+            },
             rows=rows,
             skipped=dict(self.skipped),
             repeats=cfg.repeats,
@@ -407,8 +441,11 @@ class Bench:
         )
 
 
-def run_bench(config: BenchConfig, on_event: Callable[[BenchEvent], None] | None = None,
-              on_status: Callable[[str], None] | None = None) -> BenchReport:
+def run_bench(
+    config: BenchConfig,
+    on_event: Callable[[BenchEvent], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> BenchReport:
     """Load the prompts and models of ``config``, set the threads, run the bench.
 
     ``on_status`` receives one line per slow preparation step (loading a model).

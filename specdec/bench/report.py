@@ -5,6 +5,7 @@ harness (:mod:`specdec.bench.harness`) measured it, plus the machine and
 config; it renders them and reads a saved JSON back to render it again. It
 runs nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ class BenchRow:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key, digits in (("seconds", 4), ("tokens_per_second", 3), ("speedup", 3),
-                            ("mean_accepted_length", 3), ("acceptance_rate", 4)):
+        for key, digits in (
+            ("seconds", 4),
+            ("tokens_per_second", 3),
+            ("speedup", 3),
+            ("mean_accepted_length", 3),
+            ("acceptance_rate", 4),
+        ):
             if d[key] is not None:
                 d[key] = round(d[key], digits)
         return d
@@ -84,14 +90,16 @@ class BenchReport:
 
     def geomean_speedup(self, method: str, category: str | None = None) -> float | None:
         """Geometric mean of ``method``'s speedups over the prompts (of ``category`` if given)."""
-        return geometric_mean(r.speedup for r in self.rows
-                              if r.method == method and (category is None or r.category == category))
+        return geometric_mean(
+            r.speedup for r in self.rows if r.method == method and (category is None or r.category == category)
+        )
 
     def relative(self, method: str, reference: str) -> float | None:
         """Geometric mean over prompts of tokens/s of ``method`` over that of ``reference``."""
         ref = {r.prompt_id: r.tokens_per_second for r in self.rows if r.method == reference}
-        return geometric_mean(r.tokens_per_second / ref[r.prompt_id] for r in self.rows
-                              if r.method == method and ref.get(r.prompt_id))
+        return geometric_mean(
+            r.tokens_per_second / ref[r.prompt_id] for r in self.rows if r.method == method and ref.get(r.prompt_id)
+        )
 
     # ---------------------------------------------------------------- outputs
     def to_dict(self) -> dict[str, Any]:
@@ -116,8 +124,11 @@ class BenchReport:
             f"{mach.get('cpu')}, {mach.get('threads')} threads, device {mach.get('device')}; "
             f"torch {mach.get('torch')}, transformers {mach.get('transformers')}; "
             f"median of {self.repeats} run(s) per prompt and method"
-            + (f"; load average {self.load[0]:.1f} before, {self.load[1]:.1f} after, on {os.cpu_count()} cores."
-               if self.load else "."),
+            + (
+                f"; load average {self.load[0]:.1f} before, {self.load[1]:.1f} after, on {os.cpu_count()} cores."
+                if self.load
+                else "."
+            ),
             "",
             f"Speedup = tokens/s over `{BASELINE}` on the same prompt in the same run "
             "(geometric means in bold). † = output differs from hf-greedy, at the token index in brackets.",
@@ -133,8 +144,12 @@ class BenchReport:
                     continue
                 base = by_key.get((pid, BASELINE))
                 cells = [_speedup_cell(by_key.get((pid, m))) for m in methods]
-                lines.append(f"| {pid} | {cat} | {_num(base.tokens_per_second if base else None)} | " + " | ".join(cells) + " |")
-            base_tps = geometric_mean(r.tokens_per_second for r in self.rows if r.method == BASELINE and r.category == category)
+                lines.append(
+                    f"| {pid} | {cat} | {_num(base.tokens_per_second if base else None)} | " + " | ".join(cells) + " |"
+                )
+            base_tps = geometric_mean(
+                r.tokens_per_second for r in self.rows if r.method == BASELINE and r.category == category
+            )
             cells = [_bold(_times(self.geomean_speedup(m, category))) for m in methods]
             lines.append(f"| **{category}** | geomean | {_num(base_tps)} | " + " | ".join(cells) + " |")
         base_tps = geometric_mean(r.tokens_per_second for r in self.rows if r.method == BASELINE)
@@ -143,8 +158,13 @@ class BenchReport:
 
         spec = [m for m in methods if m.startswith("specdec-")]
         if spec:
-            lines += ["", "Mean accepted length (tokens per target forward, including the bonus token) / acceptance rate:", "",
-                      "| prompt | " + " | ".join(spec) + " |", "|---|" + "---:|" * len(spec)]
+            lines += [
+                "",
+                "Mean accepted length (tokens per target forward, including the bonus token) / acceptance rate:",
+                "",
+                "| prompt | " + " | ".join(spec) + " |",
+                "|---|" + "---:|" * len(spec),
+            ]
             for pid, _ in prompts:
                 cells = []
                 for m in spec:
@@ -156,10 +176,15 @@ class BenchReport:
                         cells.append(f"{r.mean_accepted_length:.2f}{rate}")
                 lines.append(f"| {pid} | " + " | ".join(cells) + " |")
 
-        pairs = [(a, b) for a, b in (("specdec-draft", "hf-assisted"), ("specdec-prompt_lookup", "hf-prompt-lookup"))
-                 if a in methods and b in methods]
+        pairs = [
+            (a, b)
+            for a, b in (("specdec-draft", "hf-assisted"), ("specdec-prompt_lookup", "hf-prompt-lookup"))
+            if a in methods and b in methods
+        ]
         if pairs:
-            lines += [""] + [f"- `{a}` / `{b}`: {_times(self.relative(a, b))} (geometric mean over prompts)" for a, b in pairs]
+            lines += [""] + [
+                f"- `{a}` / `{b}`: {_times(self.relative(a, b))} (geometric mean over prompts)" for a, b in pairs
+            ]
         if self.skipped:
             lines += [""] + [f"- skipped `specdec-{m}`: {why}" for m, why in self.skipped.items()]
         return "\n".join(lines) + "\n"
@@ -187,8 +212,11 @@ class BenchReport:
         ax.set_xticks(range(len(groups)), groups)
         ax.set_ylabel(f"speedup over {BASELINE} (geometric mean)")
         draft = f" / {self.config['draft']}" if self.config.get("draft") else ""
-        ax.set_title(f"{self.config['target']}{draft}, {self.config['dtype']}, {self.machine.get('threads')} threads, "
-                     f"{self.machine.get('device')}", fontsize=9)
+        ax.set_title(
+            f"{self.config['target']}{draft}, {self.config['dtype']}, {self.machine.get('threads')} threads, "
+            f"{self.machine.get('device')}",
+            fontsize=9,
+        )
         ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         target = Path(path)

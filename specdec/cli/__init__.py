@@ -3,6 +3,7 @@
 Each subcommand lives in its own module of this package and exposes
 ``commands: list[click.Command]``; this module only assembles them.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """``python -m specdec.cli`` runs the ``specdec-local`` command."""
+
 from . import main
 
 main()

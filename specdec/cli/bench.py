@@ -1,4 +1,5 @@
 """``specdec-local bench``: specdec against transformers' greedy, assisted and prompt-lookup decoding."""
+
 from __future__ import annotations
 
 import os
@@ -21,42 +22,99 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.command()
 @click.option("--target", "-t", required=True, help="Packaged model name, local folder, .gguf file or hub id.")
 @click.option("--draft", "-d", default=None, help="Draft model: adds hf-assisted and enables specdec-draft.")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Prompt file (.jsonl with id, category, prompt); default: the set shipped with specdec.")
+@click.option(
+    "--prompts",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Prompt file (.jsonl with id, category, prompt); default: the set shipped with specdec.",
+)
 @click.option("--category", multiple=True, help="Only prompts of this category (repeatable or comma-separated).")
-@click.option("--methods", default=None,
-              help=f"Comma-separated specdec methods, of: {', '.join(METHODS)}. "
-                   f"[default: {','.join(DEFAULT_METHODS)}, plus medusa with --medusa-heads]")
-@click.option("--medusa-heads", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of Medusa heads trained for the target (specdec-local train-medusa): "
-                   "enables the specdec-medusa row.")
+@click.option(
+    "--methods",
+    default=None,
+    help=f"Comma-separated specdec methods, of: {', '.join(METHODS)}. "
+    f"[default: {','.join(DEFAULT_METHODS)}, plus medusa with --medusa-heads]",
+)
+@click.option(
+    "--medusa-heads",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of Medusa heads trained for the target (specdec-local train-medusa): enables the specdec-medusa row.",
+)
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=_DEFAULTS.max_new_tokens, show_default=True)
-@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default=_DEFAULTS.dtype,
-              show_default=True, help="Of target and draft, for every runner.")
-@click.option("--threads", type=click.IntRange(min=1), default=_DEFAULTS.threads,
-              help="torch CPU threads (default: torch's).")
-@click.option("--device", default=_DEFAULTS.device, show_default=True,
-              help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps...")
-@click.option("--repeats", type=click.IntRange(min=1), default=_DEFAULTS.repeats, show_default=True,
-              help="Timed runs per prompt and method; the median is reported.")
-@click.option("--warmup", type=click.IntRange(min=0), default=_DEFAULTS.warmup_tokens, show_default=True,
-              help="New tokens of the untimed warm-up run of each method (0 = no warm-up).")
-@click.option("--profile", default=None,
-              help="Hardware profile (auto or a name): fills --draft, the draft length and lookahead W/N/G "
-                   "of the specdec rows. Every row keeps --dtype and unquantized weights, so all compare alike.")
-@click.option("--static-cache/--no-static-cache", default=None,
-              help="Specdec rows on preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
-                   "[default: on for CUDA, off elsewhere].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float32", "float16"]),
+    default=_DEFAULTS.dtype,
+    show_default=True,
+    help="Of target and draft, for every runner.",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=_DEFAULTS.threads, help="torch CPU threads (default: torch's)."
+)
+@click.option(
+    "--device",
+    default=_DEFAULTS.device,
+    show_default=True,
+    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps...",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.repeats,
+    show_default=True,
+    help="Timed runs per prompt and method; the median is reported.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=_DEFAULTS.warmup_tokens,
+    show_default=True,
+    help="New tokens of the untimed warm-up run of each method (0 = no warm-up).",
+)
+@click.option(
+    "--profile",
+    default=None,
+    help="Hardware profile (auto or a name): fills --draft, the draft length and lookahead W/N/G "
+    "of the specdec rows. Every row keeps --dtype and unquantized weights, so all compare alike.",
+)
+@click.option(
+    "--static-cache/--no-static-cache",
+    default=None,
+    help="Specdec rows on preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
+    "[default: on for CUDA, off elsewhere].",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON here.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the Markdown table here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG plot of speedup by method and category (needs specdec[plot]).")
+@click.option(
+    "--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write the Markdown table here."
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG plot of speedup by method and category (needs specdec[plot]).",
+)
 @report_errors
-def bench(target: str, draft: str | None, prompts: str | None, category: tuple[str, ...], methods: str | None,
-          medusa_heads: str | None, max_new_tokens: int, dtype: str, threads: int | None, device: str,
-          repeats: int, warmup: int, profile: str | None, static_cache: bool | None, json_path: str | None, markdown_path: str | None,
-          plot_path: str | None) -> None:
+def bench(
+    target: str,
+    draft: str | None,
+    prompts: str | None,
+    category: tuple[str, ...],
+    methods: str | None,
+    medusa_heads: str | None,
+    max_new_tokens: int,
+    dtype: str,
+    threads: int | None,
+    device: str,
+    repeats: int,
+    warmup: int,
+    profile: str | None,
+    static_cache: bool | None,
+    json_path: str | None,
+    markdown_path: str | None,
+    plot_path: str | None,
+) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
     Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),
@@ -83,10 +141,20 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
         for note in arguments.notes:
             console.print(f"[bold]{note}[/bold]")
     config = BenchConfig(
-        target=target, draft=draft, prompts=prompts, categories=_split(category), methods=_split((methods,)),
-        max_new_tokens=max_new_tokens, dtype=dtype, threads=threads, device=device, repeats=repeats,
+        target=target,
+        draft=draft,
+        prompts=prompts,
+        categories=_split(category),
+        methods=_split((methods,)),
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
+        threads=threads,
+        device=device,
+        repeats=repeats,
         warmup_tokens=warmup,
-        num_speculative_tokens=num_speculative_tokens, method_options=method_options, medusa_heads=medusa_heads,
+        num_speculative_tokens=num_speculative_tokens,
+        method_options=method_options,
+        medusa_heads=medusa_heads,
         static_cache=static_cache,
     )
     if plot_path:  # fail before the long run, not after it
@@ -98,10 +166,18 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
             raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
     load, cores = load_average(), os.cpu_count() or 1
     if load is not None and load > cores / 2:
-        console.print(f"[yellow]warning: load average {load:.1f} on {cores} cores: other work is running, "
-                      "so timings will be noisy (threads that wait for a busy core stall torch)[/yellow]")
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=False)
+        console.print(
+            f"[yellow]warning: load average {load:.1f} on {cores} cores: other work is running, "
+            "so timings will be noisy (threads that wait for a busy core stall torch)[/yellow]"
+        )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
     task: dict[str, Any] = {}
 
     def on_event(event: BenchEvent) -> None:
@@ -112,8 +188,10 @@ def bench(target: str, draft: str | None, prompts: str | None, category: tuple[s
         assert result is not None
         tps = len(result.token_ids) / result.seconds if result.seconds > 0 else 0.0
         what = "warm-up" if event.kind == "warmup" else f"#{event.repeat + 1}"
-        progress.console.print(f"[dim]{event.prompt_id:<22} {event.method:<24} {what:<8} "
-                               f"{len(result.token_ids):>4} tok {result.seconds:7.2f} s {tps:7.2f} tok/s[/dim]")
+        progress.console.print(
+            f"[dim]{event.prompt_id:<22} {event.method:<24} {what:<8} "
+            f"{len(result.token_ids):>4} tok {result.seconds:7.2f} s {tps:7.2f} tok/s[/dim]"
+        )
         progress.update(task["id"], advance=1, description=f"{event.prompt_id} {event.method}")
 
     with progress:

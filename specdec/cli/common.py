@@ -1,4 +1,5 @@
 """Shared pieces of the CLI: error reporting, quiet library output, model options."""
+
 from __future__ import annotations
 
 import functools
@@ -43,12 +44,21 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--target/--draft/--profile shared by generate and serve (read by :func:`load_generator`)."""
     options = [
-        click.option("--target", "-t", default=DEFAULT_MODEL, show_default=True,
-                     help="Packaged model name, local folder, .gguf file or hub id."),
+        click.option(
+            "--target",
+            "-t",
+            default=DEFAULT_MODEL,
+            show_default=True,
+            help="Packaged model name, local folder, .gguf file or hub id.",
+        ),
         click.option("--draft", "-d", default=None, help="Draft model (same tokenizer family as the target)."),
-        click.option("--profile", default=None, metavar="auto|NAME",
-                     help="Hardware profile: fills method, draft, quantization and their options not given "
-                          "(see `specdec-local detect`, `specdec-local profiles list`)."),
+        click.option(
+            "--profile",
+            default=None,
+            metavar="auto|NAME",
+            help="Hardware profile: fills method, draft, quantization and their options not given "
+            "(see `specdec-local detect`, `specdec-local profiles list`).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -58,24 +68,55 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--target/--draft/--method/... shared by generate and bench."""
     options = [
-        click.option("--method", "-m", type=click.Choice(METHODS), default="auto", show_default=True,
-                     help="Proposer: none (plain decoding), draft, prompt_lookup, lookahead, medusa, auto."),
-        click.option("--num-speculative-tokens", "-k", type=click.IntRange(min=0), default=None,
-                     help="Fixed candidates per step (default: adaptive)."),
-        click.option("--window-size", type=click.IntRange(min=1), default=None,
-                     help=f"Lookahead window W [default: {LookaheadOptions.window_size}, or the profile's]."),
-        click.option("--ngram-size", type=click.IntRange(min=2), default=None,
-                     help=f"Lookahead n-gram size N [default: {LookaheadOptions.ngram_size}, or the profile's]."),
-        click.option("--guess-size", type=click.IntRange(min=1), default=None,
-                     help=f"Lookahead candidates per step G [default: {LookaheadOptions.guess_size}, or the profile's]."),
+        click.option(
+            "--method",
+            "-m",
+            type=click.Choice(METHODS),
+            default="auto",
+            show_default=True,
+            help="Proposer: none (plain decoding), draft, prompt_lookup, lookahead, medusa, auto.",
+        ),
+        click.option(
+            "--num-speculative-tokens",
+            "-k",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Fixed candidates per step (default: adaptive).",
+        ),
+        click.option(
+            "--window-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Lookahead window W [default: {LookaheadOptions.window_size}, or the profile's].",
+        ),
+        click.option(
+            "--ngram-size",
+            type=click.IntRange(min=2),
+            default=None,
+            help=f"Lookahead n-gram size N [default: {LookaheadOptions.ngram_size}, or the profile's].",
+        ),
+        click.option(
+            "--guess-size",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Lookahead candidates per step G [default: {LookaheadOptions.guess_size}, or the profile's].",
+        ),
         click.option("--medusa-heads", type=click.Path(), default=None, help="Folder of trained Medusa heads."),
-        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-                     show_default=True, help="auto = bfloat16 on CPU."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="auto = bfloat16 on CPU.",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps..."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch."),
-        click.option("--static-cache/--no-static-cache", default=None,
-                     help="Preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
-                          "[default: on for CUDA, off elsewhere]."),
+        click.option(
+            "--static-cache/--no-static-cache",
+            default=None,
+            help="Preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
+            "[default: on for CUDA, off elsewhere].",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -85,8 +126,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the method options of :func:`model_options` (and ``static_cache``) into keywords for ``specdec.load``
     (None = not given; ``specdec.load`` builds the chosen method's options object from them)."""
-    return {name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads",
-                                                 "static_cache")}
+    return {
+        name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads", "static_cache")
+    }
 
 
 def load_generator(kwargs: dict[str, Any], **options: Any):

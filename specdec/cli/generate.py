@@ -1,4 +1,5 @@
 """``specdec-local generate``: stream a reply, then one stats line."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,25 @@ from .common import load_generator, model_options, quiet_libraries, report_error
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template, or not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-@click.option("--typical-acceptance", is_flag=True,
-              help="LOSSY, Medusa only, sampling only: Medusa's typical acceptance keeps candidates the target finds "
-                   "likely enough instead of sampling exactly, so the text is NOT distributed as the target's "
-                   "(greedy stays exact). Off by default.")
-@click.option("--posterior-threshold", type=click.FloatRange(min=0.0, max=1.0), default=None,
-              help="With --typical-acceptance: hard probability threshold [default: 0.09].")
-@click.option("--posterior-alpha", type=click.FloatRange(min=0.0), default=None,
-              help="With --typical-acceptance: scale of the entropy threshold alpha*exp(-entropy) [default: 0.3].")
+@click.option(
+    "--typical-acceptance",
+    is_flag=True,
+    help="LOSSY, Medusa only, sampling only: Medusa's typical acceptance keeps candidates the target finds "
+    "likely enough instead of sampling exactly, so the text is NOT distributed as the target's "
+    "(greedy stays exact). Off by default.",
+)
+@click.option(
+    "--posterior-threshold",
+    type=click.FloatRange(min=0.0, max=1.0),
+    default=None,
+    help="With --typical-acceptance: hard probability threshold [default: 0.09].",
+)
+@click.option(
+    "--posterior-alpha",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="With --typical-acceptance: scale of the entropy threshold alpha*exp(-entropy) [default: 0.3].",
+)
 @report_errors
 def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone).
@@ -47,12 +59,22 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     if typical:
         options["typical_acceptance"] = True
     gen = load_generator(kwargs, **options)
-    messages = [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
+    messages = (
+        [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
+    )
     sampling = dict(kwargs, stop=list(kwargs.pop("stop")) or None)
     if as_json:
         res = gen.generate(messages, **sampling)
-        click.echo(json.dumps({"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
-                               "stats": res.stats.to_dict()}))
+        click.echo(
+            json.dumps(
+                {
+                    "text": res.text,
+                    "token_ids": res.token_ids,
+                    "finish_reason": res.finish_reason,
+                    "stats": res.stats.to_dict(),
+                }
+            )
+        )
         return
     stats = None
     try:

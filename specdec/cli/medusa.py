@@ -1,4 +1,5 @@
 """``specdec-local train-medusa``: train Medusa heads for a target on this machine."""
+
 from __future__ import annotations
 
 import json
@@ -21,56 +22,129 @@ def _default(name: str) -> Any:
 
 @click.command("train-medusa")
 @click.option("--target", "-t", required=True, help="Packaged model name, local folder, .gguf file or hub id.")
-@click.option("--data", required=True, type=click.Path(),
-              help="Training text: a text file, a .jsonl file or a folder of files "
-                   "(e.g. Python's stdlib: python -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])').")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help="Training text: a text file, a .jsonl file or a folder of files "
+    "(e.g. Python's stdlib: python -c 'import sysconfig; print(sysconfig.get_paths()[\"stdlib\"])').",
+)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder for the heads.")
 @click.option("--heads", "num_heads", type=click.IntRange(min=1), default=_default("num_heads"), show_default=True)
-@click.option("--layers", "num_layers", type=click.IntRange(min=1), default=_default("num_layers"), show_default=True,
-              help="Residual blocks per head.")
+@click.option(
+    "--layers",
+    "num_layers",
+    type=click.IntRange(min=1),
+    default=_default("num_layers"),
+    show_default=True,
+    help="Residual blocks per head.",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=_default("steps"), show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=8), default=_default("seq_len"), show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"), show_default=True,
-              help="Positions per step.")
-@click.option("--cache-tokens", type=click.IntRange(min=8), default=_default("cache_tokens"), show_default=True,
-              help="Positions whose target hidden states are computed once and cached (the costly part).")
-@click.option("--subset-size", type=click.IntRange(min=0), default=_default("subset_size"), show_default=True,
-              help="Heads propose only the N tokens the target predicts most often (0 = all); verification stays exact.")
-@click.option("--exact-labels/--all-labels", default=_default("exact_labels"), show_default=True,
-              help="Train head k at a position only where the corpus' next k+1 tokens are the target's own greedy "
-                   "predictions, so every label is the target's own continuation (fewer, cleaner labels).")
-@click.option("--answers", type=click.IntRange(min=0), default=_default("answers"), show_default=True,
-              help="Also let the target answer this many instructions made from --data (write, edit, test or "
-                   "explain its functions; summarise its prose) and train on its answers: in-distribution for a "
-                   "chat UI, every label exact. Answers are cached in OUT/answers; the held-out ones size the tree.")
-@click.option("--answer-batch", type=click.IntRange(min=1), default=_default("answer_batch"), show_default=True,
-              help="Answers computed together (one batched forward per token).")
-@click.option("--cache-save-every", type=click.IntRange(min=0), default=_default("cache_save_every"),
-              show_default=True, help="Windows between saves of OUT/cache while it is computed (0 = at the end).")
-@click.option("--measure-cost/--no-measure-cost", default=_default("measure_cost"), show_default=True,
-              help="Time target forwards of several sizes to size the tree; without it (or on a busy machine, "
-                   "where timings mislead) the reference CPU's cost table is used.")
-@click.option("--own-lm-head", is_flag=True, help="Train a projection per head instead of sharing the target's lm_head.")
-@click.option("--sequential", is_flag=True,
-              help="Sequential heads (Hydra-style): each head also reads the token before its guess, so a deeper "
-                   "guess knows the path it extends. Same training cost; the tree is read level by level.")
-@click.option("--chat-wrap/--no-chat-wrap", default=_default("chat_wrap"), show_default=True,
-              help="Put the training text in the assistant turn of the chat template.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_default("batch_size"),
+    show_default=True,
+    help="Positions per step.",
+)
+@click.option(
+    "--cache-tokens",
+    type=click.IntRange(min=8),
+    default=_default("cache_tokens"),
+    show_default=True,
+    help="Positions whose target hidden states are computed once and cached (the costly part).",
+)
+@click.option(
+    "--subset-size",
+    type=click.IntRange(min=0),
+    default=_default("subset_size"),
+    show_default=True,
+    help="Heads propose only the N tokens the target predicts most often (0 = all); verification stays exact.",
+)
+@click.option(
+    "--exact-labels/--all-labels",
+    default=_default("exact_labels"),
+    show_default=True,
+    help="Train head k at a position only where the corpus' next k+1 tokens are the target's own greedy "
+    "predictions, so every label is the target's own continuation (fewer, cleaner labels).",
+)
+@click.option(
+    "--answers",
+    type=click.IntRange(min=0),
+    default=_default("answers"),
+    show_default=True,
+    help="Also let the target answer this many instructions made from --data (write, edit, test or "
+    "explain its functions; summarise its prose) and train on its answers: in-distribution for a "
+    "chat UI, every label exact. Answers are cached in OUT/answers; the held-out ones size the tree.",
+)
+@click.option(
+    "--answer-batch",
+    type=click.IntRange(min=1),
+    default=_default("answer_batch"),
+    show_default=True,
+    help="Answers computed together (one batched forward per token).",
+)
+@click.option(
+    "--cache-save-every",
+    type=click.IntRange(min=0),
+    default=_default("cache_save_every"),
+    show_default=True,
+    help="Windows between saves of OUT/cache while it is computed (0 = at the end).",
+)
+@click.option(
+    "--measure-cost/--no-measure-cost",
+    default=_default("measure_cost"),
+    show_default=True,
+    help="Time target forwards of several sizes to size the tree; without it (or on a busy machine, "
+    "where timings mislead) the reference CPU's cost table is used.",
+)
+@click.option(
+    "--own-lm-head", is_flag=True, help="Train a projection per head instead of sharing the target's lm_head."
+)
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Sequential heads (Hydra-style): each head also reads the token before its guess, so a deeper "
+    "guess knows the path it extends. Same training cost; the tree is read level by level.",
+)
+@click.option(
+    "--chat-wrap/--no-chat-wrap",
+    default=_default("chat_wrap"),
+    show_default=True,
+    help="Put the training text in the assistant turn of the chat template.",
+)
 @click.option("--seed", type=int, default=_default("seed"), show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=_default("checkpoint_every"), show_default=True)
-@click.option("--resume", is_flag=True,
-              help="Continue from OUT/checkpoint when there is one (else start afresh); OUT/cache is reused "
-                   "either way.")
-@click.option("--cache-only", is_flag=True,
-              help="Only compute OUT/cache (the target's states) and stop; a later run with the same data, "
-                   "--seq-len, --seed and at most as many --cache-tokens reuses it.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from OUT/checkpoint when there is one (else start afresh); OUT/cache is reused either way.",
+)
+@click.option(
+    "--cache-only",
+    is_flag=True,
+    help="Only compute OUT/cache (the target's states) and stop; a later run with the same data, "
+    "--seq-len, --seed and at most as many --cache-tokens reuses it.",
+)
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
 @report_errors
-def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: bool, dtype: str, device: str,
-                 threads: int | None, **options: Any) -> None:
+def train_medusa(
+    target: str,
+    data: str,
+    out: str,
+    resume: bool,
+    cache_only: bool,
+    dtype: str,
+    device: str,
+    threads: int | None,
+    **options: Any,
+) -> None:
     """Train Medusa heads for TARGET by self-distillation (the target stays frozen).
 
     Each head learns the target's own greedy prediction k+2 tokens ahead, so
@@ -93,9 +167,11 @@ def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: boo
         with _ProgressView(cfg) as view:
             hidden, _, _, _ = load_or_collect(model, tokenizer, data, cfg, Path(out), progress=view.update)
             answers = load_or_answer(model, tokenizer, data, cfg, Path(out), view.update)[0] if cfg.answers else None
-        click.echo(f"cached {hidden.shape[0]} windows ({hidden.shape[0] * hidden.shape[1]} positions) in {out}/cache"
-                   + (f" and {answers.shape[0]} answers in {out}/answers" if answers is not None else "")
-                   + f" in {time.perf_counter() - t0:.0f}s")
+        click.echo(
+            f"cached {hidden.shape[0]} windows ({hidden.shape[0] * hidden.shape[1]} positions) in {out}/cache"
+            + (f" and {answers.shape[0]} answers in {out}/answers" if answers is not None else "")
+            + f" in {time.perf_counter() - t0:.0f}s"
+        )
         return
     with _ProgressView(cfg) as view:
         heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
@@ -104,11 +180,26 @@ def train_medusa(target: str, data: str, out: str, resume: bool, cache_only: boo
     click.echo(f"saved {cfg.num_heads} heads to {out}")
     click.echo(f"held-out top-1 accuracy on the target's own continuation ({report['eval_on']}): {top1}")
     click.echo(f"held-out top-1 accuracy on every label (corpus context): {top1_all}")
-    click.echo(f"tree: {report['tree_nodes']} nodes, expected {report['expected_tokens_per_step']:.2f} tokens/step "
-               f"(incl. the +1); cache {report['cache_seconds']:.0f}s, answers {report['answer_seconds']:.0f}s, "
-               f"training {report['train_seconds']:.0f}s")
-    click.echo(json.dumps({k: report[k] for k in ("top1", "top5", "top1_all_labels", "top5_all_labels", "tree_nodes",
-                                                  "expected_tokens_per_step")}))
+    click.echo(
+        f"tree: {report['tree_nodes']} nodes, expected {report['expected_tokens_per_step']:.2f} tokens/step "
+        f"(incl. the +1); cache {report['cache_seconds']:.0f}s, answers {report['answer_seconds']:.0f}s, "
+        f"training {report['train_seconds']:.0f}s"
+    )
+    click.echo(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "top1",
+                    "top5",
+                    "top1_all_labels",
+                    "top5_all_labels",
+                    "tree_nodes",
+                    "expected_tokens_per_step",
+                )
+            }
+        )
+    )
 
 
 def _load_target(target: str, dtype: str, device: str) -> tuple[Any, Any]:
@@ -117,12 +208,15 @@ def _load_target(target: str, dtype: str, device: str) -> tuple[Any, Any]:
     try:
         return load_model(target, dtype=dtype, device=device)
     except MemoryError:
-        raise SpecdecError(f"the target {target!r} does not fit in memory",
-                           "train heads for a smaller target, or use --dtype bfloat16") from None
+        raise SpecdecError(
+            f"the target {target!r} does not fit in memory", "train heads for a smaller target, or use --dtype bfloat16"
+        ) from None
     except RuntimeError as e:
         if "memory" in str(e).lower() or "alloc" in str(e).lower():
-            raise SpecdecError(f"the target {target!r} does not fit in memory: {str(e).splitlines()[0]}",
-                               "train heads for a smaller target, or use --dtype bfloat16") from None
+            raise SpecdecError(
+                f"the target {target!r} does not fit in memory: {str(e).splitlines()[0]}",
+                "train heads for a smaller target, or use --dtype bfloat16",
+            ) from None
         raise
 
 
@@ -137,11 +231,23 @@ class _ProgressView:
     LOG_EVERY_S = 60.0
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress as Bar,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.bar = Bar(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         self.tasks: dict[str, int] = {}
         self.logged: dict[str, float] = {}
         self.started: dict[str, float] = {}
@@ -154,8 +260,12 @@ class _ProgressView:
         self.bar.__exit__(*exc)
 
     def update(self, p: Progress) -> None:
-        names = {"cache": "caching target states", "answers": "target answering instructions",
-                 "train": "training heads", "eval": "measuring accuracy"}
+        names = {
+            "cache": "caching target states",
+            "answers": "target answering instructions",
+            "train": "training heads",
+            "eval": "measuring accuracy",
+        }
         if p.phase not in self.tasks:
             self.tasks[p.phase] = self.bar.add_task(names[p.phase], total=p.total, info="")
             self.started[p.phase] = self.logged[p.phase] = time.monotonic()
@@ -165,11 +275,14 @@ class _ProgressView:
             info = f"loss {p.loss:.3f}  top-1 {accs}  lr {p.lr:.2e}"
         self.bar.update(self.tasks[p.phase], completed=p.done, total=p.total, info=info)
         now = time.monotonic()
-        if not self.bar.console.is_terminal and (now - self.logged[p.phase] >= self.LOG_EVERY_S
-                                                 or (p.done == p.total and p.total > 0)):
+        if not self.bar.console.is_terminal and (
+            now - self.logged[p.phase] >= self.LOG_EVERY_S or (p.done == p.total and p.total > 0)
+        ):
             self.logged[p.phase] = now
-            self.bar.console.print(f"{names[p.phase]}: {p.done}/{p.total} after {now - self.started[p.phase]:.0f}s"
-                                   + (f"  {info}" if info else ""))
+            self.bar.console.print(
+                f"{names[p.phase]}: {p.done}/{p.total} after {now - self.started[p.phase]:.0f}s"
+                + (f"  {info}" if info else "")
+            )
 
 
 commands = [train_medusa]

@@ -1,4 +1,5 @@
 """``specdec-local models list | pull NAME | verify [NAME]``."""
+
 from __future__ import annotations
 
 import sys

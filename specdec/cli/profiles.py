@@ -1,4 +1,5 @@
 """``specdec-local detect`` and ``specdec-local profiles list | show | validate``."""
+
 from __future__ import annotations
 
 import sys
@@ -20,17 +21,29 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 @click.command()
-@click.option("--vram", default=None, callback=_size, metavar="SIZE",
-              help="Pretend to have a GPU of this size (e.g. 8GiB) and show what would be chosen.")
-@click.option("--free", "free", default=None, callback=_size, metavar="SIZE",
-              help="With --vram: memory still free on it (default: all of it).")
+@click.option(
+    "--vram",
+    default=None,
+    callback=_size,
+    metavar="SIZE",
+    help="Pretend to have a GPU of this size (e.g. 8GiB) and show what would be chosen.",
+)
+@click.option(
+    "--free",
+    "free",
+    default=None,
+    callback=_size,
+    metavar="SIZE",
+    help="With --vram: memory still free on it (default: all of it).",
+)
 @click.option("--target", "-t", default=None, help="The target you want (default: the profile's suggestion).")
 @click.option("--profile", default="auto", show_default=True, metavar="auto|NAME", help="Profile to apply.")
 @click.option("--target-loaded", is_flag=True, help="The target is already in memory (as in the webui).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @report_errors
-def detect(vram: int | None, free: int | None, target: str | None, profile: str, target_loaded: bool,
-           as_json: bool) -> None:
+def detect(
+    vram: int | None, free: int | None, target: str | None, profile: str, target_loaded: bool, as_json: bool
+) -> None:
     """Show the detected device and the configuration specdec would choose for it."""
     from ..hardware import assumed_gpu
     from ..hardware import detect as detect_device

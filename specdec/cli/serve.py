@@ -1,4 +1,5 @@
 """``specdec-local serve``: an OpenAI-compatible HTTP server (needs ``pip install 'specdec[serve]'``)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,15 +28,29 @@ def is_loopback(host: str) -> bool:
 @click.command()
 @target_options
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback needs --api-key.",
+)
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
-@click.option("--api-key", envvar="SPECDEC_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1 (also read from $SPECDEC_API_KEY).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Requests that may wait while one generates; one more gets 429.")
-@click.option("--model-name", default=None,
-              help="The model id clients send and /v1/models lists [default: --target as given].")
+@click.option(
+    "--api-key",
+    envvar="SPECDEC_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1 (also read from $SPECDEC_API_KEY).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    help="Requests that may wait while one generates; one more gets 429.",
+)
+@click.option(
+    "--model-name", default=None, help="The model id clients send and /v1/models lists [default: --target as given]."
+)
 @report_errors
 def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name: str | None, **kwargs: Any) -> None:
     """Serve one model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
@@ -47,8 +62,10 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name:
 
     require_extra()
     if not is_loopback(host) and not api_key:
-        raise SpecdecError(f"--host {host} would expose the model to the network without a key",
-                           "add --api-key KEY (or set SPECDEC_API_KEY), or keep the default --host 127.0.0.1")
+        raise SpecdecError(
+            f"--host {host} would expose the model to the network without a key",
+            "add --api-key KEY (or set SPECDEC_API_KEY), or keep the default --host 127.0.0.1",
+        )
     _log_to_stderr()
     quiet_libraries()
     model_id = model_name or kwargs["target"]

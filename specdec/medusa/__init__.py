@@ -10,6 +10,7 @@
 Decoding with heads is method ``"medusa"`` of :class:`specdec.SpeculativeGenerator`
 (:mod:`specdec.proposers.medusa`).
 """
+
 from __future__ import annotations
 
 from .heads import MedusaConfig, MedusaHeads

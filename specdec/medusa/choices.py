@@ -11,6 +11,7 @@ children and siblings come in order of preference, which is what
 :class:`~specdec.proposers.base.Proposal` asks for. Row 0 of every buffer is the
 root (the pending token); node ``i`` is row ``i + 1``.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -24,6 +25,7 @@ from ..errors import SpecdecError
 from ..tree import ancestor_mask, depths
 
 Choices = Sequence[Sequence[int]]
+
 
 @dataclass(frozen=True)
 class TreeBuffers:
@@ -74,15 +76,19 @@ def normalize_choices(choices: Choices) -> tuple[tuple[int, ...], ...]:
         except (TypeError, ValueError):
             raise SpecdecError(f"a Medusa tree path must be a list of integers, got {c!r}") from None
         if not path or any(i < 0 for i in path) or any(int(i) != i for i in c):
-            raise SpecdecError(f"invalid Medusa tree path {list(c)!r}", "paths are non-empty lists of ranks >= 0, e.g. [0, 1]")
+            raise SpecdecError(
+                f"invalid Medusa tree path {list(c)!r}", "paths are non-empty lists of ranks >= 0, e.g. [0, 1]"
+            )
         paths.append(path)
     if len(set(paths)) != len(paths):
         raise SpecdecError("the Medusa tree lists a path twice")
     present = set(paths)
     for p in paths:
         if len(p) > 1 and p[:-1] not in present:
-            raise SpecdecError(f"Medusa tree path {list(p)} has no parent {list(p[:-1])}",
-                               "every prefix of a path must also be in the tree")
+            raise SpecdecError(
+                f"Medusa tree path {list(p)} has no parent {list(p[:-1])}",
+                "every prefix of a path must also be in the tree",
+            )
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
 
 
@@ -219,9 +225,20 @@ def best_size(gains: Sequence[float], cost: Callable[[int], float]) -> int:
 # A default for CPUs, sized for "16 rows cost 1.3x one": 15 nodes, most of them
 # on the first two heads, whose guesses are right most often.
 CPU_DEFAULT_TREE: tuple[tuple[int, ...], ...] = (
-    (0,), (1,), (2,), (3,),
-    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
-    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
+    (0,),
+    (1,),
+    (2,),
+    (3,),
+    (0, 0),
+    (0, 1),
+    (0, 2),
+    (1, 0),
+    (1, 1),
+    (2, 0),
+    (0, 0, 0),
+    (0, 0, 1),
+    (0, 1, 0),
+    (1, 0, 0),
     (0, 0, 0, 0),
 )
 
@@ -229,4 +246,3 @@ CPU_DEFAULT_TREE: tuple[tuple[int, ...], ...] = (
 def default_tree(num_heads: int) -> list[list[int]]:
     """:data:`CPU_DEFAULT_TREE` restricted to ``num_heads`` heads."""
     return [list(p) for p in CPU_DEFAULT_TREE if len(p) <= num_heads]
-

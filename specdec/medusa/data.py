@@ -4,6 +4,7 @@ JSONL lines may carry ``text``, ``content``, ``prompt``/``response`` or chat
 ``messages``; any other file is read as UTF-8 text. Python's own standard
 library (:func:`stdlib_path`) is an offline corpus for code models.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,30 @@ from pathlib import Path
 
 from ..errors import SpecdecError
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh",
-                 ".json", ".jsonl", ".toml", ".yaml", ".yml", ".html", ".css", ".cpp", ".hpp")
+TEXT_SUFFIXES = (
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".js",
+    ".ts",
+    ".java",
+    ".go",
+    ".rs",
+    ".sh",
+    ".json",
+    ".jsonl",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".html",
+    ".css",
+    ".cpp",
+    ".hpp",
+)
 MAX_FILE_BYTES = 2_000_000
 # folders never searched: installed third-party packages, caches, VCS and hidden folders
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "node_modules"})
@@ -32,7 +55,9 @@ def _jsonl_texts(path: Path) -> list[str]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SpecdecError(f"{path}:{lineno} is not valid JSON ({e.msg})", "give one JSON object per line") from None
+            raise SpecdecError(
+                f"{path}:{lineno} is not valid JSON ({e.msg})", "give one JSON object per line"
+            ) from None
         if isinstance(item, str):
             texts.append(item)
             continue
@@ -78,11 +103,14 @@ def read_corpus(path: str | Path, max_chars: int | None = None) -> list[str]:
         raise SpecdecError(f"training data not found: {root}", "give a text file, a .jsonl file or a folder of files")
     if root.is_dir():
         files = sorted(
-            p for p in root.rglob("*")
+            p
+            for p in root.rglob("*")
             if p.suffix in TEXT_SUFFIXES and not _skipped(p.relative_to(root)) and p.is_file()
         )
         if not files:
-            raise SpecdecError(f"no text files in {root}", f"expected files ending in one of {', '.join(TEXT_SUFFIXES)}")
+            raise SpecdecError(
+                f"no text files in {root}", f"expected files ending in one of {', '.join(TEXT_SUFFIXES)}"
+            )
     else:
         files = [root]
     texts: list[str] = []

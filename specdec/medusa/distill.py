@@ -21,6 +21,7 @@ The windows it returns have the layout of the corpus cache
 (:func:`specdec.medusa.train.collect_features`): ``tokens[:, t + 1] == preds[:, t]``
 along each answer, and ``tokens`` is :data:`ENDED` after an answer's end.
 """
+
 from __future__ import annotations
 
 import ast
@@ -45,8 +46,11 @@ CODE_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("codegen", 'Write a Python function `{signature}`. Its docstring says: "{summary}." Use type hints.'),
     ("codegen", 'Implement `{signature}` in Python ("{summary}") and explain the approach briefly.'),
     ("edit", "Add type hints to this function and return the full function.\n\n```python\n{code}\n```"),
-    ("edit", "Refactor this code for readability without changing its behaviour, and return the whole "
-             "code.\n\n```python\n{code}\n```"),
+    (
+        "edit",
+        "Refactor this code for readability without changing its behaviour, and return the whole "
+        "code.\n\n```python\n{code}\n```",
+    ),
     ("edit", "Add input validation and error handling to this code. Return the complete result.\n\n{code}"),
     ("tests", "Write pytest unit tests for this code.\n\n```python\n{code}\n```"),
     ("explain", "Explain what this code does, step by step.\n\n```python\n{code}\n```"),
@@ -164,8 +168,9 @@ def instructions_from_texts(texts: list[str], count: int, seed: int = 0) -> list
 def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
     """The instruction as the user turn of the chat template, ready for the answer (plain text + newline without one)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        )
     else:
         text = instruction + "\n"
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -178,14 +183,17 @@ def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
     return ids, mask
 
 
 @torch.inference_mode()
 def answer_batch(
-    target: torch.nn.Module, prompts: list[list[int]], length: int, eos: set[int],
+    target: torch.nn.Module,
+    prompts: list[list[int]],
+    length: int,
+    eos: set[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy answers to ``prompts`` in one batch, with the target's state at every answer position.
 
@@ -221,8 +229,9 @@ def answer_batch(
     step_ids, step_pos = ids, positions
     eos_ids = torch.tensor(sorted(eos), dtype=torch.long)
     for t in range(length):
-        h = body(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                 **{cache_arg: cache}).last_hidden_state[:, -1]  # [b, H]
+        h = body(
+            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: cache}
+        ).last_hidden_state[:, -1]  # [b, H]
         nxt = lm_head(h).argmax(-1)  # [b]
         hidden[live, t] = h.cpu()
         preds[live, t] = nxt.to(torch.int32).cpu()
@@ -245,7 +254,11 @@ def answer_batch(
 
 
 def answer_features(
-    target: torch.nn.Module, prompts: list[list[int]], length: int, batch_size: int, eos: set[int],
+    target: torch.nn.Module,
+    prompts: list[list[int]],
+    length: int,
+    batch_size: int,
+    eos: set[int],
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`answer_batch` over every prompt, ``batch_size`` at a time (``[N, L, ...]`` as there).

@@ -37,6 +37,7 @@ also reads the layout the Medusa project publishes (``config.json`` with
 ``medusa_num_heads``, ``medusa_num_layers``, ``base_model_name_or_path`` and
 ``medusa_lm_head.safetensors`` or ``medusa_lm_head.pt``).
 """
+
 from __future__ import annotations
 
 import json
@@ -148,8 +149,10 @@ def output_weight(target: nn.Module) -> torch.Tensor:
     """``[V, H]`` the target's lm_head weight as a plain dense tensor."""
     weight = output_layer(target).weight
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise SpecdecError("the target's lm_head weight is not a dense [vocab, hidden] matrix",
-                           "Medusa heads with a shared lm_head need a dense output layer; try own_lm_head=True")
+        raise SpecdecError(
+            "the target's lm_head weight is not a dense [vocab, hidden] matrix",
+            "Medusa heads with a shared lm_head need a dense output layer; try own_lm_head=True",
+        )
     return weight.detach()
 
 
@@ -158,8 +161,10 @@ def input_weight(target: nn.Module) -> torch.Tensor:
     embed = target.get_input_embeddings() if hasattr(target, "get_input_embeddings") else None
     weight = getattr(embed, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise SpecdecError(f"{type(target).__name__} exposes no dense input embedding",
-                           "sequential Medusa heads read the target's token embeddings; train plain heads instead")
+        raise SpecdecError(
+            f"{type(target).__name__} exposes no dense input embedding",
+            "sequential Medusa heads read the target's token embeddings; train plain heads instead",
+        )
     return weight.detach()
 
 
@@ -206,8 +211,9 @@ class MedusaHeads(nn.Module):
     :meth:`topk` gives each head's best candidate tokens.
     """
 
-    def __init__(self, config: MedusaConfig, target: nn.Module | None = None,
-                 token_subset: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, config: MedusaConfig, target: nn.Module | None = None, token_subset: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         h = config.hidden_size
@@ -321,8 +327,10 @@ class MedusaHeads(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[...]`` token ids -> ``[..., H]`` the target's input embeddings, RMS-normalised (sequential heads)."""
         if self._embed is None:
-            raise SpecdecError("these sequential Medusa heads are not attached to a target",
-                               "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)")
+            raise SpecdecError(
+                "these sequential Medusa heads are not attached to a target",
+                "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)",
+            )
         e = self._embed[tokens.to(self._embed.device)].to(self._param_dtype())
         return e * torch.rsqrt(e.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(e.dtype)
 
@@ -361,8 +369,10 @@ class MedusaHeads(nn.Module):
         if self.proj is not None:
             return self.proj[k](z)
         if self._shared is None:
-            raise SpecdecError("these Medusa heads share the target's lm_head but are not attached to a target",
-                               "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)")
+            raise SpecdecError(
+                "these Medusa heads share the target's lm_head but are not attached to a target",
+                "call heads.attach(target) or load them with MedusaHeads.from_pretrained(dir, target)",
+            )
         return z @ self._shared.to(z.dtype).T
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
@@ -422,8 +432,9 @@ class MedusaHeads(nn.Module):
         return torch.tensor(tokens, dtype=torch.long)
 
     @torch.no_grad()
-    def dynamic_tree(self, hidden: torch.Tensor, root: int, num_nodes: int, branch: int = 8,
-                     beam: int = 4) -> tuple[list[int], list[int], list[float]]:
+    def dynamic_tree(
+        self, hidden: torch.Tensor, root: int, num_nodes: int, branch: int = 8, beam: int = 4
+    ) -> tuple[list[int], list[int], list[float]]:
         """A tree chosen for this step from the heads' own confidence (after EAGLE-2, arXiv 2406.16858).
 
         A node's score is the product of the heads' probabilities along its path.
@@ -467,8 +478,9 @@ class MedusaHeads(nn.Module):
             if plain is not None:
                 logp = plain[depth].expand(len(order), -1)  # [r, V']
             else:
-                read = torch.tensor([root if level[i] < 0 else nodes[level[i]][2] for i in order],
-                                    device=hidden.device)  # [r]
+                read = torch.tensor(
+                    [root if level[i] < 0 else nodes[level[i]][2] for i in order], device=hidden.device
+                )  # [r]
                 states = self.head_state(depth, level_states[order], read)  # [r, H]
                 logp = torch.log_softmax(self.project_head(depth, states).float(), dim=-1)  # [r, V']
             top = logp.topk(min(branch, logp.shape[-1]), dim=-1)
@@ -489,8 +501,11 @@ class MedusaHeads(nn.Module):
             if nodes[v][3] < 0 or nodes[v][3] in where:
                 where[v] = len(chosen)
                 chosen.append(v)
-        return ([nodes[v][2] for v in chosen], [where[nodes[v][3]] if nodes[v][3] >= 0 else -1 for v in chosen],
-                [math.exp(nodes[v][0]) for v in chosen])
+        return (
+            [nodes[v][2] for v in chosen],
+            [where[nodes[v][3]] if nodes[v][3] >= 0 else -1 for v in chosen],
+            [math.exp(nodes[v][0]) for v in chosen],
+        )
 
     def _param_dtype(self) -> torch.dtype:
         return self.blocks[0][0].linear.weight.dtype
@@ -517,8 +532,9 @@ class MedusaHeads(nn.Module):
         """
         path = Path(directory).expanduser()
         if not path.is_dir():
-            raise SpecdecError(f"Medusa heads folder not found: {path}",
-                               "give the --out folder of `specdec-local train-medusa`")
+            raise SpecdecError(
+                f"Medusa heads folder not found: {path}", "give the --out folder of `specdec-local train-medusa`"
+            )
         if (path / CONFIG_NAME).is_file():
             heads = cls._load_native(path, target)
         elif (path / PUBLISHED_CONFIG).is_file() and any((path / w).is_file() for w in PUBLISHED_WEIGHTS):
@@ -538,8 +554,10 @@ class MedusaHeads(nn.Module):
         try:
             config = MedusaConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
         except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise SpecdecError(f"unreadable Medusa config {path / CONFIG_NAME}: {e}",
-                               "the folder may be damaged: train the heads again or copy them anew") from None
+            raise SpecdecError(
+                f"unreadable Medusa config {path / CONFIG_NAME}: {e}",
+                "the folder may be damaged: train the heads again or copy them anew",
+            ) from None
         check_sizes(config, target)
         if not (path / WEIGHTS_NAME).is_file():
             raise SpecdecError(f"{path} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -569,10 +587,16 @@ class MedusaHeads(nn.Module):
         try:
             proj0 = state[f"0.{num_layers}.weight"]
         except KeyError:
-            raise SpecdecError(f"Medusa weights in {path} lack the key '0.{num_layers}.weight' of the published layout") from None
+            raise SpecdecError(
+                f"Medusa weights in {path} lack the key '0.{num_layers}.weight' of the published layout"
+            ) from None
         vocab, hidden = int(proj0.shape[0]), int(proj0.shape[1])
         config = MedusaConfig(
-            hidden_size=hidden, vocab_size=vocab, num_heads=num_heads, num_layers=num_layers, own_lm_head=True,
+            hidden_size=hidden,
+            vocab_size=vocab,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            own_lm_head=True,
             base_model_name_or_path=str(raw.get("base_model_name_or_path", "")),
         )
         check_sizes(config, target)
@@ -584,8 +608,10 @@ class MedusaHeads(nn.Module):
             mapped[f"proj.{i}.weight"] = state.get(f"{i}.{num_layers}.weight")
         missing = [k for k, v in mapped.items() if v is None]
         if missing:
-            raise SpecdecError(f"Medusa weights in {path} miss {len(missing)} tensors (e.g. {missing[0]})",
-                               "the checkpoint does not match its config.json (medusa_num_heads/medusa_num_layers)")
+            raise SpecdecError(
+                f"Medusa weights in {path} miss {len(missing)} tensors (e.g. {missing[0]})",
+                "the checkpoint does not match its config.json (medusa_num_heads/medusa_num_layers)",
+            )
         heads = cls(config)
         _load_state(heads, mapped, path)
         return heads
@@ -598,8 +624,10 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except Exception as e:  # SafetensorError (truncated, bad header) or OSError
-        raise SpecdecError(f"unreadable Medusa weights {file}: {type(e).__name__}: {e}",
-                           "the file may be truncated or corrupt: train the heads again or copy them anew") from None
+        raise SpecdecError(
+            f"unreadable Medusa weights {file}: {type(e).__name__}: {e}",
+            "the file may be truncated or corrupt: train the heads again or copy them anew",
+        ) from None
 
 
 def _read_published_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -625,5 +653,7 @@ def _load_state(heads: MedusaHeads, state: dict[str, torch.Tensor], where: Path)
         if k not in state:
             raise SpecdecError(f"Medusa weights in {where} lack '{k}'")
         if tuple(state[k].shape) != tuple(v.shape):
-            raise SpecdecError(f"Medusa weights in {where}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            raise SpecdecError(
+                f"Medusa weights in {where}: '{k}' has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+            )
     heads.load_state_dict({k: state[k] for k in own}, strict=True)

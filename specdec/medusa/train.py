@@ -29,6 +29,7 @@ answers, where every label is exact and the text is what decoding continues
 in a chat UI. They are trained on beside the corpus windows, and their
 held-out part sizes the tree.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,18 +124,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "num_heads": self.num_heads >= 1, "num_layers": self.num_layers >= 1, "steps": self.steps >= 1,
-            "seq_len": self.seq_len >= self.num_heads + 4, "lr": self.lr > 0, "batch_size": self.batch_size >= 1,
-            "cache_tokens": self.cache_tokens >= self.seq_len, "subset_size": self.subset_size >= 0,
-            "distance_decay": 0 < self.distance_decay <= 1, "warmup_steps": self.warmup_steps >= 0,
-            "eval_fraction": 0 <= self.eval_fraction < 1, "checkpoint_every": self.checkpoint_every >= 0,
-            "max_tree_nodes": self.max_tree_nodes >= 1, "cache_save_every": self.cache_save_every >= 0,
-            "answers": self.answers >= 0, "answer_batch": self.answer_batch >= 1,
+            "num_heads": self.num_heads >= 1,
+            "num_layers": self.num_layers >= 1,
+            "steps": self.steps >= 1,
+            "seq_len": self.seq_len >= self.num_heads + 4,
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "cache_tokens": self.cache_tokens >= self.seq_len,
+            "subset_size": self.subset_size >= 0,
+            "distance_decay": 0 < self.distance_decay <= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "eval_fraction": 0 <= self.eval_fraction < 1,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "max_tree_nodes": self.max_tree_nodes >= 1,
+            "cache_save_every": self.cache_save_every >= 0,
+            "answers": self.answers >= 0,
+            "answer_batch": self.answer_batch >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise SpecdecError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}",
-                               "seq_len must exceed num_heads + 3 and cache_tokens be at least seq_len")
+            raise SpecdecError(
+                f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}",
+                "seq_len must exceed num_heads + 3 and cache_tokens be at least seq_len",
+            )
 
 
 @dataclass
@@ -157,8 +169,9 @@ def chat_prefix(tokenizer: Any) -> list[int]:
     """Token ids that open an assistant answer to :data:`CHAT_INSTRUCTION` (``[]`` without a chat template)."""
     if not getattr(tokenizer, "chat_template", None):
         return []
-    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_INSTRUCTION}], add_generation_prompt=True, tokenize=False
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -169,8 +182,10 @@ def make_windows(texts: list[str], tokenizer: Any, cfg: TrainConfig, prefix: lis
     """
     body = cfg.seq_len - len(prefix)
     if body < cfg.num_heads + 4:
-        raise SpecdecError(f"seq_len {cfg.seq_len} is too short for the chat prefix of {len(prefix)} tokens",
-                           "raise --seq-len or pass --no-chat-wrap")
+        raise SpecdecError(
+            f"seq_len {cfg.seq_len} is too short for the chat prefix of {len(prefix)} tokens",
+            "raise --seq-len or pass --no-chat-wrap",
+        )
     need = math.ceil(cfg.cache_tokens / cfg.seq_len)
     rng = random.Random(cfg.seed)
     order = list(range(len(texts)))
@@ -189,8 +204,10 @@ def make_windows(texts: list[str], tokenizer: Any, cfg: TrainConfig, prefix: lis
         start = rng.randrange(0, len(ids) - body + 1)
         windows.append(prefix + ids[start : start + body])
     if not windows:
-        raise SpecdecError("the training data holds too little text for one window",
-                           f"give more text or lower --seq-len (now {cfg.seq_len})")
+        raise SpecdecError(
+            "the training data holds too little text for one window",
+            f"give more text or lower --seq-len (now {cfg.seq_len})",
+        )
     return torch.tensor(windows, dtype=torch.long)
 
 
@@ -224,14 +241,25 @@ Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # hidden [N, L, H], 
 
 def _cache_meta(target: torch.nn.Module, cfg: TrainConfig, data: str) -> dict[str, Any]:
     """What a cache must match to be reused (its size may differ: windows are a seeded prefix order)."""
-    return {"data": str(data), "seq_len": cfg.seq_len, "seed": cfg.seed, "chat_wrap": cfg.chat_wrap,
-            "max_docs": cfg.max_docs, "fingerprint": target_fingerprint(target),
-            "dtype": str(next(target.parameters()).dtype)}
+    return {
+        "data": str(data),
+        "seq_len": cfg.seq_len,
+        "seed": cfg.seed,
+        "chat_wrap": cfg.chat_wrap,
+        "max_docs": cfg.max_docs,
+        "fingerprint": target_fingerprint(target),
+        "dtype": str(next(target.parameters()).dtype),
+    }
 
 
 def cached_rows(
-    cache: Path, meta: dict[str, Any], need: int, plan: Callable[[], int],
-    compute: Callable[[int, int, ProgressFn], Features], chunk: int, phase: str = "cache",
+    cache: Path,
+    meta: dict[str, Any],
+    need: int,
+    plan: Callable[[], int],
+    compute: Callable[[int, int, ProgressFn], Features],
+    chunk: int,
+    phase: str = "cache",
     progress: ProgressFn | None = None,
 ) -> Features:
     """The first ``need`` rows of the feature cache in ``cache``, computing only the missing ones.
@@ -246,8 +274,11 @@ def cached_rows(
     have: Features | None = None
     if (cache / "meta.json").is_file() and (cache / "features.safetensors").is_file():
         saved = _read_json(cache / "meta.json", f"delete {cache} to compute it again")
-        t = _read_tensors(cache / "features.safetensors", f"delete {cache} to compute it again") \
-            if {k: saved.get(k) for k in meta} == meta else {}
+        t = (
+            _read_tensors(cache / "features.safetensors", f"delete {cache} to compute it again")
+            if {k: saved.get(k) for k in meta} == meta
+            else {}
+        )
         if "tokens" in t:
             have = (t["hidden"], t["preds"], t["tokens"])
             if have[0].shape[0] >= need:
@@ -278,8 +309,10 @@ def _cut(feats: Features, n: int) -> Features:
 
 
 def _cat(parts: list[Features]) -> Features:
-    return tuple(torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]  # type: ignore[return-value]
-                 for k in range(3))
+    return tuple(
+        torch.cat([p[k] for p in parts]) if len(parts) > 1 else parts[0][k]  # type: ignore[return-value]
+        for k in range(3)
+    )
 
 
 def _save_cache(cache: Path, meta: dict[str, Any], parts: list[Features]) -> None:
@@ -288,8 +321,11 @@ def _save_cache(cache: Path, meta: dict[str, Any], parts: list[Features]) -> Non
 
     cache.mkdir(parents=True, exist_ok=True)
     hidden, preds, tokens = _cat(parts)
-    tensors = {"hidden": hidden.contiguous(), "preds": preds.contiguous(),
-               "tokens": tokens.to(torch.int32).contiguous()}
+    tensors = {
+        "hidden": hidden.contiguous(),
+        "preds": preds.contiguous(),
+        "tokens": tokens.to(torch.int32).contiguous(),
+    }
     with atomic_path(cache / "features.safetensors") as tmp:
         save_file(tensors, str(tmp))
     write_atomic(cache / "meta.json", json.dumps({**meta, "windows": int(hidden.shape[0])}))
@@ -325,7 +361,11 @@ def _documents(data: str | Path, cfg: TrainConfig) -> list[str]:
 
 
 def load_or_collect(
-    target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
+    target: torch.nn.Module,
+    tokenizer: Any,
+    data: str | Path,
+    cfg: TrainConfig,
+    out: Path,
     progress: ProgressFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """``(hidden [N, L, H], preds [N, L], first usable position, tokens [N, L])``, reusing ``out/cache``.
@@ -347,13 +387,18 @@ def load_or_collect(
         return h, p, windows[0][first:last]
 
     need = math.ceil(cfg.cache_tokens / cfg.seq_len)
-    hidden, preds, tokens = cached_rows(out / CACHE_DIR, meta, need, plan, compute, cfg.cache_save_every or need,
-                                        "cache", progress)
+    hidden, preds, tokens = cached_rows(
+        out / CACHE_DIR, meta, need, plan, compute, cfg.cache_save_every or need, "cache", progress
+    )
     return hidden, preds, start, tokens.long()
 
 
 def load_or_answer(
-    target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
+    target: torch.nn.Module,
+    tokenizer: Any,
+    data: str | Path,
+    cfg: TrainConfig,
+    out: Path,
     progress: ProgressFn | None = None,
 ) -> Features:
     """The target's own answers to ``cfg.answers`` instructions made from ``data``, reusing ``out/answers``.
@@ -372,17 +417,25 @@ def load_or_answer(
         limit = min(MAX_PROMPT_TOKENS, model_context_length(target) - cfg.seq_len)
         prompts.extend(instruction_prompts(tokenizer, made, cfg.answers, limit))
         if not prompts:
-            raise SpecdecError(f"no instruction of at most {limit} tokens could be made from {data}",
-                               "give Python source or prose documents, or train without --answers")
+            raise SpecdecError(
+                f"no instruction of at most {limit} tokens could be made from {data}",
+                "give Python source or prose documents, or train without --answers",
+            )
         return len(prompts)
 
     def compute(first: int, last: int, prog: ProgressFn) -> Features:
-        return answer_features(target, prompts[first:last], cfg.seq_len, cfg.answer_batch,
-                               eos_token_ids(target, tokenizer),
-                               progress=lambda done, total: prog(Progress("answers", done, total)))
+        return answer_features(
+            target,
+            prompts[first:last],
+            cfg.seq_len,
+            cfg.answer_batch,
+            eos_token_ids(target, tokenizer),
+            progress=lambda done, total: prog(Progress("answers", done, total)),
+        )
 
-    return cached_rows(out / ANSWERS_DIR, meta, cfg.answers, plan, compute, ANSWER_SAVE_BATCHES * cfg.answer_batch,
-                       "answers", progress)
+    return cached_rows(
+        out / ANSWERS_DIR, meta, cfg.answers, plan, compute, ANSWER_SAVE_BATCHES * cfg.answer_batch, "answers", progress
+    )
 
 
 # ---------------------------------------------------------------------- training
@@ -477,9 +530,15 @@ def cosine_lr(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def rank_accuracy(heads: MedusaHeads, hidden: torch.Tensor, labels: torch.Tensor, ranks: int = EVAL_RANKS,
-                  batch: int = 512, valid: torch.Tensor | None = None,
-                  prev: torch.Tensor | None = None) -> list[list[float]]:
+def rank_accuracy(
+    heads: MedusaHeads,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    ranks: int = EVAL_RANKS,
+    batch: int = 512,
+    valid: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+) -> list[list[float]]:
     """``[K][ranks]`` share of positions where head ``k``'s rank-``r`` candidate is the label.
 
     Args:
@@ -524,8 +583,9 @@ class Positions:
     windows: int
 
 
-def split_positions(preds: torch.Tensor, tokens: torch.Tensor, start: int, cfg: TrainConfig,
-                    offset: int = 0) -> tuple[Positions, Positions]:
+def split_positions(
+    preds: torch.Tensor, tokens: torch.Tensor, start: int, cfg: TrainConfig, offset: int = 0
+) -> tuple[Positions, Positions]:
     """``(train, held_out)`` positions of one source: its last ``cfg.eval_fraction`` of windows are held out.
 
     Args:
@@ -598,8 +658,14 @@ class Sources:
         return self.answers or self.corpus
 
 
-def gather_sources(target: torch.nn.Module, tokenizer: Any, data: str | Path, cfg: TrainConfig, out: Path,
-                   progress: ProgressFn | None = None) -> Sources:
+def gather_sources(
+    target: torch.nn.Module,
+    tokenizer: Any,
+    data: str | Path,
+    cfg: TrainConfig,
+    out: Path,
+    progress: ProgressFn | None = None,
+) -> Sources:
     """The corpus windows' states (``out/cache``) and, with ``cfg.answers``, the answers' (``out/answers``)."""
     t0 = time.perf_counter()
     hidden, preds, start, tokens = load_or_collect(target, tokenizer, data, cfg, out, progress)
@@ -614,8 +680,16 @@ def gather_sources(target: torch.nn.Module, tokenizer: Any, data: str | Path, cf
     answers = split_positions(a_preds, a_tokens, 0, cfg, offset=n_corpus)
     a_train = answers[0].windows - n_corpus  # the subset counts answer tokens, not what follows an answer's end
     train_preds = torch.cat([preds[: corpus[0].windows].flatten(), a_preds[:a_train][a_tokens[:a_train] != ENDED]])
-    return Sources(torch.cat([hidden, a_hidden]), corpus, answers, train_preds, n_corpus, int(a_hidden.shape[0]),
-                   cache_seconds, answer_seconds)
+    return Sources(
+        torch.cat([hidden, a_hidden]),
+        corpus,
+        answers,
+        train_preds,
+        n_corpus,
+        int(a_hidden.shape[0]),
+        cache_seconds,
+        answer_seconds,
+    )
 
 
 @dataclass
@@ -651,13 +725,16 @@ def training_set(sources: Sources, subset: torch.Tensor | None, vocab: int, cfg:
     sub_labels = to_subset(labels, subset, vocab).masked_fill(~exact & exact_only[:, None], -100)
     keep = exact[:, 0] | ~exact_only  # a position whose first label is not exact teaches no head
     if not keep.any():
-        raise SpecdecError("no position where the corpus follows the target's own predictions",
-                           "train without exact_labels (--all-labels)")
+        raise SpecdecError(
+            "no position where the corpus follows the target's own predictions",
+            "train without exact_labels (--all-labels)",
+        )
     return TrainingSet(pos[keep], prev[keep], sub_labels[keep], int(pos.shape[0]))
 
 
-def start_heads(target: torch.nn.Module, cfg: TrainConfig, subset: torch.Tensor | None, out: Path,
-                resume: bool) -> tuple[MedusaHeads, torch.optim.Optimizer, int]:
+def start_heads(
+    target: torch.nn.Module, cfg: TrainConfig, subset: torch.Tensor | None, out: Path, resume: bool
+) -> tuple[MedusaHeads, torch.optim.Optimizer, int]:
     """Heads, optimizer and first step, from ``out/checkpoint`` when resuming from one, else fresh.
 
     ``resume`` without a checkpoint starts afresh (a first run with ``--resume`` is a plain run).
@@ -669,24 +746,40 @@ def start_heads(target: torch.nn.Module, cfg: TrainConfig, subset: torch.Tensor 
         shape = (heads.config.num_heads, heads.config.num_layers, heads.config.sequential)
         if shape != (cfg.num_heads, cfg.num_layers, cfg.sequential):
             kinds = ("plain", "sequential")
-            raise SpecdecError(f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
-                               f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
-                               "resume with the same --heads, --layers and --sequential")
+            raise SpecdecError(
+                f"the checkpoint in {ck} has {shape[0]} {kinds[shape[2]]} heads x {shape[1]} layers, "
+                f"not {cfg.num_heads} {kinds[cfg.sequential]} x {cfg.num_layers}",
+                "resume with the same --heads, --layers and --sequential",
+            )
         state = _read_train_state(ck)
     else:
-        heads = MedusaHeads.init(target, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                 own_lm_head=cfg.own_lm_head, token_subset=subset, sequential=cfg.sequential)
+        heads = MedusaHeads.init(
+            target,
+            num_heads=cfg.num_heads,
+            num_layers=cfg.num_layers,
+            own_lm_head=cfg.own_lm_head,
+            token_subset=subset,
+            sequential=cfg.sequential,
+        )
     heads.float().train()
-    opt = torch.optim.AdamW([p for p in heads.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in heads.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     if state is None:
         return heads, opt, 0
     opt.load_state_dict(state["optimizer"])
     return heads, opt, int(state["step"])
 
 
-def train_step(heads: MedusaHeads, opt: torch.optim.Optimizer, states: torch.Tensor, prev: torch.Tensor,
-               labels: torch.Tensor, lr: float, decay: float) -> tuple[float, torch.Tensor]:
+def train_step(
+    heads: MedusaHeads,
+    opt: torch.optim.Optimizer,
+    states: torch.Tensor,
+    prev: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    decay: float,
+) -> tuple[float, torch.Tensor]:
     """One AdamW step at learning rate ``lr``; returns the batch's loss and each head's top-1 accuracy ``[K]``.
 
     Args:
@@ -705,8 +798,16 @@ def train_step(heads: MedusaHeads, opt: torch.optim.Optimizer, states: torch.Ten
     return loss.item(), top1.detach()
 
 
-def run_steps(heads: MedusaHeads, opt: torch.optim.Optimizer, hidden: torch.Tensor, data: TrainingSet,
-              cfg: TrainConfig, first_step: int, out: Path, progress: ProgressFn | None = None) -> float | None:
+def run_steps(
+    heads: MedusaHeads,
+    opt: torch.optim.Optimizer,
+    hidden: torch.Tensor,
+    data: TrainingSet,
+    cfg: TrainConfig,
+    first_step: int,
+    out: Path,
+    progress: ProgressFn | None = None,
+) -> float | None:
     """Steps ``first_step .. cfg.steps - 1`` on seeded batches, checkpointing; returns the loss' EMA.
 
     Step ``s`` samples its batch with the seed ``cfg.seed * 1_000_003 + s``, so a resumed run draws the
@@ -719,8 +820,9 @@ def run_steps(heads: MedusaHeads, opt: torch.optim.Optimizer, hidden: torch.Tens
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, data.pos.shape[0], (cfg.batch_size,), generator=g)
         p = data.pos[idx]
-        loss, top1 = train_step(heads, opt, hidden[p[:, 0], p[:, 1]], data.prev[idx], data.labels[idx], lr,
-                                cfg.distance_decay)
+        loss, top1 = train_step(
+            heads, opt, hidden[p[:, 0], p[:, 1]], data.prev[idx], data.labels[idx], lr, cfg.distance_decay
+        )
         loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
         acc_ema = top1 if acc_ema is None else 0.9 * acc_ema + 0.1 * top1
         if progress:
@@ -753,8 +855,9 @@ def evaluate(heads: MedusaHeads, sources: Sources) -> Evaluation:
     heads.eval()
     train_part, held_out = sources.evaluated
     if held_out.pos.shape[0] == 0:
-        held_out = Positions(train_part.pos[:2048], train_part.labels[:2048], train_part.prev[:2048],
-                             train_part.exact[:2048], 0)
+        held_out = Positions(
+            train_part.pos[:2048], train_part.labels[:2048], train_part.prev[:2048], train_part.exact[:2048], 0
+        )
     hidden = sources.hidden
     states = hidden[held_out.pos[:, 0], held_out.pos[:, 1]]
     accuracy = rank_accuracy(heads, states, held_out.labels, valid=held_out.exact, prev=held_out.prev)
@@ -762,25 +865,35 @@ def evaluate(heads: MedusaHeads, sources: Sources) -> Evaluation:
     corpus = sources.corpus[1]
     accuracy_corpus = None
     if sources.answers is not None and corpus.pos.shape[0]:
-        accuracy_corpus = rank_accuracy(heads, hidden[corpus.pos[:, 0], corpus.pos[:, 1]], corpus.labels,
-                                        valid=corpus.exact, prev=corpus.prev)
+        accuracy_corpus = rank_accuracy(
+            heads, hidden[corpus.pos[:, 0], corpus.pos[:, 1]], corpus.labels, valid=corpus.exact, prev=corpus.prev
+        )
     return Evaluation(accuracy, accuracy_all, accuracy_corpus, held_out)
 
 
-def choose_tree(target: torch.nn.Module, accuracy: list[list[float]],
-                cfg: TrainConfig) -> tuple[list[list[int]], float, dict[int, float] | None]:
+def choose_tree(
+    target: torch.nn.Module, accuracy: list[list[float]], cfg: TrainConfig
+) -> tuple[list[list[int]], float, dict[int, float] | None]:
     """The tree of at most ``cfg.max_tree_nodes`` that maximises expected tokens per unit of forward cost.
 
     Returns ``(tree, expected tokens per step, row costs measured on the target or None)``.
     """
     costs = measure_row_cost(target) if cfg.measure_cost else None
-    tree, expected = tree_from_accuracies(accuracy, cfg.max_tree_nodes,
-                                          (lambda r: row_cost(r, costs)) if costs else None)
+    tree, expected = tree_from_accuracies(
+        accuracy, cfg.max_tree_nodes, (lambda r: row_cost(r, costs)) if costs else None
+    )
     return tree, expected, costs
 
 
-def save_heads(heads: MedusaHeads, opt: torch.optim.Optimizer, target: torch.nn.Module, ev: Evaluation,
-               tree: list[list[int]], out: Path, cfg: TrainConfig) -> None:
+def save_heads(
+    heads: MedusaHeads,
+    opt: torch.optim.Optimizer,
+    target: torch.nn.Module,
+    ev: Evaluation,
+    tree: list[list[int]],
+    out: Path,
+    cfg: TrainConfig,
+) -> None:
     """Store the heads in the target's dtype with their accuracy and tree in ``out``, and the final checkpoint."""
     heads.config.head_accuracy = [[round(a, 4) for a in row] for row in ev.accuracy]
     heads.config.tree = tree or None
@@ -789,9 +902,19 @@ def save_heads(heads: MedusaHeads, opt: torch.optim.Optimizer, target: torch.nn.
     _save_checkpoint(heads, opt, cfg.steps, out, cfg)
 
 
-def training_report(cfg: TrainConfig, sources: Sources, data: TrainingSet, subset: torch.Tensor | None,
-                    ev: Evaluation, tree: list[list[int]], expected: float, costs: dict[int, float] | None,
-                    train_seconds: float, final_loss: float | None, first_step: int) -> dict[str, Any]:
+def training_report(
+    cfg: TrainConfig,
+    sources: Sources,
+    data: TrainingSet,
+    subset: torch.Tensor | None,
+    ev: Evaluation,
+    tree: list[list[int]],
+    expected: float,
+    costs: dict[int, float] | None,
+    train_seconds: float,
+    final_loss: float | None,
+    first_step: int,
+) -> dict[str, Any]:
     """What ``train_report.json`` holds: accuracies, the tree, the positions used, wall times."""
     exact = ev.held_out.exact
     return {
@@ -859,7 +982,8 @@ def train(
     ev = evaluate(heads, sources)
     tree, expected, costs = choose_tree(target, ev.accuracy, cfg)
     save_heads(heads, opt, target, ev, tree, out, cfg)
-    report = training_report(cfg, sources, data_set, subset, ev, tree, expected, costs, train_seconds, final_loss,
-                             first_step)
+    report = training_report(
+        cfg, sources, data_set, subset, ev, tree, expected, costs, train_seconds, final_loss, first_step
+    )
     write_atomic(out / "train_report.json", json.dumps(report, indent=2))
     return heads, report

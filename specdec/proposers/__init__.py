@@ -4,6 +4,7 @@
 its options class (:mod:`specdec.proposers.options`). This module imports
 neither torch nor transformers, so front ends may read the list cheaply.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -12,8 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SpecdecError, UnknownMethodError
-from .options import (DraftOptions, LookaheadOptions, MedusaOptions, MethodOptions, NoneOptions,
-                      PromptLookupOptions)
+from .options import DraftOptions, LookaheadOptions, MedusaOptions, MethodOptions, NoneOptions, PromptLookupOptions
 
 if TYPE_CHECKING:
     import torch
@@ -65,8 +65,10 @@ def method_of(options: MethodOptions) -> str:
     for name, entry in REGISTRY.items():
         if type(options) is entry.options:
             return name
-    raise SpecdecError(f"{type(options).__name__} is not the options of any method",
-                       f"give the options of one of: {', '.join(REGISTRY)}")
+    raise SpecdecError(
+        f"{type(options).__name__} is not the options of any method",
+        f"give the options of one of: {', '.join(REGISTRY)}",
+    )
 
 
 def _check_method(method: str) -> None:
@@ -82,8 +84,10 @@ def method_options(method: str, given: Mapping[str, Any] | None = None) -> Metho
     """
     _check_method(method)
     if method == AUTO:
-        raise SpecdecError("the options of method 'auto' depend on the method it resolves to",
-                           "resolve the method first (resolve_method)")
+        raise SpecdecError(
+            "the options of method 'auto' depend on the method it resolves to",
+            "resolve the method first (resolve_method)",
+        )
     own = option_names(method)
     given = {k: v for k, v in (given or {}).items() if v is not None}
     foreign = [k for k in given if k not in own]
@@ -106,12 +110,15 @@ def resolve_method(method: str, draft: object | None, medusa_heads: bool = False
             return "medusa"
         return "draft" if draft is not None else "prompt_lookup"
     if method == "draft" and draft is None:
-        raise SpecdecError("method 'draft' needs a draft model", "pass draft= (--draft in the CLI) or use --method prompt_lookup")
+        raise SpecdecError(
+            "method 'draft' needs a draft model", "pass draft= (--draft in the CLI) or use --method prompt_lookup"
+        )
     return method
 
 
-def method_and_options(method: str, draft: object | None, options: MethodOptions | None,
-                       given: Mapping[str, Any]) -> tuple[str, MethodOptions]:
+def method_and_options(
+    method: str, draft: object | None, options: MethodOptions | None, given: Mapping[str, Any]
+) -> tuple[str, MethodOptions]:
     """The concrete method and its options: ``options`` (an options object, whose method is then the
     method) or else the keyword options ``given``, built once ``"auto"`` is resolved.
 
@@ -119,14 +126,18 @@ def method_and_options(method: str, draft: object | None, options: MethodOptions
     """
     if options is not None:
         if any(v is not None for v in given.values()):
-            raise SpecdecError(f"method options given both as {type(options).__name__} and as keywords "
-                               f"({', '.join(k for k, v in given.items() if v is not None)})",
-                               "give them in one place")
+            raise SpecdecError(
+                f"method options given both as {type(options).__name__} and as keywords "
+                f"({', '.join(k for k, v in given.items() if v is not None)})",
+                "give them in one place",
+            )
         own = method_of(options)
         _check_method(method)
         if method not in (AUTO, own):
-            raise SpecdecError(f"{type(options).__name__} are the options of method {own!r}, not {method!r}",
-                               f"pass method={own!r} (or 'auto'), or the options of {method!r}")
+            raise SpecdecError(
+                f"{type(options).__name__} are the options of method {own!r}, not {method!r}",
+                f"pass method={own!r} (or 'auto'), or the options of {method!r}",
+            )
         return resolve_method(own, draft), options
     resolved = resolve_method(method, draft, medusa_heads=given.get("medusa_heads") is not None)
     return resolved, method_options(resolved, given)
@@ -137,6 +148,22 @@ def build_proposer(method: str, ctx: ProposerContext) -> Proposer:
     return getattr(importlib.import_module(module_name), factory)(ctx)
 
 
-__all__ = ["AUTO", "REGISTRY", "METHODS", "MethodEntry", "MethodOptions", "ProposerContext", "option_names",
-           "method_of", "method_options", "method_and_options", "resolve_method", "build_proposer", "NoneOptions", "DraftOptions",
-           "PromptLookupOptions", "LookaheadOptions", "MedusaOptions"]
+__all__ = [
+    "AUTO",
+    "REGISTRY",
+    "METHODS",
+    "MethodEntry",
+    "MethodOptions",
+    "ProposerContext",
+    "option_names",
+    "method_of",
+    "method_options",
+    "method_and_options",
+    "resolve_method",
+    "build_proposer",
+    "NoneOptions",
+    "DraftOptions",
+    "PromptLookupOptions",
+    "LookaheadOptions",
+    "MedusaOptions",
+]

@@ -15,6 +15,7 @@ parent ``i-1``. *Extra rows* (rows ``1+n..``) ride along in the same forward
 without being verified, e.g. the lookahead window; their logits go back to the
 proposer in :class:`StepOutcome`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -29,6 +29,7 @@ decoding each draft forward also checks a context copy of the drafted text
 (``GUESS_START`` tokens, doubling while all are taken), so text the draft
 would copy costs one draft forward for several tokens.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,7 +57,11 @@ class DraftModelProposer:
     name = "draft"
 
     def __init__(
-        self, draft: torch.nn.Module, target_vocab: int, controller: DraftLengthController, cfg: DraftOptions,
+        self,
+        draft: torch.nn.Module,
+        target_vocab: int,
+        controller: DraftLengthController,
+        cfg: DraftOptions,
         static_cache: bool = False,
     ) -> None:
         self.model = draft
@@ -77,8 +82,9 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.start(deterministic=state.seeded and not state.sampling.greedy,
-                              device_type=state.tokens.device.type)
+        self.controller.start(
+            deterministic=state.seeded and not state.sampling.greedy, device_type=state.tokens.device.type
+        )
         self.kv.reset(state.capacity)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
@@ -140,11 +146,16 @@ class DraftModelProposer:
             else:
                 presence = None
                 if cfg.uses_prefix:
-                    context = torch.cat([state.tokens.to(self.device), torch.tensor(drafted, dtype=torch.long, device=self.device)])
+                    context = torch.cat(
+                        [state.tokens.to(self.device), torch.tensor(drafted, dtype=torch.long, device=self.device)]
+                    )
                     presence = presence_rows(context, logits.shape[-1])
                 processed = process_logits(logits, cfg, presence)
                 token = int(choose(processed, cfg, state.generator)[0])
-                confident = self.cfg.confidence_stop <= 0 or self._confidence(processed[0], token, cfg.greedy) >= self.cfg.confidence_stop
+                confident = (
+                    self.cfg.confidence_stop <= 0
+                    or self._confidence(processed[0], token, cfg.greedy) >= self.cfg.confidence_stop
+                )
                 picks = [(token, confident)]
                 if not cfg.greedy:
                     probs.append(processed[0])
@@ -167,7 +178,9 @@ class DraftModelProposer:
             draft_probs = torch.stack(probs)
             if draft_probs.shape[-1] < self.target_vocab:
                 draft_probs = torch.nn.functional.pad(draft_probs, (0, self.target_vocab - draft_probs.shape[-1]))
-        return Proposal(tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs)
+        return Proposal(
+            tokens=torch.tensor(drafted, dtype=torch.long, device=state.tokens.device), draft_probs=draft_probs
+        )
 
     def _guess(self, state: DecodeState, drafted: list[int], room: int) -> list[int]:
         """Up to ``room`` tokens that followed the latest earlier occurrence of the drafted text's end."""

@@ -34,6 +34,7 @@ While copies are being kept (the last kept ``COPY_HOT`` tokens or all of
 it), a step sends the candidates without the window's rows, which makes it
 cheaper; the window waits and resumes when a copy fails.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -211,8 +212,10 @@ class LookaheadProposer:
         tokens, parents = build_trie(candidates, max_nodes)
         n = len(tokens)
         if copies and self.copies.hot:  # text is being copied: skip the window's rows this step
-            return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
-                         parents=torch.tensor(parents, dtype=torch.long, device=device))
+            return Proposal(
+                tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+                parents=torch.tensor(parents, dtype=torch.long, device=device),
+            )
         positions, allowed = self._layout(self.window.num_levels)
         m = positions.numel()
         extra_mask = torch.zeros(m, 1 + n + m, dtype=torch.bool)

@@ -32,6 +32,7 @@ the same verifier; while copies are being kept the tree's rows are left out.
 
 The first step has no hidden state yet: it offers copies only, and asks for one.
 """
+
 from __future__ import annotations
 
 import os
@@ -71,9 +72,15 @@ class MedusaProposer:
 
     name = "medusa"
 
-    def __init__(self, heads: MedusaHeads, tree: Sequence[Sequence[int]],
-                 typical_acceptance: TypicalAcceptance | None = None, copy_tokens: int = 0,
-                 dynamic_nodes: int | None = None, row_cost: RowCostModel | None = None) -> None:
+    def __init__(
+        self,
+        heads: MedusaHeads,
+        tree: Sequence[Sequence[int]],
+        typical_acceptance: TypicalAcceptance | None = None,
+        copy_tokens: int = 0,
+        dynamic_nodes: int | None = None,
+        row_cost: RowCostModel | None = None,
+    ) -> None:
         self.heads = heads.eval()
         self.tree: TreeBuffers = build_tree(tree)
         self.dynamic_nodes = dynamic_nodes
@@ -108,11 +115,15 @@ class MedusaProposer:
             tokens, parents = tree[0][:n], tree[1][:n]
         else:
             tokens, parents = build_trie([*copies, *leaf_paths(*tree)], max_nodes)
-        return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
-                     parents=torch.tensor(parents, dtype=torch.long, device=device), need_hidden=True)
+        return Proposal(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            parents=torch.tensor(parents, dtype=torch.long, device=device),
+            need_hidden=True,
+        )
 
-    def _sized(self, tokens: list[int], parents: list[int], probs: list[float] | None,
-               copies: list[list[int]], max_nodes: int) -> tuple[list[int], list[int]]:
+    def _sized(
+        self, tokens: list[int], parents: list[int], probs: list[float] | None, copies: list[list[int]], max_nodes: int
+    ) -> tuple[list[int], list[int]]:
         """A dynamic tree cut to the size worth its forward cost beside the rows of ``copies``
         (a fixed tree, or a dynamic one without a cost model, is returned whole)."""
         if probs is None or self.row_cost is None:
@@ -161,23 +172,30 @@ def _resolve_tree(value: object, heads: MedusaHeads) -> tuple[tuple[int, ...], .
     elif isinstance(value, (list, tuple)):
         tree = value
     else:
-        raise SpecdecError(f"tree must be a list of paths such as [[0], [0, 0], [1]], got {value!r}",
-                           "or leave it unset for the tree stored with the heads")
+        raise SpecdecError(
+            f"tree must be a list of paths such as [[0], [0, 0], [1]], got {value!r}",
+            "or leave it unset for the tree stored with the heads",
+        )
     return tuple(tuple(int(i) for i in p) for p in tree)
 
 
 def _resolve_typical(options: MedusaOptions) -> TypicalAcceptance | None:
     value = options.typical_acceptance
-    knobs = {k: float(getattr(options, k)) for k in ("posterior_threshold", "posterior_alpha")
-             if getattr(options, k) is not None}
+    knobs = {
+        k: float(getattr(options, k))
+        for k in ("posterior_threshold", "posterior_alpha")
+        if getattr(options, k) is not None
+    }
     if isinstance(value, TypicalAcceptance):
         if knobs:
             raise SpecdecError("give posterior_threshold/posterior_alpha either in the TypicalAcceptance or alone")
         return value
     if value is None or value is False:
         if knobs:
-            raise SpecdecError(f"{', '.join(knobs)} only apply with typical acceptance",
-                               "pass typical_acceptance=True (--typical-acceptance), which is lossy")
+            raise SpecdecError(
+                f"{', '.join(knobs)} only apply with typical acceptance",
+                "pass typical_acceptance=True (--typical-acceptance), which is lossy",
+            )
         return None
     if value is True:
         return TypicalAcceptance(**knobs)

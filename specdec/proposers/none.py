@@ -2,6 +2,7 @@
 
 The in-house baseline: the same loop, verifier and cache as every other method.
 """
+
 from __future__ import annotations
 
 from .base import DecodeState, Proposal, StepOutcome

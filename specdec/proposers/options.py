@@ -6,6 +6,7 @@ receives the object in :attr:`~specdec.proposers.ProposerContext.options`.
 This module imports neither torch nor transformers, so front ends (the CLI,
 the webui extension) can read the defaults cheaply.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,11 @@ class DraftOptions:
         _check_bool("draft", "int8", self.int8, allow_none=True)
         for name in ("ngram_min_tokens", "ngram_tokens", "max_copy_tokens", "max_ngram"):
             _check_int("draft", name, getattr(self, name), 1)
-        if isinstance(self.confidence_stop, bool) or not isinstance(self.confidence_stop, (int, float)) \
-                or not 0.0 <= self.confidence_stop < 1.0:
+        if (
+            isinstance(self.confidence_stop, bool)
+            or not isinstance(self.confidence_stop, (int, float))
+            or not 0.0 <= self.confidence_stop < 1.0
+        ):
             raise SpecdecError(f"confidence_stop must be in [0, 1), got {self.confidence_stop!r}")
         if self.ngram_tokens < self.ngram_min_tokens:
             raise SpecdecError("need 1 <= ngram_min_tokens <= ngram_tokens and max_ngram >= 1")
@@ -134,8 +138,13 @@ class LookaheadOptions:
     copy_min_ngram: int = 1
 
     def __post_init__(self) -> None:
-        for name, low in (("window_size", 1), ("ngram_size", 2), ("guess_size", 1), ("copy_tokens", 0),
-                          ("copy_min_ngram", 1)):
+        for name, low in (
+            ("window_size", 1),
+            ("ngram_size", 2),
+            ("guess_size", 1),
+            ("copy_tokens", 0),
+            ("copy_min_ngram", 1),
+        ):
             _check_int("lookahead", name, getattr(self, name), low)
 
 
@@ -181,8 +190,10 @@ class MedusaOptions:
         if self.tree_size is not None:
             _check_int("medusa", "tree_size", self.tree_size, 1)
         if self.dynamic_tree and self.tree is not None:
-            raise SpecdecError("give either a fixed tree or dynamic_tree=True, not both",
-                               "a dynamic tree is chosen each step; tree_size caps its nodes")
+            raise SpecdecError(
+                "give either a fixed tree or dynamic_tree=True, not both",
+                "a dynamic tree is chosen each step; tree_size caps its nodes",
+            )
 
     @property
     def per_step_tree(self) -> bool:
@@ -192,5 +203,12 @@ class MedusaOptions:
 
 MethodOptions = NoneOptions | DraftOptions | PromptLookupOptions | LookaheadOptions | MedusaOptions
 
-__all__ = ["COPY_TOKENS", "NoneOptions", "DraftOptions", "PromptLookupOptions", "LookaheadOptions", "MedusaOptions",
-           "MethodOptions"]
+__all__ = [
+    "COPY_TOKENS",
+    "NoneOptions",
+    "DraftOptions",
+    "PromptLookupOptions",
+    "LookaheadOptions",
+    "MedusaOptions",
+    "MethodOptions",
+]

@@ -6,6 +6,7 @@ matches are tried first. How many tokens to copy comes from the acceptance
 rate and the measured step costs (:class:`~specdec.adaptive.DraftLengthController`),
 and doubles while copies are kept whole.
 """
+
 from __future__ import annotations
 
 
@@ -27,16 +28,20 @@ class PromptLookupProposer:
     def __init__(self, cfg: PromptLookupOptions, fixed: int | None) -> None:
         self.cfg = cfg
         self.controller = DraftLengthController(
-            fixed=fixed, k_max=K_MAX, initial_k=K_MAX,
-            draft_seconds=0.0, static_draft_cost=0.0,
+            fixed=fixed,
+            k_max=K_MAX,
+            initial_k=K_MAX,
+            draft_seconds=0.0,
+            static_draft_cost=0.0,
         )
         self.index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
         self._shadow: int | None = None  # first token a match offered when nothing was proposed
         self.run_length = K_MAX  # copy length while copies are kept whole
 
     def reset(self, state: DecodeState) -> None:
-        self.controller.start(deterministic=state.seeded and not state.sampling.greedy,
-                              device_type=state.tokens.device.type)
+        self.controller.start(
+            deterministic=state.seeded and not state.sampling.greedy, device_type=state.tokens.device.type
+        )
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
         self._shadow = None
@@ -65,8 +70,10 @@ class PromptLookupProposer:
         if len(found) <= 1:
             return Proposal(tokens=torch.tensor(found[0] if found else [], dtype=torch.long, device=device))
         tokens, parents = build_trie(found, k)
-        return Proposal(tokens=torch.tensor(tokens, dtype=torch.long, device=device),
-                     parents=torch.tensor(parents, dtype=torch.long, device=device))
+        return Proposal(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            parents=torch.tensor(parents, dtype=torch.long, device=device),
+        )
 
     def observe(self, outcome: StepOutcome) -> None:
         n = outcome.proposal.num_nodes

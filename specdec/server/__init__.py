@@ -3,6 +3,7 @@
 Built on Starlette (routing, requests, streaming responses) and uvicorn (the
 HTTP server), both from the ``serve`` extra: ``pip install 'specdec[serve]'``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,6 +39,15 @@ def serve(generator: SpeculativeGenerator, config: ServerConfig, host: str, port
             begin_shutdown(app)  # before uvicorn waits for open streams to finish
             await super().shutdown(sockets=sockets)
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                   lifespan="on", timeout_graceful_shutdown=10))
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    )
     server.run()

@@ -7,6 +7,7 @@ thread (:class:`~specdec.server.worker.GenerationQueue`). Every answer
 carries ``usage`` and a ``specdec`` object with the generation's statistics;
 every request is logged in one line.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -122,9 +123,15 @@ class Api:
             body = parse(model, await self._read_json(request))
             self._check_model(body.model)
             prompt_ids, max_new_tokens = await self._prompt(body)
-            sampling = dict(max_new_tokens=max_new_tokens, temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                            stop=body.stops() or None)
+            sampling = dict(
+                max_new_tokens=max_new_tokens,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
+                stop=body.stops() or None,
+            )
             job = Job(request_id, prompt_ids, sampling, asyncio.get_running_loop())
             self._submit(job)
         except ApiError as e:
@@ -133,8 +140,9 @@ class Api:
         chat = isinstance(body, ChatRequest)
         if body.stream:
             events = self._sse(job, body, chat, started, len(prompt_ids))
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         outcome = await self._collect(request, job, body, started, len(prompt_ids))
         if outcome is None:  # nobody to answer
             return Response(status_code=499)
@@ -148,8 +156,12 @@ class Api:
         """``(prompt ids [P], max_new_tokens)``; 400 when the prompt and the answer do not fit the context."""
         if isinstance(body, ChatRequest):
             if not getattr(self.generator.tokenizer, "chat_template", None):
-                raise ApiError(400, f"model {self.config.model_id!r} has no chat template",
-                               param="messages", code="unsupported_model")
+                raise ApiError(
+                    400,
+                    f"model {self.config.model_id!r} has no chat template",
+                    param="messages",
+                    code="unsupported_model",
+                )
             prompt: Any = body.chat_messages()
         else:
             prompt = body.prompt_value()
@@ -164,24 +176,32 @@ class Api:
         limit = body.new_tokens_limit()
         if len(ids) >= context or (limit is not None and len(ids) + limit > context):
             asked = f" plus max_tokens ({limit})" if limit is not None else ""
-            raise ApiError(400, f"this model's context is {context} tokens; the prompt ({len(ids)} tokens){asked} "
-                                f"does not fit. Shorten the prompt or lower max_tokens.",
-                           param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens; the prompt ({len(ids)} tokens){asked} "
+                f"does not fit. Shorten the prompt or lower max_tokens.",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
         return ids, limit if limit is not None else context - len(ids)
 
     def _submit(self, job: Job) -> None:
         try:
             self.queue.submit(job)
         except QueueFullError:
-            raise ApiError(429, f"the server is busy: {self.queue.max_waiting} requests are already waiting "
-                                "(generations run one at a time). Retry later.",
-                           type="rate_limit_exceeded", code="queue_full") from None
+            raise ApiError(
+                429,
+                f"the server is busy: {self.queue.max_waiting} requests are already waiting "
+                "(generations run one at a time). Retry later.",
+                type="rate_limit_exceeded",
+                code="queue_full",
+            ) from None
         except StoppingError:
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
 
-    async def _collect(self, request: Request, job: Job, body: CompletionFields, started: float,
-                       prompt_tokens: int) -> Outcome | None:
+    async def _collect(
+        self, request: Request, job: Job, body: CompletionFields, started: float, prompt_tokens: int
+    ) -> Outcome | None:
         """Wait for a whole answer; None when the client went away first (the job is then cancelled)."""
         answer = asyncio.ensure_future(_gather(job))
         gone = asyncio.ensure_future(_disconnected(request))
@@ -193,8 +213,9 @@ class Api:
         self._abandon(job, body, started, prompt_tokens)
         return None
 
-    async def _sse(self, job: Job, body: CompletionFields, chat: bool, started: float,
-                   prompt_tokens: int) -> AsyncIterator[str]:
+    async def _sse(
+        self, job: Job, body: CompletionFields, chat: bool, started: float, prompt_tokens: int
+    ) -> AsyncIterator[str]:
         """Server-sent events: delta chunks, a last chunk with finish_reason/usage/specdec, ``[DONE]``.
 
         Starlette cancels this generator when the client disconnects; the
@@ -249,13 +270,18 @@ class Api:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     def _check_model(self, name: str, param: str | None = "model") -> None:
         if name != self.config.model_id:
-            raise ApiError(404, f"the model {name!r} does not exist: this server serves {self.config.model_id!r}",
-                           param=param, code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist: this server serves {self.config.model_id!r}",
+                param=param,
+                code="model_not_found",
+            )
 
     async def _read_json(self, request: Request) -> Any:
         """The body as JSON; 413 beyond ``max_request_bytes`` (checked while reading), 400 if not JSON."""
@@ -278,14 +304,20 @@ class Api:
         return {"id": self.config.model_id, "object": "model", "created": self.config.created, "owned_by": "specdec"}
 
     # ------------------------------------------------------------------ logging
-    def _log(self, request_id: str, body: CompletionFields | None, outcome: Outcome, started: float,
-             prompt_tokens: int = 0) -> None:
+    def _log(
+        self, request_id: str, body: CompletionFields | None, outcome: Outcome, started: float, prompt_tokens: int = 0
+    ) -> None:
         """One line per request: id, status, tokens, tok/s, method, accepted length, finish, seconds."""
         parts = [request_id, str(outcome.status)]
         s = outcome.stats
         if s is not None:
-            parts += [f"prompt={prompt_tokens}", f"completion={s.new_tokens}", f"tok/s={s.tokens_per_second:.1f}",
-                      f"method={s.method}", f"accepted={s.mean_accepted_length:.2f}"]
+            parts += [
+                f"prompt={prompt_tokens}",
+                f"completion={s.new_tokens}",
+                f"tok/s={s.tokens_per_second:.1f}",
+                f"method={s.method}",
+                f"accepted={s.mean_accepted_length:.2f}",
+            ]
         if outcome.finish_reason:
             parts.append(f"finish={outcome.finish_reason}")
         if body is not None and body.stream:
@@ -350,27 +382,47 @@ def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str
         for name in ("new_tokens", "prompt_tokens"):
             extra.pop(name)
     extra["finish_reason"] = finish_reason
-    return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion},
-            "specdec": extra}
+    return {
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+        "specdec": extra,
+    }
 
 
-def _completion(request_id: str, config: ServerConfig, chat: bool, outcome: Outcome,
-                prompt_tokens: int) -> dict[str, Any]:
+def _completion(
+    request_id: str, config: ServerConfig, chat: bool, outcome: Outcome, prompt_tokens: int
+) -> dict[str, Any]:
     finish = _FINISH.get(outcome.finish_reason or "", "stop")
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "finish_reason": finish,
-                  "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": outcome.text},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
     else:
         choice = {"index": 0, "text": outcome.text, "finish_reason": finish, "logprobs": None}
-    out = {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-           "model": config.model_id, "choices": [choice]}
+    out = {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": config.model_id,
+        "choices": [choice],
+    }
     out.update(_usage(outcome.stats, prompt_tokens, outcome.finish_reason))
     return out
 
 
-def _chunk(request_id: str, config: ServerConfig, chat: bool, content: str | dict[str, str] | None,
-           finish_reason: str | None = None) -> dict[str, Any]:
+def _chunk(
+    request_id: str,
+    config: ServerConfig,
+    chat: bool,
+    content: str | dict[str, str] | None,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
     """One streamed chunk; ``content`` None with a ``finish_reason`` is the last one."""
     finish = _FINISH.get(finish_reason or "", "stop") if finish_reason else None
     if chat:
@@ -378,8 +430,13 @@ def _chunk(request_id: str, config: ServerConfig, chat: bool, content: str | dic
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
     else:
         choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
-    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": config.model_id, "choices": [choice]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": config.model_id,
+        "choices": [choice],
+    }
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -399,8 +456,14 @@ def create_app(generator: SpeculativeGenerator, config: ServerConfig) -> Starlet
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         api.queue.start()
-        log.info("serving %s (method %s, context %d tokens) at %s/v1; at most %d requests wait",
-                 config.model_id, generator.method, generator.context_length, config.url, config.max_queue)
+        log.info(
+            "serving %s (method %s, context %d tokens) at %s/v1; at most %d requests wait",
+            config.model_id,
+            generator.method,
+            generator.context_length,
+            config.url,
+            config.max_queue,
+        )
         try:
             yield
         finally:
@@ -411,8 +474,9 @@ def create_app(generator: SpeculativeGenerator, config: ServerConfig) -> Starlet
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                       code=code))
+        return error_response(
+            ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+        )
 
     routes = [
         Route("/health", api.health, methods=["GET"]),
@@ -421,12 +485,14 @@ def create_app(generator: SpeculativeGenerator, config: ServerConfig) -> Starlet
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
     ]
+
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return error_response(exc)
 
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, ApiError: api_error})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, ApiError: api_error}
+    )
     app.state.api = api
     return app
 

@@ -7,6 +7,7 @@ sets to anything else, so the server answers 400 instead of silently changing
 what the request means. Fields the API does not know at all are ignored (chat
 front-ends send many of their own) and listed in the request's log line.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -33,9 +34,9 @@ _REASONS = {
     "logprobs": "specdec does not return log-probabilities",
     "top_logprobs": "specdec does not return log-probabilities",
     "presence_penalty": "specdec applies repetition_penalty (transformers' multiplicative penalty) only; "
-                        "an additive presence/frequency penalty would change what is sampled",
+    "an additive presence/frequency penalty would change what is sampled",
     "frequency_penalty": "specdec applies repetition_penalty (transformers' multiplicative penalty) only; "
-                         "an additive presence/frequency penalty would change what is sampled",
+    "an additive presence/frequency penalty would change what is sampled",
     "logit_bias": "specdec does not bias logits",
     "tools": "specdec does not call tools",
     "functions": "specdec does not call functions",
@@ -50,8 +51,15 @@ _REASONS = {
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -143,8 +151,12 @@ class ChatRequest(CompletionFields):
         out = []
         for i, m in enumerate(self.messages):
             if m.role in ("tool", "function"):
-                raise ApiError(400, f"messages[{i}] has role '{m.role}': {_REASONS['tools']}",
-                               param=f"messages[{i}].role", code="unsupported_parameter")
+                raise ApiError(
+                    400,
+                    f"messages[{i}] has role '{m.role}': {_REASONS['tools']}",
+                    param=f"messages[{i}].role",
+                    code="unsupported_parameter",
+                )
             out.append({"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)})
         return out
 
@@ -163,8 +175,12 @@ class CompletionRequest(CompletionFields):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise ApiError(400, f"prompt holds {len(p)} prompts; specdec takes one per request",
-                               param="prompt", code="unsupported_parameter")
+                raise ApiError(
+                    400,
+                    f"prompt holds {len(p)} prompts; specdec takes one per request",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
             p = p[0]
         if not p:
             raise ApiError(400, "the prompt is empty", param="prompt", code="invalid_value")
@@ -184,8 +200,9 @@ def parse(model: type[CompletionFields], body: Any) -> CompletionFields:
         first = e.errors()[0]
         param = _param(first["loc"])
         message = f"{param}: {first['msg']}" if param else first["msg"]
-        raise ApiError(400, message, param=param or None,
-                       code="missing_field" if first["type"] == "missing" else "invalid_value") from None
+        raise ApiError(
+            400, message, param=param or None, code="missing_field" if first["type"] == "missing" else "invalid_value"
+        ) from None
     refusal = request.unsupported()
     if refusal is not None:
         raise refusal
@@ -206,8 +223,9 @@ def _param(loc: tuple[Any, ...]) -> str:
 
 
 def _unsupported(name: str, value: Any) -> ApiError:
-    return ApiError(400, f"{name}={value!r} is not supported: {_REASONS[name]}", param=name,
-                    code="unsupported_parameter")
+    return ApiError(
+        400, f"{name}={value!r} is not supported: {_REASONS[name]}", param=name, code="unsupported_parameter"
+    )
 
 
 def _text(content: str | list[dict[str, Any]] | None, index: int) -> str:
@@ -217,8 +235,11 @@ def _text(content: str | list[dict[str, Any]] | None, index: int) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, f"messages[{index}].content[{j}] is of type {part.get('type')!r}; "
-                                "specdec takes text only", param=f"messages[{index}].content[{j}].type",
-                           code="unsupported_parameter")
+            raise ApiError(
+                400,
+                f"messages[{index}].content[{j}] is of type {part.get('type')!r}; specdec takes text only",
+                param=f"messages[{index}].content[{j}].type",
+                code="unsupported_parameter",
+            )
         texts.append(part["text"])
     return "\n".join(texts)

@@ -6,6 +6,7 @@ each text delta back to the loop with ``call_soon_threadsafe``. A job is
 cancelled between two decoding steps (the stream is closed after the step in
 progress), or taken out of the queue if it has not started.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -141,8 +142,11 @@ class GenerationQueue:
     def snapshot(self) -> dict[str, Any]:
         """``{"running": request id or None, "waiting": n, "max_waiting": m}`` for /health."""
         with self._cond:
-            return {"running": self._running.request_id if self._running else None, "waiting": len(self._waiting),
-                    "max_waiting": self.max_waiting}
+            return {
+                "running": self._running.request_id if self._running else None,
+                "waiting": len(self._waiting),
+                "max_waiting": self.max_waiting,
+            }
 
     # ------------------------------------------------------------------ the worker thread
     def _loop(self) -> None:

@@ -93,6 +93,12 @@ class DecodeState:
     seeded: bool = False
     capacity: int = 0
 
+    @property
+    def timing_free(self) -> bool:
+        """Whether this run's proposals must not depend on measured times: seeded sampling must be
+        reproducible, and timings are not (greedy tokens do not depend on what is proposed)."""
+        return self.seeded and not self.sampling.greedy
+
 
 @dataclass
 class StepOutcome:

@@ -82,9 +82,7 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.start(
-            deterministic=state.seeded and not state.sampling.greedy, device_type=state.tokens.device.type
-        )
+        self.controller.start(deterministic=state.timing_free, device_type=state.tokens.device.type)
         self.kv.reset(state.capacity)
         self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device

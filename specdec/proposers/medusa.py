@@ -100,7 +100,7 @@ class MedusaProposer:
     def reset(self, state: DecodeState) -> None:
         self._guesses = None
         if self.row_cost is not None:  # seeded sampling must not depend on timings
-            self.row_cost.start(deterministic=state.seeded and not state.sampling.greedy)
+            self.row_cost.start(deterministic=state.timing_free)
         if self.copies is not None:
             self.copies.reset(state.tokens.tolist())
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import models
+from . import models, unpacked
 from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - part of this module's API
 from .errors import ModelNotFoundError, SpecdecError
 from .proposers import MethodOptions, method_and_options
@@ -85,6 +85,10 @@ def load_model(
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
         quantization_config: passed to ``from_pretrained`` (bitsandbytes, GPTQ).
+
+    A ``.gguf`` file loaded without a quantization config is read from its unpacked copy after the first
+    load (:mod:`specdec.unpacked`): the same tensors, without parsing the file again.
+
     Returns:
         ``(model in eval mode, tokenizer)``.
     """
@@ -98,9 +102,16 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    unpacked_copy = (
+        unpacked.copy_for(Path(where) / gguf_file, torch_dtype) if gguf_file and not quantization_config else None
+    )
+    loaded = unpacked.load(unpacked_copy) if unpacked_copy else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf_file} if gguf_file else {}))
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if loaded:
+            model, tokenizer = loaded
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf_file} if gguf_file else {}))
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         is_hub = where == str(name_or_path) and not Path(where).exists()
         raise ModelNotFoundError(
@@ -114,6 +125,8 @@ def load_model(
         raise
     except Exception as e:  # a truncated or corrupt file fails deep in a reader (struct.error, SafetensorError...)
         raise unreadable_model(name_or_path, where, gguf_file, e) from None
+    if unpacked_copy and not loaded:
+        unpacked.store(model, tokenizer, unpacked_copy)
     if quantization_config is None and model.device != dev:
         model = model.to(dev)
     return model.eval(), tokenizer

@@ -1,4 +1,4 @@
-"""``specdec-local models list | pull NAME | verify [NAME]``."""
+"""``specdec-local models list | pull NAME | verify [NAME] | clean``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .. import models
+from .. import models, unpacked
 from .common import report_errors
 
 
@@ -23,6 +23,13 @@ def list_models() -> None:
         default = " (default)" if m.name == models.DEFAULT_MODEL else ""
         click.echo(f"{m.name:18} {m.size_mb:>5} MB  {state:10}  {m.about}{default}")
     click.echo(f"cache: {models.cache_dir()}  (set SPECDEC_MODELS to move it)")
+    copies = unpacked.copies()
+    if copies:
+        megabytes = sum(unpacked.folder_bytes(p) for p in copies) >> 20
+        click.echo(
+            f"unpacked copies of .gguf files (for fast loading): {len(copies)}, {megabytes} MB in {unpacked.root()}"
+            "  (`specdec-local models clean` removes them)"
+        )
 
 
 @models_group.command("pull")
@@ -53,6 +60,14 @@ def verify(names: tuple[str, ...]) -> None:
             click.echo(f"error: {problem}", err=True)
     if any(p is not None for p in results.values()):
         sys.exit(1)
+
+
+@models_group.command("clean")
+@report_errors
+def clean() -> None:
+    """Remove the unpacked copies of .gguf files (the next load of each file is slow again and rewrites it)."""
+    removed, freed = unpacked.clean()
+    click.echo(f"removed {removed} unpacked cop{'y' if removed == 1 else 'ies'}, {freed >> 20} MB freed")
 
 
 commands = [models_group]

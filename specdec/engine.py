@@ -312,6 +312,7 @@ class SpeculativeGenerator:
             generator=generator,
             seeded=seeded,
             capacity=len(prompt_ids) + limit + max(BUCKETS),
+            reduced_precision=self.target.dtype in (torch.float16, torch.bfloat16),
         )
         self.kv.reset(state.capacity)
         with torch.inference_mode():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -124,6 +126,43 @@ def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
         model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False
     ).generate(messages, max_new_tokens=40)
     assert res.token_ids == ref and res.stats.acceptance_rate > 0.6
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["prompt_lookup", "draft"])
+def test_bfloat16_greedy_text_is_the_same_every_run(smollm2, method):
+    """In bfloat16 a position's logits depend on the verify forward's row count, so the proposals must not
+    follow measured times (which differ from run to run): five runs, in fresh generators and in one that
+    carries its state from run to run, give one text."""
+    model = copy.deepcopy(smollm2[0]).to(torch.bfloat16)
+    tok = smollm2[1]
+    extra = {"draft": model} if method == "draft" else {}
+    messages = [{"role": "user", "content": "Write a short poem about rivers, then repeat its first line."}]
+    carried = specdec.SpeculativeGenerator(model, tok, method=method, **extra)
+    texts = {tuple(carried.generate(messages, max_new_tokens=48).token_ids) for _ in range(3)}
+    texts |= {
+        tuple(
+            specdec.SpeculativeGenerator(model, tok, method=method, **extra)
+            .generate(messages, max_new_tokens=48)
+            .token_ids
+        )
+        for _ in range(2)
+    }
+    assert len(texts) == 1 and len(next(iter(texts))) > 8
+
+
+def test_greedy_proposals_ignore_timings_only_in_reduced_precision():
+    from specdec.proposers.base import DecodeState
+    from specdec.sampling import SamplingConfig
+
+    def state(greedy: bool, seeded: bool, reduced: bool) -> DecodeState:
+        sampling = SamplingConfig() if greedy else SamplingConfig(temperature=0.8)
+        return DecodeState(torch.zeros(1, dtype=torch.long), 1, sampling, None, seeded, 0, reduced)
+
+    assert state(greedy=True, seeded=False, reduced=True).timing_free
+    assert not state(greedy=True, seeded=False, reduced=False).timing_free
+    assert state(greedy=False, seeded=True, reduced=False).timing_free
+    assert not state(greedy=False, seeded=False, reduced=True).timing_free
 
 
 def test_int8_draft_is_a_sharing_copy():

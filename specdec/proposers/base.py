@@ -84,6 +84,8 @@ class DecodeState:
         generator: the random generator of this generation.
         seeded: whether the caller gave a seed (the run must then be reproducible).
         capacity: most positions this generation's caches hold (prompt, new tokens and the widest step).
+        reduced_precision: whether the target computes in float16 or bfloat16, where a position's logits
+            depend on how many rows are computed beside it.
     """
 
     tokens: torch.Tensor
@@ -92,12 +94,19 @@ class DecodeState:
     generator: torch.Generator | None
     seeded: bool = False
     capacity: int = 0
+    reduced_precision: bool = False
 
     @property
     def timing_free(self) -> bool:
-        """Whether this run's proposals must not depend on measured times: seeded sampling must be
-        reproducible, and timings are not (greedy tokens do not depend on what is proposed)."""
-        return self.seeded and not self.sampling.greedy
+        """Whether this run's proposals must not depend on measured times, which differ from run to run.
+
+        Seeded sampling must be reproducible. Greedy text in float32 does not depend on what is proposed; in
+        float16/bfloat16 it does, through the verify forward's row count (near-ties flip), so greedy decoding
+        there proposes from the cost priors alone and the same prompt always gets the same text.
+        """
+        if self.sampling.greedy:
+            return self.reduced_precision
+        return self.seeded
 
 
 @dataclass

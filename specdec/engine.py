@@ -269,6 +269,7 @@ class SpeculativeGenerator:
             repetition_penalty=repetition_penalty,
             suppress_tokens=suppress_tokens,
             stop=stop,
+            seed=seed,
         )
         if stops and self.tokenizer is None:
             raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")

@@ -73,6 +73,10 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds ``torch.Generator.manual_seed`` takes."""
+
+
 def check_request(
     model: torch.nn.Module,
     prompt_ids: Sequence[int],
@@ -84,6 +88,7 @@ def check_request(
     repetition_penalty: Any = 1.0,
     suppress_tokens: Any = (),
     stop: Any = None,
+    seed: Any = None,
 ) -> tuple[SamplingConfig, list[str]]:
     """Check the values of one generation call; return its sampling config and its stop strings.
 
@@ -96,7 +101,7 @@ def check_request(
             its output rows ``V`` bound ``suppress_tokens``.
         prompt_ids: the encoded prompt.
         max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-        suppress_tokens, stop: as given to :meth:`SpeculativeGenerator.stream`.
+        suppress_tokens, stop, seed: as given to :meth:`SpeculativeGenerator.stream`.
 
     Raises:
         InvalidSamplingError: naming the argument and the value.
@@ -105,6 +110,11 @@ def check_request(
         raise InvalidSamplingError(
             f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
             "pass a whole number of tokens, e.g. max_new_tokens=128",
+        )
+    if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+        raise InvalidSamplingError(
+            f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed), got {seed!r}",
+            "use a smaller whole number, e.g. 0, or no seed for a random one",
         )
     if isinstance(suppress_tokens, (str, bytes)) or not isinstance(suppress_tokens, Iterable):
         raise InvalidSamplingError(

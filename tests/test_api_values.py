@@ -45,6 +45,9 @@ BAD_VALUES = [
     (dict(suppress_tokens=7), "suppress_tokens"),
     (dict(stop=5), "stop"),
     (dict(stop=["ok", None]), "stop"),
+    (dict(seed=2**64), "seed"),
+    (dict(seed=-(2**63) - 1), "seed"),
+    (dict(seed=1.5), "seed"),
 ]
 
 

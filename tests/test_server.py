@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -333,13 +334,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
             "context_length_exceeded",
         ),
         (b" " * (2 << 20), 413, None, "request_too_large"),
+        (json.dumps({**ok, "temperature": math.inf}).encode(), 400, "temperature", "invalid_value"),
+        (json.dumps(ok)[:-1].encode() + b', "top_p": NaN}', 400, "top_p", "invalid_value"),
+        (json.dumps(ok)[:-1].encode() + b', "repetition_penalty": 1e999}', 400, "repetition_penalty", "invalid_value"),
     ]
     for body, status, param, code in cases:
         got, data = server.raw("POST", chat, body)
         assert got == status, (body[:80], data)
         assert set(data["error"]) == {"message", "type", "param", "code"}, data
         assert data["error"]["param"] == param and data["error"]["code"] == code, data
-    assert "8192" in server.raw("POST", chat, cases[-2][0])[1]["error"]["message"]  # the context size is named
+    assert "8192" in server.raw("POST", chat, cases[-5][0])[1]["error"]["message"]  # the context size is named
+    for stream in (False, True):  # a seed torch cannot take is refused before the answer starts, streamed or not
+        got, data = server.raw("POST", chat, json.dumps({**ok, "seed": 2**70, "stream": stream}).encode())
+        assert got == 400 and data["error"]["param"] == "seed", data
     for prompt in ([10**7], [], [[1, 2], [3]]):  # an id beyond the vocabulary, no prompt, a batch of two
         got, data = server.raw("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": prompt}).encode())
         assert got == 400 and data["error"]["param"] == "prompt", data

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..sampling import SEED_MIN, SEED_MAX
+
 # (field, value that means "off"): anything else is refused with a 400 naming the field
 _NEUTRAL: tuple[tuple[str, Any], ...] = (
     ("n", 1),
@@ -72,9 +74,12 @@ class ApiError(Exception):
 
 
 class CompletionFields(BaseModel):
-    """The fields both endpoints share. Defaults are OpenAI's (``temperature`` 1 samples)."""
+    """The fields both endpoints share. Defaults are OpenAI's (``temperature`` 1 samples).
 
-    model_config = ConfigDict(extra="allow")
+    JSON's non-standard ``NaN``/``Infinity`` (and numbers beyond a float, such as ``1e999``) are refused.
+    """
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -83,7 +88,7 @@ class CompletionFields(BaseModel):
     top_k: int = Field(default=0, ge=0, description="extension: 0 = off")
     repetition_penalty: float = Field(default=1.0, gt=0.0, description="extension: 1 = off")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # usage is always sent, so include_usage changes nothing
     user: str | None = None

@@ -163,9 +163,13 @@ class GenerationQueue:
             job.send(last)
 
     def _run(self, job: Job) -> Message:
-        """Stream ``job`` until it ends or is cancelled; return its last message (not yet sent)."""
-        stream = self.generator.stream(job.prompt_ids, **job.sampling)
+        """Stream ``job`` until it ends or is cancelled; return its last message (not yet sent).
+
+        Whatever fails, the values ``stream()`` checks when called included, ends this job only.
+        """
+        stream = None
         try:
+            stream = self.generator.stream(job.prompt_ids, **job.sampling)
             for event in stream:
                 if event.text:
                     job.send(Message("delta", text=event.text))
@@ -182,4 +186,5 @@ class GenerationQueue:
             log.exception("%s: generation failed", job.request_id)
             return Message("error", error=e)
         finally:
-            stream.close()
+            if stream is not None:
+                stream.close()

@@ -211,6 +211,11 @@ def load(
     else:  # check the method and its options before loading anything (a profile has done so already)
         method, options = method_and_options(method, draft, options, method_options)
         method_options = {}
+        if draft is not None and method != "draft":
+            raise SpecdecError(
+                f"a draft model ({draft}) is only used by method 'draft', and the method is {method!r}",
+                "drop the draft (--draft), or use method 'draft' (or 'auto')",
+            )
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
     if draft is not None and method in ("auto", "draft"):

@@ -90,6 +90,9 @@ def test_load_checks_the_options_before_loading_a_model():
         specdec.load("no-such-model-here", method="none", window_size=3)
     with pytest.raises(SpecdecError, match="needs a draft model"):
         specdec.load("no-such-model-here", method="draft")
+    for method in ("none", "prompt_lookup", "lookahead"):  # a draft they would silently ignore
+        with pytest.raises(SpecdecError, match=f"only used by method 'draft', and the method is '{method}'"):
+            specdec.load("no-such-model-here", draft="no-such-draft", method=method)
 
 
 def test_options_are_frozen_and_importable_without_torch():

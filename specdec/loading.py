@@ -151,7 +151,7 @@ def unreadable_model(name_or_path: str, where: str, gguf_file: str | None, error
 
 
 def load(
-    target: str = models.DEFAULT_MODEL,
+    target: str | None = None,
     draft: str | None = None,
     method: str = "auto",
     dtype: str = "auto",
@@ -166,7 +166,8 @@ def load(
     """Load a target (and a draft) and return a ready :class:`~specdec.SpeculativeGenerator`.
 
     Args:
-        target: packaged name (default ``smollm2-135m``), local folder, ``.gguf`` file or hub id.
+        target: packaged name, local folder, ``.gguf`` file or hub id (None: ``smollm2-135m``, or with a
+            ``profile`` the profile's choice for this machine).
         draft: the same kinds of reference, for method ``draft``/``auto``.
         method: ``none``, ``draft``, ``prompt_lookup``, ``lookahead``, ``medusa`` or ``auto``.
         dtype: ``auto`` (bfloat16 on CPU), ``float32``, ``bfloat16``, ``float16``.
@@ -209,6 +210,7 @@ def load(
         target_qc, draft_qc = arguments.quantization_configs()
         log.info("; ".join(arguments.notes))
     else:  # check the method and its options before loading anything (a profile has done so already)
+        target = models.DEFAULT_MODEL if target is None else target
         method, options = method_and_options(method, draft, options, method_options)
         method_options = {}
         if draft is not None and method != "draft":

@@ -255,10 +255,16 @@ def load_profiles(directory: str | Path | None = None) -> list[Profile]:
 
 
 def find_profile(name: str, profiles: Sequence[Profile]) -> Profile:
+    """The profile called ``name`` among ``profiles``, or the profile file ``name`` (a path ending in .yaml)."""
+    if name.endswith(PROFILE_SUFFIX):
+        return load_profile_file(Path(name).expanduser())
     for profile in profiles:
         if profile.name == name:
             return profile
-    raise SpecdecError(f"unknown profile {name!r}", f"profiles: auto, {', '.join(p.name for p in profiles)}")
+    raise SpecdecError(
+        f"unknown profile {name!r}",
+        f"profiles: auto, {', '.join(p.name for p in profiles)}, or a profile file (a path ending in {PROFILE_SUFFIX})",
+    )
 
 
 def match_profile(device: DeviceInfo, profiles: Sequence[Profile]) -> Profile:
@@ -420,7 +426,7 @@ def select(
         target: the model the user asked for (a reference, or already
             resolved); None = the profile's suggestions, then those of the
             smaller tiers (:func:`suggested_targets`), first that fits.
-        profile: ``auto`` (match the device) or a profile name.
+        profile: ``auto`` (match the device), a profile name or a profile file's path (``.yaml``).
         target_loaded: the target's weights are already in memory (webui), so
             ``device.free_bytes`` must hold only the draft, caches and activations.
         has_medusa_heads: Medusa heads were given for the target.

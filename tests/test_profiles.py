@@ -147,8 +147,21 @@ def test_nothing_fits_returns_the_smallest_with_fits_false():
 
 def test_profile_by_name_and_unknown_name():
     assert select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-4gb").profile == "gpu-4gb"
-    with pytest.raises(SpecdecError, match="unknown profile"):
+    with pytest.raises(SpecdecError, match="(?s)unknown profile.*or a profile file"):
         select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-3gb")
+
+
+def test_a_profile_file_of_ones_own_is_used_and_a_broken_one_says_where(tmp_path):
+    own = tmp_path / "my-cpu.yaml"
+    text = (profiles_dir() / "cpu.yaml").read_text().replace("name: cpu", "name: my-cpu", 1)
+    own.write_text(text)
+    assert select(CPU_16GB, cat.CATALOGUE, PROFILES, profile=str(own)).profile == "my-cpu"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nmatch: [unclosed\n")
+    with pytest.raises(ProfileError, match="broken.yaml"):
+        select(CPU_16GB, cat.CATALOGUE, PROFILES, profile=str(broken))
+    out = CliRunner().invoke(main, ["generate", "hi", "--profile", str(broken)])
+    assert out.exit_code == 1 and "broken.yaml" in out.output and "Traceback" not in out.output
 
 
 @pytest.mark.parametrize(
@@ -402,3 +415,18 @@ def test_nothing_fits_names_the_extra_to_install_first():
     assert not config.fits
     assert config.reasons[0].startswith("nothing fits with what is installed: install specdec[bnb]")
     assert config.reasons[-1] == "nothing fits: this is the smallest configuration tried"
+
+
+@pytest.mark.real_model
+def test_with_a_profile_and_no_target_the_profile_chooses_the_target(tmp_path):
+    """The CLI's --target has no default of its own under --profile: what `detect` shows is what runs."""
+    from specdec import models
+
+    if not models.is_pulled("smollm2-135m"):
+        pytest.skip("smollm2-135m is not pulled")
+    own = tmp_path / "small.yaml"
+    text = (profiles_dir() / "cpu.yaml").read_text().replace("name: cpu", "name: small", 1)
+    own.write_text(text.replace("targets: [qwen2.5-coder-1.5b, smollm2-135m]", "targets: [smollm2-135m]"))
+    out = CliRunner().invoke(main, ["generate", "hi", "-n", "2", "--dtype", "float32", "--profile", str(own)])
+    assert out.exit_code == 0, out.output
+    assert "profile small: lookahead, target smollm2-135m" in out.output

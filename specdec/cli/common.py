@@ -47,16 +47,17 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--target",
             "-t",
-            default=DEFAULT_MODEL,
-            show_default=True,
-            help="Packaged model name, local folder, .gguf file or hub id.",
+            default=None,
+            help=f"Packaged model name, local folder, .gguf file or hub id [default: {DEFAULT_MODEL}, or with "
+            "--profile the profile's choice].",
         ),
         click.option("--draft", "-d", default=None, help="Draft model (same tokenizer family as the target)."),
         click.option(
             "--profile",
             default=None,
-            metavar="auto|NAME",
-            help="Hardware profile: fills method, draft, quantization and their options not given "
+            metavar="auto|NAME|FILE.yaml",
+            help="Hardware profile (a name or your own profile file): fills method, draft, quantization and their "
+            "options not given "
             "(see `specdec-local detect`, `specdec-local profiles list`).",
         ),
     ]

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecdecError
+from ..models import DEFAULT_MODEL
 from .common import load_generator, model_options, quiet_libraries, report_errors, target_options
 
 _LOOPBACK_NAMES = ("localhost",)
@@ -68,8 +69,10 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name:
         )
     _log_to_stderr()
     quiet_libraries()
-    model_id = model_name or kwargs["target"]
+    target = kwargs["target"]
     gen = load_generator(kwargs)
+    chosen = getattr(gen, "selection", None)
+    model_id = model_name or target or (chosen.target_ref if chosen is not None else DEFAULT_MODEL)
 
     from ..server import serve as run
     from ..server.app import ServerConfig

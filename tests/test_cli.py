@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -109,3 +111,25 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
     assert proc.returncode == 130
     assert "[interrupted]" in err.decode() and "tok/s" in err.decode()
     assert len(first + out) > 8
+
+
+@pytest.mark.real_model
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(smollm2, tmp_path):
+    """The .gguf load (a fresh model cache, so no unpacked copy: ~16 s here) is cut by Ctrl-C at 10 s."""
+    from specdec import models
+
+    source = models.local_path("smollm2-135m")
+    gguf = Path(shutil.copy2(source, tmp_path / source.name))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "generate", "hi", "--target", str(gguf), "--dtype", "float32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, SPECDEC_MODELS=str(tmp_path / "models")),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(10)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "interrupted" and "Traceback" not in err.decode()
+    assert out == b""

@@ -26,7 +26,8 @@ def quiet_libraries() -> None:
 
 
 def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback."""
+    """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback; Ctrl-C before the
+    command handles it (while a model loads) into one line and exit code 130, as for any interrupted program."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,6 +38,9 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if e.hint:
                 click.echo(f"  hint: {e.hint}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     return wrapper
 

@@ -213,14 +213,14 @@ def load(
         target = models.DEFAULT_MODEL if target is None else target
         method, options = method_and_options(method, draft, options, method_options)
         method_options = {}
-        if draft is not None and method != "draft":
-            raise SpecdecError(
-                f"a draft model ({draft}) is only used by method 'draft', and the method is {method!r}",
-                "drop the draft (--draft), or use method 'draft' (or 'auto')",
-            )
+    if draft is not None and method != "draft":  # the method is resolved: a draft it would ignore is a mistake
+        raise SpecdecError(
+            f"a draft model ({draft}) is only used by method 'draft', and the method is {method!r}",
+            "drop the draft (--draft), or use method 'draft' (or 'auto')",
+        )
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None
-    if draft is not None and method in ("auto", "draft"):
+    if draft is not None:
         draft_model, draft_tokenizer = load_model(
             draft, dtype=dtype, device=str(model.device), quantization_config=draft_qc
         )

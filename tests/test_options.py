@@ -91,8 +91,9 @@ def test_load_checks_the_options_before_loading_a_model():
     with pytest.raises(SpecdecError, match="needs a draft model"):
         specdec.load("no-such-model-here", method="draft")
     for method in ("none", "prompt_lookup", "lookahead"):  # a draft they would silently ignore
-        with pytest.raises(SpecdecError, match=f"only used by method 'draft', and the method is '{method}'"):
-            specdec.load("no-such-model-here", draft="no-such-draft", method=method)
+        for profile in (None, "cpu"):
+            with pytest.raises(SpecdecError, match=f"only used by method 'draft', and the method is '{method}'"):
+                specdec.load("no-such-model-here", draft="no-such-draft", method=method, profile=profile)
 
 
 def test_options_are_frozen_and_importable_without_torch():

@@ -44,7 +44,8 @@ def _tokenizer() -> Any:
     return fast
 
 
-def _model(vocab: int, seed: int) -> Any:
+def _llama(vocab: int, seed: int, **special: Any) -> Any:
+    """A tiny Llama whose config (and so generation config) carries ``special`` ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -56,11 +57,14 @@ def _model(vocab: int, seed: int) -> Any:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=257,
+        **special,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def _model(vocab: int, seed: int) -> Any:
+    """The tiny Llama most tests use: the byte tokenizer's BOS 256 and EOS/pad 257."""
+    return _llama(vocab, seed, bos_token_id=256, eos_token_id=257, pad_token_id=257)
 
 
 @pytest.fixture(scope="module")
@@ -411,24 +415,6 @@ def test_a_call_the_adapter_cannot_read_goes_to_the_webui_unchanged(ext, webui) 
 
 
 # --------------------------------------------------------------------------- the webui's exact inputs
-def _llama(vocab: int, seed: int, **special: Any) -> Any:
-    """A tiny Llama whose config (and so generation config) carries ``special`` ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **special,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _greedy_tokens(model: Any, tokenizer: Any, n: int) -> list[int]:
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[], pad_token_id=0)
@@ -438,7 +424,7 @@ def _greedy_tokens(model: Any, tokenizer: Any, n: int) -> list[int]:
 def test_tokenizer_eos_other_than_the_configs_stops_where_the_webui_stops(ext, webui) -> None:
     """The webui stops at the tokenizer's EOS only (here a token the model writes mid-reply), not the config's."""
     tokenizer = _tokenizer()
-    model = _llama(len(tokenizer), 3, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(tokenizer), 3)
     stop_at = _greedy_tokens(model, tokenizer, 12)[6]
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop_at)
     webui.shared.model, webui.shared.tokenizer = model, tokenizer
@@ -470,7 +456,7 @@ def test_a_prompt_that_transformers_would_mask_goes_to_the_webui(ext, webui, cap
 def test_eos_inside_the_prompt_without_masking(ext, webui, case: str) -> None:
     """pad == EOS, or no pad at all (transformers then pads with EOS): nothing is masked and specdec generates."""
     tokenizer = _tokenizer()
-    model = _llama(len(tokenizer), 1, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(tokenizer), 1)
     if case == "no_pad":
         model.generation_config.pad_token_id = None
     webui.shared.model, webui.shared.tokenizer = model, tokenizer
@@ -498,7 +484,7 @@ def test_a_reply_past_the_context_goes_to_the_webui(ext, webui) -> None:
 
 def test_generation_config_processors_go_to_the_webui(ext, webui) -> None:
     tokenizer = _tokenizer()
-    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(tokenizer), 0)
     model.generation_config.min_new_tokens = 5
     webui.shared.model, webui.shared.tokenizer = model, tokenizer
     assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
@@ -507,7 +493,7 @@ def test_generation_config_processors_go_to_the_webui(ext, webui) -> None:
 
 def test_the_models_own_suppress_tokens_apply_unless_the_webui_bans_tokens(ext, webui) -> None:
     tokenizer = _tokenizer()
-    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(tokenizer), 0)
     first = _greedy_tokens(model, tokenizer, 1)[0]
     model.generation_config.suppress_tokens = [first]
     webui.shared.model, webui.shared.tokenizer = model, tokenizer

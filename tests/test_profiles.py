@@ -151,10 +151,19 @@ def test_profile_by_name_and_unknown_name():
         select(CPU_16GB, cat.CATALOGUE, PROFILES, profile="gpu-3gb")
 
 
+def _own_profile(folder: Path, name: str, *edits: tuple[str, str]) -> Path:
+    """A user's profile file ``folder/name.yaml``: the packaged cpu profile renamed, with ``edits`` (old, new)."""
+    text = (profiles_dir() / "cpu.yaml").read_text().replace("name: cpu", f"name: {name}", 1)
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_a_profile_file_of_ones_own_is_used_and_a_broken_one_says_where(tmp_path):
-    own = tmp_path / "my-cpu.yaml"
-    text = (profiles_dir() / "cpu.yaml").read_text().replace("name: cpu", "name: my-cpu", 1)
-    own.write_text(text)
+    own = _own_profile(tmp_path, "my-cpu")
     assert select(CPU_16GB, cat.CATALOGUE, PROFILES, profile=str(own)).profile == "my-cpu"
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: broken\nmatch: [unclosed\n")
@@ -424,9 +433,7 @@ def test_with_a_profile_and_no_target_the_profile_chooses_the_target(tmp_path):
 
     if not models.is_pulled("smollm2-135m"):
         pytest.skip("smollm2-135m is not pulled")
-    own = tmp_path / "small.yaml"
-    text = (profiles_dir() / "cpu.yaml").read_text().replace("name: cpu", "name: small", 1)
-    own.write_text(text.replace("targets: [qwen2.5-coder-1.5b, smollm2-135m]", "targets: [smollm2-135m]"))
+    own = _own_profile(tmp_path, "small", ("targets: [qwen2.5-coder-1.5b, smollm2-135m]", "targets: [smollm2-135m]"))
     out = CliRunner().invoke(main, ["generate", "hi", "-n", "2", "--dtype", "float32", "--profile", str(own)])
     assert out.exit_code == 0, out.output
     assert "profile small: lookahead, target smollm2-135m" in out.output

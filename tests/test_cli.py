@@ -133,3 +133,25 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(smollm2, tmp
     assert proc.returncode == 130, err.decode()
     assert err.decode().strip().splitlines()[-1] == "interrupted" and "Traceback" not in err.decode()
     assert out == b""
+
+
+class _InterruptedFinalizer:
+    """An object whose ``__del__`` is running when Ctrl-C comes, as the tokenizer libraries' are during a load."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # the KeyboardInterrupt is raised in here, where Python only prints and ignores it
+            pass
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX only")
+def test_a_ctrl_c_that_lands_in_a_finalizer_is_raised_again_not_lost():
+    from specdec.cli.common import interrupts_kept
+
+    hook, started = sys.unraisablehook, time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_kept():
+            _InterruptedFinalizer()  # dropped at once: its __del__ runs here
+            time.sleep(5)  # the command goes on: the interrupt must reach it
+    assert time.perf_counter() - started < 4
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL and sys.unraisablehook is hook

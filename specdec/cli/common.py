@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -25,14 +28,54 @@ def quiet_libraries() -> None:
         pass
 
 
+REDELIVERY_SECONDS = 0.01
+"""How soon a Ctrl-C that Python swallowed is raised again (see :func:`interrupts_kept`)."""
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Within the block a Ctrl-C is never lost.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal comes; when that is a
+    ``__del__`` or a weakref callback (the tokenizer libraries run many while a model loads) Python prints
+    "Exception ignored" and goes on, so the load would finish and the command would run as if no key had been
+    pressed. Here such a swallowed interrupt is raised again :data:`REDELIVERY_SECONDS` later (a SIGALRM), in
+    ordinary code, and nothing is printed for it. Main thread on a POSIX system only; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, REDELIVERY_SECONDS)
+        else:
+            previous_hook(unraisable)
+
+    def raise_interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous_alarm = signal.signal(signal.SIGALRM, raise_interrupt)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        sys.unraisablehook = previous_hook
+
+
 def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback; Ctrl-C before the
-    command handles it (while a model loads) into one line and exit code 130, as for any interrupted program."""
+    command handles it (while a model loads) into one line and exit code 130, as for any interrupted program.
+    No Ctrl-C is lost (:func:`interrupts_kept`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with interrupts_kept():
+                return func(*args, **kwargs)
         except SpecdecError as e:
             click.echo(f"error: {e.message}", err=True)
             if e.hint:

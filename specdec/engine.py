@@ -35,7 +35,8 @@ class GenerationStats:
 
     ``mean_accepted_length`` is new tokens per step, *including* the recovered
     or bonus token of each step; ``acceptance_rate`` is accepted / proposed
-    candidates.
+    candidates. ``cached_tokens`` are the prompt's first tokens whose KV was
+    kept from the previous generation (a chat's earlier turns), not computed again.
     """
 
     method: str = ""
@@ -44,6 +45,7 @@ class GenerationStats:
     accepted: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     graph_capture_seconds: float = 0.0
@@ -71,10 +73,11 @@ class GenerationStats:
         return d
 
     def summary(self) -> str:
+        kept = f", {self.cached_tokens} of {self.prompt_tokens} prompt tokens kept" if self.cached_tokens else ""
         return (
             f"{self.new_tokens} tokens in {self.seconds:.2f}s ({self.tokens_per_second:.2f} tok/s), "
             f"method {self.method}, mean accepted length {self.mean_accepted_length:.2f} (incl. bonus), "
-            f"acceptance rate {self.acceptance_rate:.1%}"
+            f"acceptance rate {self.acceptance_rate:.1%}{kept}"
         )
 
 
@@ -121,6 +124,9 @@ class SpeculativeGenerator:
         draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
         static_cache: run the target and the draft on preallocated caches at fixed row buckets,
             captured as CUDA graphs on CUDA (:mod:`specdec.static`); None = on for CUDA, off elsewhere.
+        prefix_cache: keep the KV of the previous generation's tokens (prompt and reply) and compute
+            only what a new prompt does not share with them: a chat's earlier turns are not
+            prefilled again. ``GenerationStats.cached_tokens`` says how many were kept.
         options: the method's options as an object (:mod:`specdec.proposers.options`, e.g.
             ``LookaheadOptions(window_size=4)``); with ``method="auto"`` its class names the method.
         **method_options: or the method's options as keywords (``window_size``, ``ngram_size``,
@@ -145,6 +151,7 @@ class SpeculativeGenerator:
         *,
         draft_tokenizer: Any = None,
         static_cache: bool | None = None,
+        prefix_cache: bool = True,
         options: MethodOptions | None = None,
         **method_options: Any,
     ) -> None:
@@ -166,6 +173,7 @@ class SpeculativeGenerator:
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         self.kv = open_cache(target, static=bool(static_cache))
+        self.kv.reuse = prefix_cache
         self.proposer = build_proposer(
             self.method,
             ProposerContext(
@@ -175,6 +183,7 @@ class SpeculativeGenerator:
                 num_speculative_tokens=num_speculative_tokens,
                 options=self.options,
                 static_cache=self.static_cache,
+                prefix_cache=prefix_cache,
             ),
         )
         self.typical_acceptance: TypicalAcceptance | None = getattr(self.proposer, "typical_acceptance", None)
@@ -315,11 +324,11 @@ class SpeculativeGenerator:
             capacity=len(prompt_ids) + limit + max(BUCKETS),
             reduced_precision=self.target.dtype in (torch.float16, torch.bfloat16),
         )
-        self.kv.reset(state.capacity)
+        stats.cached_tokens = self.kv.start(state.capacity, prompt_ids)
         with torch.inference_mode():
-            self._prefill(state)
+            self._prefill(state, stats.cached_tokens)
+            self.proposer.reset(state)  # a draft model prefills here
         stats.prefill_seconds = time.perf_counter() - start
-        self.proposer.reset(state)
         finish: str | None = None
         while finish is None:
             generated = length - len(prompt_ids)
@@ -339,6 +348,7 @@ class SpeculativeGenerator:
             buf[length : length + len(keep)] = torch.tensor(keep, dtype=torch.long)
             length += len(keep)
             state.tokens = buf[:length]
+            self.kv.remember(state.tokens[:-1])
             outcome.tokens = state.tokens
             if finish is None:
                 with torch.inference_mode():
@@ -357,14 +367,16 @@ class SpeculativeGenerator:
             stats.seconds = time.perf_counter() - start
             yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
 
-    def _prefill(self, state: DecodeState) -> None:
-        """Cache the prompt before the pending token: one causal forward, no mask, no hidden states.
+    def _prefill(self, state: DecodeState, cached: int) -> None:
+        """Cache the prompt before the pending token, but for its first ``cached`` tokens (kept from the
+        previous generation): one causal forward, no mask, no hidden states.
 
         Steps then hold only their own rows, so a long prompt costs what plain
         decoding's prefill costs whatever the method (no prompt-sized tree mask).
         """
-        if state.tokens.numel() > 1:
-            self.kv.forward(state.tokens[:-1], keep=1)
+        if state.tokens.numel() - 1 > cached:
+            self.kv.forward(state.tokens[cached:-1], keep=1)
+        self.kv.remember(state.tokens[:-1])
 
     def _step(
         self, proposal: Proposal, state: DecodeState, cfg: SamplingConfig, generator: torch.Generator

@@ -12,11 +12,20 @@ draft's proposals) goes through a :class:`KVCache`:
 Terms: ``length`` positions are cached; a forward over ``t`` new rows writes
 them at ``[length, length + t)``. The new rows see every cached position and,
 among themselves, what ``allowed`` (``[t, t]`` bool, None = causal) permits.
+
+*Prefix reuse.* A chat resends its whole history every turn. The owner of a
+cache says which token ids its first positions hold once they are final
+(:meth:`KVCache.remember`); the next generation's :meth:`KVCache.start` keeps
+the longest common prefix of those ids and its prompt, so only the rest is
+computed again. Anything that changes the cache forgets the ids until the
+owner remembers them again, so a forward cut short (Ctrl-C, an exception)
+never leaves a prefix that is trusted.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +48,38 @@ class Forward:
 
 
 class KVCache:
-    """The interface both cache kinds implement (see the module docstring)."""
+    """The interface both cache kinds implement (see the module docstring).
+
+    Attributes:
+        length: positions cached.
+        reuse: whether :meth:`start` keeps a remembered prefix (else every generation starts empty).
+        known: ``[k]`` long, the token ids held at positions ``[0, k)`` when the owner last said so
+            (:meth:`remember`), else None.
+    """
 
     length: int
+    reuse: bool = True
+    known: torch.Tensor | None = None
 
-    def reset(self, capacity: int) -> None:
-        """Start a generation that will hold at most ``capacity`` positions."""
+    def start(self, capacity: int, tokens: Sequence[int] = ()) -> int:
+        """Start a generation over ``tokens`` that will hold at most ``capacity`` positions.
+
+        Keeps the cached positions of the longest common prefix of the remembered ids and
+        ``tokens`` (at most ``len(tokens) - 1``, so that the last token is always fed) and
+        returns how many were kept: the caller feeds ``tokens[kept:]``.
+        """
+        kept = 0
+        if self.reuse and self.known is not None and len(tokens) > 1:
+            kept = shared_prefix(self.known[: min(len(tokens) - 1, self.length)], tokens)
+        self.known = None
+        return self._restart(capacity, kept)
+
+    def remember(self, ids: torch.Tensor) -> None:
+        """Say that positions ``[0, len(ids))`` hold ``ids`` (``[k]`` long, ``k <= length``), for :meth:`start`."""
+        self.known = ids[: self.length]
+
+    def _restart(self, capacity: int, keep: int) -> int:
+        """Empty the cache but for its first ``keep`` positions, with room for ``capacity``; return what was kept."""
         raise NotImplementedError
 
     def forward(
@@ -82,6 +117,13 @@ class KVCache:
 
     def _gather(self, start: int, rows: list[int]) -> None:
         raise NotImplementedError
+
+
+def shared_prefix(known: torch.Tensor, tokens: Sequence[int]) -> int:
+    """Length of the longest common prefix of ``known`` (``[k]`` long) and ``tokens``."""
+    n = min(int(known.numel()), len(tokens))
+    same = known[:n].cpu() == torch.as_tensor(list(tokens[:n]), dtype=known.dtype)
+    return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -179,11 +221,16 @@ class DynamicKV(KVCache):
         self.cache = new_cache(model)
         self.length = 0
 
-    def reset(self, capacity: int) -> None:
-        self.cache = new_cache(self.model)
-        self.length = 0
+    def _restart(self, capacity: int, keep: int) -> int:
+        if keep > 0:
+            self.truncate(keep)
+        else:
+            self.cache = new_cache(self.model)
+            self.length = 0
+        return self.length
 
     def forward(self, tokens, positions=None, allowed=None, keep=1, hidden=False) -> Forward:
+        self.known = None
         t = int(tokens.numel())
         tokens, mask = tokens.to(self.device), None
         if allowed is not None or positions is not None:  # a tree or extra rows; else transformers' causal mask
@@ -196,10 +243,12 @@ class DynamicKV(KVCache):
         return out
 
     def truncate(self, length: int) -> None:
+        self.known = None
         truncate(self.cache, length)
         self.length = min(self.length, length)
 
     def _gather(self, start: int, rows: list[int]) -> None:
+        self.known = None
         for layer in self.cache.layers:
             idx = torch.tensor([start + r for r in rows], device=layer.keys.device)
             layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, idx)], dim=-2)

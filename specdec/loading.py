@@ -160,6 +160,7 @@ def load(
     threads: int | None = None,
     profile: str | None = None,
     static_cache: bool | None = None,
+    prefix_cache: bool = True,
     options: MethodOptions | None = None,
     **method_options: Any,
 ):
@@ -184,6 +185,8 @@ def load(
             the generator then has a ``selection`` attribute saying what the profile chose.
         static_cache: preallocated caches at fixed row buckets, captured as CUDA graphs on
             CUDA (None = on for CUDA, off elsewhere; see :mod:`specdec.static`).
+        prefix_cache: keep the last generation's KV for what the next prompt shares with it (a chat's
+            earlier turns); see :class:`~specdec.SpeculativeGenerator`.
     """
     from .engine import SpeculativeGenerator
 
@@ -232,6 +235,7 @@ def load(
         num_speculative_tokens=num_speculative_tokens,
         draft_tokenizer=draft_tokenizer,
         static_cache=static_cache,
+        prefix_cache=prefix_cache,
         options=options,
         **method_options,
     )

@@ -106,12 +106,19 @@ class StaticKV(KVCache):
         self._pool = None
 
     # ------------------------------------------------------------------ cache
-    def reset(self, capacity: int) -> None:
+    def _restart(self, capacity: int, keep: int) -> int:
+        """A larger ``capacity`` allocates a new cache (the kept prefix is lost then: the next growth
+        is a :data:`CAPACITY_STEP` away); else it is cropped to ``keep`` (what lies beyond is stale,
+        never seen) or zeroed, in place, so buffers, graphs and addresses stay valid."""
         if self.cache is None or capacity > self.capacity:
             self._allocate(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP)
+            self.length = 0
+        elif keep > 0:
+            self.truncate(keep)
         else:
-            self.cache.reset()  # zeroes in place: buffers, graphs and addresses stay valid
-        self.length = 0
+            self.cache.reset()
+            self.length = 0
+        return self.length
 
     def _allocate(self, capacity: int) -> None:
         """A new cache of ``capacity`` positions (and no graphs: they point at the old one)."""
@@ -135,6 +142,7 @@ class StaticKV(KVCache):
         self.cache, self.capacity = cache, capacity
 
     def truncate(self, length: int) -> None:
+        self.known = None
         if length < self.length:
             self._rewind(self.length - length)
             self.length = length
@@ -164,6 +172,7 @@ class StaticKV(KVCache):
 
     # ------------------------------------------------------------------ forwards
     def forward(self, tokens, positions=None, allowed=None, keep=1, hidden=False) -> Forward:
+        self.known = None
         t = int(tokens.numel())
         if self.length + t > self.capacity:
             raise SpecdecError(

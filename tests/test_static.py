@@ -114,7 +114,7 @@ def test_tree_compaction_moves_the_accepted_rows_in_place():
     step = torch.tensor([3, 9, 4, 6], device=DEVICE)
     with torch.inference_mode():
         for kv in kvs:
-            kv.reset(64)
+            kv.start(64)
             kv.forward(tokens)
             kv.forward(step, positions, allowed, keep=4)
             kv.keep_rows(len(PROMPT), [0, 2, 3])  # root, then the second branch
@@ -136,14 +136,14 @@ def test_steps_run_at_row_buckets_and_the_cache_is_reused():
     hook = target.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape[1]), with_kwargs=True)
     try:
         with torch.inference_mode():
-            kv.reset(300)
+            kv.start(300)
             assert kv.capacity == 2 * static.CAPACITY_STEP
             cache = kv.cache
             kv.forward(torch.tensor(PROMPT * 20, device=DEVICE))  # beyond the buckets: eager, its own length
             kv.forward(torch.tensor([1, 2, 3], device=DEVICE))  # a step of 3 rows: bucket 4
-            kv.reset(200)
+            kv.start(200)
             assert kv.cache is cache and kv.length == 0  # a smaller generation: the same cache (and graphs)
-            kv.reset(2 * static.CAPACITY_STEP + 1)
+            kv.start(2 * static.CAPACITY_STEP + 1)
             assert kv.capacity == 3 * static.CAPACITY_STEP and kv.cache is not cache
     finally:
         hook.remove()
@@ -167,5 +167,5 @@ def test_static_cache_defaults_to_the_device():
 def test_a_static_cache_that_does_not_fit_is_a_clear_error():
     kv = static.StaticKV(tiny_model("llama"))
     with pytest.raises(specdec.SpecdecError, match=r"MiB for .* positions") as info:
-        kv.reset(2**40)
+        kv.start(2**40)
     assert "--no-static-cache" in info.value.hint

@@ -384,6 +384,7 @@ class Bench:
                     draft_tokenizer=draft_tokenizer,
                     num_speculative_tokens=config.num_speculative_tokens,
                     static_cache=config.static_cache,
+                    prefix_cache=False,  # a repeated prompt would skip the prefill every other row pays
                     **options,
                 )
             except SpecdecError as e:

@@ -3,7 +3,9 @@
 The draft keeps its own KV cache in step with the committed tokens: after a
 step it is cropped to the accepted prefix, and the next proposal first feeds
 the committed tokens the draft has not seen (the recovered/bonus token and,
-when all were accepted, the last candidate). The chain length comes from a
+when all were accepted, the last candidate); from one generation to the next
+it keeps what the new prompt shares with the last one (a chat's earlier turns,
+:meth:`~specdec.kvcache.KVCache.start`). The chain length comes from a
 :class:`~specdec.adaptive.DraftLengthController` (measured draft and verify
 costs, running acceptance rate) unless fixed.
 
@@ -63,12 +65,14 @@ class DraftModelProposer:
         controller: DraftLengthController,
         cfg: DraftOptions,
         static_cache: bool = False,
+        prefix_cache: bool = True,
     ) -> None:
         self.model = draft
         self.target_vocab = target_vocab
         self.controller = controller
         self.cfg = cfg
         self.kv = open_cache(draft, static=static_cache)
+        self.kv.reuse = prefix_cache
         self.cached = 0  # committed tokens whose KV is in the draft cache
         self._unfed = 0  # drafted tokens whose KV is in the draft cache
         self._ran = False  # whether the draft model ran for the current step
@@ -83,9 +87,9 @@ class DraftModelProposer:
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
         self.controller.start(deterministic=state.timing_free, device_type=state.tokens.device.type)
-        self.kv.reset(state.capacity)
-        self.cached = self._unfed = self._idle = 0
         self.device = next(self.model.parameters()).device
+        self._prefill(state)
+        self._unfed = self._idle = 0
         self.index = None
         self.copy_length = self.cfg.ngram_tokens
         self._copy = []
@@ -95,6 +99,20 @@ class DraftModelProposer:
         if self.cfg.ngram_first:
             self.index = NgramIndex(1, self.cfg.max_ngram)
             self.index.extend(state.tokens.tolist())
+
+    def _prefill(self, state: DecodeState) -> None:
+        """Cache the prompt before the pending token, as the target does, but for what the draft cache
+        kept from the last generation (a chat's earlier turns).
+
+        The pending token is then always the first row of the first draft forward, whatever was kept,
+        so that in reduced precision a repeated request drafts the very same tokens.
+        """
+        prompt = state.tokens
+        kept = self.kv.start(state.capacity, prompt.tolist())
+        if prompt.numel() - 1 > kept:
+            self.kv.forward(prompt[kept:-1].to(self.device), keep=1)
+        self.cached = prompt.numel() - 1
+        self.kv.remember(prompt[: self.cached])
 
     def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         self._unfed, self._ran = 0, False
@@ -170,6 +188,7 @@ class DraftModelProposer:
             feed = torch.tensor([drafted[-1]], dtype=torch.long, device=self.device)
         self.controller.record_draft((time.perf_counter() - t0) / len(drafted))
         self.cached = committed
+        self.kv.remember(state.tokens[:committed])
         self._unfed = len(drafted) - 1  # the last drafted token was never fed
         draft_probs = None
         if probs:
@@ -241,6 +260,7 @@ class DraftModelProposer:
         valid = self.cached + min(len(outcome.accepted_nodes), self._unfed)
         self.kv.truncate(valid)
         self.cached = valid
+        self.kv.remember(outcome.tokens[:valid])
 
 
 def build(ctx) -> DraftModelProposer:
@@ -254,7 +274,9 @@ def build(ctx) -> DraftModelProposer:
     elif cfg.int8:
         raise SpecdecError("int8 drafting needs the draft on a CPU in bf16, fp16 or fp32", "leave int8 unset")
     controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
-    return DraftModelProposer(draft, target_vocab, controller, cfg, static_cache=ctx.static_cache)
+    return DraftModelProposer(
+        draft, target_vocab, controller, cfg, static_cache=ctx.static_cache, prefix_cache=ctx.prefix_cache
+    )
 
 
 def _parameters(model: torch.nn.Module) -> int:

@@ -1,0 +1,170 @@
+"""Prefix reuse: a generator keeps the KV of its last prompt and reply, and a chat's next turn computes only
+what is new. The output must stay what plain greedy decoding of the whole prompt gives, whatever was kept,
+whatever cut the last generation short."""
+
+from __future__ import annotations
+
+import pytest
+
+import specdec
+from conftest import hf_greedy, tiny_model
+from test_static import METHODS, PROMPT, _generator
+
+USER = [[70, 71, 72, 5, 17], [80, 81, 33, 8, 61, 2], [90, 3, 3, 44]]  # each turn's "user message"
+
+
+def _turns(gen: specdec.SpeculativeGenerator, target, n_new: int = 16) -> list[specdec.GenerationResult]:
+    """Three chat turns on ``gen``: each prompt is the last prompt, its reply and a new message;
+    every reply is checked against plain greedy decoding of the whole prompt."""
+    prompt, results = list(PROMPT), []
+    for user in USER:
+        prompt = prompt + user
+        res = gen.generate(prompt, max_new_tokens=n_new)
+        assert res.token_ids == hf_greedy(target, prompt, n_new), (len(results), prompt)
+        results.append(res)
+        prompt = prompt + res.token_ids
+    return results
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+@pytest.mark.parametrize("method,options", METHODS)
+def test_every_turn_equals_greedy_and_reuses_the_last_turn(method, options, static_cache):
+    target = tiny_model("qwen2", seed=0, sharpness=3.0)
+    gen = _generator(target, method, options, static_cache=static_cache)
+    first, *later = _turns(gen, target)
+    assert first.stats.cached_tokens == 0
+    previous = len(PROMPT) + len(USER[0]) + len(first.token_ids)
+    for res, user in zip(later, USER[1:]):
+        # everything before the last reply's final token (whose KV a step never computes) was kept
+        assert res.stats.cached_tokens == previous - 1
+        assert res.stats.to_dict()["cached_tokens"] == res.stats.cached_tokens
+        previous += len(user) + len(res.token_ids)
+
+
+def test_a_prompt_that_differs_early_keeps_only_the_shared_part():
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup")
+    gen.generate(PROMPT, max_new_tokens=12)
+    edited = PROMPT[:5] + [90, 91] + PROMPT[5:]
+    res = gen.generate(edited, max_new_tokens=12)
+    assert res.stats.cached_tokens == 5
+    assert res.token_ids == hf_greedy(target, edited, 12)
+    again = gen.generate(edited, max_new_tokens=12)  # "regenerate": all but the last prompt token is kept
+    assert again.stats.cached_tokens == len(edited) - 1 and again.token_ids == res.token_ids
+
+
+def test_the_draft_model_prefills_only_what_is_new():
+    target, draft = tiny_model("llama", seed=0, sharpness=3.0), tiny_model("llama", seed=7, sharpness=3.0)
+    rows: list[int] = []
+    draft.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    gen = specdec.SpeculativeGenerator(
+        target, method="draft", draft=draft, num_speculative_tokens=3, ngram_first=False, int8=False
+    )
+    first = gen.generate(PROMPT, max_new_tokens=12)
+    assert rows[0] == len(PROMPT) - 1  # the draft's own prefill, before the pending token
+    rows.clear()
+    prompt = PROMPT + first.token_ids + USER[0]
+    assert gen.generate(prompt, max_new_tokens=12).token_ids == hf_greedy(target, prompt, 12)
+    # the new message and the reply's last tokens (a step's accepted draft tokens are fed next step), not
+    # the history
+    assert rows[0] <= len(USER[0]) + 4
+
+
+def test_off_means_every_generation_starts_empty():
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    rows: list[int] = []
+    target.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    gen = specdec.SpeculativeGenerator(target, method="draft", draft=target, prefix_cache=False, int8=False)
+    first = gen.generate(PROMPT, max_new_tokens=8)
+    prompt = PROMPT + first.token_ids + USER[0]
+    rows.clear()
+    res = gen.generate(prompt, max_new_tokens=8)
+    assert res.stats.cached_tokens == 0 and res.token_ids == hf_greedy(target, prompt, 8)
+    assert len(prompt) - 1 in rows  # the whole prompt was prefilled again (by the target and the draft)
+    assert not gen.kv.reuse and not gen.proposer.kv.reuse
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_a_stream_closed_early_leaves_a_cache_the_next_turn_can_use(static_cache):
+    target = tiny_model("qwen2", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="lookahead", static_cache=static_cache)
+    stream = gen.stream(PROMPT, max_new_tokens=30)
+    shown = [t for _, event in zip(range(3), stream) for t in event.token_ids]  # the user pressed Stop
+    stream.close()
+    prompt = PROMPT + shown + USER[0]
+    res = gen.generate(prompt, max_new_tokens=16)
+    assert res.stats.cached_tokens == len(PROMPT) + len(shown) - 1
+    assert res.token_ids == hf_greedy(target, prompt, 16)
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_a_forward_cut_short_is_never_trusted(static_cache):
+    """An exception inside a forward (Ctrl-C in the API, out of memory) may leave some layers written and
+    others not: the next generation computes the whole prompt again."""
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup", static_cache=static_cache)
+    gen.generate(PROMPT, max_new_tokens=8)
+    calls = []
+
+    def fail_once(_module, _args, _output):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    hook = target.model.layers[0].register_forward_hook(fail_once)
+    prompt = PROMPT + [1, 2, 3]
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate(prompt, max_new_tokens=8)
+    hook.remove()
+    res = gen.generate(prompt + [4], max_new_tokens=8)
+    assert res.stats.cached_tokens == 0
+    assert res.token_ids == hf_greedy(target, prompt + [4], 8)
+
+
+def test_a_static_cache_that_must_grow_starts_over_and_stays_exact():
+    from specdec import static
+
+    target = tiny_model("llama", seed=0, sharpness=3.0, max_positions=2048)
+    gen = specdec.SpeculativeGenerator(target, method="none", static_cache=True)
+    first = gen.generate(PROMPT, max_new_tokens=8)
+    capacity = gen.kv.capacity
+    prompt = PROMPT + first.token_ids + [7] * (capacity - len(PROMPT))  # past the allocated positions
+    res = gen.generate(prompt, max_new_tokens=8)
+    assert gen.kv.capacity > capacity and isinstance(gen.kv, static.StaticKV)
+    assert res.stats.cached_tokens == 0 and res.token_ids == hf_greedy(target, prompt, 8)
+
+
+@pytest.mark.parametrize("method", ["none", "draft", "medusa"])
+def test_seeded_sampling_is_the_same_with_a_kept_prefix(method):
+    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
+    options = {"draft": "random"} if method == "draft" else {"medusa_heads": "fresh"} if method == "medusa" else {}
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=99)
+    prompt = [1, 5, 9, 2, 1, 5]
+    warm = _generator(target, method, options, static_cache=False)
+    first = warm.generate(prompt, **kwargs).token_ids
+    follow = prompt + first + [3, 4]
+    kept = warm.generate(follow, **kwargs)
+    assert kept.stats.cached_tokens > len(prompt)
+    assert (
+        kept.token_ids == _generator(target, method, options, static_cache=False).generate(follow, **kwargs).token_ids
+    )
+
+
+@pytest.mark.real_model
+def test_a_real_chat_keeps_its_history(smollm2):
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Name three rivers of Europe."}]
+    for method in ("none", "draft"):
+        gen = specdec.SpeculativeGenerator(model, tokenizer, method=method, draft=model if method == "draft" else None)
+        chat = list(messages)
+        for turn, question in enumerate(["Which is the longest?", "And the shortest?"]):
+            reply = gen.generate(chat, max_new_tokens=24)
+            prompt = gen.encode(chat)
+            assert reply.token_ids == hf_greedy(model, prompt, 24), (method, turn)
+            assert (reply.stats.cached_tokens > 0) == (turn > 0)
+            chat += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": question}]
+        assert gen.generate(chat, max_new_tokens=24).stats.cached_tokens > len(prompt) - 2

@@ -171,6 +171,23 @@ def test_greedy_chat_equals_generate(server, generated):
     assert stats["mean_accepted_length"] >= 1 and stats["tokens_per_second"] > 0
 
 
+def test_a_chat_turn_reuses_the_history_and_answers_the_same(server, generated):
+    """The next turn resends the history: the server keeps its KV (usage.prompt_tokens_details.cached_tokens)
+    and the answer is still the greedy one; a request that shares nothing but the template is exact too."""
+    client = server.client()
+    first = _chat(client)
+    assert first.choices[0].message.content == generated["text"]
+    messages = [
+        {"role": "user", "content": MESSAGE},
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Say it again, shorter."},
+    ]
+    follow = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert follow.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert follow.usage.prompt_tokens_details.cached_tokens < follow.usage.prompt_tokens
+    assert _chat(client).choices[0].message.content == generated["text"]  # back to turn one: a shorter prefix
+
+
 def test_stream_concatenates_to_the_same_text(server, generated):
     text, last = _streamed(server.client())
     assert text == generated["text"]

@@ -313,6 +313,7 @@ class Api:
         if s is not None:
             parts += [
                 f"prompt={prompt_tokens}",
+                f"cached={s.cached_tokens}",
                 f"completion={s.new_tokens}",
                 f"tok/s={s.tokens_per_second:.1f}",
                 f"method={s.method}",
@@ -373,13 +374,14 @@ def _message(error: BaseException | None) -> str:
 
 
 def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str | None) -> dict[str, Any]:
-    """``usage`` (OpenAI's token counts) and ``specdec`` (the generation's statistics and the engine's
-    own finish reason: ``eos``, ``stop``, ``length`` or ``context``)."""
+    """``usage`` (OpenAI's token counts; ``prompt_tokens_details.cached_tokens``: the prompt's first tokens
+    kept from the previous request, e.g. a chat's earlier turns) and ``specdec`` (the generation's
+    statistics and the engine's own finish reason: ``eos``, ``stop``, ``length`` or ``context``)."""
     completion = stats.new_tokens if stats else 0
     extra: dict[str, Any] = {}
     if stats is not None:
         extra = stats.to_dict()
-        for name in ("new_tokens", "prompt_tokens"):
+        for name in ("new_tokens", "prompt_tokens", "cached_tokens"):
             extra.pop(name)
     extra["finish_reason"] = finish_reason
     return {
@@ -387,6 +389,7 @@ def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens if stats else 0},
         },
         "specdec": extra,
     }

@@ -72,6 +72,19 @@ def tiny_model(
     return model.to(DEVICE)
 
 
+def tiny_model_folder(folder):
+    """A tiny Llama (:func:`tiny_model`) saved with a word-level tokenizer that has no chat template."""
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model("llama").save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(96)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
+        folder
+    )
+    return folder
+
+
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     """transformers' own greedy decoding: the reference every method must reproduce."""
     ids = torch.tensor([prompt], device=model.device)

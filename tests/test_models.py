@@ -150,17 +150,9 @@ def test_truncated_gguf_is_an_error_with_a_hint(tmp_path, size):
 
 
 def test_truncated_safetensors_is_an_error_with_a_hint(tmp_path):
-    from conftest import tiny_model
+    from conftest import tiny_model_folder
 
-    from tokenizers import Tokenizer, models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(96)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
-        folder
-    )
+    folder = tiny_model_folder(tmp_path / "tiny")
     load_model(str(folder), dtype="float32", device="cpu")  # whole, it loads
     weights = folder / "model.safetensors"
     with open(weights, "r+b") as f:

@@ -15,7 +15,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import click  # noqa: E402
 
 # modules of this package that define subcommands, in help order
-_COMMAND_MODULES = ("generate", "serve", "models", "bench", "profiles", "medusa")
+_COMMAND_MODULES = ("generate", "chat", "serve", "models", "bench", "profiles", "medusa")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -171,6 +171,50 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def sampling_options(max_new_tokens: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--max-new-tokens/--temperature/--top-k/--top-p/--repetition-penalty/--seed/--stop, shared by generate
+    and chat (read by :func:`sampling_arguments`)."""
+    options = [
+        click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=max_new_tokens, show_default=True),
+        click.option(
+            "--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy."
+        ),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True),
+        click.option(
+            "--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True
+        ),
+        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs)."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it."),
+    ]
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+prefix_cache_option = click.option(
+    "--prefix-cache/--no-prefix-cache",
+    default=True,
+    show_default=True,
+    help="Keep the last reply's KV cache and compute only what the next prompt adds (a chat's history is not "
+    "prefilled again). Exact in float32; in bfloat16 a reply may then differ in rounding from a cold one.",
+)
+"""--prefix-cache/--no-prefix-cache, for the commands that serve more than one prompt (chat, serve)."""
+
+SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+
+
+def sampling_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the options of :func:`sampling_options` from ``kwargs`` into keywords for ``stream``/``generate``."""
+    sampling = {name: kwargs.pop(name) for name in SAMPLING}
+    sampling["stop"] = list(sampling["stop"]) or None
+    return sampling
+
+
 def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the method options of :func:`model_options` (and ``static_cache``) into keywords for ``specdec.load``
     (None = not given; ``specdec.load`` builds the chosen method's options object from them)."""
@@ -185,6 +229,8 @@ def load_generator(kwargs: dict[str, Any], **options: Any):
     import specdec
 
     options.update(method_options(kwargs))
+    if "prefix_cache" in kwargs:
+        options["prefix_cache"] = kwargs.pop("prefix_cache")
     gen = specdec.load(
         kwargs.pop("target"),
         draft=kwargs.pop("draft"),

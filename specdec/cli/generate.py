@@ -8,20 +8,22 @@ from typing import Any
 
 import click
 
-from .common import load_generator, model_options, quiet_libraries, report_errors, target_options
+from .common import (
+    load_generator,
+    model_options,
+    quiet_libraries,
+    report_errors,
+    sampling_arguments,
+    sampling_options,
+    target_options,
+)
 
 
 @click.command()
 @click.argument("prompt")
 @target_options
 @model_options
-@click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
-@click.option("--stop", multiple=True, help="Stop string (repeatable); the text is cut before it.")
+@sampling_options(max_new_tokens=128)
 @click.option("--chat/--raw", default=True, show_default=True, help="Wrap the prompt in the chat template, or not.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option(
@@ -62,7 +64,7 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     messages = (
         [{"role": "user", "content": prompt}] if chat and getattr(gen.tokenizer, "chat_template", None) else prompt
     )
-    sampling = dict(kwargs, stop=list(kwargs.pop("stop")) or None)
+    sampling = sampling_arguments(kwargs)
     if as_json:
         res = gen.generate(messages, **sampling)
         click.echo(

@@ -11,7 +11,7 @@ import click
 
 from ..errors import SpecdecError
 from ..models import DEFAULT_MODEL
-from .common import load_generator, model_options, quiet_libraries, report_errors, target_options
+from .common import load_generator, model_options, prefix_cache_option, quiet_libraries, report_errors, target_options
 
 _LOOPBACK_NAMES = ("localhost",)
 
@@ -49,6 +49,7 @@ def is_loopback(host: str) -> bool:
     show_default=True,
     help="Requests that may wait while one generates; one more gets 429.",
 )
+@prefix_cache_option
 @click.option(
     "--model-name", default=None, help="The model id clients send and /v1/models lists [default: --target as given]."
 )

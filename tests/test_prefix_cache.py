@@ -8,7 +8,7 @@ import pytest
 
 import specdec
 from conftest import hf_greedy, tiny_model
-from test_static import METHODS, PROMPT, _generator
+from test_static import METHODS, PROMPT, _generator, sampling_setup
 
 USER = [[70, 71, 72, 5, 17], [80, 81, 33, 8, 61, 2], [90, 3, 3, 44]]  # each turn's "user message"
 
@@ -140,8 +140,7 @@ def test_a_static_cache_that_must_grow_starts_over_and_stays_exact():
 
 @pytest.mark.parametrize("method", ["none", "draft", "medusa"])
 def test_seeded_sampling_is_the_same_with_a_kept_prefix(method):
-    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
-    options = {"draft": "random"} if method == "draft" else {"medusa_heads": "fresh"} if method == "medusa" else {}
+    target, options = sampling_setup(method)
     kwargs = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=99)
     prompt = [1, 5, 9, 2, 1, 5]
     warm = _generator(target, method, options, static_cache=False)

@@ -93,11 +93,17 @@ def test_static_sampling_distribution_matches_target(method):
     assert tv(histogram(samples, VOCAB * VOCAB), exact) < noise_bound(exact, N_RUNS // 2)
 
 
+def sampling_setup(method: str) -> tuple[torch.nn.Module, dict]:
+    """A small-vocabulary target and the options of ``method`` for :func:`_generator`, for seeded sampling."""
+    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
+    options = {"draft": "random"} if method == "draft" else {"medusa_heads": "fresh"} if method == "medusa" else {}
+    return target, options
+
+
 @pytest.mark.parametrize("method", ["draft", "prompt_lookup", "medusa"])
 def test_seeded_sampling_is_the_same_static_or_not(method):
     """The static path changes where KV lives, not what is drawn: same seed, same tokens."""
-    target = tiny_model("qwen2", seed=0, vocab=32, sharpness=3.0)
-    options = {"draft": "random"} if method == "draft" else {"medusa_heads": "fresh"} if method == "medusa" else {}
+    target, options = sampling_setup(method)
     kwargs = dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
     prompt = [1, 5, 9, 2, 1, 5]
     runs = [_generator(target, method, options, s).generate(prompt, **kwargs).token_ids for s in (True, False, True)]

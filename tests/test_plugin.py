@@ -225,6 +225,15 @@ def test_cumulative_yields_match_the_webuis_own_greedy_output(ext, webui, tiny) 
     assert webui.calls == []
 
 
+def test_the_next_chat_turn_keeps_the_history_and_matches_the_webui(ext, tiny) -> None:
+    first = reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1]
+    assert ext.last_reply.cached_tokens == 0
+    follow = PROMPT + first + " and then"
+    assert reply(ext, follow, follow, state(), None, is_chat=True)[-1] == reference(*tiny, prompt=follow)
+    assert 0 < ext.last_reply.cached_tokens < ext.last_reply.prompt_tokens
+    assert "prompt tokens kept from the reply before" in ext.last_reply.markdown()
+
+
 def test_both_call_signatures(ext, tiny) -> None:
     new = reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
     old = reply(ext, PROMPT, PROMPT, 1234, state(), None, is_chat=True)

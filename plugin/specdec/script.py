@@ -91,6 +91,8 @@ class LastReply:
     acceptance_rate: float = 0.0
     new_tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # the prompt's first tokens whose KV cache was kept from the reply before
     finish_reason: str = ""
     note: str = ""  # why the webui's own generation was used, if it was
     choice: str = ""  # the method specdec used and why
@@ -106,6 +108,11 @@ class LastReply:
             f"**{self.tokens_per_second:.2f} tok/s** · method `{self.method}` · "
             f"mean accepted length {self.mean_accepted_length:.2f} (incl. the bonus token) · "
             f"acceptance rate {self.acceptance_rate:.0%}"
+            + (
+                f" · {self.cached_tokens} of {self.prompt_tokens} prompt tokens kept from the reply before"
+                if self.cached_tokens
+                else ""
+            )
             + (f" · {self.note}" if self.note else "")
             + (f"\n\n{self.choice}" if self.choice else "")
         )
@@ -659,6 +666,8 @@ def _record(stats: Any, finish: str, context: int, seed: int) -> None:
     last_reply.acceptance_rate = stats.acceptance_rate
     last_reply.new_tokens = stats.new_tokens
     last_reply.seconds = stats.seconds
+    last_reply.prompt_tokens = stats.prompt_tokens
+    last_reply.cached_tokens = stats.cached_tokens
     last_reply.finish_reason = finish
     logger.info(
         f"specdec: output generated in {stats.seconds:.2f} seconds ({stats.tokens_per_second:.2f} tokens/s, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -72,16 +74,19 @@ def tiny_model(
     return model.to(DEVICE)
 
 
-def tiny_model_folder(folder):
-    """A tiny Llama (:func:`tiny_model`) saved with a word-level tokenizer that has no chat template."""
-    from tokenizers import Tokenizer, models as tok_models
+def tiny_model_folder(folder: Path, model: torch.nn.Module | None = None) -> Path:
+    """``model`` (default: a tiny Llama, :func:`tiny_model`) saved in ``folder`` with a word-level tokenizer
+    (``t0``, ``t1``... up to its vocabulary, split on whitespace, no chat template), loadable by path like any
+    local model."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tiny_model("llama").save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(96)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))).save_pretrained(
-        folder
-    )
+    model = tiny_model("llama") if model is None else model
+    model.save_pretrained(folder)
+    vocab = model.config.vocab_size
+    tok = Tokenizer(tok_models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
     return folder
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import ARCHS, hf_greedy
+from conftest import ARCHS, hf_greedy, tiny_model_folder
 from specdec.errors import MissingExtraError, SpecdecError
 from specdec.quantization import (
     KINDS,
@@ -142,21 +142,9 @@ def test_quantized_target_with_speculation_is_identical_to_its_own_greedy(tmp_pa
         assert result.token_ids == reference, method
 
 
-def _tiny_folder(folder, arch: str = "llama", seed: int = 0, vocab: int = 96):
-    """A tiny model folder with a word-level tokenizer, loadable by name like any local model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tiny_model(arch, seed, vocab=vocab).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(folder)
-    return str(folder)
-
-
 def test_load_with_a_profile_quantizes_the_target_and_keeps_explicit_choices(tmp_path):
     pytest.importorskip("bitsandbytes")
-    folder = _tiny_folder(tmp_path / "tiny")
+    folder = str(tiny_model_folder(tmp_path / "tiny", tiny_model("llama", 0)))
     gen = specdec.load(
         folder, method="prompt_lookup", device="cpu", profile="gpu-4gb", num_speculative_tokens=3, dtype="float32"
     )

@@ -86,6 +86,30 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(smollm2):
     assert len(stats) == 2 and "prompt tokens kept" in stats[1]  # the stopped turn's cache was whole
 
 
+@pytest.mark.real_model
+def test_at_a_terminal_lines_are_read_with_line_editing_and_ctrl_d_leaves(smollm2):
+    """stdin a real terminal (a pty): messages are read by ``input`` (readline), Ctrl-D at the prompt ends the
+    chat with exit code 0, and the replies still go to stdout alone."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "chat", *COMMON, "-n", "8"],
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    os.close(follower)
+    os.write(leader, b"Name a fruit.\n")
+    assert proc.stdout.readline().strip()  # the reply
+    os.write(leader, b"\x04")  # Ctrl-D at the next prompt
+    out, err = proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode() and "tok/s" in err.decode()
+
+
 def test_a_model_without_a_chat_template_is_a_clear_error(tmp_path):
     folder = tiny_model_folder(tmp_path / "tiny")
     res = CliRunner().invoke(main, ["chat", "--target", str(folder), "--dtype", "float32"], input="hi\n")

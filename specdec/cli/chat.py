@@ -110,8 +110,15 @@ def reply(gen: SpeculativeGenerator, prompt_ids: list[int], sampling: dict[str, 
 
 
 def read_message() -> str | None:
-    """The next line the user types (None at end of input), without its newline."""
+    """The next line the user types (None at end of input), without its newline. At a terminal it is read
+    with ``input`` (line editing and history through ``readline``); the prompt goes to stderr either way."""
     click.echo("> ", nl=False, err=True)
+    if sys.stdin.isatty():
+        try:
+            return input()
+        except EOFError:
+            click.echo("", err=True)
+            return None
     line = sys.stdin.readline()
     if not line:
         click.echo("", err=True)

@@ -20,6 +20,7 @@ import click
 from ..engine import SpeculativeGenerator
 from ..errors import SpecdecError
 from .common import (
+    echo_error,
     load_generator,
     model_options,
     prefix_cache_option,
@@ -114,16 +115,14 @@ def read_message() -> str | None:
     with ``input`` (line editing and history through ``readline``); the prompt goes to stderr either way."""
     click.echo("> ", nl=False, err=True)
     if sys.stdin.isatty():
-        try:
+        with contextlib.suppress(EOFError):
             return input()
-        except EOFError:
-            click.echo("", err=True)
-            return None
-    line = sys.stdin.readline()
-    if not line:
-        click.echo("", err=True)
-        return None
-    return line.rstrip("\n")
+    else:
+        line = sys.stdin.readline()
+        if line:
+            return line.rstrip("\n")
+    click.echo("", err=True)  # end of input: leave the prompt's line
+    return None
 
 
 @click.command()
@@ -157,9 +156,9 @@ def chat(system: str | None, **kwargs: Any) -> None:
     click.echo(f"[chat with {gen.method} decoding; /help lists the commands]", err=True)
     while True:
         line = read_message()
-        if line is None or line.strip() in ("/exit", "/quit"):
+        command = line.strip() if line is not None else "/exit"
+        if command in ("/exit", "/quit"):
             return
-        command = line.strip()
         if not command:
             continue
         if command == "/reset":
@@ -174,7 +173,7 @@ def chat(system: str | None, **kwargs: Any) -> None:
             prompt_ids, budget, dropped = fit_history(gen, messages, sampling["max_new_tokens"])
         except SpecdecError as e:
             messages.pop()
-            click.echo(f"error: {e.message}\n  hint: {e.hint}", err=True)
+            echo_error(e)
             continue
         if dropped:
             click.echo(f"[the {dropped} oldest exchange(s) left the conversation to fit the context]", err=True)

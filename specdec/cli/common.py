@@ -66,6 +66,13 @@ def interrupts_kept() -> Iterator[None]:
         sys.unraisablehook = previous_hook
 
 
+def echo_error(error: SpecdecError) -> None:
+    """``error: ...`` and, when there is one, ``  hint: ...`` on stderr."""
+    click.echo(f"error: {error.message}", err=True)
+    if error.hint:
+        click.echo(f"  hint: {error.hint}", err=True)
+
+
 def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback; Ctrl-C before the
     command handles it (while a model loads) into one line and exit code 130, as for any interrupted program.
@@ -77,9 +84,7 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             with interrupts_kept():
                 return func(*args, **kwargs)
         except SpecdecError as e:
-            click.echo(f"error: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"  hint: {e.hint}", err=True)
+            echo_error(e)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 from .errors import SpecdecError
@@ -27,8 +30,55 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+# x86 instructions that compute each 16-bit float natively: (torch.cpu check, /proc/cpuinfo flag)
+_NATIVE_16BIT: dict[torch.dtype, tuple[tuple[str, str], ...]] = {
+    torch.bfloat16: (("_is_avx512_bf16_supported", "avx512_bf16"), ("_is_amx_tile_supported", "amx_bf16")),
+    torch.float16: (("_is_amx_fp16_supported", "amx_fp16"),),
+}
+
+
+@functools.cache
+def cpu_computes_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU has instructions for ``dtype``'s matmuls (float32: always).
+
+    On x86, bfloat16 needs avx512_bf16 or AMX (float16 is counted native only with AMX-FP16); without them torch
+    converts every row to float32 and back, so a forward's cost grows with its rows almost like
+    that many one-row forwards and prefill is several times slower than in float32 (measured:
+    docs/design.md, "Cost of a forward by row count"). Asked of torch, else of ``/proc/cpuinfo``;
+    other architectures (ARM, ...) are assumed to have them (not measured by this project).
+    """
+    if dtype == torch.float32 or platform.machine().lower() not in _X86:
+        return True
+    return any(_cpu_has(check, flag) for check, flag in _NATIVE_16BIT.get(dtype, ()))
+
+
+def _cpu_has(check_name: str, flag: str) -> bool:
+    """torch's check ``torch.cpu.<check_name>()``; where this torch lacks it (or it fails), the flag."""
+    check = getattr(torch.cpu, check_name, None)
+    if check is not None:
+        try:
+            return bool(check())
+        except Exception:
+            pass
+    return flag in _cpuinfo_flags()
+
+
+def _cpuinfo_flags() -> frozenset[str]:
+    """The first CPU's flags in ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto``: bfloat16 on CPU (about 2.5x fp32 speed here) and on GPUs that support it, else float16."""
+    """``auto``: on a CPU, bfloat16 where it computes bfloat16 natively (about 2x float32's speed,
+    :func:`cpu_computes_natively`), else float32; on GPUs bfloat16 where supported, else float16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -41,4 +91,4 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.bfloat16
+    return torch.bfloat16 if cpu_computes_natively(torch.bfloat16) else torch.float32

@@ -66,6 +66,8 @@ class DeviceInfo:
         source: which probe produced this (``nvml``, ``torch.cuda``,
             ``mps``, ``nvidia-smi``, ``cpu``, ``assumed``, ``none``).
         notes: why earlier probes gave nothing, in probe order.
+        cpu_bf16: for ``cpu``, whether the CPU computes bfloat16 natively
+            (:func:`specdec.devices.cpu_computes_natively`); the CPU probe asks.
     """
 
     backend: Backend
@@ -75,6 +77,7 @@ class DeviceInfo:
     compute_capability: tuple[int, int] | None = None
     source: str = "assumed"
     notes: tuple[str, ...] = field(default=(), compare=False)
+    cpu_bf16: bool = True
 
     @property
     def available_bytes(self) -> int:
@@ -83,9 +86,11 @@ class DeviceInfo:
 
     @property
     def supports_bf16(self) -> bool:
-        """bfloat16 runs natively: CPUs, Apple, ROCm, NVIDIA from Ampere (8.0) on."""
+        """bfloat16 runs natively: Apple, ROCm, NVIDIA from Ampere (8.0) on, CPUs with bfloat16 instructions."""
         if self.backend == "cuda":
             return self.compute_capability is None or self.compute_capability >= (8, 0)
+        if self.backend == "cpu":
+            return self.cpu_bf16
         return True
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,7 +203,18 @@ def probe_cpu() -> DeviceInfo | None:
     total, available = _ram()
     if total <= 0:
         return None
-    return DeviceInfo("cpu", "CPU", total, available, None, source="cpu")
+    return DeviceInfo("cpu", "CPU", total, available, None, source="cpu", cpu_bf16=_cpu_bf16())
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively; True where that cannot be asked (torch missing)."""
+    try:
+        import torch
+
+        from .devices import cpu_computes_natively
+    except ImportError:
+        return True
+    return cpu_computes_natively(torch.bfloat16)
 
 
 def _ram() -> tuple[int, int]:

@@ -171,7 +171,7 @@ def load(
             ``profile`` the profile's choice for this machine).
         draft: the same kinds of reference, for method ``draft``/``auto``.
         method: ``none``, ``draft``, ``prompt_lookup``, ``lookahead``, ``medusa`` or ``auto``.
-        dtype: ``auto`` (bfloat16 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        dtype: ``auto`` (:func:`specdec.devices.resolve_dtype`), ``float32``, ``bfloat16``, ``float16``.
         device: ``auto`` or a torch device string.
         num_speculative_tokens: fixed candidates per step (None = adaptive).
         threads: CPU threads for torch (None = torch's default).

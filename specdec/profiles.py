@@ -342,10 +342,17 @@ def padded(estimate: int, profile: Profile, reserve: bool = True) -> int:
 
 
 def compute_dtype(device: DeviceInfo, profile: Profile) -> str:
-    """``bfloat16``/``float16``/``float32`` for quantized matmuls, KV cache and activations."""
+    """``bfloat16``/``float16``/``float32`` for quantized matmuls, KV cache and activations.
+
+    ``auto``: bfloat16 where the device computes it natively; else float16 on a GPU and float32 on a
+    CPU, where 16-bit floats without their instructions are converted row by row (slower than float32
+    on long prompts and wide verify steps: docs/design.md, "Cost of a forward by row count").
+    """
     if profile.dtype != AUTO:
         return profile.dtype
-    return "bfloat16" if device.supports_bf16 else "float16"
+    if device.supports_bf16:
+        return "bfloat16"
+    return "float32" if device.backend == "cpu" else "float16"
 
 
 _DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
@@ -440,6 +447,11 @@ def select(
     search = _Search(chosen, device, catalogue, frozenset(available), target_loaded, compute_dtype(device, chosen))
     if not search.known_memory:
         search.reasons.append("device memory unknown: the first configuration is taken without a memory check")
+    if chosen.dtype == AUTO and device.backend == "cpu" and not device.supports_bf16:
+        search.reasons.append(
+            "dtype float32: this CPU has no bfloat16 instructions (avx512_bf16 or AMX), "
+            "without which bfloat16 runs slower than float32 on prompts and wide verify steps"
+        )
     for tgt in _targets_to_try(target, chosen, profiles, device.backend, catalogue):
         found = _fit_target(search, tgt, has_medusa_heads)
         if found is not None:

@@ -128,6 +128,44 @@ def test_device_info_json_fields():
     d = DeviceInfo("cuda", "x", 8 * GIB, 7 * GIB, (7, 5))
     assert d.to_dict() == {"backend": "cuda", "name": "x", "total_bytes": 8 * GIB, "free_bytes": 7 * GIB}
     assert not d.supports_bf16 and DeviceInfo("cuda", "y", 1, 1, (8, 0)).supports_bf16
+    assert (
+        DeviceInfo("cpu", "CPU", 1, 1).supports_bf16
+        and not DeviceInfo("cpu", "CPU", 1, 1, cpu_bf16=False).supports_bf16
+    )
+
+
+@pytest.mark.parametrize(
+    ("machine", "torch_says", "flags", "native"),
+    [
+        ("x86_64", {"_is_avx512_bf16_supported": True}, "", True),
+        ("x86_64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, "", True),
+        ("x86_64", {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, "avx512_bf16", False),
+        ("x86_64", {}, "fpu avx2 avx512_bf16", True),  # a torch without the checks: /proc/cpuinfo's flags
+        ("x86_64", {}, "fpu avx2", False),
+        ("aarch64", {}, "", True),  # other architectures: assumed
+    ],
+)
+def test_bfloat16_is_native_with_avx512_bf16_or_amx(monkeypatch, machine, torch_says, flags, native):
+    import torch
+
+    from specdec import devices
+
+    monkeypatch.setattr(devices.platform, "machine", lambda: machine)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if name in torch_says:
+            monkeypatch.setattr(torch.cpu, name, lambda answer=torch_says[name]: answer)
+        else:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+    monkeypatch.setattr(devices, "_cpuinfo_flags", lambda: frozenset(flags.split()))
+    devices.cpu_computes_natively.cache_clear()
+    try:
+        assert devices.cpu_computes_natively(torch.bfloat16) is native
+        assert devices.cpu_computes_natively(torch.float32)
+        assert devices.resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+        assert devices.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # asked for: kept
+        assert hardware.probe_cpu().cpu_bf16 is native
+    finally:
+        devices.cpu_computes_natively.cache_clear()
 
 
 @pytest.mark.parametrize(

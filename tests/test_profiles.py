@@ -80,6 +80,21 @@ def test_fake_devices_get_the_expected_configuration_within_memory(name):
     assert config.estimated_bytes >= sum(config.breakdown.values())  # margin and reserve come on top
 
 
+def test_a_cpu_without_bfloat16_instructions_runs_float32_and_is_sized_for_it():
+    native = select(CPU_16GB, cat.CATALOGUE, PROFILES)
+    avx2 = select(DeviceInfo("cpu", "CPU", 16 * GIB, 12 * GIB, cpu_bf16=False), cat.CATALOGUE, PROFILES)
+    assert (native.dtype, avx2.dtype) == ("bfloat16", "float32")
+    assert any("no bfloat16 instructions" in r for r in avx2.reasons) and not any(
+        "bfloat16" in r for r in native.reasons
+    )
+    assert (avx2.target_ref, avx2.target_quantization) == (native.target_ref, "gguf") and avx2.fits
+    assert avx2.breakdown["target_weights"] > 1.9 * native.breakdown["target_weights"]  # de-quantized to 32 bits
+    bf16 = profile_settings(
+        "auto", "qwen-coder-1.5b", device=DeviceInfo("cpu", "CPU", 16 * GIB, 12 * GIB, cpu_bf16=False), dtype="bfloat16"
+    )
+    assert bf16.dtype == "bfloat16"  # asked for: kept
+
+
 def test_one_gb_free_after_the_target_drops_the_draft_and_says_why():
     config = select(ONE_GB_FREE, cat.CATALOGUE, PROFILES, "qwen2.5-7b", target_loaded=True)
     assert config.profile == "gpu-8gb" and config.fits
@@ -378,7 +393,7 @@ def test_profiles_commands(tmp_path):
     assert shown.exit_code == 0 and "name: gpu-8gb" in shown.output
     assert runner.invoke(main, ["profiles", "show", "nope"]).exit_code == 1
     good = _write(tmp_path, VALID)
-    bad = _write(tmp_path, VALID.replace("dtype: bfloat16", "dtype: int4"), name="bad")
+    bad = _write(tmp_path, VALID.replace("dtype: auto", "dtype: int4"), name="bad")
     result = runner.invoke(main, ["profiles", "validate", str(good), str(bad)])
     assert result.exit_code == 1
     assert f"{good}: ok" in result.output and f"{bad}: dtype:" in result.output

@@ -62,7 +62,8 @@ class BenchConfig:
         categories: keep only prompts of these categories (empty = all).
         methods: specdec methods, each benchmarked as ``specdec-<method>``.
         max_new_tokens: most new tokens per generation.
-        dtype: ``bfloat16``, ``float32`` or ``float16``, for target and draft.
+        dtype: ``auto`` (:func:`specdec.devices.resolve_dtype`), ``bfloat16``, ``float32`` or ``float16``,
+            for target and draft; the report's config gives the dtype the target ran in.
         threads: ``torch.set_num_threads`` (None = leave torch's default).
         repeats: timed runs per (prompt, runner); the median time is reported.
         warmup_tokens: new tokens of the untimed warm-up run of each runner (0 = none).
@@ -81,7 +82,7 @@ class BenchConfig:
     categories: tuple[str, ...] = ()
     methods: tuple[str, ...] = DEFAULT_METHODS
     max_new_tokens: int = 128
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     threads: int | None = None
     repeats: int = 1
     warmup_tokens: int = 16
@@ -108,8 +109,8 @@ class BenchConfig:
                 raise SpecdecError(f"{name} must be an integer >= {low}, got {value}")
         if self.threads is not None and (int(self.threads) != self.threads or self.threads < 1):
             raise SpecdecError(f"threads must be an integer >= 1, got {self.threads}")
-        if self.dtype not in ("bfloat16", "float32", "float16"):
-            raise SpecdecError(f"unknown dtype {self.dtype!r}", "choose bfloat16, float32 or float16")
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise SpecdecError(f"unknown dtype {self.dtype!r}", "choose auto, bfloat16, float32 or float16")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -431,7 +432,7 @@ class Bench:
             config={
                 "target": cfg.target,
                 "draft": cfg.draft,
-                "dtype": cfg.dtype,
+                "dtype": str(self.target.dtype).removeprefix("torch."),
                 "max_new_tokens": cfg.max_new_tokens,
                 "static_cache": self.static_cache,
             },

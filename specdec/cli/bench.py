@@ -44,10 +44,10 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=_DEFAULTS.max_new_tokens, show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float32", "float16"]),
+    type=click.Choice(["auto", "bfloat16", "float32", "float16"]),
     default=_DEFAULTS.dtype,
     show_default=True,
-    help="Of target and draft, for every runner.",
+    help="Of target and draft, for every runner (auto: as for generate).",
 )
 @click.option(
     "--threads", type=click.IntRange(min=1), default=_DEFAULTS.threads, help="torch CPU threads (default: torch's)."

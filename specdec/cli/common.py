@@ -160,7 +160,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
             default="auto",
             show_default=True,
-            help="auto = bfloat16 on CPU.",
+            help="auto = bfloat16 where the device computes it natively (on x86 CPUs: avx512_bf16 or AMX), "
+            "else float32 on a CPU and float16 on a GPU.",
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, mps..."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch."),

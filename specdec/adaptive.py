@@ -5,7 +5,7 @@ With a per-token acceptance rate ``alpha``, a chain of ``K`` candidates yields
 ``K * draft_seconds + verify_seconds(K + 1)``. The controller picks the ``K``
 that maximises tokens per second. Costs are exponential moving averages of
 what the engine measures; verify cost per row count starts from the measured
-prior of the device kind (:func:`specdec.costs.prior`) and is replaced by
+prior of the target's kind of compute (:func:`specdec.costs.prior`) and is replaced by
 measurements as they come, the prior's shape extrapolating beyond them.
 
 Seeded sampling must be reproducible, and measured times are not: with
@@ -31,7 +31,8 @@ class DraftLengthController:
         initial_k: K used before anything is measured.
         decay: weight of the newest observation in the moving averages.
         row_prior: relative cost of a target forward by row count before (and
-            beyond) the measured ones; :meth:`start` sets the device kind's,
+            beyond) the measured ones; :meth:`start` sets the target's (by
+            device, dtype and the CPU's bfloat16 instructions),
             never cheaper for more rows: the measured CPU table's dip below one
             row at 4 rows made it send copies a plain step beat (docs/design.md).
     """
@@ -62,13 +63,13 @@ class DraftLengthController:
                 best_k, best_rate = k, rate
         return best_k
 
-    def start(self, deterministic: bool, device_type: str | None = None) -> None:
-        """Begin a generation (on the target's ``device_type``: its prior row costs,
-        :func:`specdec.costs.prior`). A seeded one starts from the prior acceptance,
+    def start(self, deterministic: bool, cost_kind: str | None = None) -> None:
+        """Begin a generation (on the target's kind of compute, :func:`specdec.costs.cost_kind`: its
+        prior row costs, :func:`specdec.costs.prior`). A seeded one starts from the prior acceptance,
         so its draft lengths depend on the seed alone, not on earlier generations."""
         self.deterministic = deterministic
-        if device_type is not None:
-            self.row_prior = costs.prior(device_type, monotone=True)
+        if cost_kind is not None:
+            self.row_prior = costs.prior(cost_kind, monotone=True)
         if deterministic:
             fresh = DraftLengthController()
             self.alpha_accepted, self.alpha_rejected = fresh.alpha_accepted, fresh.alpha_rejected

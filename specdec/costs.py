@@ -4,8 +4,9 @@ Every method trades extra rows in one target forward for fewer forwards, so
 what a forward over ``r`` rows costs relative to a one-row forward decides how
 much to propose. This module owns that model:
 
-- the *prior*: relative costs measured once per device kind
-  (:data:`CPU_ROW_COST`, :data:`GPU_ROW_COST`), interpolated by
+- the *prior*: relative costs measured once per kind of compute
+  (:data:`PRIORS`: the GPU, a CPU in bfloat16 with and without bfloat16
+  instructions, a CPU in float32; :func:`cost_kind`), interpolated by
   :func:`row_cost` and chosen by :func:`prior`. Decisions rest on it before
   anything is measured, and always under seeded sampling, whose tokens must
   not depend on timings;
@@ -30,16 +31,34 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import cpu_computes_natively
+
 RowCost = Callable[[int], float]  # rows -> cost of a forward over that many rows (relative or seconds)
 
 # Relative cost of one target forward over r rows (the pending token + candidates) on a
-# cached prompt, measured on the reference CPU (2 cores, bfloat16, Qwen2.5-Coder-1.5B):
-# 16 rows cost 1.32x one, 64 rows 2.7x (4 rows measured no dearer than one).
+# cached prompt, measured on the reference CPU (2 cores, bfloat16 with avx512_bf16,
+# Qwen2.5-Coder-1.5B): 16 rows cost 1.32x one, 64 rows 2.7x (4 rows measured no dearer than one).
 CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
+# The same model in float32 on the same kind of CPU: two rows already cost twice one (one row
+# is a matrix-vector product, more rows a slower matrix-matrix one), then the curve is flat.
+CPU_FP32_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.97, 4: 2.06, 8: 1.8, 16: 2.19, 32: 2.91, 64: 4.6}
+# A 16-bit float on a CPU without its instructions (bfloat16 without avx512_bf16/AMX, float16
+# without AMX-FP16): every row is converted on its own, so rows cost almost whole forwards.
+# Measured in float16 on the reference CPU; bfloat16 on an AVX2 CPU gave 1.77/3.52/6.46/12.4x
+# for 2/4/8/16 rows.
+CPU_EMULATED_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.77, 4: 2.44, 8: 5.06, 16: 9.61, 32: 18.9, 64: 34.7}
 # The same on an NVIDIA H100 (float16, a model of Qwen2.5-Coder-1.5B's size, under the
 # engine's tree mask; scripts/gpu_profile.py, docs/bench/gpu-h100-profile-random-weights.json):
 # launch-bound, so rows are nearly free (64 rows 1.12x one).
 GPU_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.07, 4: 1.10, 16: 1.10, 64: 1.12}
+
+# The prior of each kind of compute (:func:`cost_kind`).
+PRIORS: dict[str, dict[int, float]] = {
+    "cuda": GPU_ROW_COST,
+    "cpu": CPU_ROW_COST,
+    "cpu-fp32": CPU_FP32_ROW_COST,
+    "cpu-emulated": CPU_EMULATED_ROW_COST,
+}
 
 
 def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
@@ -56,24 +75,41 @@ def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
     return table[b] + (table[b] - table[a]) * (rows - b) / (b - a)
 
 
-def prior_table(device_type: str) -> dict[int, float]:
-    """The measured table for a device kind: :data:`GPU_ROW_COST` on ``"cuda"``, else :data:`CPU_ROW_COST`."""
-    return GPU_ROW_COST if device_type == "cuda" else CPU_ROW_COST
+def cost_kind(device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The key of :data:`PRIORS` for a model on ``device_type`` computing in ``dtype``.
+
+    ``"cuda"`` on CUDA; on a CPU ``"cpu-fp32"`` in float32, ``"cpu"`` in a 16-bit float it has
+    instructions for (:func:`specdec.devices.cpu_computes_natively`), else ``"cpu-emulated"``;
+    other devices (MPS: not measured) take the CPU's.
+    """
+    if device_type == "cuda":
+        return "cuda"
+    if device_type != "cpu":
+        return "cpu"
+    if dtype == torch.float32:
+        return "cpu-fp32"
+    return "cpu" if cpu_computes_natively(dtype) else "cpu-emulated"
 
 
-def prior(device_type: str, monotone: bool = False) -> RowCost:
-    """``rows -> relative cost`` from the measured table of a device kind (:func:`prior_table`).
+def model_cost_kind(model: torch.nn.Module) -> str:
+    """:func:`cost_kind` of the device and compute dtype of ``model``'s weights."""
+    param = next(model.parameters())
+    return cost_kind(param.device.type, getattr(model, "dtype", param.dtype))
+
+
+def prior_table(kind: str) -> dict[int, float]:
+    """The measured table of a kind of compute (:func:`cost_kind`; an unknown kind gets the CPU's)."""
+    return PRIORS.get(kind, CPU_ROW_COST)
+
+
+def prior(kind: str, monotone: bool = False) -> RowCost:
+    """``rows -> relative cost`` from the measured table of a kind of compute (:func:`prior_table`).
 
     With ``monotone``, more rows never cost less than fewer (the CPU table's 4 rows
     at 0.98x one become 1.0x), as :func:`measure_row_cost` stores a table.
     """
-    table = prior_table(device_type)
+    table = prior_table(kind)
     return functools.partial(row_cost, table=relative_cost(table, monotone=True) if monotone else table)
-
-
-def model_device_type(model: torch.nn.Module) -> str:
-    """The device kind (``"cpu"``, ``"cuda"``, ...) a model's weights are on."""
-    return next(model.parameters()).device.type
 
 
 @dataclass
@@ -106,8 +142,8 @@ class RowCostModel:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> RowCostModel:
-        """A model starting from the prior of the device kind ``model`` runs on."""
-        return cls(prior=prior(model_device_type(model)))
+        """A model starting from the prior of the compute ``model`` runs on (:func:`model_cost_kind`)."""
+        return cls(prior=prior(model_cost_kind(model)))
 
     def start(self, deterministic: bool) -> None:
         """Begin a generation; ``deterministic`` = answer from the prior alone."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .costs import model_cost_kind
 from .errors import ContextLengthError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
@@ -169,6 +170,7 @@ class SpeculativeGenerator:
         if self.draft is not None and self.method == "draft":
             check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
         self.device = next(target.parameters()).device
+        self.cost_kind = model_cost_kind(target)  # which prior row costs the proposers start from
         self.context_length = model_context_length(target)
         if static_cache is None:
             static_cache = self.device.type == "cuda"
@@ -323,6 +325,7 @@ class SpeculativeGenerator:
             seeded=seeded,
             capacity=len(prompt_ids) + limit + max(BUCKETS),
             reduced_precision=self.target.dtype in (torch.float16, torch.bfloat16),
+            cost_kind=self.cost_kind,
         )
         stats.cached_tokens = self.kv.start(state.capacity, prompt_ids)
         with torch.inference_mode():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import DEVICE, tiny_model
 
 from specdec.adaptive import DraftLengthController
 from specdec.proposers.base import DecodeState
@@ -59,14 +61,51 @@ def test_prompt_lookup_sends_a_plain_step_when_its_copy_does_not_pay() -> None:
     assert proposer.propose(_state(tokens), 8).tokens.tolist()[:3] == [8, 9, 10]
 
 
-def test_draft_lengths_and_medusa_trees_start_from_one_measured_cost_per_device_kind() -> None:
-    from specdec.costs import CPU_ROW_COST, GPU_ROW_COST, RowCostModel, prior
+def test_draft_lengths_and_medusa_trees_start_from_one_measured_cost_per_kind_of_compute() -> None:
+    from specdec.costs import CPU_EMULATED_ROW_COST, CPU_ROW_COST, GPU_ROW_COST, RowCostModel, prior
 
     c = DraftLengthController(static_draft_cost=0.0)
-    c.start(deterministic=True, device_type="cpu")
+    c.start(deterministic=True, cost_kind="cpu")
     medusa = RowCostModel(prior=prior("cpu"))
     assert c.step_cost(0, 64) == medusa(64) == CPU_ROW_COST[64]  # seeded: the measured table, no timings
     assert medusa(4) == CPU_ROW_COST[4] < 1.0 and c.step_cost(0, 4) == 1.0  # the controller's never dips below one row
-    c.start(deterministic=True, device_type="cuda")
+    c.start(deterministic=True, cost_kind="cuda")
     assert c.step_cost(0, 64) == RowCostModel(prior=prior("cuda"))(64) == GPU_ROW_COST[64]
     assert c.step_cost(0, 16) < CPU_ROW_COST[16]  # on a GPU rows are nearly free
+    c.start(deterministic=True, cost_kind="cpu-emulated")  # bfloat16 without its instructions: rows cost forwards
+    assert c.step_cost(0, 16) == CPU_EMULATED_ROW_COST[16] > 7 * CPU_ROW_COST[16]
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "native", "kind"),
+    [
+        ("cuda", torch.bfloat16, False, "cuda"),
+        ("cpu", torch.float32, False, "cpu-fp32"),
+        ("cpu", torch.bfloat16, True, "cpu"),
+        ("cpu", torch.bfloat16, False, "cpu-emulated"),
+        ("cpu", torch.float16, False, "cpu-emulated"),
+        ("mps", torch.float16, False, "cpu"),  # not measured: the CPU's
+    ],
+)
+def test_the_prior_follows_device_dtype_and_the_cpus_bfloat16_instructions(monkeypatch, device, dtype, native, kind):
+    from specdec import costs
+
+    monkeypatch.setattr(costs, "cpu_computes_natively", lambda d: native)
+    assert costs.cost_kind(device, dtype) == kind
+    assert costs.prior_table(kind) is costs.PRIORS[kind]
+
+
+def test_the_engine_tells_proposers_the_targets_kind_of_compute(monkeypatch) -> None:
+    """A float32 target on a CPU starts the draft-length controller from the float32 table; bfloat16
+    on a CPU without bfloat16 instructions from the emulated one."""
+    from specdec import SpeculativeGenerator, costs
+
+    model = tiny_model()
+    gen = SpeculativeGenerator(model, method="prompt_lookup")
+    gen.generate([1, 2, 3, 1, 2], max_new_tokens=3)
+    kind = "cuda" if DEVICE.type == "cuda" else "cpu-fp32"
+    assert gen.cost_kind == kind
+    assert gen.proposer.controller.row_prior(16) == costs.prior(kind, monotone=True)(16) != costs.prior("cpu")(16)
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(costs, "cpu_computes_natively", lambda dtype: False)
+        assert SpeculativeGenerator(model.to(torch.bfloat16), method="prompt_lookup").cost_kind == "cpu-emulated"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import specdec
-from conftest import hf_greedy, tiny_model
-from specdec.costs import CPU_ROW_COST, row_cost
+from conftest import DEVICE, hf_greedy, tiny_model
+from specdec.costs import CPU_FP32_ROW_COST, CPU_ROW_COST, GPU_ROW_COST, row_cost
 from specdec.errors import SpecdecError
 from specdec.medusa import MedusaHeads, build_tree, default_tree, tree_from_accuracies
 from specdec.medusa.train import TrainConfig, exact_label_mask, head_labels, medusa_loss, train
@@ -509,7 +509,9 @@ def test_dynamic_tree_options_are_validated():
     assert fixed.dynamic_nodes is None  # a tree given: that fixed tree
     per_step = specdec.SpeculativeGenerator(target, method="medusa", medusa_heads=heads, tree_size=5).proposer
     assert per_step.dynamic_nodes == 5 and per_step.row_cost is not None
-    assert per_step.row_cost(16) == pytest.approx(CPU_ROW_COST[16])  # this CPU's cost per row sizes each tree
+    # the cost per row of this target's compute (on a CPU: float32's) sizes each tree
+    table = GPU_ROW_COST if DEVICE.type == "cuda" else CPU_FP32_ROW_COST
+    assert per_step.row_cost(16) == pytest.approx(table[16])
 
 
 def test_sequential_heads_save_and_load(tmp_path):

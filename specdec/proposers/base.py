@@ -86,6 +86,8 @@ class DecodeState:
         capacity: most positions this generation's caches hold (prompt, new tokens and the widest step).
         reduced_precision: whether the target computes in float16 or bfloat16, where a position's logits
             depend on how many rows are computed beside it.
+        cost_kind: the target's kind of compute, whose prior row costs proposers start from
+            (:func:`specdec.costs.cost_kind`: ``"cuda"``, ``"cpu"``, ``"cpu-fp32"``, ``"cpu-emulated"``).
     """
 
     tokens: torch.Tensor
@@ -95,6 +97,7 @@ class DecodeState:
     seeded: bool = False
     capacity: int = 0
     reduced_precision: bool = False
+    cost_kind: str = "cpu"
 
     @property
     def timing_free(self) -> bool:

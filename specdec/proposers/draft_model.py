@@ -86,7 +86,7 @@ class DraftModelProposer:
 
     def reset(self, state: DecodeState) -> None:
         # seeded sampling must not depend on measured times (see DraftLengthController)
-        self.controller.start(deterministic=state.timing_free, device_type=state.tokens.device.type)
+        self.controller.start(deterministic=state.timing_free, cost_kind=state.cost_kind)
         self.device = next(self.model.parameters()).device
         self._prefill(state)
         self._unfed = self._idle = 0

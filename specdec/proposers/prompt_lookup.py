@@ -39,7 +39,7 @@ class PromptLookupProposer:
         self.run_length = K_MAX  # copy length while copies are kept whole
 
     def reset(self, state: DecodeState) -> None:
-        self.controller.start(deterministic=state.timing_free, device_type=state.tokens.device.type)
+        self.controller.start(deterministic=state.timing_free, cost_kind=state.cost_kind)
         self.index = NgramIndex(self.cfg.min_ngram, self.cfg.max_ngram)
         self.index.extend(state.tokens.tolist())
         self._shadow = None

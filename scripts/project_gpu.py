@@ -8,8 +8,12 @@
         --costs runs/gpu-profile.json --target 1.5b
 
 A trace records, per step, the target's rows (root, nodes, extra rows), the
-row count of each draft forward, and the tokens the step produced. Which
-tokens are accepted does not depend on the device (greedy, the same models),
+row count of each draft forward, and the tokens the step produced. The
+controllers choose draft and copy lengths by the GPU's prior row costs
+(``--propose-as cuda``, the default: in bfloat16 greedy decoding they use the
+prior alone, so the CPU proposes what a GPU run would), and ``--profile``
+gives the methods a hardware profile's settings (lookahead W/N/G, the draft
+length). Which tokens are accepted does not depend on the device (greedy, the same models),
 so a step's GPU cost is its target step at the row bucket that holds it plus
 its draft steps, each the static-path median that ``gpu_profile.py`` measured,
 plus the per-step work outside the forwards measured there for plain decoding.
@@ -43,12 +47,21 @@ def trace(args: argparse.Namespace) -> None:
         "draft": args.draft,
         "dtype": args.dtype,
         "max_new_tokens": args.max_new_tokens,
+        "propose_as": args.propose_as,
+        "profile": args.profile,
         "methods": {},
     }
     for method in args.methods.split(","):
+        k, options = profile_choices(args, method)
         gen = specdec.SpeculativeGenerator(
-            target, tokenizer, method=method, draft=draft if method in ("draft", "auto") else None
+            target,
+            tokenizer,
+            method=method,
+            draft=draft if method in ("draft", "auto") else None,
+            num_speculative_tokens=k,
+            **options,
         )
+        gen.cost_kind = args.propose_as  # the device whose row costs the controllers choose by
         steps: list[dict] = []
         draft_rows: list[int] = []
         model = getattr(getattr(gen.proposer, "kv", None), "model", None)
@@ -104,6 +117,18 @@ def trace(args: argparse.Namespace) -> None:
         out["methods"][method] = runs
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out))
+
+
+def profile_choices(args: argparse.Namespace, method: str) -> tuple[int | None, dict]:
+    """``(num_speculative_tokens, method options)`` of ``--profile`` for ``method`` (none: the defaults)."""
+    if not args.profile:
+        return None, {}
+    from specdec.hardware import GIB, assumed_gpu
+    from specdec.profiles import profile_options, profile_settings
+
+    arguments = profile_settings(args.profile, args.target, draft=args.draft, device=assumed_gpu(80 * GIB))
+    k = arguments.num_speculative_tokens if method == "draft" else None
+    return k, profile_options(method, arguments.selection)
 
 
 def _cost(table: dict[str, float], rows: int) -> float:
@@ -180,6 +205,10 @@ def main() -> None:
     t.add_argument("--dtype", default="bfloat16")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument(
+        "--propose-as", default="cuda", help="whose prior row costs the controllers use (specdec.costs.PRIORS)"
+    )
+    t.add_argument("--profile", default=None, help="a hardware profile whose method settings to use (gpu-24gb...)")
     t.add_argument("--out", required=True)
     p = sub.add_parser("project", help="project GPU tokens/s from traces and gpu_profile.py costs")
     p.add_argument("--traces", required=True)

@@ -140,6 +140,10 @@ class SpeculativeGenerator:
     Verification is exact unless the proposer carries a ``typical_acceptance``
     attribute that is not None (only Medusa's, and only when asked for); that
     option is handed to the one verifier, which applies it when sampling.
+
+    Attribute ``cost_kind`` (:func:`specdec.costs.model_cost_kind` of the target) names the prior
+    row costs the draft-length controllers start each generation from; a projection may set it to
+    another kind (``"cuda"``) to record, on a CPU, the proposals a run there would make.
     """
 
     def __init__(

@@ -39,9 +39,10 @@ RowCost = Callable[[int], float]  # rows -> cost of a forward over that many row
 # cached prompt, measured on the reference CPU (2 cores, bfloat16 with avx512_bf16,
 # Qwen2.5-Coder-1.5B): 16 rows cost 1.32x one, 64 rows 2.7x (4 rows measured no dearer than one).
 CPU_ROW_COST: dict[int, float] = {1: 1.0, 4: 0.98, 8: 1.09, 16: 1.32, 32: 1.78, 64: 2.7}
-# The same model in float32 on the same kind of CPU: two rows already cost twice one (one row
-# is a matrix-vector product, more rows a slower matrix-matrix one), then the curve is flat.
-CPU_FP32_ROW_COST: dict[int, float] = {1: 1.0, 2: 1.97, 4: 2.06, 8: 1.8, 16: 2.19, 32: 2.91, 64: 4.6}
+# The same model in float32 on the same kind of CPU, with the few-row products that
+# specdec.linear.FewRowLinear computes (as load_model gives a float32 CPU model): 4 rows cost
+# about one (nn.Linear's own: 2 rows already 1.97x one, 16 rows 2.19x).
+CPU_FP32_ROW_COST: dict[int, float] = {1: 1.0, 2: 0.89, 4: 1.1, 8: 1.6, 16: 1.77, 32: 2.64, 64: 4.99}
 # A 16-bit float on a CPU without its instructions (bfloat16 without avx512_bf16/AMX, float16
 # without AMX-FP16): every row is converted on its own, so rows cost almost whole forwards.
 # Measured in float16 on the reference CPU; bfloat16 on an AVX2 CPU gave 1.77/3.52/6.46/12.4x

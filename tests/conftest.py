@@ -46,9 +46,11 @@ def tiny_model(
     attn: str = "sdpa",
     max_positions: int = 512,
     eos: int | None = None,
+    tied: bool = False,
 ) -> torch.nn.Module:
     """A tiny random causal LM in fp32 on :data:`DEVICE`. ``sharpness`` scales the lm_head so the
-    output distributions are peaked (random models are otherwise near uniform)."""
+    output distributions are peaked (random models are otherwise near uniform); ``tied``: the lm_head
+    shares the input embeddings' weight."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(
@@ -62,7 +64,7 @@ def tiny_model(
         eos_token_id=eos,
         bos_token_id=None,
         pad_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     config._attn_implementation = attn
     model = model_cls(config).eval()

@@ -76,7 +76,7 @@ def row_cost(rows: int, table: dict[int, float] | None = None) -> float:
     return table[b] + (table[b] - table[a]) * (rows - b) / (b - a)
 
 
-def cost_kind(device_type: str, dtype: torch.dtype = torch.bfloat16) -> str:
+def cost_kind(device_type: str, dtype: torch.dtype) -> str:
     """The key of :data:`PRIORS` for a model on ``device_type`` computing in ``dtype``.
 
     ``"cuda"`` on CUDA; on a CPU ``"cpu-fp32"`` in float32, ``"cpu"`` in a 16-bit float it has

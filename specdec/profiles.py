@@ -444,10 +444,11 @@ def select(
     """
     profiles = load_profiles() if profiles is None else profiles
     chosen = match_profile(device, profiles) if profile == AUTO else find_profile(profile, profiles)
-    search = _Search(chosen, device, catalogue, frozenset(available), target_loaded, compute_dtype(device, chosen))
+    dtype = compute_dtype(device, chosen)
+    search = _Search(chosen, device, catalogue, frozenset(available), target_loaded, dtype)
     if not search.known_memory:
         search.reasons.append("device memory unknown: the first configuration is taken without a memory check")
-    if chosen.dtype == AUTO and device.backend == "cpu" and not device.supports_bf16:
+    if chosen.dtype == AUTO and device.backend == "cpu" and dtype == "float32":
         search.reasons.append(
             "dtype float32: this CPU has no bfloat16 instructions (avx512_bf16 or AMX), "
             "without which bfloat16 runs slower than float32 on prompts and wide verify steps"

@@ -6,9 +6,9 @@ Kinds (the names profiles and :class:`~specdec.profiles.Selection` use):
 kind      how it is loaded                                            extra
 ========  ==========================================================  ==========
 fp32      unquantized, float32                                        -
-bf16      unquantized, 16-bit: the run's dtype (float16 on GPUs       -
-          without bf16, float32 on CPUs without bf16 instructions)
-fp16      unquantized, 16-bit: the run's dtype, as bf16               -
+bf16      unquantized, in the run's dtype: bfloat16 (float16 on GPUs  -
+          without it, float32 on CPUs without bf16 instructions)
+fp16      unquantized, in the run's dtype, as bf16                    -
 int8      bitsandbytes LLM.int8 on load                               ``bnb``
 nf4       bitsandbytes 4-bit NormalFloat, double quantization         ``bnb``
 fp4       bitsandbytes 4-bit float, double quantization               ``bnb``

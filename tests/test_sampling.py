@@ -14,6 +14,7 @@ import torch
 
 import specdec
 from conftest import tiny_model
+from specdec.linear import use_few_row_linears
 from specdec.proposers.base import Proposal
 from specdec.sampling import SamplingConfig, presence_rows, process_logits
 from specdec.verify import verify
@@ -126,17 +127,24 @@ def _exact_two_tokens(target, prompt: list[int], cfg: SamplingConfig) -> torch.T
 
 
 @pytest.mark.parametrize(
-    "method,cfg",
+    "method,cfg,few_rows",
     [
-        ("draft", SamplingConfig(temperature=1.0)),
-        ("draft", SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)),
-        ("draft", SamplingConfig(temperature=1.0, repetition_penalty=1.5)),
-        ("prompt_lookup", SamplingConfig(temperature=1.0)),
+        ("draft", SamplingConfig(temperature=1.0), False),
+        ("draft", SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), False),
+        ("draft", SamplingConfig(temperature=1.0, repetition_penalty=1.5), False),
+        ("prompt_lookup", SamplingConfig(temperature=1.0), False),
+        # float32 CPU models as load_model gives them (specdec.linear.FewRowLinear)
+        ("draft", SamplingConfig(temperature=1.0), True),
+        ("prompt_lookup", SamplingConfig(temperature=1.0), True),
     ],
 )
-def test_generation_distribution_matches_target(method, cfg):
+def test_generation_distribution_matches_target(method, cfg, few_rows):
     target = tiny_model("llama", seed=0, vocab=VOCAB, sharpness=6.0)
     draft = tiny_model("llama", seed=3, vocab=VOCAB, sharpness=6.0) if method == "draft" else None
+    if few_rows:
+        for model in (target, draft):
+            if model is not None:
+                assert use_few_row_linears(model) > 0
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats, so prompt lookup proposes
     gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, num_speculative_tokens=2 if draft else None)
     exact = _exact_two_tokens(target, prompt, cfg)

@@ -107,18 +107,41 @@ class StaticKV(KVCache):
 
     # ------------------------------------------------------------------ cache
     def _restart(self, capacity: int, keep: int) -> int:
-        """A larger ``capacity`` allocates a new cache (the kept prefix is lost then: the next growth
-        is a :data:`CAPACITY_STEP` away); else it is cropped to ``keep`` (what lies beyond is stale,
-        never seen) or zeroed, in place, so buffers, graphs and addresses stay valid."""
+        """A larger ``capacity`` allocates a new cache and copies the kept prefix into it (a chat that
+        outgrows its cache keeps its earlier turns; graphs are captured again, once per
+        :data:`CAPACITY_STEP` of growth); else the cache is cropped to ``keep`` (what lies beyond is
+        stale, never seen) or zeroed, in place, so buffers, graphs and addresses stay valid."""
         if self.cache is None or capacity > self.capacity:
-            self._allocate(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP)
-            self.length = 0
+            self._grow(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, min(keep, self.length))
         elif keep > 0:
             self.truncate(keep)
         else:
             self.cache.reset()
             self.length = 0
         return self.length
+
+    def _grow(self, capacity: int, keep: int) -> None:
+        """Replace the cache by one of ``capacity`` positions holding the old one's first ``keep``.
+
+        Both caches exist while the prefix is copied; when the pair does not fit, the old one is
+        dropped first and the prefix is computed again instead (the caller prefills what was not kept).
+        """
+        old = self.cache if keep > 0 else None
+        self.length = 0
+        try:
+            self._allocate(capacity)
+        except SpecdecError:
+            if old is None:
+                raise
+            old = None
+            self._allocate(capacity)
+        if old is None:
+            return
+        for new_layer, old_layer in zip(self.cache.layers, old.layers):
+            new_layer.keys[:, :, :keep].copy_(old_layer.keys[:, :, :keep])
+            new_layer.values[:, :, :keep].copy_(old_layer.values[:, :, :keep])
+            new_layer.cumulative_length.add_(keep)
+        self.length = keep
 
     def _allocate(self, capacity: int) -> None:
         """A new cache of ``capacity`` positions (and no graphs: they point at the old one)."""

@@ -125,17 +125,53 @@ def test_a_forward_cut_short_is_never_trusted(static_cache):
     assert res.token_ids == hf_greedy(target, prompt + [4], 8)
 
 
-def test_a_static_cache_that_must_grow_starts_over_and_stays_exact():
+GROWING = [m for m in METHODS if m[0] != "prompt_lookup" and m != ("lookahead", {})]  # every cache kind once
+
+
+def _outgrow(gen: specdec.SpeculativeGenerator, target) -> tuple[list[int], specdec.GenerationResult, int]:
+    """A first turn, then a second whose prompt reaches past the static cache's allocated positions;
+    returns the second prompt, its result and the first cache's capacity."""
+    first = gen.generate(PROMPT, max_new_tokens=8)
+    capacity = gen.kv.capacity
+    prompt = PROMPT + first.token_ids + [7] * (capacity - len(PROMPT))
+    res = gen.generate(prompt, max_new_tokens=8)
+    assert gen.kv.capacity > capacity
+    assert res.token_ids == hf_greedy(target, prompt, 8)
+    return prompt, res, len(PROMPT) + len(first.token_ids)
+
+
+@pytest.mark.parametrize("method,options", GROWING)
+def test_a_static_cache_that_must_grow_keeps_the_conversation(method, options):
+    from specdec import static
+
+    target = tiny_model("llama", seed=0, sharpness=3.0, max_positions=2048)
+    gen = _generator(target, method, options, static_cache=True)
+    _, res, previous = _outgrow(gen, target)
+    assert isinstance(gen.kv, static.StaticKV)
+    assert res.stats.cached_tokens == previous - 1  # the first turn's KV moved to the larger cache
+    follow = gen.generate(PROMPT + [3], max_new_tokens=8)  # and the larger cache is used like the first
+    assert follow.token_ids == hf_greedy(target, PROMPT + [3], 8)
+
+
+def test_a_static_cache_whose_growth_does_not_fit_beside_the_old_one_starts_over(monkeypatch):
+    """When the larger cache cannot be allocated while the old one is held, the old one goes first and
+    the prompt is computed again, exactly."""
     from specdec import static
 
     target = tiny_model("llama", seed=0, sharpness=3.0, max_positions=2048)
     gen = specdec.SpeculativeGenerator(target, method="none", static_cache=True)
-    first = gen.generate(PROMPT, max_new_tokens=8)
-    capacity = gen.kv.capacity
-    prompt = PROMPT + first.token_ids + [7] * (capacity - len(PROMPT))  # past the allocated positions
-    res = gen.generate(prompt, max_new_tokens=8)
-    assert gen.kv.capacity > capacity and isinstance(gen.kv, static.StaticKV)
-    assert res.stats.cached_tokens == 0 and res.token_ids == hf_greedy(target, prompt, 8)
+    allocate, failed = static.StaticKV._allocate, []
+
+    def only_when_alone(kv, capacity):
+        if kv.cache is not None and not failed:  # a growth while the old cache is still held
+            failed.append(capacity)
+            kv.cache = None
+            raise specdec.SpecdecError("out of memory allocating the static KV cache", "")
+        allocate(kv, capacity)
+
+    monkeypatch.setattr(static.StaticKV, "_allocate", only_when_alone)
+    _, res, _ = _outgrow(gen, target)
+    assert failed and res.stats.cached_tokens == 0
 
 
 @pytest.mark.parametrize("method", ["none", "draft", "medusa"])

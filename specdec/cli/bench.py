@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -121,25 +122,18 @@ def bench(
     hf-prompt-lookup, then specdec-<method> for each of --methods.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..bench.harness import run_bench
 
     quiet_libraries()
     console = Console(stderr=True)
-    num_speculative_tokens, method_options = None, {}
     if methods is None:
         methods = ",".join(DEFAULT_METHODS + (("medusa",) if medusa_heads else ()))
+    num_speculative_tokens, method_options = None, {}
     if profile:
-        from ..profiles import profile_options, profile_settings
-
-        arguments = profile_settings(profile, target, draft=draft, has_medusa_heads=medusa_heads is not None)
-        draft, num_speculative_tokens = arguments.draft, arguments.num_speculative_tokens
-        # each row gets the profile's options of its own method; the heads go to the specdec-medusa row
-        # only, through BenchConfig.medusa_heads (with heads, "auto" would pick medusa too)
-        method_options = {m: profile_options(m, arguments.selection) for m in _split((methods,))}
-        for note in arguments.notes:
-            console.print(f"[bold]{note}[/bold]")
+        draft, num_speculative_tokens, method_options = _profile_rows(
+            profile, target, draft, _split((methods,)), medusa_heads, console
+        )
     config = BenchConfig(
         target=target,
         draft=draft,
@@ -158,18 +152,63 @@ def bench(
         static_cache=static_cache,
     )
     if plot_path:  # fail before the long run, not after it
-        from ..errors import MissingExtraError
+        _require_plot()
+    _warn_if_busy(console)
+    progress, on_event = _progress(console)
+    with progress:
+        report = run_bench(config, on_event=on_event, on_status=lambda text: console.print(f"[bold]{text}[/bold]"))
+    for method, why in report.skipped.items():
+        console.print(f"[yellow]skipped specdec-{method}: {why}[/yellow]")
+    if json_path:
+        report.write_json(json_path)
+    if markdown_path:
+        report.write_markdown(markdown_path)
+    if plot_path:
+        report.plot(plot_path)
+    click.echo(report.to_markdown())
 
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
+
+def _profile_rows(
+    profile: str, target: str, draft: str | None, methods: tuple[str, ...], medusa_heads: str | None, console: Any
+) -> tuple[str | None, int | None, dict[str, dict[str, Any]]]:
+    """The profile's draft, draft length and, per specdec method, its options (printing its notes).
+
+    Each row gets the options of its own method; the heads go to the specdec-medusa row only, through
+    ``BenchConfig.medusa_heads`` (with heads, "auto" would pick medusa too).
+    """
+    from ..profiles import profile_options, profile_settings
+
+    arguments = profile_settings(profile, target, draft=draft, has_medusa_heads=medusa_heads is not None)
+    for note in arguments.notes:
+        console.print(f"[bold]{note}[/bold]")
+    options = {m: profile_options(m, arguments.selection) for m in methods}
+    return arguments.draft, arguments.num_speculative_tokens, options
+
+
+def _require_plot() -> None:
+    """Raise :class:`MissingExtraError` when matplotlib (``specdec[plot]``) is missing."""
+    from ..errors import MissingExtraError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("plot", "matplotlib", "the bench plot (--plot)") from None
+
+
+def _warn_if_busy(console: Any) -> None:
+    """Warn when other work loads the machine: timings would be noisy."""
     load, cores = load_average(), os.cpu_count() or 1
     if load is not None and load > cores / 2:
         console.print(
             f"[yellow]warning: load average {load:.1f} on {cores} cores: other work is running, "
             "so timings will be noisy (threads that wait for a busy core stall torch)[/yellow]"
         )
+
+
+def _progress(console: Any) -> tuple[Any, Callable[[BenchEvent], None]]:
+    """A progress bar and the bench's event callback that prints each run's line and advances the bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -194,17 +233,7 @@ def bench(
         )
         progress.update(task["id"], advance=1, description=f"{event.prompt_id} {event.method}")
 
-    with progress:
-        report = run_bench(config, on_event=on_event, on_status=lambda text: console.print(f"[bold]{text}[/bold]"))
-    for method, why in report.skipped.items():
-        console.print(f"[yellow]skipped specdec-{method}: {why}[/yellow]")
-    if json_path:
-        report.write_json(json_path)
-    if markdown_path:
-        report.write_markdown(markdown_path)
-    if plot_path:
-        report.plot(plot_path)
-    click.echo(report.to_markdown())
+    return progress, on_event
 
 
 commands = [bench]

@@ -47,33 +47,44 @@ def tiny_model(
     max_positions: int = 512,
     eos: int | None = None,
     tied: bool = False,
+    *,
+    hidden: int = 32,
+    intermediate: int = 64,
+    init: float = 0.02,
+    bos: int | None = None,
+    pad: int | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.nn.Module:
-    """A tiny random causal LM in fp32 on :data:`DEVICE`. ``sharpness`` scales the lm_head so the
-    output distributions are peaked (random models are otherwise near uniform); ``tied``: the lm_head
-    shares the input embeddings' weight."""
+    """A tiny random causal LM (2 layers, 4 heads, 2 KV heads) in fp32 on ``device`` (default
+    :data:`DEVICE`), built after ``torch.manual_seed(seed)``. ``sharpness`` scales the lm_head so the
+    output distributions are peaked (random models are otherwise near uniform), as does a larger ``init``
+    (the initializer range); ``tied``: the lm_head shares the input embeddings' weight. ``bos``, ``eos``
+    and ``pad`` are the special token ids of the config, and ``eos`` and ``pad`` those of the generation
+    config too."""
     config_cls, model_cls = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
+        initializer_range=init,
         eos_token_id=eos,
-        bos_token_id=None,
-        pad_token_id=None,
+        bos_token_id=bos,
+        pad_token_id=pad,
         tie_word_embeddings=tied,
     )
     config._attn_implementation = attn
     model = model_cls(config).eval()
     model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = None
+    model.generation_config.pad_token_id = pad
     if sharpness != 1.0:
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpness)
-    return model.to(DEVICE)
+    return model.to(DEVICE if device is None else device)
 
 
 def tiny_model_folder(folder: Path, model: torch.nn.Module | None = None) -> Path:

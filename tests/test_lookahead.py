@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import specdec
 from specdec.errors import SpecdecError, UnsupportedModelError
@@ -22,29 +21,12 @@ from specdec.proposers.lookahead import (
 )
 from specdec.proposers.options import LookaheadOptions
 from specdec.sampling import SamplingConfig
+from conftest import tiny_model
 
 
-ARCHS = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}
-
-
-def tiny_model(arch: str = "llama", attn: str = "sdpa", vocab: int = 96, seed: int = 0, init: float = 0.02):
-    torch.manual_seed(seed)
-    model_cls, config_cls = ARCHS[arch]
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=init,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=None,
-        attn_implementation=attn,
-    )
-    return model_cls(config).eval()
+def cpu_model(arch: str = "llama", **kwargs) -> torch.nn.Module:
+    """:func:`conftest.tiny_model` on the CPU whatever ``--device`` says: these tests build their inputs there."""
+    return tiny_model(arch, device="cpu", **kwargs)
 
 
 def prompt_ids(n: int = 16, vocab: int = 96, seed: int = 1) -> list[int]:
@@ -210,11 +192,11 @@ def test_config_validation() -> None:
     with pytest.raises(SpecdecError):
         LookaheadOptions(guess_size=2.5)
     with pytest.raises(SpecdecError):
-        specdec.SpeculativeGenerator(tiny_model(), method="lookahead", min_ngram=2)
+        specdec.SpeculativeGenerator(cpu_model(), method="lookahead", min_ngram=2)
 
 
 def test_flash_attention_is_refused_with_a_hint() -> None:
-    model = tiny_model()
+    model = cpu_model()
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UnsupportedModelError, match="prompt_lookup"):
         specdec.SpeculativeGenerator(model, method="lookahead")
@@ -227,7 +209,7 @@ def test_flash_attention_is_refused_with_a_hint() -> None:
 def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
     """Each window row's logits equal a plain forward over the causal prefix it is meant to see."""
     torch.set_default_dtype(torch.float32)
-    model = tiny_model(arch, attn)
+    model = cpu_model(arch, attn=attn)
     prompt = prompt_ids(8) * 2  # repeats, so the pool has candidates
     gen = specdec.SpeculativeGenerator(model, method="lookahead", window_size=3, ngram_size=4, guess_size=3)
     captured = []
@@ -259,7 +241,7 @@ def test_window_rows_equal_sequential_forwards(arch: str, attn: str) -> None:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("W,N,G", [(1, 2, 1), (3, 3, 2), (4, 4, 4), (5, 5, 7)])
 def test_greedy_equals_generate(arch: str, attn: str, W: int, N: int, G: int) -> None:
-    model = tiny_model(arch, attn)
+    model = cpu_model(arch, attn=attn)
     prompt = prompt_ids(14)
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=48, min_new_tokens=48, do_sample=False)
     gen = specdec.SpeculativeGenerator(model, method="lookahead", window_size=W, ngram_size=N, guess_size=G)
@@ -270,7 +252,7 @@ def test_greedy_equals_generate(arch: str, attn: str, W: int, N: int, G: int) ->
 
 @pytest.mark.parametrize("copy_tokens", [0, 4, 32])
 def test_greedy_with_and_without_context_copies_equals_generate(copy_tokens: int) -> None:
-    model = tiny_model("llama")
+    model = cpu_model("llama")
     prompt = prompt_ids(14) * 2  # a prompt that repeats itself gives copies to verify
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     gen = specdec.SpeculativeGenerator(model, method="lookahead", copy_tokens=copy_tokens)
@@ -278,7 +260,7 @@ def test_greedy_with_and_without_context_copies_equals_generate(copy_tokens: int
 
 
 def test_greedy_with_repetition_penalty_equals_generate() -> None:
-    model = tiny_model("qwen2")
+    model = cpu_model("qwen2")
     prompt = prompt_ids(14)
     ref = model.generate(
         torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, repetition_penalty=1.3
@@ -314,7 +296,7 @@ def total_variation(counts: dict[tuple[int, ...], int], exact: dict[tuple[int, .
 def test_sampling_matches_target_distribution(temperature: float, top_k: int, top_p: float, runs: int = 500) -> None:
     """Histogram of the first 3 tokens over seeded runs vs the exact target distribution."""
     vocab, steps = 4, 3
-    model = tiny_model("llama", vocab=vocab, init=0.6)  # peaked distributions, so acceptance happens
+    model = cpu_model("llama", vocab=vocab, init=0.6)  # peaked distributions, so acceptance happens
     prompt = [0, 1, 2, 3, 0, 1, 2, 0, 1, 3, 0, 1]
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     exact = exact_distribution(model, prompt, steps, cfg)
@@ -342,7 +324,7 @@ def test_sampling_matches_target_distribution(temperature: float, top_k: int, to
 
 
 def test_seeded_sampling_is_deterministic() -> None:
-    model = tiny_model("qwen2", init=0.3)
+    model = cpu_model("qwen2", init=0.3)
     prompt = prompt_ids(14)
     gen = specdec.SpeculativeGenerator(model, method="lookahead", window_size=3, ngram_size=3, guess_size=3)
     a = gen.generate(prompt, max_new_tokens=24, temperature=0.8, seed=123).token_ids

@@ -36,34 +36,45 @@ def prompt_ids(n: int = 16, vocab: int = 96, seed: int = 1) -> list[int]:
 # ---------------------------------------------------------------- window layout
 
 
-def test_window_layout_w3_two_levels() -> None:
-    positions, allowed = window_layout(3, 2)
-    # rows: (l0,w0) (l0,w1) (l0,w2) (l1,w0) (l1,w1) (l1,w2); column 0 is the root
-    assert positions.tolist() == [1, 2, 3, 2, 3, 4]
-    expected = [
-        # root l0w0 l0w1 l0w2 l1w0 l1w1 l1w2
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0],
-        [1, 1, 1, 0, 0, 1, 0],
-        [1, 1, 1, 1, 0, 0, 1],
-    ]
-    assert allowed.int().tolist() == expected
-
-
-def test_window_layout_w2_three_levels() -> None:
-    positions, allowed = window_layout(2, 3)
-    assert positions.tolist() == [1, 2, 2, 3, 3, 4]
-    expected = [
-        # root l0w0 l0w1 l1w0 l1w1 l2w0 l2w1
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 0, 1, 0, 0, 0],
-        [1, 1, 1, 0, 1, 0, 0],
-        [1, 1, 0, 1, 0, 1, 0],
-        [1, 1, 1, 0, 1, 0, 1],
-    ]
+@pytest.mark.parametrize(
+    "W,L,positions,expected",
+    [
+        pytest.param(
+            3,
+            2,
+            [1, 2, 3, 2, 3, 4],
+            # rows: (l0,w0) (l0,w1) (l0,w2) (l1,w0) (l1,w1) (l1,w2); column 0 is the root
+            [
+                # root l0w0 l0w1 l0w2 l1w0 l1w1 l1w2
+                [1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0],
+                [1, 1, 1, 1, 0, 0, 0],
+                [1, 1, 0, 0, 1, 0, 0],
+                [1, 1, 1, 0, 0, 1, 0],
+                [1, 1, 1, 1, 0, 0, 1],
+            ],
+            id="w3-two-levels",
+        ),
+        pytest.param(
+            2,
+            3,
+            [1, 2, 2, 3, 3, 4],
+            [
+                # root l0w0 l0w1 l1w0 l1w1 l2w0 l2w1
+                [1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0],
+                [1, 1, 0, 1, 0, 0, 0],
+                [1, 1, 1, 0, 1, 0, 0],
+                [1, 1, 0, 1, 0, 1, 0],
+                [1, 1, 1, 0, 1, 0, 1],
+            ],
+            id="w2-three-levels",
+        ),
+    ],
+)
+def test_window_layout_table(W: int, L: int, positions: list[int], expected: list[list[int]]) -> None:
+    got_positions, allowed = window_layout(W, L)
+    assert got_positions.tolist() == positions
     assert allowed.int().tolist() == expected
 
 

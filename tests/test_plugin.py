@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from specdec.proposers import REGISTRY, LookaheadOptions
+from conftest import tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "plugin" / "specdec" / "script.py"
 PROMPT = "<|user|>abcabcabc abc abc<|assistant|>"
@@ -44,27 +45,10 @@ def _tokenizer() -> Any:
     return fast
 
 
-def _llama(vocab: int, seed: int, **special: Any) -> Any:
-    """A tiny Llama whose config (and so generation config) carries ``special`` ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **special,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _model(vocab: int, seed: int) -> Any:
-    """The tiny Llama most tests use: the byte tokenizer's BOS 256 and EOS/pad 257."""
-    return _llama(vocab, seed, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+def _model(vocab: int, seed: int, bos: int | None = 256, eos: int | None = 257, pad: int | None = 257) -> Any:
+    """A tiny Llama on the CPU whose config, and so generation config, carries these special ids: by default the
+    byte tokenizer's BOS 256 and EOS/pad 257 (``</s>``)."""
+    return tiny_model("llama", seed=seed, vocab=vocab, max_positions=256, bos=bos, eos=eos, pad=pad, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -447,7 +431,7 @@ def test_a_prompt_that_transformers_would_mask_goes_to_the_webui(ext, webui, cap
     """The issue's case: tokenizer EOS <|im_start|>-like, config pad = the <|im_end|>-like token inside the prompt."""
     tokenizer = _tokenizer()
     im_end = tokenizer.convert_tokens_to_ids("<|assistant|>")
-    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=im_end, pad_token_id=im_end)
+    model = _model(len(tokenizer), 0, eos=im_end, pad=im_end)
     webui.shared.model, webui.shared.tokenizer = model, tokenizer
     with caplog.at_level(logging.WARNING, logger="webui-stub"):
         assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"

@@ -29,7 +29,7 @@ from specdec.webui import (
     unsupported_settings,
     webui_eos_ids,
 )
-from test_plugin import PROMPT, _llama, _tokenizer, state
+from test_plugin import PROMPT, _model, _tokenizer, state
 
 
 def _request(stopping_strings: Any = None, **overrides: Any) -> Request:
@@ -162,7 +162,7 @@ def test_a_repetition_penalty_range_shorter_than_the_context() -> None:
 
 
 def test_generation_config_processors() -> None:
-    model = _llama(len(_tokenizer()), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(_tokenizer()), 0)
     assert generation_config_problems(model) == []
     model.generation_config.min_new_tokens = 5
     model.generation_config.renormalize_logits = True
@@ -192,11 +192,11 @@ def test_masked_prompt_tokens_follow_transformers(case: str) -> None:
     tokenizer = _tokenizer()
     a = tokenizer.encode("a")[0]
     special = {
-        "pad_in_prompt": {"pad_token_id": a, "eos_token_id": 257},
-        "pad_is_eos": {"pad_token_id": a, "eos_token_id": a},
-        "no_pad": {"eos_token_id": a},
+        "pad_in_prompt": {"pad": a, "eos": 257},
+        "pad_is_eos": {"pad": a, "eos": a},
+        "no_pad": {"pad": None, "eos": a},
     }[case]
-    model = _llama(len(tokenizer), 0, **special)
+    model = _model(len(tokenizer), 0, bos=1, **special)  # BOS 1: LlamaConfig's default
     if case == "no_pad":
         model.generation_config.pad_token_id = None
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
@@ -223,7 +223,7 @@ def test_the_webui_stops_at_the_tokenizers_eos_alone() -> None:
 def test_token_bans_replace_the_models_suppress_tokens() -> None:
     tokenizer = _tokenizer()
     eos = tokenizer.eos_token_id
-    model = _llama(len(tokenizer), 0, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+    model = _model(len(tokenizer), 0)
     model.generation_config.suppress_tokens = [3]
     assert token_bans(state(), tokenizer, model) == [3]
     assert token_bans(state(), tokenizer) == []

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from specdec.bench.harness import Bench, BenchConfig, BenchPrompt, RunResult, load_prompts, make_row
 from specdec.bench.report import BASELINE, BenchReport, BenchRow, first_divergence, geometric_mean
 from specdec.errors import MissingExtraError, SpecdecError
+from conftest import tiny_model
 
 WORDS = [f"w{i}" for i in range(60)]
 ROW_KEYS = [
@@ -51,22 +52,8 @@ def _tokenizer():
 
 
 def _model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(WORDS) + 3,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    """A tiny Llama on the CPU for the word tokenizer: BOS 1, EOS and pad 2."""
+    return tiny_model("llama", seed=seed, vocab=len(WORDS) + 3, max_positions=256, bos=1, eos=2, pad=2, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -278,42 +278,13 @@ def test_bench_without_draft_skips_assisted(tiny, tmp_path):
 
 # --------------------------------------------------------------------------- the CLI on a saved tiny model
 def test_cli_bench(tiny, tmp_path):
-    from specdec.cli import main
-
     folder = _saved(tiny, tmp_path)
     out = tmp_path / "runs"
-    args = [
-        "bench",
-        "--target",
-        str(folder),
-        "--prompts",
-        str(_prompt_file(tmp_path)),
-        "--category",
-        "edit",
-        "--methods",
-        "none,prompt_lookup",
-        "--max-new-tokens",
-        "6",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--warmup",
-        "0",
-        "--json",
-        str(out / "b.json"),
-        "--markdown",
-        str(out / "b.md"),
-    ]
+    args = _bench_args(folder, tmp_path, "--methods", "none,prompt_lookup", "--device", "cpu")
+    args += ["--json", str(out / "b.json"), "--markdown", str(out / "b.md")]
     if _has_matplotlib():
         args += ["--plot", str(out / "b.png")]
-    threads = torch.get_num_threads()
-    try:
-        result = CliRunner().invoke(main, args)
-    finally:
-        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    result = _invoke(args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "b.json").read_text())
     assert [r["method"] for r in data["rows"]][:5] == [
@@ -340,6 +311,39 @@ def test_cli_bench_unknown_method():
     assert result.exit_code == 1 and "unknown method(s): warp" in result.output
 
 
+def _bench_args(folder: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """``bench`` of the model in ``folder`` on the "edit" prompts: 6 new tokens, float32, one thread, no warm-up."""
+    return [
+        "bench",
+        "--target",
+        str(folder),
+        "--prompts",
+        str(_prompt_file(tmp_path)),
+        "--category",
+        "edit",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--threads",
+        "1",
+        "--warmup",
+        "0",
+        *extra,
+    ]
+
+
+def _invoke(args: list[str]):
+    """The CLI run with ``args``; its --threads sets torch's thread count for the whole process, so it is put back."""
+    from specdec.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        return CliRunner().invoke(main, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _saved(tiny, tmp_path: Path) -> Path:
     """The tiny model and tokenizer saved as a model folder, for the CLI."""
     model, tok = tiny
@@ -359,40 +363,11 @@ def _has_matplotlib() -> bool:
 
 def test_cli_bench_with_profile(tiny, tmp_path):
     """--profile fills the specdec rows' lookahead settings; every row stays identical in float32."""
-    from specdec.cli import main
-
     folder = _saved(tiny, tmp_path)
     out = tmp_path / "b.json"
-    threads = torch.get_num_threads()
-    try:
-        result = CliRunner().invoke(
-            main,
-            [
-                "bench",
-                "--target",
-                str(folder),
-                "--prompts",
-                str(_prompt_file(tmp_path)),
-                "--category",
-                "edit",
-                "--methods",
-                "none,lookahead",
-                "--max-new-tokens",
-                "6",
-                "--dtype",
-                "float32",
-                "--threads",
-                "1",
-                "--warmup",
-                "0",
-                "--profile",
-                "cpu",
-                "--json",
-                str(out),
-            ],
-        )
-    finally:
-        torch.set_num_threads(threads)
+    result = _invoke(
+        _bench_args(folder, tmp_path, "--methods", "none,lookahead", "--profile", "cpu", "--json", str(out))
+    )
     assert result.exit_code == 0, result.output
     assert "profile cpu" in result.output
     rows = json.loads(out.read_text())["rows"]
@@ -416,7 +391,6 @@ def _saved_heads(tiny, tmp_path: Path, tree: list[list[int]]) -> Path:
 def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatch):
     """--medusa-heads enables specdec-medusa (added to the default methods); --profile caps its tree."""
     import specdec.proposers.medusa as medusa_proposer
-    from specdec.cli import main
     from specdec.profiles import load_profiles
 
     trees: list[int] = []
@@ -433,44 +407,22 @@ def test_cli_bench_medusa_heads_and_profile_tree_size(tiny, tmp_path, monkeypatc
     cpu_tree_size = next(p for p in load_profiles() if p.name == "cpu").medusa.tree_size
     assert cpu_tree_size < len(big_tree)
     out = tmp_path / "b.json"
-    common = [
-        "bench",
-        "--target",
-        str(folder),
-        "--prompts",
-        str(_prompt_file(tmp_path)),
-        "--category",
-        "edit",
-        "--max-new-tokens",
-        "6",
-        "--dtype",
-        "float32",
-        "--threads",
-        "1",
-        "--warmup",
-        "0",
-        "--medusa-heads",
-        str(heads),
-    ]
-    threads = torch.get_num_threads()
-    try:
-        plain = CliRunner().invoke(main, common + ["--methods", "none,medusa", "--json", str(out)])
-        assert plain.exit_code == 0, plain.output
-        rows = json.loads(out.read_text())["rows"]
-        assert {r["method"] for r in rows} == {
-            BASELINE,
-            "hf-static",
-            "hf-prompt-lookup",
-            "specdec-none",
-            "specdec-medusa",
-        }
-        assert all(r["identical"] for r in rows)  # greedy Medusa is lossless
-        assert all(r["mean_accepted_length"] >= 1.0 for r in rows if r["method"] == "specdec-medusa")
-        assert trees == [len(big_tree)]  # no profile: the tree stored with the heads
-        profiled = CliRunner().invoke(main, common + ["--profile", "cpu", "--json", str(out)])
-        assert profiled.exit_code == 0, profiled.output
-    finally:
-        torch.set_num_threads(threads)
+    common = _bench_args(folder, tmp_path, "--medusa-heads", str(heads))
+    plain = _invoke(common + ["--methods", "none,medusa", "--json", str(out)])
+    assert plain.exit_code == 0, plain.output
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {
+        BASELINE,
+        "hf-static",
+        "hf-prompt-lookup",
+        "specdec-none",
+        "specdec-medusa",
+    }
+    assert all(r["identical"] for r in rows)  # greedy Medusa is lossless
+    assert all(r["mean_accepted_length"] >= 1.0 for r in rows if r["method"] == "specdec-medusa")
+    assert trees == [len(big_tree)]  # no profile: the tree stored with the heads
+    profiled = _invoke(common + ["--profile", "cpu", "--json", str(out)])
+    assert profiled.exit_code == 0, profiled.output
     rows = json.loads(out.read_text())["rows"]
     methods = {r["method"] for r in rows}
     assert "specdec-medusa" in methods and "specdec-auto" in methods  # medusa joins the default methods

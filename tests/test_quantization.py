@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import specdec
-from conftest import ARCHS, hf_greedy, tiny_model_folder
+from conftest import hf_greedy, tiny_model, tiny_model_folder
 from specdec.errors import MissingExtraError, SpecdecError
 from specdec.quantization import (
     KINDS,
@@ -70,29 +70,10 @@ def test_missing_gptq_backend(without):
 
 
 # ---------------------------------------------------------------------- real bitsandbytes on CPU
-def tiny_model(arch: str, seed: int, sharpness: float = 4.0, vocab: int = 96) -> torch.nn.Module:
-    """A tiny random fp32 model whose matrices bitsandbytes' 4-bit CPU kernels accept (64-wide blocks)."""
-    config_cls, model_cls = ARCHS[arch]
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = model_cls(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = None
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpness)  # peaked distributions: random models are near uniform
-    return model
+def _bnb_model(arch: str, seed: int) -> torch.nn.Module:
+    """A tiny random fp32 model on the CPU whose matrices bitsandbytes' 4-bit CPU kernels accept (64-wide blocks),
+    its lm_head scaled for peaked distributions (random models are near uniform)."""
+    return tiny_model(arch, seed, sharpness=4.0, max_positions=256, hidden=64, intermediate=128, device="cpu")
 
 
 def _quantized(model: torch.nn.Module, kind: str, folder) -> torch.nn.Module:
@@ -115,7 +96,7 @@ def _prompt(vocab: int = 96) -> list[int]:
 
 def test_nf4_draft_with_fp32_target_is_greedy_identical_to_the_target(tmp_path):
     pytest.importorskip("bitsandbytes")
-    target = tiny_model("llama", seed=0, sharpness=4.0)
+    target = _bnb_model("llama", seed=0)
     draft = _quantized(target, "nf4", tmp_path / "draft")
     assert type(draft.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     prompt = _prompt()
@@ -131,7 +112,7 @@ def test_nf4_draft_with_fp32_target_is_greedy_identical_to_the_target(tmp_path):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_target_with_speculation_is_identical_to_its_own_greedy(tmp_path, kind):
     pytest.importorskip("bitsandbytes")
-    full = tiny_model("qwen2", seed=1, sharpness=4.0)
+    full = _bnb_model("qwen2", seed=1)
     target = _quantized(full, kind, tmp_path / "target")
     prompt = _prompt()
     reference = hf_greedy(target, prompt, 16)  # the quantized target's own greedy decoding
@@ -144,7 +125,7 @@ def test_quantized_target_with_speculation_is_identical_to_its_own_greedy(tmp_pa
 
 def test_load_with_a_profile_quantizes_the_target_and_keeps_explicit_choices(tmp_path):
     pytest.importorskip("bitsandbytes")
-    folder = str(tiny_model_folder(tmp_path / "tiny", tiny_model("llama", 0)))
+    folder = str(tiny_model_folder(tmp_path / "tiny", _bnb_model("llama", 0)))
     gen = specdec.load(
         folder, method="prompt_lookup", device="cpu", profile="gpu-4gb", num_speculative_tokens=3, dtype="float32"
     )

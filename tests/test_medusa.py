@@ -642,21 +642,44 @@ def _corpus(tmp_path: Path) -> Path:
     return data
 
 
+SMALL_RUN = dict(
+    num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False, chat_wrap=False
+)
+"""A small run's :class:`TrainConfig` fields (heads over a token subset), less its steps and checkpoints."""
+
+LOSS_RUN = dict(num_heads=3, steps=60, seq_len=64, cache_tokens=1024, batch_size=64, lr=2e-2, eval_fraction=0.0)
+"""A run long enough to lower the loss clearly, every position trained (no held-out windows)."""
+
+
+def _train_config(**fields) -> TrainConfig:
+    """A :class:`TrainConfig` with ``fields``; by default the whole vocabulary, no chat template, no timing of
+    forwards, a checkpoint only at the end."""
+    return TrainConfig(**{"subset_size": 0, "chat_wrap": False, "measure_cost": False, "checkpoint_every": 0, **fields})
+
+
+def _cached_positions(target, out: Path, num_heads: int, sequential: bool = False):
+    """The hidden states, (for sequential heads) the tokens the heads read, and the labels of every position
+    in the feature cache of a run into ``out``, moved from the CPU to where the target (and so the heads) is."""
+    from safetensors.torch import load_file
+
+    from specdec.medusa.train import head_inputs
+
+    feats = load_file(str(out / "cache" / "features.safetensors"))
+    pos, labels = head_labels(feats["preds"], num_heads, 0)
+    prev = head_inputs(feats["preds"], pos, num_heads).to(target.device) if sequential else None
+    return feats["hidden"][pos[:, 0], pos[:, 1]].to(target.device), prev, labels.to(target.device)
+
+
+def _loss(heads, hidden, prev, labels, cfg: TrainConfig) -> float:
+    """The training loss of ``heads`` on these positions (``prev``: what sequential heads read, else None)."""
+    with torch.no_grad():
+        loss, _ = medusa_loss(heads(hidden) if prev is None else heads(hidden, prev), labels, cfg.distance_decay)
+    return float(loss)
+
+
 def test_training_lowers_the_loss(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(
-        num_heads=3,
-        steps=60,
-        seq_len=64,
-        cache_tokens=1024,
-        batch_size=64,
-        subset_size=0,
-        lr=2e-2,
-        measure_cost=False,
-        chat_wrap=False,
-        checkpoint_every=0,
-        eval_fraction=0.0,
-    )
+    cfg = _train_config(**LOSS_RUN)
     losses = []
     heads, report = train(
         target,
@@ -666,53 +689,26 @@ def test_training_lowers_the_loss(tmp_path):
         cfg,
         progress=lambda p: losses.append(p.loss) if p.loss is not None else None,
     )
-    from safetensors.torch import load_file
-
-    feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
-    pos, labels = head_labels(feats["preds"], 3, 0)
-    hidden, labels = feats["hidden"][pos[:, 0], pos[:, 1]].to(target.device), labels.to(target.device)
+    hidden, _, labels = _cached_positions(target, tmp_path / "out", 3)
     fresh = MedusaHeads.init(target, num_heads=3)
-    with torch.no_grad():
-        before, _ = medusa_loss(fresh(hidden), labels, cfg.distance_decay)
-        after, _ = medusa_loss(heads.float()(hidden), labels, cfg.distance_decay)
-    assert float(after) < 0.85 * float(before)
+    before = _loss(fresh, hidden, None, labels, cfg)
+    after = _loss(heads.float(), hidden, None, labels, cfg)
+    assert after < 0.85 * before
     assert len(losses) == 60 and (tmp_path / "out" / "medusa_config.json").is_file()
     assert len(report["top1"]) == 3
 
 
 def test_training_sequential_heads(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(
-        num_heads=3,
-        steps=60,
-        seq_len=64,
-        cache_tokens=1024,
-        batch_size=64,
-        subset_size=0,
-        lr=2e-2,
-        measure_cost=False,
-        chat_wrap=False,
-        checkpoint_every=30,
-        eval_fraction=0.0,
-        sequential=True,
-    )
+    cfg = _train_config(**LOSS_RUN, checkpoint_every=30, sequential=True)
     data = _corpus(tmp_path)
     heads, report = train(target, ByteTokenizer(), data, tmp_path / "out", cfg)
-    from safetensors.torch import load_file
-
-    from specdec.medusa.train import head_inputs
-
-    feats = load_file(str(tmp_path / "out" / "cache" / "features.safetensors"))
-    pos, labels = head_labels(feats["preds"], 3, 0)
-    prev = head_inputs(feats["preds"], pos, 3)
+    hidden, prev, labels = _cached_positions(target, tmp_path / "out", 3, sequential=True)
     assert torch.equal(prev[:, 1:], labels[:, :-1])  # head k reads the token head k-1 guesses
-    dev = target.device  # the cache is on the CPU; the trained heads are where the target is
-    hidden, prev, labels = feats["hidden"][pos[:, 0], pos[:, 1]].to(dev), prev.to(dev), labels.to(dev)
     fresh = MedusaHeads.init(target, num_heads=3, sequential=True)
-    with torch.no_grad():
-        before, _ = medusa_loss(fresh(hidden, prev), labels, cfg.distance_decay)
-        after, _ = medusa_loss(heads.float()(hidden, prev), labels, cfg.distance_decay)
-    assert float(after) < 0.85 * float(before)
+    before = _loss(fresh, hidden, prev, labels, cfg)
+    after = _loss(heads.float(), hidden, prev, labels, cfg)
+    assert after < 0.85 * before
     assert MedusaHeads.from_pretrained(tmp_path / "out", target).config.sequential and len(report["top1"]) == 3
     with pytest.raises(SpecdecError, match="sequential"):  # a plain run cannot resume sequential heads
         train(
@@ -728,18 +724,20 @@ def test_training_sequential_heads(tmp_path):
 def test_training_is_seeded_and_resumes(tmp_path):
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp_path)
-    base = dict(
-        num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False, chat_wrap=False
-    )
-    a, _ = train(target, ByteTokenizer(), data, tmp_path / "a", TrainConfig(steps=12, checkpoint_every=0, **base))
+    a, _ = train(target, ByteTokenizer(), data, tmp_path / "a", TrainConfig(steps=12, checkpoint_every=0, **SMALL_RUN))
     # 6 steps, checkpoint at 6 is not written (last step); so run 12 with a checkpoint at 6 and stop there by resume
-    b, _ = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=12, checkpoint_every=6, **base))
+    b, _ = train(target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=12, checkpoint_every=6, **SMALL_RUN))
     h = torch.randn(3, 32, device=target.device)
     torch.testing.assert_close(a.float()(h), b.float()(h))
     state = torch.load(tmp_path / "b" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 12
     c, rep = train(
-        target, ByteTokenizer(), data, tmp_path / "b", TrainConfig(steps=14, checkpoint_every=0, **base), resume=True
+        target,
+        ByteTokenizer(),
+        data,
+        tmp_path / "b",
+        TrainConfig(steps=14, checkpoint_every=0, **SMALL_RUN),
+        resume=True,
     )
     assert rep["steps_run"] == 2 and rep["cache_seconds"] < 5  # resumed from step 12, cached states reused
 
@@ -747,17 +745,7 @@ def test_training_is_seeded_and_resumes(tmp_path):
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp_path)
-    cfg = TrainConfig(
-        num_heads=2,
-        seq_len=48,
-        cache_tokens=480,
-        batch_size=32,
-        subset_size=100,
-        measure_cost=False,
-        chat_wrap=False,
-        steps=8,
-        checkpoint_every=0,
-    )
+    cfg = TrainConfig(steps=8, checkpoint_every=0, **SMALL_RUN)
     fresh, _ = train(target, ByteTokenizer(), data, tmp_path / "fresh", cfg)
     resumed, rep = train(target, ByteTokenizer(), data, tmp_path / "resumed", cfg, resume=True)
     assert rep["steps_run"] == 8
@@ -916,18 +904,7 @@ def _own_text_corpus(tmp_path: Path, model: torch.nn.Module) -> Path:
 
 def test_training_with_exact_labels(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(
-        num_heads=2,
-        steps=5,
-        seq_len=32,
-        batch_size=16,
-        cache_tokens=256,
-        subset_size=0,
-        chat_wrap=False,
-        measure_cost=False,
-        exact_labels=True,
-        checkpoint_every=0,
-    )
+    cfg = _train_config(num_heads=2, steps=5, seq_len=32, batch_size=16, cache_tokens=256, exact_labels=True)
     _, report = train(target, ByteTokenizer(), _own_text_corpus(tmp_path, target), tmp_path / "o", cfg)
     assert report["exact_labels"] and report["train_positions"] <= report["train_positions_all"]
     assert len(report["top1"]) == len(report["top1_all_labels"]) == len(report["exact_label_share"]) == 2
@@ -1009,19 +986,8 @@ def test_instructions_are_seeded_and_spread_over_the_corpus():
 
 def test_training_with_answers(tmp_path):
     target = tiny_model("llama", vocab=256, sharpness=4.0)
-    cfg = TrainConfig(
-        num_heads=2,
-        steps=6,
-        seq_len=32,
-        batch_size=16,
-        cache_tokens=320,
-        subset_size=0,
-        chat_wrap=False,
-        measure_cost=False,
-        checkpoint_every=0,
-        answers=4,
-        answer_batch=3,
-        eval_fraction=0.2,
+    cfg = _train_config(
+        num_heads=2, steps=6, seq_len=32, batch_size=16, cache_tokens=320, answers=4, answer_batch=3, eval_fraction=0.2
     )
     calls = []
     _, report = train(target, ByteTokenizer(), _corpus(tmp_path), tmp_path / "o", cfg, progress=calls.append)

@@ -11,11 +11,7 @@ from conftest import tiny_model
 from specdec.errors import SpecdecError
 from specdec.files import atomic_path, write_atomic
 from specdec.medusa.train import CHECKPOINT_DIR, TrainConfig, train
-from test_medusa import ByteTokenizer, _corpus
-
-BASE = dict(
-    num_heads=2, seq_len=48, cache_tokens=480, batch_size=32, subset_size=100, measure_cost=False, chat_wrap=False
-)
+from test_medusa import SMALL_RUN, ByteTokenizer, _corpus
 
 
 def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
@@ -37,13 +33,13 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("medusa-files")
     target = tiny_model("qwen2", vocab=256, sharpness=4.0)
     data = _corpus(tmp)
-    train(target, ByteTokenizer(), data, tmp / "out", TrainConfig(steps=6, checkpoint_every=3, **BASE))
+    train(target, ByteTokenizer(), data, tmp / "out", TrainConfig(steps=6, checkpoint_every=3, **SMALL_RUN))
     return target, data, tmp / "out"
 
 
 def _resume(trained, out: Path) -> None:
     target, data, _ = trained
-    train(target, ByteTokenizer(), data, out, TrainConfig(steps=8, checkpoint_every=0, **BASE), resume=True)
+    train(target, ByteTokenizer(), data, out, TrainConfig(steps=8, checkpoint_every=0, **SMALL_RUN), resume=True)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -20,14 +20,32 @@ DTYPES = {
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA (also ROCm), then MPS, then the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` picks CUDA (also ROCm), then MPS, then the CPU; any other name must be a device this
+    torch can use (else a :class:`SpecdecError` saying which ones it can)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SpecdecError(f"unknown device {device!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    if not usable.get(dev.type, True):
+        raise SpecdecError(
+            f"device {device!r}: this torch ({torch.__version__}) sees no {dev.type.upper()} device",
+            "use --device auto or cpu, or install the torch build for your GPU",
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SpecdecError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0",
+            "use --device cuda (the first) or cuda:N with N below the count",
+        )
+    return dev
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 _X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})

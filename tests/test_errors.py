@@ -98,3 +98,25 @@ def test_draft_with_other_tokenizer_is_refused(smollm2, tmp_path):
         specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, draft_tokenizer=other)
     # the same tokenizer passes
     specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, draft_tokenizer=tok)
+
+
+@pytest.mark.parametrize("device,fragment", [("foo", "unknown device"), ("cuda:99", "cuda:99"), ("mps", "mps")])
+def test_a_device_this_torch_cannot_use(device, fragment):
+    """A device name torch does not know, or one this machine lacks, is refused before any model loads."""
+    from specdec.devices import resolve_device
+
+    if device == "mps" and resolve_device("auto").type == "mps":
+        pytest.skip("this machine has MPS")
+    with pytest.raises(SpecdecError, match=fragment) as info:
+        resolve_device(device)
+    assert "--device" in info.value.hint or "use auto" in info.value.hint
+
+
+def test_the_cli_says_which_device_is_missing():
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "hi", "--device", "cuda:99", "-n", "2"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "cuda:99" in result.output and "hint" in result.output

@@ -120,3 +120,20 @@ def test_the_cli_says_which_device_is_missing():
     result = CliRunner().invoke(main, ["generate", "hi", "--device", "cuda:99", "-n", "2"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "cuda:99" in result.output and "hint" in result.output
+
+
+def test_a_draft_whose_embedding_lacks_some_of_the_targets_tokens(tmp_path):
+    """Same tokenizer, but the draft's embedding stops short of the target's ids: refused at load, not an
+    index error in the middle of a reply."""
+    import shutil
+
+    from conftest import tiny_model_folder
+
+    target = tiny_model_folder(tmp_path / "target", tiny_model("llama", seed=0, vocab=96))
+    draft = tmp_path / "draft"
+    tiny_model("llama", seed=1, vocab=48).save_pretrained(draft)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(target / name, draft / name)
+    with pytest.raises(VocabularyMismatchError, match="embedding has 48 rows") as info:
+        specdec.load(str(target), draft=str(draft), method="draft", dtype="float32", device="cpu")
+    assert "prompt_lookup" in info.value.hint

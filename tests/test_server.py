@@ -410,3 +410,18 @@ def test_sigterm_ends_the_stream_and_exits_cleanly(server):
     assert server.proc.wait(timeout=120) == -signal.SIGTERM
     log = server.log()
     assert log.rstrip().endswith("stopped") and "Traceback" not in log
+
+
+def test_a_port_in_use_is_said_before_the_model_loads():
+    import socket
+
+    from specdec.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # a target that does not exist: reaching the model load would give another error
+        res = CliRunner().invoke(main, ["serve", "--port", str(port), "--target", "no-such-model"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"127.0.0.1:{port}" in res.output and "--port" in res.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import sys
 from typing import Any
 
@@ -68,6 +69,7 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name:
             f"--host {host} would expose the model to the network without a key",
             "add --api-key KEY (or set SPECDEC_API_KEY), or keep the default --host 127.0.0.1",
         )
+    _check_address(host, port)  # before the model loads (seconds to minutes), not after
     _log_to_stderr()
     quiet_libraries()
     target = kwargs["target"]
@@ -84,6 +86,27 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name:
         run(gen, config, host, port)
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
+
+
+def _check_address(host: str, port: int) -> None:
+    """Raise a :class:`SpecdecError` when ``host:port`` cannot be listened on (unknown name, port in use)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise SpecdecError(
+            f"--host {host}: not an address of this machine ({e.strerror})", "use e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise SpecdecError(
+                f"cannot listen on {host}:{port}: {e.strerror}",
+                "choose another --port, or stop the program that listens there",
+            ) from None
 
 
 def _log_to_stderr() -> None:

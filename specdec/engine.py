@@ -206,9 +206,24 @@ class SpeculativeGenerator:
         if isinstance(prompt, str):
             self._need_tokenizer("a text prompt")
             return list(self.tokenizer(prompt)["input_ids"])
-        items = list(prompt)
+        try:
+            items = list(prompt)
+        except TypeError:
+            raise SpecdecError(
+                f"a prompt must be a str, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
+            ) from None
         if items and isinstance(items[0], dict):
             self._need_tokenizer("chat messages")
+            for i, message in enumerate(items):
+                if (
+                    not isinstance(message, dict)
+                    or not isinstance(message.get("role"), str)
+                    or "content" not in message
+                ):
+                    raise SpecdecError(
+                        f"chat message {i} must be a dict with a 'role' string and a 'content', got {message!r:.80}",
+                        'e.g. [{"role": "user", "content": "Hello"}]',
+                    )
             if not getattr(self.tokenizer, "chat_template", None):
                 raise SpecdecError(
                     "this tokenizer has no chat template, so chat messages cannot be rendered",

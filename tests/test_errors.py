@@ -137,3 +137,23 @@ def test_a_draft_whose_embedding_lacks_some_of_the_targets_tokens(tmp_path):
     with pytest.raises(VocabularyMismatchError, match="embedding has 48 rows") as info:
         specdec.load(str(target), draft=str(draft), method="draft", dtype="float32", device="cpu")
     assert "prompt_lookup" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "prompt,fragment",
+    [
+        (123, "got int"),
+        (None, "got NoneType"),
+        ([{"content": "hi"}], "chat message 0"),
+        ([{"role": "user"}], "content"),
+    ],
+)
+def test_a_prompt_of_the_wrong_shape(tmp_path, prompt, fragment):
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    gen = specdec.SpeculativeGenerator(tiny_model("llama"), AutoTokenizer.from_pretrained(folder), method="none")
+    with pytest.raises(SpecdecError, match=fragment):
+        gen.generate(prompt, max_new_tokens=2)

@@ -285,7 +285,13 @@ def pull(name: str, *, force: bool = False, verify_existing: bool = False, quiet
     out = local_path(name)
     if not force and out.is_file():
         return check_cached(name, full=verify_existing)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpecdecError(
+            f"cannot use {out.parent} as the model cache: {e.strerror}",
+            "set SPECDEC_MODELS to a folder you can write (or unset it for ~/.cache/specdec/models)",
+        ) from None
     with _model_lock(out):
         if not force and out.is_file():  # another process pulled it while this one waited
             return check_cached(name, full=verify_existing)

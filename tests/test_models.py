@@ -160,3 +160,12 @@ def test_truncated_safetensors_is_an_error_with_a_hint(tmp_path):
     with pytest.raises(SpecdecError, match="could not load model") as e:
         load_model(str(folder), dtype="float32", device="cpu")
     assert "SafetensorError" in str(e.value) and "truncated or corrupt" in str(e.value)
+
+
+def test_a_model_cache_that_cannot_be_a_folder_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPECDEC_MODELS", str(blocker / "models"))
+    with pytest.raises(SpecdecError, match="model cache") as info:
+        models.pull(NAME)
+    assert "SPECDEC_MODELS" in info.value.hint

@@ -318,3 +318,17 @@ def test_draft_checks_context_copies_in_its_own_forward(arch):
     assert (
         proposer.kv.length == kvcache.cache_length(proposer.kv.cache) == len(context) + 12 - 1
     )  # committed + fed drafted tokens
+
+
+@pytest.mark.parametrize("ngram_first", [True, False])
+def test_a_draft_length_of_zero_proposes_nothing(ngram_first):
+    """``num_speculative_tokens=0`` is plain decoding through the draft method: no copied n-grams, no
+    probing drafts, the target's greedy tokens."""
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(
+        target, method="draft", draft=target, num_speculative_tokens=0, ngram_first=ngram_first, int8=False
+    )
+    prompt = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17]  # repeats: copies would be found
+    res = gen.generate(prompt, max_new_tokens=40)
+    assert res.token_ids == hf_greedy(target, prompt, 40)
+    assert res.stats.proposed == 0 and res.stats.steps == 40

@@ -120,14 +120,17 @@ class DraftModelProposer:
             return Proposal.empty(state.tokens.device)
         self._copy = []
         if self.index is not None:
-            limit = min(max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, self.controller.fixed or max_nodes)
+            fixed = self.controller.fixed
+            limit = min(
+                max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, max_nodes if fixed is None else fixed
+            )
             copied = self.index.lookup(limit)
             if len(copied) >= self.cfg.ngram_min_tokens:
                 self._copy = copied
                 if self._copy_pays():
                     return Proposal(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
         k = self.controller.choose()
-        if k == 0:  # drafting looks unprofitable; still probe now and then so the estimate can recover
+        if k == 0 and self.controller.fixed is None:  # drafting looks unprofitable; still probe now and then
             self._idle += 1
             k = 1 if self._idle % 16 == 0 else 0
         k = min(k, max_nodes)

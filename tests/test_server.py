@@ -330,6 +330,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     ok = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     cases = [
         (b"{not json", 400, None, "invalid_json"),
+        (b"[" * 5000 + b"]" * 5000, 400, None, "invalid_json"),  # nested beyond the decoder's recursion
+        (json.dumps(ok)[:-1].encode() + b', "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
         (json.dumps({"model": MODEL}).encode(), 400, "messages", "missing_field"),
         (json.dumps({"messages": ok["messages"]}).encode(), 400, "model", "missing_field"),
         (json.dumps({**ok, "model": "gpt-4o"}).encode(), 404, "model", "model_not_found"),

@@ -299,6 +299,8 @@ class Api:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except (RecursionError, ValueError) as e:  # nesting too deep; an integer of over 4300 digits
+            raise ApiError(400, f"the request body cannot be read: {e}", code="invalid_json") from None
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.config.created, "owned_by": "specdec"}

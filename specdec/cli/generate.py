@@ -49,7 +49,9 @@ from .common import (
 def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone).
 
-    The one exception is --typical-acceptance (Medusa, sampling), which is lossy and opt-in.
+    Token for token in float32; in bfloat16/float16 a near-tie between two tokens can round the other
+    way in a verify step than in a one-token step (--dtype float32 for exact comparisons). The one
+    lossy option is --typical-acceptance (Medusa, sampling), opt-in.
     """
     quiet_libraries()
     options = {}

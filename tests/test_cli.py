@@ -114,6 +114,25 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
 
 
 @pytest.mark.real_model
+def test_ctrl_c_with_json_prints_what_was_made(smollm2):
+    """--json prints nothing until the end: Ctrl-C must still print the tokens made so far and the stats."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "generate", "Count from 1 to 900, separated by commas."]
+        + ["-n", "3000", "--dtype", "float32", "--method", "none", "--threads", "1", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(10)  # the float32 copy loads in about 3 s; 3000 tokens take minutes
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-500:]
+    record = json.loads(out)
+    assert record["finish_reason"] == "interrupted" and 0 < len(record["token_ids"]) < 3000
+    assert record["text"].startswith("1") and record["stats"]["new_tokens"] == len(record["token_ids"])
+
+
+@pytest.mark.real_model
 def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(smollm2, tmp_path):
     """The .gguf load (a fresh model cache, so no unpacked copy: ~16 s here) is cut by Ctrl-C at 10 s."""
     from specdec import models

@@ -68,17 +68,7 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     )
     sampling = sampling_arguments(kwargs)
     if as_json:
-        res = gen.generate(messages, **sampling)
-        click.echo(
-            json.dumps(
-                {
-                    "text": res.text,
-                    "token_ids": res.token_ids,
-                    "finish_reason": res.finish_reason,
-                    "stats": res.stats.to_dict(),
-                }
-            )
-        )
+        _print_json(gen, messages, sampling)
         return
     stats = None
     try:
@@ -97,6 +87,25 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     sys.stdout.write("\n")
     if stats is not None:
         click.echo(stats.summary(), err=True)
+
+
+def _print_json(gen: Any, messages: Any, sampling: dict[str, Any]) -> None:
+    """Generate and print one JSON object; Ctrl-C prints what was made so far (``finish_reason``
+    ``"interrupted"``) and exits with 130."""
+    texts: list[str] = []
+    ids: list[int] = []
+    finish, stats = None, None
+    try:
+        for event in gen.stream(messages, **sampling):
+            texts.append(event.text)
+            ids += event.token_ids
+            finish, stats = event.finish_reason or finish, event.stats
+    except KeyboardInterrupt:
+        finish, stats = "interrupted", gen.last_stats
+    record = {"text": "".join(texts), "token_ids": ids, "finish_reason": finish or "length"}
+    click.echo(json.dumps({**record, "stats": stats.to_dict() if stats is not None else None}))
+    if finish == "interrupted":
+        sys.exit(130)
 
 
 commands = [generate]

@@ -816,14 +816,6 @@ def profile_settings(
         target_loaded=target_loaded,
         has_medusa_heads=heads is not None if has_medusa_heads is None else has_medusa_heads,
     )
-    notes = [
-        f"profile {selection.profile}: {selection.method}"
-        + (f" with draft {selection.draft_ref} ({selection.draft_quantization})" if selection.draft_ref else "")
-        + f", target {selection.target_ref} ({selection.target_quantization}), "
-        f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"
-    ]
-    if not selection.fits:
-        notes.append("the estimate exceeds the available memory; loading may fail")
     chosen_method = method if method != AUTO else selection.method
     if method == AUTO and draft is not None and selection.method != "draft":
         chosen_method = "draft"  # the user gave a draft: use it
@@ -831,6 +823,16 @@ def profile_settings(
     draft_kind = (
         selection.draft_quantization if chosen_draft is not None and chosen_draft == selection.draft_ref else None
     )
+    notes = [
+        f"profile {selection.profile}: {chosen_method}"
+        + (f" (the profile's choice: {selection.method})" if chosen_method != selection.method else "")
+        + (f" with draft {chosen_draft}" if chosen_method == "draft" and chosen_draft else "")
+        + (f" ({draft_kind})" if chosen_method == "draft" and draft_kind else "")
+        + f", target {selection.target_ref} ({selection.target_quantization}), "
+        f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"
+    ]
+    if not selection.fits:
+        notes.append("the estimate exceeds the available memory; loading may fail")
     if chosen_method == "draft" and chosen_draft is None:
         notes.append("method draft was asked for but the profile found no draft that fits")
     if options_object is None:

@@ -217,6 +217,9 @@ def test_profile_settings_fill_only_what_was_not_given():
     )
     assert (given.method, given.draft, given.dtype, given.num_speculative_tokens) == ("none", None, "float16", 2)
     assert given.options == NoneOptions()
+    # the banner names what runs, and the profile's own choice beside it
+    assert given.notes[0].startswith("profile gpu-8gb: none (the profile's choice: draft), target")
+    assert auto.notes[0].startswith("profile gpu-8gb: draft with draft Qwen/Qwen2.5-0.5B-Instruct")
     lookahead = profile_settings(
         "auto",
         "qwen2.5-7b",
@@ -233,6 +236,7 @@ def test_profile_settings_fill_only_what_was_not_given():
         profile_settings("auto", "qwen2.5-7b", device=assumed_gpu(8 * GIB), options={"window_size": 3})
     own_draft = profile_settings("auto", "smollm2-135m", device=CPU_16GB, draft="/my/draft")
     assert own_draft.method == "draft" and own_draft.draft == "/my/draft" and own_draft.draft_quantization is None
+    assert "with draft /my/draft," in own_draft.notes[0]
 
 
 # ---------------------------------------------------------------------- catalogue and estimator

@@ -114,7 +114,16 @@ def load_model(
         if loaded:
             model, tokenizer = loaded
         else:
-            tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf_file} if gguf_file else {}))
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf_file} if gguf_file else {}))
+            except Exception:
+                if not gguf_file and Path(where).is_dir() and not _has_tokenizer_files(Path(where)):
+                    raise ModelNotFoundError(
+                        f"could not load model {name_or_path!r}: {where} has no tokenizer files",
+                        "copy the tokenizer files (tokenizer.json, tokenizer_config.json...) of the model it "
+                        "came from into the folder",
+                    ) from None
+                raise
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         is_hub = where == str(name_or_path) and not Path(where).exists()
@@ -136,6 +145,14 @@ def load_model(
     if model.device.type == "cpu" and model.dtype == torch.float32:
         use_few_row_linears(model)  # verify steps of a few rows at about one row's cost (specdec.linear)
     return model.eval(), tokenizer
+
+
+TOKENIZER_FILES = ("*token*", "vocab*", "merges.txt", "*.model")
+"""Names of tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, spiece.model...)."""
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in TOKENIZER_FILES)
 
 
 def unreadable_model(name_or_path: str, where: str, gguf_file: str | None, error: Exception) -> SpecdecError:

@@ -157,3 +157,11 @@ def test_a_prompt_of_the_wrong_shape(tmp_path, prompt, fragment):
     gen = specdec.SpeculativeGenerator(tiny_model("llama"), AutoTokenizer.from_pretrained(folder), method="none")
     with pytest.raises(SpecdecError, match=fragment):
         gen.generate(prompt, max_new_tokens=2)
+
+
+def test_a_model_folder_without_tokenizer_files_says_so(tmp_path):
+    folder = tmp_path / "weights-only"
+    tiny_model("llama").save_pretrained(folder)
+    with pytest.raises(ModelNotFoundError, match="no tokenizer files") as info:
+        specdec.load(str(folder), method="none", dtype="float32", device="cpu")
+    assert "tokenizer.json" in info.value.hint

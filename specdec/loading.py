@@ -213,8 +213,10 @@ def load(
     """
     from .engine import SpeculativeGenerator
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SpecdecError(f"threads must be a whole number >= 1, got {threads!r}", "or None for torch's default")
+        torch.set_num_threads(threads)
     target_qc = draft_qc = arguments = None
     if profile is not None:
         from .profiles import profile_settings

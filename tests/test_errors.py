@@ -165,3 +165,9 @@ def test_a_model_folder_without_tokenizer_files_says_so(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no tokenizer files") as info:
         specdec.load(str(folder), method="none", dtype="float32", device="cpu")
     assert "tokenizer.json" in info.value.hint
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, "2"])
+def test_threads_must_be_a_positive_whole_number(threads):
+    with pytest.raises(SpecdecError, match="threads"):
+        specdec.load("no-such-model", threads=threads)

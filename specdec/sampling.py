@@ -36,7 +36,7 @@ class SamplingConfig:
                 f"temperature must be a finite number >= 0, got {self.temperature!r}",
                 "use 0 for greedy decoding, e.g. 0.7 for sampling",
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise InvalidSamplingError(f"top_k must be an integer >= 0, got {self.top_k!r}", "use 0 to disable top-k")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise InvalidSamplingError(f"top_p must be in (0, 1], got {self.top_p!r}", "use 1.0 to disable top-p")
@@ -45,7 +45,7 @@ class SamplingConfig:
                 f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
                 "use 1.0 to disable it",
             )
-        bad = [t for t in self.suppress_tokens if not _is_int(t) or t < 0]
+        bad = [t for t in self.suppress_tokens if not is_int(t) or t < 0]
         if bad:
             raise InvalidSamplingError(
                 f"suppress_tokens must be token ids (integers >= 0), got {bad[0]!r}",
@@ -63,7 +63,7 @@ class SamplingConfig:
         return self.repetition_penalty != 1.0
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An integer (Python, numpy...), not a bool nor a float such as 5.0."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -106,12 +106,12 @@ def check_request(
     Raises:
         InvalidSamplingError: naming the argument and the value.
     """
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise InvalidSamplingError(
             f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}",
             "pass a whole number of tokens, e.g. max_new_tokens=128",
         )
-    if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+    if seed is not None and (not is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
         raise InvalidSamplingError(
             f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed), got {seed!r}",
             "use a smaller whole number, e.g. 0, or no seed for a random one",
@@ -127,6 +127,11 @@ def check_request(
         raise InvalidSamplingError(
             f"suppress_tokens has id {max(cfg.suppress_tokens)}, outside the target's vocabulary of {vocab_out}",
             "token ids must be in [0, vocabulary size)",
+        )
+    if vocab_out is not None and len(set(cfg.suppress_tokens)) >= vocab_out:
+        raise InvalidSamplingError(
+            f"suppress_tokens holds all {vocab_out} tokens of the vocabulary: nothing could be generated",
+            "suppress only the tokens that must never appear",
         )
     if stop is None or isinstance(stop, str):
         stops = [stop] if stop else []

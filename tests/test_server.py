@@ -345,6 +345,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
             "unsupported_parameter",
         ),
         (json.dumps({**ok, "max_tokens": -5}).encode(), 400, "max_tokens", "invalid_value"),
+        (
+            json.dumps({**ok, "messages": [{"role": "user", "content": None}]}).encode(),
+            400,
+            "messages[0].content",
+            "invalid_value",
+        ),
         (json.dumps({**ok, "max_tokens": 9000}).encode(), 400, "messages", "context_length_exceeded"),
         (
             json.dumps({**ok, "messages": [{"role": "user", "content": "hello " * 9000}]}).encode(),
@@ -362,7 +368,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert got == status, (body[:80], data)
         assert set(data["error"]) == {"message", "type", "param", "code"}, data
         assert data["error"]["param"] == param and data["error"]["code"] == code, data
-    assert "8192" in server.raw("POST", chat, cases[-5][0])[1]["error"]["message"]  # the context size is named
+    too_long = server.raw("POST", chat, cases[-5][0])[1]["error"]["message"]
+    assert "8192" in too_long and "max_tokens" not in too_long  # the context is named; no max_tokens was sent
     for stream in (False, True):  # a seed torch cannot take is refused before the answer starts, streamed or not
         got, data = server.raw("POST", chat, json.dumps({**ok, "seed": 2**70, "stream": stream}).encode())
         assert got == 400 and data["error"]["param"] == "seed", data

@@ -176,10 +176,10 @@ class Api:
         limit = body.new_tokens_limit()
         if len(ids) >= context or (limit is not None and len(ids) + limit > context):
             asked = f" plus max_tokens ({limit})" if limit is not None else ""
+            fix = "Shorten the prompt or lower max_tokens." if limit is not None else "Shorten the prompt."
             raise ApiError(
                 400,
-                f"this model's context is {context} tokens; the prompt ({len(ids)} tokens){asked} "
-                f"does not fit. Shorten the prompt or lower max_tokens.",
+                f"this model's context is {context} tokens; the prompt ({len(ids)} tokens){asked} does not fit. {fix}",
                 param="messages" if isinstance(body, ChatRequest) else "prompt",
                 code="context_length_exceeded",
             )

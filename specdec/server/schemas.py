@@ -162,6 +162,13 @@ class ChatRequest(CompletionFields):
                     param=f"messages[{i}].role",
                     code="unsupported_parameter",
                 )
+            if m.content is None and m.role != "assistant":  # OpenAI allows null only for an assistant's tool calls
+                raise ApiError(
+                    400,
+                    f"messages[{i}].content is null; a {m.role} message needs its text",
+                    param=f"messages[{i}].content",
+                    code="invalid_value",
+                )
             out.append({"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)})
         return out
 

@@ -147,6 +147,9 @@ def load_model(
     return model.eval(), tokenizer
 
 
+K_METHODS = ("draft", "prompt_lookup")
+"""The methods whose draft length ``num_speculative_tokens`` fixes."""
+
 TOKENIZER_FILES = ("*token*", "vocab*", "merges.txt", "*.model")
 """Names of tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, spiece.model...)."""
 
@@ -218,6 +221,7 @@ def load(
             raise SpecdecError(f"threads must be a whole number >= 1, got {threads!r}", "or None for torch's default")
         torch.set_num_threads(threads)
     target_qc = draft_qc = arguments = None
+    asked_k = num_speculative_tokens  # as given (a profile may fill it for the method it chooses)
     if profile is not None:
         from .profiles import profile_settings
 
@@ -245,6 +249,13 @@ def load(
         raise SpecdecError(
             f"a draft model ({draft}) is only used by method 'draft', and the method is {method!r}",
             "drop the draft (--draft), or use method 'draft' (or 'auto')",
+        )
+    if asked_k is not None and method not in K_METHODS:  # a setting never goes silently unused
+        raise SpecdecError(
+            f"num_speculative_tokens (-k) is used by methods {' and '.join(map(repr, K_METHODS))}, "
+            f"and the method is {method!r}",
+            "drop -k, or choose one of those methods (lookahead sizes its steps with --window-size, "
+            "--ngram-size and --guess-size)",
         )
     model, tokenizer = load_model(target, dtype=dtype, device=device, quantization_config=target_qc)
     draft_model = draft_tokenizer = None

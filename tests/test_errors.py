@@ -171,3 +171,11 @@ def test_a_model_folder_without_tokenizer_files_says_so(tmp_path):
 def test_threads_must_be_a_positive_whole_number(threads):
     with pytest.raises(SpecdecError, match="threads"):
         specdec.load("no-such-model", threads=threads)
+
+
+@pytest.mark.parametrize("method", ["none", "lookahead", "medusa"])
+def test_a_draft_length_for_a_method_that_has_none(method):
+    """-k with a method that does not use it is refused before any model loads, like another method's options."""
+    with pytest.raises(SpecdecError, match="num_speculative_tokens") as info:
+        specdec.load("no-such-model", method=method, num_speculative_tokens=3)
+    assert "-k" in info.value.hint

@@ -387,6 +387,9 @@ def test_detect_text_and_bad_size():
     )
     assert result.exit_code == 0 and "profile:      gpu-6gb" in result.output
     assert runner.invoke(main, ["detect", "--vram", "lots"]).exit_code == 2
+    for args, said in ((["--vram", "0"], "--vram"), (["--vram", "8GiB", "--free", "20GiB"], "--free")):
+        refused = runner.invoke(main, ["detect", *args])
+        assert refused.exit_code == 2 and said in refused.output, refused.output
 
 
 def test_profiles_commands(tmp_path):

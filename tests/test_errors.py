@@ -179,3 +179,13 @@ def test_a_draft_length_for_a_method_that_has_none(method):
     with pytest.raises(SpecdecError, match="num_speculative_tokens") as info:
         specdec.load("no-such-model", method=method, num_speculative_tokens=3)
     assert "-k" in info.value.hint
+
+
+def test_lookahead_sizes_beyond_any_step_are_refused():
+    from specdec.proposers.options import LookaheadOptions
+
+    LookaheadOptions(window_size=15, ngram_size=5, guess_size=15)  # the widest profile
+    with pytest.raises(SpecdecError, match="rows"):
+        LookaheadOptions(window_size=100, ngram_size=50, guess_size=100)
+    with pytest.raises(SpecdecError, match="rows"):
+        LookaheadOptions(ngram_size=9999)

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 COPY_TOKENS = 32  # longest context copy a host proposer (lookahead, Medusa) verifies per step
 
 
+LOOKAHEAD_MAX_ROWS = 256
+"""Most rows a lookahead step may send (window and verify branches): the static path's widest bucket."""
+
+
 def _check_int(method: str, name: str, value: Any, low: int, hint: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise SpecdecError(f"{method} {name} must be an integer >= {low}, got {value!r}", hint)
@@ -146,6 +150,14 @@ class LookaheadOptions:
             ("copy_min_ngram", 1),
         ):
             _check_int("lookahead", name, getattr(self, name), low)
+        rows = (self.window_size + self.guess_size) * (self.ngram_size - 1)
+        if rows > LOOKAHEAD_MAX_ROWS:
+            raise SpecdecError(
+                f"lookahead window_size {self.window_size}, ngram_size {self.ngram_size} and guess_size "
+                f"{self.guess_size} make steps of about {rows} rows, more than {LOOKAHEAD_MAX_ROWS}: every token "
+                "would cost many times a plain step",
+                "the widest hardware profile uses window_size 15, ngram_size 5, guess_size 15 (120 rows)",
+            )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from .devices import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - part 
 from .errors import ModelNotFoundError, SpecdecError
 from .linear import use_few_row_linears
 from .proposers import MethodOptions, method_and_options
+from .sampling import is_int
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +218,9 @@ def load(
     from .engine import SpeculativeGenerator
 
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if not is_int(threads) or threads < 1:
             raise SpecdecError(f"threads must be a whole number >= 1, got {threads!r}", "or None for torch's default")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(threads))
     target_qc = draft_qc = arguments = None
     asked_k = num_speculative_tokens  # as given (a profile may fill it for the method it chooses)
     if profile is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,14 @@ def load(
     if threads is not None:
         if not is_int(threads) or threads < 1:
             raise SpecdecError(f"threads must be a whole number >= 1, got {threads!r}", "or None for torch's default")
+        cores = os.cpu_count() or threads
+        if threads > cores:
+            log.warning(
+                "threads=%d on %d cores: torch's threads will wait for each other (use at most %d)",
+                threads,
+                cores,
+                cores,
+            )
         torch.set_num_threads(int(threads))
     target_qc = draft_qc = arguments = None
     asked_k = num_speculative_tokens  # as given (a profile may fill it for the method it chooses)

@@ -189,3 +189,17 @@ def test_lookahead_sizes_beyond_any_step_are_refused():
         LookaheadOptions(window_size=100, ngram_size=50, guess_size=100)
     with pytest.raises(SpecdecError, match="rows"):
         LookaheadOptions(ngram_size=9999)
+
+
+def test_more_threads_than_cores_is_warned(caplog):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="specdec"), pytest.raises(SpecdecError):
+            specdec.load("no-such-model", threads=(os.cpu_count() or 1) + 1)  # warned, then the model is missing
+    finally:
+        torch.set_num_threads(before)
+    assert any("threads" in r.getMessage() and "cores" in r.getMessage() for r in caplog.records)

@@ -95,7 +95,7 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
     out: dict = {"eager": {}, "static": {}, "capture_s": {}}
     with torch.inference_mode():
         for kind, kv in (("eager", kvcache.DynamicKV(model)), ("static", static.StaticKV(model))):
-            kv.reset(len(prompt) + max(rows) + 8)
+            kv.start(len(prompt) + max(rows) + 8)
             kv.forward(torch.tensor(prompt, device=device))
             times: dict[int, list[float]] = {r: [] for r in rows}
             for rep in range(repeats + 2):  # two warm-up rounds (the first captures)

@@ -1,0 +1,39 @@
+"""The prepared GPU scripts run end to end on a CPU with tiny models, so a lent GPU's minutes are not spent
+finding an error a CPU would have shown (``scripts/gpu_session.sh`` runs them there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
+    costs = tmp_path / "gpu-profile.json"
+    profile = _run(
+        "scripts/gpu_profile.py",
+        *("--device", "cpu", "--small", "--targets", "1.5b,7b", "--max-new-tokens", "8"),
+        *("--repeats", "2", "--step-repeats", "2", "--out", str(costs)),
+    )
+    assert profile.returncode == 0, profile.stderr[-2000:]
+    measured = json.loads(costs.read_text())
+    for part in (measured["1.5b"]["step_ms"], measured["7b"]["step_ms"], measured["draft_step_ms"]):
+        assert {"eager", "static", "capture_s"} <= set(part) and part["static"]["1"] > 0
+    assert set(measured["1.5b"]["generate_tok_s"]) >= {"hf-greedy", "specdec-none-eager", "specdec-none-static"}
+    projected = _run(
+        "scripts/project_gpu.py",
+        *("project", "--traces", "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json", "--costs", str(costs)),
+    )
+    assert projected.returncode == 0, projected.stderr[-2000:]
+    assert "projection (not a measurement)" in projected.stdout and "| lookahead |" in projected.stdout

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from .costs import model_cost_kind
-from .errors import ContextLengthError, InvalidSamplingError, SpecdecError
-from .modelinfo import eos_token_ids, model_context_length, output_rows
+from .errors import ContextLengthError, SpecdecError
+from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Proposal, StepOutcome
-from .sampling import SamplingConfig, check_request, is_int
+from .sampling import SamplingConfig, check_request
 from .static import BUCKETS, StaticKV, open_cache
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
@@ -289,7 +289,7 @@ class SpeculativeGenerator:
             suppress_tokens: ids never generated (e.g. a banned EOS).
         """
         prompt_ids = self.encode(prompt)
-        cfg, stops = check_request(
+        cfg, stops, eos = check_request(
             self.target,
             prompt_ids,
             max_new_tokens=max_new_tokens,
@@ -300,6 +300,7 @@ class SpeculativeGenerator:
             suppress_tokens=suppress_tokens,
             stop=stop,
             seed=seed,
+            eos_token_id=eos_token_id,
         )
         if stops and self.tokenizer is None:
             raise SpecdecError("stop strings need a tokenizer", "pass tokenizer= or use eos_token_id")
@@ -307,22 +308,11 @@ class SpeculativeGenerator:
             raise SpecdecError("the prompt is empty", "give at least one token of prompt")
         self._check_context(len(prompt_ids), max_new_tokens)
         self._last_prompt_ids = prompt_ids
-        eos = self.eos_token_ids() if eos_token_id is None else self._given_eos(eos_token_id)
+        if eos is None:
+            eos = self.eos_token_ids()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.randrange(2**63))
         return self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
-
-    def _given_eos(self, eos_token_id: int | Sequence[int]) -> set[int]:
-        """The EOS ids a caller gave, checked against the target's output rows."""
-        ids = [eos_token_id] if is_int(eos_token_id) else list(eos_token_id)
-        rows = output_rows(self.target)
-        bad = [i for i in ids if not is_int(i) or not 0 <= i < rows]
-        if bad:
-            raise InvalidSamplingError(
-                f"eos_token_id has {bad[0]!r}, not a token id of the target's vocabulary of {rows}",
-                "give token ids in [0, vocabulary size), or [] to never stop at EOS",
-            )
-        return {int(i) for i in ids}
 
     # ------------------------------------------------------------------ the loop
     def _run(

@@ -89,8 +89,10 @@ def check_request(
     suppress_tokens: Any = (),
     stop: Any = None,
     seed: Any = None,
-) -> tuple[SamplingConfig, list[str]]:
-    """Check the values of one generation call; return its sampling config and its stop strings.
+    eos_token_id: Any = None,
+) -> tuple[SamplingConfig, list[str], set[int] | None]:
+    """Check the values of one generation call; return its sampling config, its stop strings and the
+    EOS ids it gave (None when it gave none: the model's apply).
 
     Every value is checked before anything runs (an out-of-range token id
     would otherwise index out of bounds in an embedding, which on CUDA kills
@@ -98,10 +100,10 @@ def check_request(
 
     Args:
         model: the target; its input embedding rows bound the prompt ids and
-            its output rows ``V`` bound ``suppress_tokens``.
+            its output rows ``V`` bound ``suppress_tokens`` and ``eos_token_id``.
         prompt_ids: the encoded prompt.
         max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-        suppress_tokens, stop, seed: as given to :meth:`SpeculativeGenerator.stream`.
+        suppress_tokens, stop, seed, eos_token_id: as given to :meth:`SpeculativeGenerator.stream`.
 
     Raises:
         InvalidSamplingError: naming the argument and the value.
@@ -133,6 +135,7 @@ def check_request(
             f"suppress_tokens holds all {vocab_out} tokens of the vocabulary: nothing could be generated",
             "suppress only the tokens that must never appear",
         )
+    eos = None if eos_token_id is None else _eos_ids(eos_token_id, vocab_out)
     if stop is None or isinstance(stop, str):
         stops = [stop] if stop else []
     elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
@@ -148,7 +151,19 @@ def check_request(
             f"the prompt has token id {worst}, outside the target's vocabulary of {vocab_in}",
             "prompt token ids must be in [0, vocabulary size)",
         )
-    return cfg, stops
+    return cfg, stops, eos
+
+
+def _eos_ids(eos_token_id: Any, vocab_out: int | None) -> set[int]:
+    """The EOS ids a caller gave (one id or several), each checked to be a token id below ``vocab_out``."""
+    ids = [eos_token_id] if is_int(eos_token_id) or not isinstance(eos_token_id, Iterable) else list(eos_token_id)
+    bad = [i for i in ids if not is_int(i) or i < 0 or (vocab_out is not None and i >= vocab_out)]
+    if bad:
+        raise InvalidSamplingError(
+            f"eos_token_id has {bad[0]!r}, not a token id of the target's vocabulary of {vocab_out}",
+            "give token ids in [0, vocabulary size), or [] to never stop at EOS",
+        )
+    return {int(i) for i in ids}
 
 
 def presence_rows(context: torch.Tensor, vocab_size: int, path_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .errors import VocabularyMismatchError
-from .modelinfo import output_rows
+from .modelinfo import embedding_rows, output_rows
 
 _HINT = "use a draft of the same tokenizer family, or --method prompt_lookup (no draft needed)"
 
@@ -20,16 +20,17 @@ def check_vocabularies(target: torch.nn.Module, draft: torch.nn.Module, tokenize
     the same id; without them, the output sizes may differ only by padding.
     """
     t_rows, d_rows = output_rows(target), output_rows(draft)
-    if tokenizer is not None:  # the draft reads every token the target writes: its embedding must hold them all
-        d_inputs = draft.get_input_embeddings().weight.shape[0]
-        t_ids = min(t_rows, max(tokenizer.get_vocab().values(), default=0) + 1)
-        if d_inputs < t_ids:
+    t_vocab = tokenizer.get_vocab() if tokenizer is not None else None
+    if t_vocab is not None:  # the draft reads every token the target writes: its embedding must hold them all
+        d_inputs = embedding_rows(draft.get_input_embeddings())
+        t_ids = min(t_rows, max(t_vocab.values(), default=0) + 1)
+        if d_inputs is not None and d_inputs < t_ids:
             raise VocabularyMismatchError(
                 f"the draft's embedding has {d_inputs} rows, but the target's tokens go up to id {t_ids - 1}",
                 _HINT,
             )
-    if tokenizer is not None and draft_tokenizer is not None:
-        t_vocab, d_vocab = tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+    if t_vocab is not None and draft_tokenizer is not None:
+        d_vocab = draft_tokenizer.get_vocab()
         differ = [tok for tok, i in d_vocab.items() if t_vocab.get(tok, i) != i]
         only_draft = [tok for tok in d_vocab if tok not in t_vocab]
         if differ or len(only_draft) > 0.01 * max(len(d_vocab), 1):

@@ -182,8 +182,10 @@ def test_a_draft_length_for_a_method_that_has_none(method):
 
 
 def test_lookahead_sizes_beyond_any_step_are_refused():
-    from specdec.proposers.options import LookaheadOptions
+    from specdec import static
+    from specdec.proposers.options import LOOKAHEAD_MAX_ROWS, LookaheadOptions
 
+    assert LOOKAHEAD_MAX_ROWS == max(static.BUCKETS)  # the bound is the static path's widest bucket
     LookaheadOptions(window_size=15, ngram_size=5, guess_size=15)  # the widest profile
     with pytest.raises(SpecdecError, match="rows"):
         LookaheadOptions(window_size=100, ngram_size=50, guess_size=100)

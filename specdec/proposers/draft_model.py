@@ -119,8 +119,8 @@ class DraftModelProposer:
         if max_nodes <= 0:
             return Proposal.empty(state.tokens.device)
         self._copy = []
+        fixed = self.controller.fixed
         if self.index is not None:
-            fixed = self.controller.fixed
             limit = min(
                 max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, max_nodes if fixed is None else fixed
             )
@@ -130,7 +130,7 @@ class DraftModelProposer:
                 if self._copy_pays():
                     return Proposal(tokens=torch.tensor(copied, dtype=torch.long, device=state.tokens.device))
         k = self.controller.choose()
-        if k == 0 and self.controller.fixed is None:  # drafting looks unprofitable; still probe now and then
+        if k == 0 and fixed is None:  # drafting looks unprofitable; still probe now and then
             self._idle += 1
             k = 1 if self._idle % 16 == 0 else 0
         k = min(k, max_nodes)

@@ -7,6 +7,7 @@ capture; ``python -m pytest --device cuda`` runs these with graphs on.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import specdec
 from conftest import DEVICE, hf_greedy, tiny_model
 from specdec import kvcache, static
 from specdec.medusa.heads import MedusaHeads
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from test_sampling import N_RUNS, VOCAB, _exact_two_tokens, histogram, noise_bound, tv
 
 PROMPT = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17]  # repeats, so copies are proposed
@@ -175,3 +178,51 @@ def test_a_static_cache_that_does_not_fit_is_a_clear_error():
     with pytest.raises(specdec.SpecdecError, match=r"MiB for .* positions") as info:
         kv.start(2**40)
     assert "--no-static-cache" in info.value.hint
+
+
+HOST_SYNCS = {
+    *("item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select"),
+    *("unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "lift_fresh", "lift_fresh_copy"),
+}
+"""aten ops that read a device tensor on the host or build one from host data: a CUDA graph capture
+fails on them (or bakes a value into the graph), so a captured step must make none."""
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Counts the aten ops run under it and the devices of the tensors they take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.devices: set[torch.device] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.name().split("::")[-1].split(".")[0]] += 1
+        flat = [*args, *(kwargs or {}).values()]
+        flat += [x for a in flat if isinstance(a, (list, tuple)) for x in a]
+        self.devices |= {a.device for a in flat if isinstance(a, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("rows,hidden", [(1, False), (8, True)])
+def test_the_captured_step_forward_makes_no_host_sync(arch, rows, hidden):
+    """What ``StaticKV`` captures as a CUDA graph (the model's forward over a bucket's buffers and the
+    static cache) is checked op by op on any device: no host reads of device values, no tensors made
+    from host data, no tensor on another device. A CPU shows what a GPU capture would refuse."""
+    kv = static.StaticKV(tiny_model(arch, seed=0), graphs=False)
+    allowed = torch.ones(rows, rows, dtype=torch.bool).tril()
+    allowed[rows // 2 :, 1 : rows // 2] = False  # two branches: a tree, not a chain
+    with torch.inference_mode():
+        kv.start(64)
+        kv.forward(torch.tensor(PROMPT, device=DEVICE))
+        ids, pos, mask = kv._inputs(rows)
+        kv._fill(ids, pos, mask, torch.arange(rows, device=DEVICE) + 3, None, allowed)
+        recorder = _OpRecorder()
+        with recorder:
+            logits, last = kv._call(rows, hidden)
+    assert logits.shape[:2] == (1, rows) and (last is not None) == hidden
+    syncs = {op: n for op, n in recorder.ops.items() if op in HOST_SYNCS}
+    assert not syncs, f"the step forward syncs with the host: {syncs}"
+    assert recorder.devices == {kv.device}, f"the step forward takes tensors from {recorder.devices}"
+    assert recorder.ops["index_copy_"] == 2 * kv.model.config.num_hidden_layers  # it writes the cache

@@ -9,9 +9,17 @@ rows. :class:`StaticKV` removes that cost the way graph-based decoders do:
   that later generations reuse it (and its graphs);
 - a forward over ``t <= max(BUCKETS)`` rows runs at the smallest bucket
   ``R >= t``: the ``t`` real rows and ``R - t`` padding rows are written into
-  static input buffers (tokens ``[1, R]``, positions ``[1, R]``, additive mask
-  ``[1, 1, R, S]``); padding rows only see the cache and themselves, and
-  whatever they write beyond the kept length is never seen by a real row;
+  static input buffers (tokens ``[1, R]``; position offsets and the rows'
+  visibility among themselves, one ``[R + R*R]`` buffer); padding rows only see
+  the cache and themselves, and whatever they write beyond the kept length is
+  never seen by a real row;
+- the step's positions and its additive mask ``[1, 1, R, S]`` are computed from
+  those buffers and the cache's own write position inside the step, so on a GPU
+  a step launches a token copy, at most one small host-to-device copy and the
+  graph, whatever the cache's width;
+- every layer's keys, values and write position are views of three tensors,
+  so a rewind, a rejection or a tree compaction is one operation for the whole
+  cache rather than one per layer;
 - on CUDA each ``(R, hidden)`` forward is captured once as a CUDA graph and
   replayed; anything that fails to capture falls back to running the same
   buffers eagerly, with one log line;
@@ -101,7 +109,11 @@ class StaticKV(KVCache):
         self.cache: StaticCache | None = None
         self.capacity = 0
         self.length = 0
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._kv = torch.empty(0)  # [2, L, 1, KV heads, S, head dim]: every layer's keys and values
+        self._counts = torch.empty(0, dtype=torch.long)  # [L]: every layer's write position
+        self._columns = torch.empty(0, dtype=torch.long)  # [S]: 0 .. S-1
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout: dict[int, tuple] = {}  # what each bucket's layout buffer holds, to skip rewriting it
         self._captured: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         self._pool = None
 
@@ -113,11 +125,8 @@ class StaticKV(KVCache):
         stale, never seen) or zeroed, in place, so buffers, graphs and addresses stay valid."""
         if self.cache is None or capacity > self.capacity:
             self._grow(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, min(keep, self.length))
-        elif keep > 0:
-            self.truncate(keep)
         else:
-            self.cache.reset()
-            self.length = 0
+            self.truncate(keep)
         return self.length
 
     def _grow(self, capacity: int, keep: int) -> None:
@@ -126,7 +135,7 @@ class StaticKV(KVCache):
         Both caches exist while the prefix is copied; when the pair does not fit, the old one is
         dropped first and the prefix is computed again instead (the caller prefills what was not kept).
         """
-        old = self.cache if keep > 0 else None
+        old = self._kv if keep > 0 else None
         self.length = 0
         try:
             self._allocate(capacity)
@@ -137,10 +146,8 @@ class StaticKV(KVCache):
             self._allocate(capacity)
         if old is None:
             return
-        for new_layer, old_layer in zip(self.cache.layers, old.layers):
-            new_layer.keys[:, :, :keep].copy_(old_layer.keys[:, :, :keep])
-            new_layer.values[:, :, :keep].copy_(old_layer.values[:, :, :keep])
-            new_layer.cumulative_length.add_(keep)
+        self._kv[:, :, :, :, :keep].copy_(old[:, :, :, :, :keep])
+        self._counts.fill_(keep)
         self.length = keep
 
     def _allocate(self, capacity: int) -> None:
@@ -151,10 +158,16 @@ class StaticKV(KVCache):
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         layers = text.num_hidden_layers
         need = 2 * layers * heads * head_dim * capacity * torch.finfo(self.dtype).bits // 8
-        self.cache, self._buffers, self._captured, self._pool = None, {}, {}, None
+        self.cache, self._buffers, self._layout, self._captured, self._pool = None, {}, {}, {}, None
+        self._kv = self._counts = None
         try:
             cache = StaticCache(config=cfg, max_cache_len=capacity)
-            cache.early_initialization(1, heads, head_dim, self.dtype, self.device)
+            kv = torch.zeros(2, layers, 1, heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+            counts = torch.zeros(layers, dtype=torch.long, device=self.device)
+            empty = torch.empty(1, heads, 0, head_dim, dtype=self.dtype, device=self.device)
+            for i, layer in enumerate(cache.layers):
+                layer.lazy_initialization(empty, empty)  # sets the layer's sizes, allocates one layer...
+                layer.keys, layer.values, layer.cumulative_length = kv[0, i], kv[1, i], counts[i]  # ...then shares
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
@@ -163,6 +176,8 @@ class StaticKV(KVCache):
                 "use --no-static-cache (static_cache=False), or a shorter prompt / fewer new tokens",
             ) from None
         self.cache, self.capacity = cache, capacity
+        self._kv, self._counts = kv, counts
+        self._columns = torch.arange(capacity, device=self.device)
 
     def truncate(self, length: int) -> None:
         self.known = None
@@ -173,24 +188,17 @@ class StaticKV(KVCache):
     def _rewind(self, n: int) -> None:
         """Move every layer's write position back by ``n >= 0`` positions (the data stays, unseen).
 
-        ``StaticLayer.crop`` does this from transformers 5.2x on; before it (the webui's 5.6 pin) the
-        position is the layer's own counter tensor, which ``update`` advances in place.
+        The positions are the layers' own counters, which ``StaticLayer.update`` advances in place; they
+        are views of one tensor, so this is one operation.
         """
-        if n <= 0:
-            return
-        for layer in self.cache.layers:
-            if hasattr(layer, "crop"):
-                layer.crop(-n)
-            else:
-                layer.cumulative_length.sub_(n)
+        if n > 0:
+            self._counts.sub_(n)
 
     def _gather(self, start: int, rows: list[int]) -> None:
-        """Copy the accepted rows to ``[start, start + len(rows))`` in place, then crop."""
+        """Copy the accepted rows to ``[start, start + len(rows))`` in place (every layer at once), then crop."""
         idx = torch.tensor([start + r for r in rows], device=self.device)
         end = start + len(rows)
-        for layer in self.cache.layers:
-            layer.keys[:, :, start:end].copy_(layer.keys.index_select(2, idx))
-            layer.values[:, :, start:end].copy_(layer.values.index_select(2, idx))
+        self._kv[:, :, :, :, start:end].copy_(self._kv.index_select(4, idx))
         self.truncate(end)
 
     # ------------------------------------------------------------------ forwards
@@ -205,8 +213,7 @@ class StaticKV(KVCache):
         rows = bucket(t)
         if rows is None or self.length + rows > self.capacity:
             return self._eager(tokens, positions, allowed, keep, hidden)
-        ids, pos, mask = self._inputs(rows)
-        self._fill(ids, pos, mask, tokens, positions, allowed)
+        self._fill(rows, tokens, positions, allowed)
         logits, last, captured = self._run(rows, hidden)
         self._rewind(rows - t)  # the step advanced every layer by `rows`; keep the real rows
         self.length += t
@@ -236,33 +243,56 @@ class StaticKV(KVCache):
         self.length += t
         return out
 
-    def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The static buffers of bucket ``rows``: tokens ``[1, R]``, positions ``[1, R]``, mask ``[1, 1, R, S]``."""
+    def _inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static buffers of bucket ``rows``: tokens ``[1, R]`` and the layout ``[R + R*R]`` long
+        (each row's position offset from the cache's length, then the rows' visibility among
+        themselves, ``[R, R]`` as 0/1)."""
         if rows not in self._buffers:
             self._buffers[rows] = (
                 torch.zeros(1, rows, dtype=torch.long, device=self.device),
-                torch.zeros(1, rows, dtype=torch.long, device=self.device),
-                torch.zeros(1, 1, rows, self.capacity, dtype=self.dtype, device=self.device),
+                torch.zeros(rows + rows * rows, dtype=torch.long, device=self.device),
             )
         return self._buffers[rows]
 
-    def _fill(self, ids, pos, mask, tokens, positions, allowed) -> None:
-        """Write ``t`` real rows and ``R - t`` padding rows into the bucket's buffers."""
-        t, rows, n = int(tokens.numel()), ids.shape[1], self.length
-        ids[0, :t] = tokens.to(self.device)
-        ids[0, t:] = ids[0, 0]
-        if positions is None:
-            positions = torch.arange(n, n + t, device=self.device)
-        pos[0, :t] = positions.to(self.device)
-        pos[0, t:] = n
-        mask.copy_(tree_mask(allowed, t, n, self.capacity, self.dtype, self.device, rows=rows))
+    def _fill(self, rows: int, tokens: torch.Tensor, positions: torch.Tensor | None, allowed) -> None:
+        """Write ``t`` real rows and ``R - t`` padding rows into bucket ``rows``' buffers.
+
+        The layout is written only when it differs from what the buffer holds: a run of one-row steps (or
+        of causal steps of one size) copies nothing but its tokens. Padding rows keep the tokens of an
+        earlier step (any token will do), sit at offset 0 and see the cache and themselves.
+        """
+        t = int(tokens.numel())
+        ids, layout = self._inputs(rows)
+        ids[0, :t].copy_(tokens)
+        key = ("causal", t) if positions is None and allowed is None else None
+        if key is not None and self._layout.get(rows) == key:
+            return
+        host = torch.zeros(rows + rows * rows, dtype=torch.long)
+        if positions is not None:
+            host[:t] = positions.cpu() - self.length
+        else:
+            host[:t] = torch.arange(t)
+        seen = host[rows:].view(rows, rows)
+        seen[:t, :t] = allowed.cpu() if allowed is not None else torch.ones(t, t, dtype=torch.bool).tril()
+        seen.diagonal()[t:] = 1
+        layout.copy_(host)
+        self._layout[rows] = key
 
     def _call(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ids, pos, mask = self._buffers[rows]
+        """The bucket's forward: positions and mask from its buffers and the cache's write position, then
+        the model; logits ``[1, R, V]`` and hidden ``[1, R, H]`` or None. This is what a graph captures."""
+        ids, layout = self._buffers[rows]
+        start = self._counts[0]  # the cache's length before this forward, on the device
+        pos = (layout[:rows] + start)[None]  # [1, R]
+        rel = self._columns - start  # [S]: each cache column's offset from the step's first row
+        seen = layout[rows:].view(rows, rows).bool()[:, rel.clamp(0, rows - 1)] & (rel >= 0) & (rel < rows)
+        seen |= rel < 0  # [R, S]: the cache, and what each row may see among the step's rows
+        mask = torch.zeros(rows, self.capacity, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
         out = self.model(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=mask,
+            attention_mask=mask[None, None],
             use_cache=True,
             output_hidden_states=hidden,
             **{self.cache_arg: self.cache},

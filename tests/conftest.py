@@ -50,12 +50,13 @@ def tiny_model(
     *,
     hidden: int = 32,
     intermediate: int = 64,
+    layers: int = 2,
     init: float = 0.02,
     bos: int | None = None,
     pad: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
-    """A tiny random causal LM (2 layers, 4 heads, 2 KV heads) in fp32 on ``device`` (default
+    """A tiny random causal LM (``layers`` layers, 4 heads, 2 KV heads) in fp32 on ``device`` (default
     :data:`DEVICE`), built after ``torch.manual_seed(seed)``. ``sharpness`` scales the lm_head so the
     output distributions are peaked (random models are otherwise near uniform), as does a larger ``init``
     (the initializer range); ``tied``: the lm_head shares the input embeddings' weight. ``bos``, ``eos``
@@ -67,7 +68,7 @@ def tiny_model(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_positions,

@@ -216,8 +216,7 @@ def test_the_captured_step_forward_makes_no_host_sync(arch, rows, hidden):
     with torch.inference_mode():
         kv.start(64)
         kv.forward(torch.tensor(PROMPT, device=DEVICE))
-        ids, pos, mask = kv._inputs(rows)
-        kv._fill(ids, pos, mask, torch.arange(rows, device=DEVICE) + 3, None, allowed)
+        kv._fill(rows, torch.arange(rows, device=DEVICE) + 3, None, allowed)
         recorder = _OpRecorder()
         with recorder:
             logits, last = kv._call(rows, hidden)
@@ -226,3 +225,40 @@ def test_the_captured_step_forward_makes_no_host_sync(arch, rows, hidden):
     assert not syncs, f"the step forward syncs with the host: {syncs}"
     assert recorder.devices == {kv.device}, f"the step forward takes tensors from {recorder.devices}"
     assert recorder.ops["index_copy_"] == 2 * kv.model.config.num_hidden_layers  # it writes the cache
+
+
+def _ops_of(action) -> Counter[str]:
+    recorder = _OpRecorder()
+    with torch.inference_mode(), recorder:
+        action()
+    return recorder.ops
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_steps_host_work_does_not_grow_with_the_cache(arch):
+    """On a GPU every op outside the captured forward is a launch paid on the host at each step, so a
+    rewind, a rejection and a tree compaction are one operation for all layers, and a run of one-row
+    steps writes its token and nothing else (no mask over the cache's width)."""
+    per_depth = []
+    for layers in (2, 5):
+        kv = static.StaticKV(tiny_model(arch, seed=0, layers=layers), graphs=False)
+        with torch.inference_mode():
+            kv.start(64)
+            kv.forward(torch.tensor(PROMPT, device=DEVICE))
+            kv.forward(torch.tensor([3], device=DEVICE))
+        base = kv.length
+        tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # a root and two children
+        token = torch.tensor([4], device=DEVICE)
+        ops = {
+            "one-row inputs": _ops_of(lambda: kv._fill(1, token, None, None)),
+            "padded step": _ops_of(lambda: kv._rewind(1)),
+            "rejection": _ops_of(lambda: kv.truncate(base - 1)),
+        }
+        with torch.inference_mode():
+            kv.forward(torch.tensor([5, 6, 7], device=DEVICE), torch.tensor([base, base + 1, base + 1]), tree, keep=3)
+        ops["compaction"] = _ops_of(lambda: kv.keep_rows(base, [0, 2]))
+        assert kv.length == base + 2
+        per_depth.append(ops)
+        writes = {op: n for op, n in ops["one-row inputs"].items() if op.endswith("_") or op in ("zeros", "arange")}
+        assert writes == {"copy_": 1}, writes
+    assert per_depth[0] == per_depth[1]

@@ -566,3 +566,39 @@ def test_the_panel_says_which_method_is_used_and_why(ext) -> None:
     assert ext.method_in_use() == "**In use:** `lookahead`, chosen by hand." and ext.method_label() == "Method"
     ext.params["enabled"] = False
     assert "webui's own generation" in ext.method_in_use()
+
+
+def test_the_panel_warns_at_once_when_the_chosen_method_cannot_run(ext, tmp_path: Path) -> None:
+    """A method picked by hand that needs what is not set says so in the "In use" line when picked,
+    not only after a reply went to the webui."""
+    ext.params.update(auto_configure=False, method="draft", draft_model=ext.NO_DRAFT)
+    assert "webui's own generation" in ext.method_in_use() and "Draft model" in ext.method_in_use()
+    ext.params.update(method="medusa", medusa_heads="")
+    assert "webui's own generation" in ext.method_in_use() and "Medusa heads" in ext.method_in_use()
+    ext.params.update(medusa_heads=str(tmp_path / "no-such-heads"))
+    assert "webui's own generation" in ext.method_in_use() and "no-such-heads` was not found" in ext.method_in_use()
+    ext.params.update(auto_configure=True)  # auto-configure picks Medusa when heads are given
+    assert "was not found" in ext.method_in_use()
+    ext.params.update(auto_configure=False, medusa_heads=str(tmp_path))
+    assert ext.method_in_use() == "**In use:** `medusa`, chosen by hand."
+
+
+def test_the_method_label_follows_the_checkbox_it_is_given(ext) -> None:
+    # the label is made while the checkbox's own setter may not have run yet: it reads the value given
+    ext.params["auto_configure"] = True
+    assert ext.method_label(False) == "Method" and "ignored" in ext.method_label(True)
+    assert "ignored" in ext.method_label()
+
+
+def test_a_page_loaded_later_shows_the_settings_in_force(ext, webui, tmp_path: Path) -> None:
+    """Settings are one per server: a reload or a second tab shows what another tab set, and the
+    draft model in use stays among the choices even when it left the models folder."""
+    ext.params.update(auto_configure=False, method="lookahead", window_size=7, draft_model="gone-draft")
+    ext.last_reply.method, ext.last_reply.note = "webui", "a note"
+    now = ext.panel_state()
+    assert set(ext.PANEL_PARAMS) <= set(now)
+    assert {name: now[name] for name in ext.PANEL_PARAMS} == {name: ext.params[name] for name in ext.PANEL_PARAMS}
+    assert now["method"] == "lookahead" and now["window_size"] == 7 and now["manual"]
+    assert now["method_label"] == "Method" and now["in_use"] == "**In use:** `lookahead`, chosen by hand."
+    assert "gone-draft" in now["draft_choices"] and ext.NO_DRAFT in now["draft_choices"]
+    assert now["stats"] == ext.last_reply.markdown() and "a note" in now["stats"]

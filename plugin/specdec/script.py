@@ -551,7 +551,8 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
         from specdec.errors import SpecdecError
 
         if isinstance(e, SpecdecError):
-            failure = (f"error:{e.message}", f"specdec: {e.message}" + (f" ({e.hint})" if e.hint else ""))
+            # no "specdec: " here: _note_once logs with that prefix, and the panel says who generated the reply
+            failure = (f"error:{e.message}", e.message + (f" ({e.hint})" if e.hint else ""))
         else:
             import traceback
 
@@ -731,21 +732,42 @@ def ui() -> None:
         with gr.Row():
             stats = gr.Markdown(last_reply.markdown)
             show = gr.Button("Refresh stats", elem_classes="refresh-button", scale=0, min_width=120)
+    controls = (enabled, auto, method, k, draft, window, ngram, guess, medusa)  # as PANEL_PARAMS
+    interface = (getattr(shared, "gradio", None) or {}).get("interface")
+    if interface is not None:
+        # params are one per server, shared by every browser tab, while the controls were built with the
+        # values of server start: a reload or a second tab showed those (auto-configure on, prompt_lookup)
+        # while specdec used what another tab had set. Each page load now shows params as they are.
+        def current() -> tuple[Any, ...]:
+            now = panel_state()
+            return (
+                now["enabled"],
+                now["auto_configure"],
+                gr.update(value=now["method"], interactive=now["manual"], label=now["method_label"]),
+                gr.update(value=now["num_speculative_tokens"], interactive=now["manual"]),
+                gr.update(value=now["draft_model"], choices=now["draft_choices"]),
+                *(now[name] for name in PANEL_PARAMS[5:]),  # the lookahead sizes, the Medusa folder
+                now["in_use"],
+                now["stats"],
+            )
 
-    for control, name in (
-        (enabled, "enabled"),
-        (auto, "auto_configure"),
-        (method, "method"),
-        (k, "num_speculative_tokens"),
-        (draft, "draft_model"),
-        (window, "window_size"),
-        (ngram, "ngram_size"),
-        (guess, "guess_size"),
-        (medusa, "medusa_heads"),
-    ):
+        interface.load(
+            current,
+            None,
+            [*controls, in_use, stats],
+            show_progress="hidden",
+        )
+        # The webui has no hook at the end of a reply, so the stats line kept showing the reply before (or
+        # "No reply generated with specdec yet") until "Refresh stats" was pressed: poll the last reply's
+        # stats (a short string) every 2 s without a progress overlay. The button stays, for at once.
+        interface.load(last_reply.markdown, None, stats, every=STATS_EVERY_S, show_progress="hidden")
+
+    for control, name in zip(controls, PANEL_PARAMS):
         control.change(setter(name), control, None).then(method_in_use, None, in_use)
+    # the label from the checkbox's value, not from params: the setter above is another listener of the
+    # same change and may not have run yet (seen in the UI: a stale label after 2 of 10 toggles)
     auto.change(
-        lambda on: (gr.update(interactive=not on, label=method_label()), gr.update(interactive=not on)),
+        lambda on: (gr.update(interactive=not on, label=method_label(on)), gr.update(interactive=not on)),
         auto,
         [method, k],
     )
@@ -753,9 +775,34 @@ def ui() -> None:
     show.click(lambda: (last_reply.markdown(), method_in_use()), None, [stats, in_use])
 
 
-def method_label() -> str:
-    """The manual method selector's label: it says when auto-configure overrides it."""
-    if params["auto_configure"]:
+STATS_EVERY_S = 2.0  # how often the panel's stats line follows the last reply
+PANEL_PARAMS = (
+    *("enabled", "auto_configure", "method", "num_speculative_tokens", "draft_model"),
+    *("window_size", "ngram_size", "guess_size", "medusa_heads"),
+)
+"""The params the panel's controls set, in the order of its controls."""
+
+
+def panel_state() -> dict[str, Any]:
+    """What the panel shows now: each control's value as ``params`` holds it, the draft models to
+    pick from (the one set, even when no longer in the folder), the method selector's label and
+    whether it can be used, the "In use" line and the last reply's stats."""
+    drafts = list_draft_models()
+    if params["draft_model"] not in drafts:
+        drafts.append(params["draft_model"])
+    return {
+        **{name: params[name] for name in PANEL_PARAMS},
+        "draft_choices": drafts,
+        "method_label": method_label(),
+        "manual": not params["auto_configure"],
+        "in_use": method_in_use(),
+        "stats": last_reply.markdown(),
+    }
+
+
+def method_label(auto_configure: bool | None = None) -> str:
+    """The manual method selector's label: it says when auto-configure (by default ``params``') overrides it."""
+    if params["auto_configure"] if auto_configure is None else auto_configure:
         return "Method (ignored while auto-configure is on)"
     return "Method"
 
@@ -764,8 +811,24 @@ def method_in_use() -> str:
     """One line for the panel: the method the next reply uses and why."""
     if not params["enabled"]:
         return "**In use:** the webui's own generation (specdec is off)."
+    heads = params["medusa_heads"]
+    method = auto_configuration(params["draft_model"] != NO_DRAFT)[0] if params["auto_configure"] else params["method"]
+    if method == "medusa" and heads and not Path(heads).expanduser().is_dir():
+        return (
+            f"**In use:** the webui's own generation: the Medusa heads folder `{heads}` was not found; "
+            "give the folder `specdec-local train-medusa` wrote (or pick another method)."
+        )
     if params["auto_configure"]:
-        has_draft = params["draft_model"] != NO_DRAFT
-        method, why = auto_configuration(has_draft)
+        method, why = auto_configuration(params["draft_model"] != NO_DRAFT)
         return f"**In use:** `{method}`, chosen by auto-configure: {why}."
+    if params["method"] == "draft" and params["draft_model"] == NO_DRAFT:
+        return (
+            "**In use:** the webui's own generation: the method `draft` needs a draft model; "
+            "pick one under *Draft model* (or another method)."
+        )
+    if params["method"] == "medusa" and not params["medusa_heads"]:
+        return (
+            "**In use:** the webui's own generation: the method `medusa` needs Medusa heads; "
+            "give their folder under *Lookahead and Medusa* (or pick another method)."
+        )
     return f"**In use:** `{params['method']}`, chosen by hand."

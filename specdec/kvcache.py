@@ -157,23 +157,17 @@ def tree_mask(
     width: int,
     dtype: torch.dtype,
     device: torch.device,
-    rows: int | None = None,
 ) -> torch.Tensor:
-    """The additive 4D mask ``[1, 1, rows, width]`` of ``t`` new rows written at ``[length, length + t)``.
+    """The additive 4D mask ``[1, 1, t, width]`` of ``t`` new rows written at ``[length, length + t)``.
 
     Columns ``[0, length)`` (the cache) are visible to every row, columns of the
     new rows follow ``allowed`` (``[t, t]`` bool, None = causal), the rest are hidden.
-    ``rows - t`` padding rows (``rows`` defaults to ``t``) see the cache and
-    their own slot only, so they compute finite values that no real row sees.
     """
-    rows = t if rows is None else rows
-    full = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    full = torch.zeros(t, width, dtype=torch.bool, device=device)
     full[:, :length] = True
     new = allowed.to(device) if allowed is not None else torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    full[:t, length : length + t] = new
-    pad = torch.arange(t, rows, device=device)
-    full[pad, length + pad] = True
-    mask = torch.zeros(rows, width, dtype=dtype, device=device).masked_fill_(~full, torch.finfo(dtype).min)
+    full[:, length : length + t] = new
+    mask = torch.zeros(t, width, dtype=dtype, device=device).masked_fill_(~full, torch.finfo(dtype).min)
     return mask[None, None]
 
 

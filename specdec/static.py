@@ -109,9 +109,9 @@ class StaticKV(KVCache):
         self.cache: StaticCache | None = None
         self.capacity = 0
         self.length = 0
-        self._kv = torch.empty(0)  # [2, L, 1, KV heads, S, head dim]: every layer's keys and values
-        self._counts = torch.empty(0, dtype=torch.long)  # [L]: every layer's write position
-        self._columns = torch.empty(0, dtype=torch.long)  # [S]: 0 .. S-1
+        self._kv: torch.Tensor | None = None  # [2, L, 1, KV heads, S, head dim]: every layer's keys and values
+        self._counts: torch.Tensor | None = None  # [L] long: every layer's write position
+        self._columns: torch.Tensor | None = None  # [S] long: 0 .. S-1
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layout: dict[int, tuple] = {}  # what each bucket's layout buffer holds, to skip rewriting it
         self._captured: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
@@ -121,8 +121,9 @@ class StaticKV(KVCache):
     def _restart(self, capacity: int, keep: int) -> int:
         """A larger ``capacity`` allocates a new cache and copies the kept prefix into it (a chat that
         outgrows its cache keeps its earlier turns; graphs are captured again, once per
-        :data:`CAPACITY_STEP` of growth); else the cache is cropped to ``keep`` (what lies beyond is
-        stale, never seen) or zeroed, in place, so buffers, graphs and addresses stay valid."""
+        :data:`CAPACITY_STEP` of growth); else the cache is cropped to ``keep``, in place, so buffers,
+        graphs and addresses stay valid (what lies beyond is stale: finite values of earlier forwards
+        that no mask lets through)."""
         if self.cache is None or capacity > self.capacity:
             self._grow(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, min(keep, self.length))
         else:

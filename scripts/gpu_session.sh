@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU (issue: GPU fast path), about 6-8 minutes on an H200:
 #   1. the static path's tests and the greedy tests on CUDA, graphs on (they are the default there);
-#   2. step costs eager vs static/graphs per row bucket, capture times and tokens/s (scripts/gpu_profile.py).
+#   2. each method's host work per step beside its graphs (scripts/host_ops.py, a tiny-width 28-layer model);
+#   3. step costs eager vs static/graphs per row bucket, capture times and tokens/s (scripts/gpu_profile.py).
+# The timeouts add up to 560 s, under the device's 600 s per command.
 # Run from the repository root: bash scripts/gpu_session.sh   (results under $OUT, else runs/gpu-session)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -12,6 +14,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
     | tee -a "$out/gpu.txt"
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider --device cuda tests/test_static.py tests/test_greedy.py tests/test_prefix_cache.py \
     2>&1 | tail -40 | tee "$out/pytest-cuda.txt"
-timeout 330 python3 scripts/gpu_profile.py --device cuda --dtype bfloat16 --targets 1.5b,7b \
+timeout 60 python3 scripts/host_ops.py --device cuda --repeats 3 2>&1 | grep '^{' | tee "$out/host-ops-cuda.jsonl"
+timeout 300 python3 scripts/gpu_profile.py --device cuda --dtype bfloat16 --targets 1.5b,7b \
     --out "$out/gpu-profile.json" 2>&1 | tail -60 > "$out/gpu-profile.log"
 tail -30 "$out/gpu-profile.log"

@@ -1,7 +1,7 @@
 """Host work per decode step outside the static path's captured forward: ops counted and time taken.
 
-    python scripts/host_ops.py [--layers 28] [--methods none,prompt_lookup,lookahead] [--tokens 120]
-                               [--repeats 5]
+    python scripts/host_ops.py [--layers 28] [--methods none,prompt_lookup,lookahead,draft] [--tokens 120]
+                               [--repeats 5] [--device cpu|cuda]
 
 On a GPU the captured forward is one graph replay, and every other op of a step (building inputs,
 rewinding the cache, compacting a tree, verifying) is launched from the host one by one, so its
@@ -14,9 +14,11 @@ reports per target step:
   work that a GPU does not launch), counted with a dispatch recorder, and the most frequent ones;
 - ``host_ms``: wall time outside the forward, the fastest of ``--repeats`` generations.
 
-Prints one JSON line per method. It runs on the CPU, where the static path runs without capture:
-the counts are what a GPU would launch beside its graph (a CPU op costs less host time than a CUDA
-launch, so ``host_ms`` is a lower bound of a GPU's).
+Prints one JSON line per method. On a CPU the static path runs without capture and the time spent
+in the forwards is taken out; the counts are what a GPU launches beside its graphs (a CPU op costs less
+host time than a CUDA launch, so ``host_ms`` there is a lower bound of a GPU's). With ``--device cuda``
+the forwards are graph replays of a model of tiny width (a few microseconds a layer), so ``host_ms``, the
+wall time per step, is nearly all the host's work: what a step costs beside the target's own forward.
 """
 
 from __future__ import annotations
@@ -84,36 +86,51 @@ def tiny_deep_model(layers: int) -> torch.nn.Module:
 
 
 def measure(model, method: str, tokens: int, repeats: int) -> dict:
-    """Ops and host milliseconds per target step outside the forward for ``method``."""
-    gen = specdec.SpeculativeGenerator(model, method=method, static_cache=True)
-    if not isinstance(gen.kv, static.StaticKV):
+    """Ops and host milliseconds per target step outside the forwards (the target's and, for ``draft``,
+    the draft's: here the model itself) for ``method``."""
+    draft = {"draft": model} if method == "draft" else {}
+    gen = specdec.SpeculativeGenerator(model, method=method, static_cache=True, **draft)
+    caches = [gen.kv, *([gen.proposer.kv] if draft else [])]
+    if not all(isinstance(kv, static.StaticKV) for kv in caches):
         raise SystemExit(f"{method}: the static path is off (see the log line above)")
-    call = gen.kv._call
+    calls = [kv._call for kv in caches]
     spent = {"s": 0.0}
 
-    def timed(*args):
-        t0 = time.perf_counter()
-        try:
-            return call(*args)
-        finally:
-            spent["s"] += time.perf_counter() - t0
+    def timed(call):
+        def run(*args):
+            t0 = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                spent["s"] += time.perf_counter() - t0
 
-    gen.generate(PROMPT, max_new_tokens=8)  # allocates, captures on CUDA
-    gen.kv._call = timed
+        return run
+
+    for _ in range(2):  # allocates; on CUDA captures every bucket these runs use
+        gen.generate(PROMPT, max_new_tokens=tokens)
+    for kv, call in zip(caches, calls):
+        kv._call = timed(call)
+    sync = torch.cuda.synchronize if gen.device.type == "cuda" else (lambda: None)
     host = []
     for _ in range(repeats):
         spent["s"] = 0.0
+        sync()
         t0 = time.perf_counter()
         gen.generate(PROMPT, max_new_tokens=tokens)
+        sync()
         host.append((time.perf_counter() - t0 - spent["s"]) / gen.last_stats.steps)
     recorder = StepOps()
-    gen.kv._call = recorder.wrap(call)
+    for kv, call in zip(caches, calls):
+        kv._call = recorder.wrap(call)
     with recorder:
         gen.generate(PROMPT, max_new_tokens=tokens)
     steps = gen.last_stats.steps
     return {
         "method": method,
+        "device": str(gen.device),
+        "graphs": all(kv.graphs for kv in caches),
         "steps": steps,
+        "tokens_per_step": round(gen.last_stats.new_tokens / steps, 2),
         "ops": round(sum(recorder.ops.values()) / steps, 1),
         "host_ms": round(min(host) * 1e3, 3),
         "most": {k: round(v / steps, 1) for k, v in recorder.ops.most_common(8)},
@@ -123,12 +140,15 @@ def measure(model, method: str, tokens: int, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (Qwen2.5-1.5B has 28)")
-    ap.add_argument("--methods", default="none,prompt_lookup,lookahead")
+    ap.add_argument(
+        "--methods", default="none,prompt_lookup,lookahead,draft", help="draft drafts with the model itself"
+    )
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: there the forwards are graph replays")
     ap.add_argument("--tokens", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = tiny_deep_model(args.layers)
+    model = tiny_deep_model(args.layers).to(args.device)
     with torch.inference_mode():
         for method in args.methods.split(","):
             print(json.dumps(measure(model, method, args.tokens, args.repeats)), flush=True)

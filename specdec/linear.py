@@ -16,8 +16,6 @@ in the last bits, as ``nn.Linear``'s own one-row and many-row paths already do.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -41,18 +39,6 @@ class FewRowLinear(nn.Linear):
         return out.contiguous().reshape(*x.shape[:-1], self.out_features)
 
 
-def _replaceable(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain float32 CPU ``nn.Linear`` without hooks (quantized layers and
-    anything wrapped are not)."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and module.weight.dtype == torch.float32
-        and module.weight.device.type == "cpu"
-    )
-
-
 def use_few_row_linears(model: nn.Module) -> int:
     """Put a :class:`FewRowLinear` in place of every plain ``nn.Linear`` of ``model`` (float32, CPU).
 
@@ -63,7 +49,9 @@ def use_few_row_linears(model: nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if not _replaceable(child):
+            if type(child) is not nn.Linear or child._forward_hooks or child._forward_pre_hooks:
+                continue
+            if child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
                 continue
             few = FewRowLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
             few.weight = child.weight
@@ -73,19 +61,3 @@ def use_few_row_linears(model: nn.Module) -> int:
             setattr(parent, name, few)
             replaced += 1
     return replaced
-
-
-def few_row_twin(model: nn.Module) -> nn.Module:
-    """``model`` with :class:`FewRowLinear` layers, leaving ``model`` itself as it is.
-
-    For a model that belongs to someone else (the webui's), whose own generation must not change: a
-    copy of its module tree that shares every parameter and buffer with ``model`` (no weight is
-    copied), with :func:`use_few_row_linears` applied to the copy. ``model`` itself when none of its
-    layers would be replaced (16-bit floats, GPUs, quantized layers).
-    """
-    if not any(_replaceable(m) for m in model.modules()):
-        return model
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    twin = copy.deepcopy(model, memo=shared)
-    use_few_row_linears(twin)
-    return twin

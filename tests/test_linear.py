@@ -10,7 +10,7 @@ from conftest import hf_greedy, tiny_model, tiny_model_folder
 from torch import nn
 
 import specdec
-from specdec.linear import FEW_ROWS, FewRowLinear, few_row_twin, use_few_row_linears
+from specdec.linear import FEW_ROWS, FewRowLinear, use_few_row_linears
 from specdec.loading import load_model
 
 
@@ -67,22 +67,6 @@ def test_tied_embeddings_stay_tied():
     use_few_row_linears(model)
     assert isinstance(model.lm_head, FewRowLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-
-
-def test_a_twin_shares_the_weights_and_leaves_the_model_as_it_is():
-    """A model that belongs to someone else (the webui's) keeps its nn.Linear layers; its twin computes
-    with FewRowLinear over the very same parameter and buffer tensors."""
-    model = tiny_model("llama", seed=1, tied=True)
-    twin = few_row_twin(model)
-    assert twin is not model and not any(isinstance(m, FewRowLinear) for m in model.modules())
-    assert isinstance(twin.lm_head, FewRowLinear) and twin.lm_head.weight is twin.model.embed_tokens.weight
-    assert all(a is b for a, b in zip(model.parameters(), twin.parameters(), strict=True))
-    assert all(a is b for a, b in zip(model.buffers(), twin.buffers(), strict=True))
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with torch.inference_mode():
-        torch.testing.assert_close(twin(input_ids=ids).logits, model(input_ids=ids).logits)
-    half = tiny_model("llama").to(torch.bfloat16)
-    assert few_row_twin(half) is half  # nothing to replace: the model itself
 
 
 def test_load_model_uses_them_for_float32_on_a_cpu_only(tmp_path):

@@ -469,7 +469,6 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
     the generator changes; the draft model is loaded once per name.
     """
     from specdec import SpeculativeGenerator
-    from specdec.linear import few_row_twin
 
     uses_draft = params["auto_configure"] or params["method"] == "draft"
     with _cache_lock:
@@ -494,7 +493,7 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
             options["medusa_heads"] = _load_medusa(params["medusa_heads"], target) if params["medusa_heads"] else None
         logger.info(f"specdec: building the generator, {choice}")
         generator = SpeculativeGenerator(
-            few_row_twin(target),  # verify steps of a few rows at about one row's cost; the webui's model unchanged
+            target,
             tokenizer,
             method=method,
             draft=draft if method == "draft" else None,

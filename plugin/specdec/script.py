@@ -812,23 +812,24 @@ def method_in_use() -> str:
     if not params["enabled"]:
         return "**In use:** the webui's own generation (specdec is off)."
     heads = params["medusa_heads"]
-    method = auto_configuration(params["draft_model"] != NO_DRAFT)[0] if params["auto_configure"] else params["method"]
-    if method == "medusa" and heads and not Path(heads).expanduser().is_dir():
+    if params["auto_configure"]:
+        method, why = auto_configuration(params["draft_model"] != NO_DRAFT)
+        chosen = f"chosen by auto-configure: {why}"
+    else:
+        method, chosen = params["method"], "chosen by hand"
+        if method == "draft" and params["draft_model"] == NO_DRAFT:
+            return (
+                "**In use:** the webui's own generation: the method `draft` needs a draft model; "
+                "pick one under *Draft model* (or another method)."
+            )
+        if method == "medusa" and not heads:
+            return (
+                "**In use:** the webui's own generation: the method `medusa` needs Medusa heads; "
+                "give their folder under *Lookahead and Medusa* (or pick another method)."
+            )
+    if method == "medusa" and not Path(heads).expanduser().is_dir():
         return (
             f"**In use:** the webui's own generation: the Medusa heads folder `{heads}` was not found; "
             "give the folder `specdec-local train-medusa` wrote (or pick another method)."
         )
-    if params["auto_configure"]:
-        method, why = auto_configuration(params["draft_model"] != NO_DRAFT)
-        return f"**In use:** `{method}`, chosen by auto-configure: {why}."
-    if params["method"] == "draft" and params["draft_model"] == NO_DRAFT:
-        return (
-            "**In use:** the webui's own generation: the method `draft` needs a draft model; "
-            "pick one under *Draft model* (or another method)."
-        )
-    if params["method"] == "medusa" and not params["medusa_heads"]:
-        return (
-            "**In use:** the webui's own generation: the method `medusa` needs Medusa heads; "
-            "give their folder under *Lookahead and Medusa* (or pick another method)."
-        )
-    return f"**In use:** `{params['method']}`, chosen by hand."
+    return f"**In use:** `{method}`, {chosen}."

@@ -34,6 +34,7 @@ _EXPORTS = {
     "UnknownMethodError": "specdec.errors",
     "MissingExtraError": "specdec.errors",
     "UnsupportedModelError": "specdec.errors",
+    "StaticCacheMemoryError": "specdec.errors",
 }
 
 

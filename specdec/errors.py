@@ -52,5 +52,22 @@ class UnsupportedModelError(SpecdecError):
     """A model that a method cannot run on (e.g. attention that takes no custom mask)."""
 
 
+class StaticCacheMemoryError(SpecdecError, MemoryError):
+    """The static KV cache (preallocated for a whole generation) does not fit in memory.
+
+    Attributes:
+        mib: the size it needed, in MiB.
+        capacity: the positions it was to hold.
+    """
+
+    def __init__(self, mib: float, capacity: int) -> None:
+        super().__init__(
+            f"out of memory allocating the static KV cache: {mib:.0f} MiB for {capacity} positions",
+            "use --no-static-cache (static_cache=False), or a shorter prompt / fewer new tokens",
+        )
+        self.mib = mib
+        self.capacity = capacity
+
+
 class CorruptModelError(SpecdecError):
     """A model file that is truncated, corrupt or differs from what was pulled."""

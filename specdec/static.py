@@ -38,7 +38,7 @@ import time
 import torch
 from transformers import StaticCache
 
-from .errors import SpecdecError
+from .errors import SpecdecError, StaticCacheMemoryError
 from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, run_model, tree_mask
 
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -140,7 +140,7 @@ class StaticKV(KVCache):
         self.length = 0
         try:
             self._allocate(capacity)
-        except SpecdecError:
+        except StaticCacheMemoryError:
             if old is None:
                 raise
             old = None
@@ -172,10 +172,7 @@ class StaticKV(KVCache):
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
-            raise SpecdecError(
-                f"out of memory allocating the static KV cache: {need / 2**20:.0f} MiB for {capacity} positions",
-                "use --no-static-cache (static_cache=False), or a shorter prompt / fewer new tokens",
-            ) from None
+            raise StaticCacheMemoryError(need / 2**20, capacity) from None
         self.cache, self.capacity = cache, capacity
         self._kv, self._counts = kv, counts
         self._columns = torch.arange(capacity, device=self.device)

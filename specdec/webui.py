@@ -19,6 +19,14 @@ import ast
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import (
+    ModelNotFoundError,
+    SpecdecError,
+    StaticCacheMemoryError,
+    UnsupportedModelError,
+    VocabularyMismatchError,
+)
+
 
 # --------------------------------------------------------------------------- the call
 @dataclass
@@ -296,3 +304,29 @@ def token_bans(state: dict[str, Any], tokenizer: Any, model: Any = None) -> list
     if not bans and model is not None:
         bans = [int(t) for t in (getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or [])]
     return bans
+
+
+# --------------------------------------------------------------------------- errors, worded for the panel
+STATIC_CACHE_LABEL = "Static KV cache + CUDA graphs (GPU)"
+"""The panel's checkbox for ``static_cache`` (checked: on where it pays, on CUDA; unchecked: the eager path)."""
+
+
+def panel_hint(error: SpecdecError) -> str | None:
+    """What a webui user can do about ``error``.
+
+    The library's hints name CLI flags and API keywords (``--no-static-cache``, ``--method``), which a
+    webui user cannot pass; for the errors a reply in the webui can meet, this names the panel's
+    controls instead. Other errors keep the library's hint.
+    """
+    if isinstance(error, StaticCacheMemoryError):
+        return f"untick *{STATIC_CACHE_LABEL}* in the specdec panel, or lower max_new_tokens or the truncation length"
+    if isinstance(error, VocabularyMismatchError):
+        return (
+            "pick a draft of the same tokenizer family under *Draft model*, or set it to None "
+            "(prompt lookup needs no draft)"
+        )
+    if isinstance(error, UnsupportedModelError):
+        return "load the model with sdpa or eager attention, or pick the method prompt_lookup"
+    if isinstance(error, ModelNotFoundError):
+        return "pick another draft model under *Draft model* (*Refresh list* shows what the models folder holds)"
+    return error.hint

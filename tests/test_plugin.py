@@ -354,6 +354,34 @@ def test_draft_model_from_the_models_folder_is_loaded_once(ext, webui, tiny, tmp
     assert ext.last_reply.acceptance_rate > 0.9  # the draft is the target itself
 
 
+def test_a_draft_of_another_tokenizer_goes_to_the_webui_with_the_panels_way_out(ext, webui, tiny) -> None:
+    from conftest import tiny_model_folder
+
+    model, tokenizer = tiny
+    tiny_model_folder(Path(webui.shared.args.model_dir) / "word-draft", _model(len(tokenizer), 3))
+    ext.params.update(draft_model="word-draft")
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    note = ext.last_reply.note
+    assert "tokenizer differs" in note and "*Draft model*" in note and "--method" not in note
+
+
+def test_the_static_cache_setting_reaches_the_generator(ext, webui, tiny) -> None:
+    """Checked (the default): the static path where it pays, on CUDA; unchecked: the eager path everywhere,
+    the way out when a GPU's static cache does not fit or its graphs misbehave."""
+    webui.shared.settings["specdec-static_cache"] = "false"  # as settings.yaml may give it
+    ext.apply_overrides(webui.shared.settings)
+    assert ext.params["static_cache"] is False
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(*tiny)
+    off = ext._generator.generator
+    assert off.static_cache is False
+    ext.params["static_cache"] = True
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == reference(*tiny)
+    assert ext._generator.generator is not off, "the setting shapes the generator"
+    model = tiny[0]
+    assert ext._generator.generator.static_cache == (next(model.parameters()).device.type == "cuda")
+    assert ext.panel_state()["static_cache"] is True
+
+
 def _first_greedy_token(model: Any, tokenizer: Any) -> int:
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
     with torch.inference_mode():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import specdec
+from specdec.errors import StaticCacheMemoryError
 from conftest import hf_greedy, tiny_model
 from test_static import METHODS, PROMPT, _generator, sampling_setup
 
@@ -166,7 +167,7 @@ def test_a_static_cache_whose_growth_does_not_fit_beside_the_old_one_starts_over
         if kv.cache is not None and not failed:  # a growth while the old cache is still held
             failed.append(capacity)
             kv.cache = None
-            raise specdec.SpecdecError("out of memory allocating the static KV cache", "")
+            raise StaticCacheMemoryError(1.0, capacity)
         allocate(kv, capacity)
 
     monkeypatch.setattr(static.StaticKV, "_allocate", only_when_alone)

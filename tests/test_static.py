@@ -175,9 +175,10 @@ def test_static_cache_defaults_to_the_device():
 
 def test_a_static_cache_that_does_not_fit_is_a_clear_error():
     kv = static.StaticKV(tiny_model("llama"))
-    with pytest.raises(specdec.SpecdecError, match=r"MiB for .* positions") as info:
+    with pytest.raises(specdec.StaticCacheMemoryError, match=r"MiB for .* positions") as info:
         kv.start(2**40)
     assert "--no-static-cache" in info.value.hint
+    assert info.value.capacity >= 2**40 and info.value.mib > 2**20
 
 
 HOST_SYNCS = {

@@ -14,13 +14,22 @@ from typing import Any
 import pytest
 import torch
 
+from specdec.errors import (
+    ModelNotFoundError,
+    SpecdecError,
+    StaticCacheMemoryError,
+    UnsupportedModelError,
+    VocabularyMismatchError,
+)
 from specdec.webui import (
+    STATIC_CACHE_LABEL,
     Request,
     cut_at_stop,
     generation_config_problems,
     is_greedy,
     masked_prompt_tokens,
     new_tokens_limit,
+    panel_hint,
     parse_call,
     sampler_order,
     sampling_arguments,
@@ -29,6 +38,7 @@ from specdec.webui import (
     unsupported_settings,
     webui_eos_ids,
 )
+from conftest import tiny_model
 from test_plugin import PROMPT, _model, _tokenizer, state
 
 
@@ -230,3 +240,32 @@ def test_token_bans_replace_the_models_suppress_tokens() -> None:
     assert token_bans(state(ban_eos_token=True), tokenizer, model) == [eos]
     assert token_bans(state(ban_eos_token=True, custom_token_bans="5, 7"), tokenizer, model) == [eos, 5, 7]
     assert token_bans(state(custom_token_bans="12,"), tokenizer, model) == [12]
+
+
+# --------------------------------------------------------------------------- errors
+def test_errors_a_webui_reply_can_meet_name_the_panels_controls(tmp_path) -> None:
+    """The library's hints name CLI flags (``--no-static-cache``, ``--method``), which a webui user cannot
+    pass; the errors a reply in the webui can meet, raised here by the library itself, get the panel's."""
+    from specdec import static
+    from specdec.loading import load_model
+    from specdec.proposers.lookahead import check_model
+    from specdec.vocab import check_vocabularies
+
+    errors: dict[type, SpecdecError] = {}
+    flash = tiny_model("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    for kind, fail in (
+        (StaticCacheMemoryError, lambda: static.StaticKV(tiny_model("llama")).start(2**40)),
+        (VocabularyMismatchError, lambda: check_vocabularies(tiny_model(vocab=96), tiny_model(vocab=4096), None, None)),
+        (UnsupportedModelError, lambda: check_model(flash)),
+        (ModelNotFoundError, lambda: load_model(str(tmp_path / "gone-draft"))),
+    ):
+        with pytest.raises(kind) as info:
+            fail()
+        errors[kind] = info.value
+    for kind, error in errors.items():
+        hint = panel_hint(error)
+        assert hint and hint != error.hint and "--" not in hint, (kind, hint)
+    assert STATIC_CACHE_LABEL in panel_hint(errors[StaticCacheMemoryError])
+    assert "*Draft model*" in panel_hint(errors[VocabularyMismatchError])
+    assert panel_hint(SpecdecError("another error", "its own hint")) == "its own hint"

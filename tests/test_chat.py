@@ -65,6 +65,32 @@ def test_the_oldest_exchanges_leave_to_fit_the_context(smollm2):
 
 
 @pytest.mark.real_model
+@pytest.mark.real_model
+def test_after_a_drop_the_next_turns_keep_the_kv_cache(smollm2):
+    """Exchanges leave with headroom: the turn after one that dropped history reuses that turn's KV cache
+    instead of computing the whole conversation again, and every reply is still the model's own."""
+    model, tokenizer = smollm2
+    gen = specdec.SpeculativeGenerator(model, tokenizer, method="prompt_lookup")
+    cold = specdec.SpeculativeGenerator(model, tokenizer, method="none", prefix_cache=False)
+    gen.context_length = cold.context_length = 400
+    messages = [{"role": "system", "content": "Be brief."}]
+    turns = []  # (exchanges dropped, prompt tokens, prompt tokens whose KV cache was kept)
+    for i in range(12):
+        messages.append({"role": "user", "content": f"Question {i}: " + "tell me more " * 8})
+        ids, budget, dropped = fit_history(gen, messages, max_new_tokens=16)
+        result = gen.generate(ids, max_new_tokens=budget)
+        assert result.token_ids == cold.generate(ids, max_new_tokens=budget).token_ids
+        messages.append({"role": "assistant", "content": result.text})
+        turns.append((dropped, len(ids), result.stats.cached_tokens))
+    drops = [i for i, (dropped, _, _) in enumerate(turns) if dropped]
+    followed = [i for i in drops if i + 1 < len(turns)]
+    assert followed, f"no turn dropped history and had a turn after it: {turns}"
+    for i in followed:
+        dropped, _, kept = turns[i + 1]
+        assert not dropped and kept >= turns[i][1] - 1, f"turn {i + 1} computed the conversation again: {turns}"
+    assert len(drops) <= len(turns) // 3, turns
+
+
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(smollm2):
     proc = subprocess.Popen(
         [sys.executable, "-m", "specdec.cli", "chat", *COMMON, "-n", "2000"],

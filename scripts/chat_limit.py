@@ -3,9 +3,9 @@
     python scripts/chat_limit.py [--model smollm2-135m] [--context 2048] [--turns 40] [--new-tokens 48]
                                  [--dtype bfloat16] [--threads 2]
 
-The conversation is cut the way ``specdec-local chat`` cuts it (:func:`specdec.cli.chat.fit_history`): first
+The conversation is cut the way ``specdec-local chat`` cuts it (:func:`specdec.history.fit_history`): first
 with no headroom (only what the next reply needs leaves, what chat did before), then with the shipped
-:data:`~specdec.cli.chat.HEADROOM`. The model's context is set to ``--context`` so that the limit comes after a
+:data:`~specdec.history.HEADROOM`. The model's context is set to ``--context`` so that the limit comes after a
 few turns. Prints, per side, over the turns from the first drop on: how many turns dropped exchanges, the prompt
 tokens computed per turn (those whose KV cache was not kept) and the prefill seconds per turn.
 """
@@ -18,7 +18,7 @@ import json
 import torch
 
 import specdec
-from specdec.cli import chat
+from specdec import history
 from specdec.loading import load_model
 
 
@@ -29,7 +29,7 @@ def play(gen: specdec.SpeculativeGenerator, turns: int, new_tokens: int) -> list
     for i in range(turns):
         question = f"Question {i}: explain point {i} of the plan again, " + "in more detail " * 10
         messages.append({"role": "user", "content": question})
-        ids, budget, dropped = chat.fit_history(gen, messages, max_new_tokens=new_tokens)
+        ids, budget, dropped = history.fit_history(gen, messages, max_new_tokens=new_tokens)
         result = gen.generate(ids, max_new_tokens=budget)
         messages.append({"role": "assistant", "content": result.text})
         rows.append((dropped, len(ids), result.stats.cached_tokens, result.stats.prefill_seconds))
@@ -48,9 +48,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    shipped = chat.HEADROOM
+    shipped = history.HEADROOM
     for headroom in (0.0, shipped):
-        chat.HEADROOM = headroom
+        history.HEADROOM = headroom
         gen = specdec.SpeculativeGenerator(model, tokenizer, method=args.method)
         gen.context_length = args.context
         rows = play(gen, args.turns, args.new_tokens)
@@ -71,7 +71,7 @@ def main() -> None:
             ),
             flush=True,
         )
-    chat.HEADROOM = shipped
+    history.HEADROOM = shipped
 
 
 if __name__ == "__main__":

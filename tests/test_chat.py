@@ -14,7 +14,7 @@ from conftest import tiny_model_folder
 
 import specdec
 from specdec.cli import main
-from specdec.cli.chat import fit_history
+from specdec.history import fit_history
 from specdec.errors import SpecdecError
 
 COMMON = ["--dtype", "float32", "--method", "prompt_lookup", "--threads", "1"]

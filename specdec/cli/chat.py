@@ -19,6 +19,7 @@ import click
 
 from ..engine import SpeculativeGenerator
 from ..errors import SpecdecError
+from ..history import Messages, fit_history
 from .common import (
     echo_error,
     load_generator,
@@ -32,47 +33,6 @@ from .common import (
 )
 
 COMMANDS = {"/reset": "start a new conversation", "/exit": "leave (or Ctrl-D)", "/help": "this list"}
-
-Messages = list[dict[str, str]]
-
-
-HEADROOM = 0.25
-"""When exchanges must leave, enough leave to free this share of the context beyond the reply's budget.
-
-A drop changes the conversation's start, so the next turn computes all of it again (on a CPU, seconds per
-thousand tokens); dropping only what the next reply needs would do that at every turn from then on. With
-the headroom, the turns after a drop keep their KV cache until the conversation fills it again.
-"""
-
-
-def fit_history(gen: SpeculativeGenerator, messages: Messages, max_new_tokens: int) -> tuple[list[int], int, int]:
-    """Drop the oldest exchanges until the prompt leaves room for the reply.
-
-    ``messages``: an optional system message, then user/assistant turns ending with the new user message;
-    the oldest user/assistant pair after the system message goes first, in place. Once one must go, more
-    go until :data:`HEADROOM` of the context is free beyond the reply's budget (as long as the new message
-    stays). Returns the prompt ids, the reply's token budget (``max_new_tokens``, less when even the newest
-    message alone leaves less room) and how many exchanges were dropped.
-    """
-    dropped = 0
-    first = 1 if messages and messages[0]["role"] == "system" else 0
-    want = max_new_tokens  # the room asked for: the reply's budget, plus the headroom once dropping
-    while True:
-        ids = gen.encode(messages)
-        room = gen.context_length - len(ids)
-        if room >= want:
-            return ids, max_new_tokens, dropped
-        if len(messages) - first < 3:  # only the new message is left
-            if room >= 1:
-                return ids, min(room, max_new_tokens), dropped
-            raise SpecdecError(
-                f"the message alone ({len(ids)} tokens with the template) fills the model's context of "
-                f"{gen.context_length} tokens",
-                "send a shorter message",
-            )
-        del messages[first : first + 2]
-        dropped += 1
-        want = max_new_tokens + int(HEADROOM * gen.context_length)
 
 
 @contextlib.contextmanager

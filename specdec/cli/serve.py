@@ -52,10 +52,24 @@ def is_loopback(host: str) -> bool:
 )
 @prefix_cache_option
 @click.option(
+    "--fit-context",
+    is_flag=True,
+    help="When a chat outgrows the context, drop its oldest exchanges (a quarter of the context at once, the "
+    "cut kept from request to request so the KV cache is reused) instead of answering 400.",
+)
+@click.option(
     "--model-name", default=None, help="The model id clients send and /v1/models lists [default: --target as given]."
 )
 @report_errors
-def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name: str | None, **kwargs: Any) -> None:
+def serve(
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    fit_context: bool,
+    model_name: str | None,
+    **kwargs: Any,
+) -> None:
     """Serve one model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Generations run one at a time, in arrival order; the output is the target's own (lossless).
@@ -81,7 +95,13 @@ def serve(host: str, port: int, api_key: str | None, max_queue: int, model_name:
     from ..server.app import ServerConfig
 
     display = f"[{host}]" if ":" in host else host
-    config = ServerConfig(model_id=model_id, api_key=api_key, max_queue=max_queue, url=f"http://{display}:{port}")
+    config = ServerConfig(
+        model_id=model_id,
+        api_key=api_key,
+        max_queue=max_queue,
+        fit_context=fit_context,
+        url=f"http://{display}:{port}",
+    )
     try:
         run(gen, config, host, port)
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly

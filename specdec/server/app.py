@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import hmac
 import json
 import logging
@@ -30,7 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import GenerationStats, SpeculativeGenerator
-from ..errors import SpecdecError
+from ..errors import ContextLengthError, SpecdecError
+from ..history import fit_history
 from .schemas import ApiError, ChatRequest, CompletionFields, CompletionRequest, parse
 from .worker import GenerationQueue, Job, Message, QueueFullError, StoppingError
 
@@ -38,6 +40,10 @@ log = logging.getLogger("specdec.server")
 
 MAX_REQUEST_BYTES = 1 << 20
 """Largest request body accepted (1 MiB: far more text than any supported context holds)."""
+
+FIT_REPLY_TOKENS = 512
+"""With ``fit_context``, the room kept for a reply whose request gives no ``max_tokens`` (at most a quarter
+of the context)."""
 
 # the engine's finish reasons in OpenAI's words
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -51,6 +57,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 64
     max_request_bytes: int = MAX_REQUEST_BYTES
+    fit_context: bool = False  # drop a chat's oldest exchanges when it outgrows the context, instead of a 400
     url: str = ""  # where it listens, for the log
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -73,6 +80,14 @@ class PromptEncoder:
     async def encode(self, prompt: str | list[int] | list[dict[str, str]]) -> list[int]:
         return await anyio.to_thread.run_sync(self._view.encode, prompt, limiter=self._limiter)
 
+    async def fit(self, messages: list[dict[str, str]], reply_tokens: int, cut: int) -> tuple[list[int], int]:
+        """Prompt ids of ``messages`` cut to fit (:func:`~specdec.history.fit_history`, in place, ``cut``
+        messages first) and the reply's budget."""
+        ids, budget, _ = await anyio.to_thread.run_sync(
+            fit_history, self._view, messages, reply_tokens, cut, limiter=self._limiter
+        )
+        return ids, budget
+
 
 @dataclass
 class Outcome:
@@ -93,6 +108,7 @@ class Api:
         self.config = config
         self.queue = GenerationQueue(generator, config.max_queue)
         self.encoder = PromptEncoder(generator)
+        self._cut: tuple[str, int] | None = None  # --fit-context: the last cut, (digest of what it dropped, messages)
 
     # ------------------------------------------------------------------ endpoints
     async def health(self, request: Request) -> Response:
@@ -122,7 +138,9 @@ class Api:
             self._authorize(request)
             body = parse(model, await self._read_json(request))
             self._check_model(body.model)
-            prompt_ids, max_new_tokens = await self._prompt(body)
+            prompt_ids, max_new_tokens, dropped = await self._prompt(body)
+            if dropped:
+                log.info("%s: the %d oldest messages were left out to fit the context", request_id, dropped)
             sampling = dict(
                 max_new_tokens=max_new_tokens,
                 temperature=body.temperature,
@@ -132,7 +150,7 @@ class Api:
                 seed=body.seed,
                 stop=body.stops() or None,
             )
-            job = Job(request_id, prompt_ids, sampling, asyncio.get_running_loop())
+            job = Job(request_id, prompt_ids, sampling, asyncio.get_running_loop(), dropped_messages=dropped)
             self._submit(job)
         except ApiError as e:
             self._log(request_id, body, Outcome(status=e.status, error=e.message), started)
@@ -149,11 +167,12 @@ class Api:
         self._log(request_id, body, outcome, started, len(prompt_ids))
         if outcome.status != 200:
             return error_response(_outcome_error(outcome))
-        payload = _completion(job.request_id, self.config, chat, outcome, len(prompt_ids))
+        payload = _completion(job, self.config, chat, outcome)
         return JSONResponse(payload)
 
-    async def _prompt(self, body: CompletionFields) -> tuple[list[int], int]:
-        """``(prompt ids [P], max_new_tokens)``; 400 when the prompt and the answer do not fit the context."""
+    async def _prompt(self, body: CompletionFields) -> tuple[list[int], int, int]:
+        """``(prompt ids [P], max_new_tokens, messages left out)``; 400 when the prompt and the answer do not
+        fit the context (with ``fit_context``, only when the last message alone leaves too little room)."""
         if isinstance(body, ChatRequest):
             if not getattr(self.generator.tokenizer, "chat_template", None):
                 raise ApiError(
@@ -163,6 +182,8 @@ class Api:
                     code="unsupported_model",
                 )
             prompt: Any = body.chat_messages()
+            if self.config.fit_context:
+                return await self._fitted(prompt, body.new_tokens_limit())
         else:
             prompt = body.prompt_value()
             vocab = self.generator.target.config.vocab_size
@@ -177,13 +198,47 @@ class Api:
         if len(ids) >= context or (limit is not None and len(ids) + limit > context):
             asked = f" plus max_tokens ({limit})" if limit is not None else ""
             fix = "Shorten the prompt or lower max_tokens." if limit is not None else "Shorten the prompt."
+            if isinstance(body, ChatRequest):
+                fix += " (A server started with --fit-context drops a chat's oldest messages instead.)"
             raise ApiError(
                 400,
                 f"this model's context is {context} tokens; the prompt ({len(ids)} tokens){asked} does not fit. {fix}",
                 param="messages" if isinstance(body, ChatRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        return ids, limit if limit is not None else context - len(ids)
+        return ids, limit if limit is not None else context - len(ids), 0
+
+    async def _fitted(self, messages: list[dict[str, str]], limit: int | None) -> tuple[list[int], int, int]:
+        """A chat cut to fit the context (``serve --fit-context``), the way ``chat`` cuts it.
+
+        The client sends the whole conversation each turn, so the cut is kept from request to request:
+        when the messages begin with what the last cut dropped, the same messages go first, and the prompt
+        starts where the last one did (its KV cache is reused) until more must go.
+        """
+        context = self.encoder.context_length
+        reply = limit if limit is not None else min(FIT_REPLY_TOKENS, context // 4)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        cut = 0
+        if self._cut is not None and _digest(messages[first : first + self._cut[1]]) == self._cut[0]:
+            cut = min(self._cut[1], len(messages) - first - 1)
+        original = list(messages)
+        try:
+            ids, budget = await self.encoder.fit(messages, reply, cut)
+        except ContextLengthError as e:  # the last message alone fills the context
+            raise ApiError(400, _message(e), param="messages", code="context_length_exceeded") from None
+        except SpecdecError as e:
+            raise ApiError(400, _message(e), param="messages") from None
+        dropped = len(original) - len(messages)
+        if limit is not None and budget < limit:
+            raise ApiError(
+                400,
+                f"this model's context is {context} tokens; the last message ({len(ids)} tokens with the template) "
+                f"plus max_tokens ({limit}) does not fit. Shorten the message or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        self._cut = (_digest(original[first : first + dropped]), dropped) if dropped else None
+        return ids, limit if limit is not None else context - len(ids), dropped
 
     def _submit(self, job: Job) -> None:
         try:
@@ -237,7 +292,7 @@ class Api:
                 self._log(job.request_id, body, outcome, started, prompt_tokens)
                 if outcome.status == 200:
                     last = _chunk(job.request_id, self.config, chat, None, outcome.finish_reason)
-                    last.update(_usage(outcome.stats, prompt_tokens, outcome.finish_reason))
+                    last.update(_usage(outcome.stats, prompt_tokens, outcome.finish_reason, job.dropped_messages))
                     yield _sse(last)
                 else:
                     yield _sse(_outcome_error(outcome).body())
@@ -369,16 +424,24 @@ def _outcome_error(outcome: Outcome) -> ApiError:
     return ApiError(outcome.status, outcome.error, type="server_error")
 
 
+def _digest(messages: list[dict[str, str]]) -> str:
+    """A fingerprint of ``messages`` (roles and contents)."""
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def _message(error: BaseException | None) -> str:
     if isinstance(error, SpecdecError):
         return f"{error.message} ({error.hint})" if error.hint else error.message
     return f"internal error: {error!r}"
 
 
-def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str | None) -> dict[str, Any]:
+def _usage(
+    stats: GenerationStats | None, prompt_tokens: int, finish_reason: str | None, dropped_messages: int = 0
+) -> dict[str, Any]:
     """``usage`` (OpenAI's token counts; ``prompt_tokens_details.cached_tokens``: the prompt's first tokens
     kept from the previous request, e.g. a chat's earlier turns) and ``specdec`` (the generation's
-    statistics and the engine's own finish reason: ``eos``, ``stop``, ``length`` or ``context``)."""
+    statistics, the engine's own finish reason: ``eos``, ``stop``, ``length`` or ``context``, and with
+    ``serve --fit-context``, ``dropped_messages``: the chat's oldest messages left out to fit the context)."""
     completion = stats.new_tokens if stats else 0
     extra: dict[str, Any] = {}
     if stats is not None:
@@ -386,6 +449,8 @@ def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str
         for name in ("new_tokens", "prompt_tokens", "cached_tokens"):
             extra.pop(name)
     extra["finish_reason"] = finish_reason
+    if dropped_messages:
+        extra["dropped_messages"] = dropped_messages
     return {
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -397,9 +462,7 @@ def _usage(stats: GenerationStats | None, prompt_tokens: int, finish_reason: str
     }
 
 
-def _completion(
-    request_id: str, config: ServerConfig, chat: bool, outcome: Outcome, prompt_tokens: int
-) -> dict[str, Any]:
+def _completion(job: Job, config: ServerConfig, chat: bool, outcome: Outcome) -> dict[str, Any]:
     finish = _FINISH.get(outcome.finish_reason or "", "stop")
     if chat:
         choice = {
@@ -411,13 +474,13 @@ def _completion(
     else:
         choice = {"index": 0, "text": outcome.text, "finish_reason": finish, "logprobs": None}
     out = {
-        "id": request_id,
+        "id": job.request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": config.model_id,
         "choices": [choice],
     }
-    out.update(_usage(outcome.stats, prompt_tokens, outcome.finish_reason))
+    out.update(_usage(outcome.stats, len(job.prompt_ids), outcome.finish_reason, job.dropped_messages))
     return out
 
 

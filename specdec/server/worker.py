@@ -48,12 +48,14 @@ class Job:
         request_id: the id the response carries (for logs).
         prompt_ids: ``[P]`` token ids of the rendered prompt.
         sampling: keyword arguments of :meth:`SpeculativeGenerator.stream` besides the prompt.
+        dropped_messages: the chat's oldest messages left out to fit the context (``serve --fit-context``).
     """
 
     request_id: str
     prompt_ids: list[int]
     sampling: dict[str, Any]
     loop: asyncio.AbstractEventLoop
+    dropped_messages: int = 0
     messages: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     abandoned: Callable[[Message], None] | None = None

@@ -96,6 +96,12 @@ def test_an_outgrown_chat_drops_its_oldest_messages_and_keeps_the_cut(fitting, s
     for i in range(1, len(turns)):
         if i not in cuts:  # the same cut as the turn before: its prompt and reply are kept
             assert turns[i][2] >= turns[i - 1][1] - 1, f"turn {i} computed the conversation again: {turns}"
+    # streamed, the last chunk says it too
+    history.append({"role": "user", "content": _question(12)})
+    chunks = list(
+        fitting.chat.completions.create(model=MODEL, messages=history, max_tokens=16, temperature=0, stream=True)
+    )
+    assert chunks[-1].model_extra["specdec"]["dropped_messages"] >= turns[-1][0]
 
 
 def test_a_last_message_that_alone_fills_the_context_is_still_a_400(fitting):

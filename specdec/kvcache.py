@@ -20,6 +20,13 @@ the longest common prefix of those ids and its prompt, so only the rest is
 computed again. Anything that changes the cache forgets the ids until the
 owner remembers them again, so a forward cut short (Ctrl-C, an exception)
 never leaves a prefix that is trusted.
+
+*Several conversations.* A chat UI sends more than its conversation: a title,
+tags or follow-up suggestions are asked for with other prompts after a reply,
+and a user switches between chats. A :class:`DynamicKV` therefore keeps up to
+:data:`CONVERSATIONS` caches: a prompt that does not continue the current one
+gets its own (seeded with the prefix they share), the current one is kept
+aside, and a later prompt that continues a kept one takes it back.
 """
 
 from __future__ import annotations
@@ -204,8 +211,16 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+CONVERSATIONS = 4
+"""Conversations whose KV cache a :class:`DynamicKV` keeps (the current one and those kept aside)."""
+
+
 class DynamicKV(KVCache):
-    """A growing ``DynamicCache``: the eager path, and the default on CPUs."""
+    """A growing ``DynamicCache``: the eager path, and the default on CPUs.
+
+    Attributes:
+        aside: caches of other conversations, ``(cache, length, known)``, least recently used first.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -214,6 +229,43 @@ class DynamicKV(KVCache):
         self.dtype = model_dtype(model)
         self.cache = new_cache(model)
         self.length = 0
+        self.aside: list[tuple[DynamicCache, int, torch.Tensor]] = []
+
+    def start(self, capacity: int, tokens: Sequence[int] = ()) -> int:
+        if self.reuse and len(tokens) > 1:
+            self._switch(tokens)
+        return super().start(capacity, tokens)
+
+    def _switch(self, tokens: Sequence[int]) -> None:
+        """Make current the kept cache that ``tokens`` continue best; a prompt that continues none (shares
+        less than half of the current one) gets a new cache holding the shared prefix, and the current one
+        is kept aside. At most :data:`CONVERSATIONS` caches are kept; the least recently used goes."""
+
+        def shared(known: torch.Tensor | None, length: int) -> int:
+            return 0 if known is None else shared_prefix(known[: min(len(tokens) - 1, length)], tokens)
+
+        mine = shared(self.known, self.length)
+        scores = [shared(known, length) for _, length, known in self.aside]
+        best = max(range(len(scores)), key=scores.__getitem__, default=None)
+        if best is not None and scores[best] > mine:
+            cache, length, known = self.aside.pop(best)
+            self._set_aside()
+            self.cache, self.length, self.known = cache, length, known
+        elif self.known is not None and mine < self.known.numel() // 2:
+            known = self.known[:mine]
+            prefix = new_cache(self.model)
+            for i, layer in enumerate(self.cache.layers):
+                if mine:
+                    prefix.update(layer.keys[..., :mine, :].clone(), layer.values[..., :mine, :].clone(), i)
+            self._set_aside()
+            self.cache, self.length, self.known = prefix, mine, known
+
+    def _set_aside(self) -> None:
+        """Keep the current cache aside when it holds a conversation (its ids are known)."""
+        if self.known is not None and self.length > 0:
+            self.aside.append((self.cache, self.length, self.known))
+            del self.aside[: max(0, len(self.aside) - (CONVERSATIONS - 1))]
+        self.cache, self.length, self.known = new_cache(self.model), 0, None
 
     def _restart(self, capacity: int, keep: int) -> int:
         if keep > 0:

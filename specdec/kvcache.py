@@ -212,7 +212,8 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 CONVERSATIONS = 4
-"""Conversations whose KV cache a :class:`DynamicKV` keeps (the current one and those kept aside)."""
+"""Conversations whose KV cache a :class:`DynamicKV` on a CPU keeps (the current one and those kept aside).
+On an accelerator it keeps one: its memory is scarce and computing a prompt again is fast there."""
 
 
 class DynamicKV(KVCache):
@@ -220,6 +221,7 @@ class DynamicKV(KVCache):
 
     Attributes:
         aside: caches of other conversations, ``(cache, length, known)``, least recently used first.
+        conversations: how many conversations it keeps (:data:`CONVERSATIONS` on a CPU, else 1).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -230,6 +232,7 @@ class DynamicKV(KVCache):
         self.cache = new_cache(model)
         self.length = 0
         self.aside: list[tuple[DynamicCache, int, torch.Tensor]] = []
+        self.conversations = CONVERSATIONS if self.device.type == "cpu" else 1
 
     def start(self, capacity: int, tokens: Sequence[int] = ()) -> int:
         if self.reuse and len(tokens) > 1:
@@ -239,7 +242,7 @@ class DynamicKV(KVCache):
     def _switch(self, tokens: Sequence[int]) -> None:
         """Make current the kept cache that ``tokens`` continue best; a prompt that continues none (shares
         less than half of the current one) gets a new cache holding the shared prefix, and the current one
-        is kept aside. At most :data:`CONVERSATIONS` caches are kept; the least recently used goes."""
+        is kept aside. At most ``conversations`` caches are kept; the least recently used goes."""
 
         def shared(known: torch.Tensor | None, length: int) -> int:
             return 0 if known is None else shared_prefix(known[: min(len(tokens) - 1, length)], tokens)
@@ -264,7 +267,7 @@ class DynamicKV(KVCache):
         """Keep the current cache aside when it holds a conversation (its ids are known)."""
         if self.known is not None and self.length > 0:
             self.aside.append((self.cache, self.length, self.known))
-            del self.aside[: max(0, len(self.aside) - (CONVERSATIONS - 1))]
+            del self.aside[: max(0, len(self.aside) - (self.conversations - 1))]
         self.cache, self.length, self.known = new_cache(self.model), 0, None
 
     def _restart(self, capacity: int, keep: int) -> int:

@@ -77,8 +77,6 @@ def test_the_draft_model_prefills_only_what_is_new():
 def test_other_prompts_between_turns_do_not_cost_the_conversation_its_cache(method, options):
     """A chat UI asks for a title or follow-up suggestions between turns, or the user switches chats: the
     conversation's cache (the target's and the draft's) is kept aside and taken back by its next turn."""
-    from specdec.kvcache import CONVERSATIONS
-
     target = tiny_model("qwen2", seed=0, sharpness=3.0)
     gen = _generator(target, method, options, static_cache=False)
     chat = PROMPT + USER[0]
@@ -91,14 +89,18 @@ def test_other_prompts_between_turns_do_not_cost_the_conversation_its_cache(meth
     chat += first.token_ids + USER[1]
     res = gen.generate(chat, max_new_tokens=16)
     assert res.token_ids == hf_greedy(target, chat, 16)
+    kept = gen.kv.conversations
+    if kept == 1:  # an accelerator keeps one conversation: the chat was computed again
+        assert res.stats.cached_tokens < len(chat) // 2
+        return
     assert res.stats.cached_tokens == len(PROMPT) + len(USER[0]) + len(first.token_ids) - 1
     caches = [gen.kv, *([gen.proposer.kv] if method == "draft" else [])]
     assert all(len(kv.aside) == 2 for kv in caches), "the task and the second chat are kept aside"
     again = gen.generate(task, max_new_tokens=8)
     assert again.stats.cached_tokens == len(task) - 1 and again.token_ids == asked.token_ids
-    for i in range(CONVERSATIONS):  # more conversations than are kept: the least recently used go
+    for i in range(kept):  # more conversations than are kept: the least recently used go
         gen.generate([50 + i] + other, max_new_tokens=4)
-    assert all(len(kv.aside) == CONVERSATIONS - 1 for kv in caches)
+    assert all(len(kv.aside) == kept - 1 for kv in caches)
     assert gen.generate(chat, max_new_tokens=4).stats.cached_tokens < len(chat) // 2
 
 

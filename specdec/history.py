@@ -22,6 +22,11 @@ HEADROOM = 0.25
 """Share of the context freed beyond the reply's budget when exchanges must leave."""
 
 
+def opening(messages: Messages) -> int:
+    """How many messages open ``messages`` and always stay: 1 for a system message, else 0."""
+    return 1 if messages and messages[0]["role"] == "system" else 0
+
+
 def fit_history(
     gen: SpeculativeGenerator, messages: Messages, max_new_tokens: int, cut: int = 0
 ) -> tuple[list[int], int, int]:
@@ -39,7 +44,7 @@ def fit_history(
     Raises:
         ContextLengthError: the newest message alone fills the context.
     """
-    first = 1 if messages and messages[0]["role"] == "system" else 0
+    first = opening(messages)
     del messages[first : first + max(0, min(cut, len(messages) - first - 1))]
     dropped = 0
     want = max_new_tokens  # the room asked for: the reply's budget, plus the headroom once dropping

@@ -251,24 +251,24 @@ class DynamicKV(KVCache):
         scores = [shared(known, length) for _, length, known in self.aside]
         best = max(range(len(scores)), key=scores.__getitem__, default=None)
         if best is not None and scores[best] > mine:
-            cache, length, known = self.aside.pop(best)
+            taken = self.aside.pop(best)
             self._set_aside()
-            self.cache, self.length, self.known = cache, length, known
+            self.cache, self.length, self.known = taken
         elif self.known is not None and mine < self.known.numel() // 2:
-            known = self.known[:mine]
             prefix = new_cache(self.model)
-            for i, layer in enumerate(self.cache.layers):
-                if mine:
+            if mine:
+                for i, layer in enumerate(self.cache.layers):
                     prefix.update(layer.keys[..., :mine, :].clone(), layer.values[..., :mine, :].clone(), i)
+            known = self.known[:mine]
             self._set_aside()
             self.cache, self.length, self.known = prefix, mine, known
 
     def _set_aside(self) -> None:
-        """Keep the current cache aside when it holds a conversation (its ids are known)."""
+        """Keep the current cache aside when it holds a conversation (its ids are known), dropping the least
+        recently used beyond ``conversations``; the caller then makes another cache current."""
         if self.known is not None and self.length > 0:
             self.aside.append((self.cache, self.length, self.known))
             del self.aside[: max(0, len(self.aside) - (self.conversations - 1))]
-        self.cache, self.length, self.known = new_cache(self.model), 0, None
 
     def _restart(self, capacity: int, keep: int) -> int:
         if keep > 0:

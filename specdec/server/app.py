@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from ..engine import GenerationStats, SpeculativeGenerator
 from ..errors import ContextLengthError, SpecdecError
-from ..history import fit_history
+from ..history import fit_history, opening
 from .schemas import ApiError, ChatRequest, CompletionFields, CompletionRequest, parse
 from .worker import GenerationQueue, Job, Message, QueueFullError, StoppingError
 
@@ -217,10 +217,10 @@ class Api:
         """
         context = self.encoder.context_length
         reply = limit if limit is not None else min(FIT_REPLY_TOKENS, context // 4)
-        first = 1 if messages and messages[0]["role"] == "system" else 0
+        first = opening(messages)
         cut = 0
         if self._cut is not None and _digest(messages[first : first + self._cut[1]]) == self._cut[0]:
-            cut = min(self._cut[1], len(messages) - first - 1)
+            cut = self._cut[1]  # fit_history keeps the last message whatever the cut
         original = list(messages)
         try:
             ids, budget = await self.encoder.fit(messages, reply, cut)

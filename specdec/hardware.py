@@ -162,7 +162,7 @@ def probe_mps() -> DeviceInfo | None:
     mps = getattr(torch.backends, "mps", None)
     if mps is None or not mps.is_available():
         return None
-    ram_total, _ = _ram()
+    ram_total, _ = ram()
     limit = int(torch.mps.recommended_max_memory())
     used = int(torch.mps.current_allocated_memory())
     total = limit or ram_total
@@ -200,7 +200,7 @@ def probe_nvidia_smi(index: int = 0, timeout: float = NVIDIA_SMI_TIMEOUT_S) -> D
 
 def probe_cpu() -> DeviceInfo | None:
     """System RAM: total and available."""
-    total, available = _ram()
+    total, available = ram()
     if total <= 0:
         return None
     return DeviceInfo("cpu", "CPU", total, available, None, source="cpu", cpu_bf16=_cpu_bf16())
@@ -217,7 +217,7 @@ def _cpu_bf16() -> bool:
     return cpu_computes_natively(torch.bfloat16)
 
 
-def _ram() -> tuple[int, int]:
+def ram() -> tuple[int, int]:
     """``(total, available)`` bytes of RAM; ``(0, 0)`` when unknown."""
     try:
         with open("/proc/meminfo") as f:

@@ -26,7 +26,9 @@ tags or follow-up suggestions are asked for with other prompts after a reply,
 and a user switches between chats. A :class:`DynamicKV` therefore keeps up to
 :data:`CONVERSATIONS` caches: a prompt that does not continue the current one
 gets its own (seeded with the prefix they share), the current one is kept
-aside, and a later prompt that continues a kept one takes it back.
+aside, and a later prompt that continues a kept one takes it back. Those kept
+aside hold at most :data:`ASIDE_MEMORY` of the RAM (a large model's long
+chats would otherwise take gigabytes the user did not plan for).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from .hardware import ram
 
 
 @dataclass
@@ -215,6 +219,21 @@ CONVERSATIONS = 4
 """Conversations whose KV cache a :class:`DynamicKV` on a CPU keeps (the current one and those kept aside).
 On an accelerator it keeps one: its memory is scarce and computing a prompt again is fast there."""
 
+ASIDE_MEMORY = 0.25
+"""Share of the RAM that would be available without them that one model's caches kept aside may hold (a 7B model
+holds ~56 KiB a position: three kept 8k-token conversations would be ~1.3 GiB)."""
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Bytes of memory the cache's keys and values hold (a cropped layer still holds its whole storage)."""
+    storages = {
+        id(t): t.untyped_storage().nbytes()
+        for layer in cache.layers
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    }
+    return sum(storages.values())
+
 
 class DynamicKV(KVCache):
     """A growing ``DynamicCache``: the eager path, and the default on CPUs.
@@ -265,10 +284,18 @@ class DynamicKV(KVCache):
 
     def _set_aside(self) -> None:
         """Keep the current cache aside when it holds a conversation (its ids are known), dropping the least
-        recently used beyond ``conversations``; the caller then makes another cache current."""
-        if self.known is not None and self.length > 0:
-            self.aside.append((self.cache, self.length, self.known))
-            del self.aside[: max(0, len(self.aside) - (self.conversations - 1))]
+        recently used beyond ``conversations`` or while those kept aside hold more than :data:`ASIDE_MEMORY`
+        of the RAM that would be available without them; the caller then makes another cache current."""
+        if self.known is None or self.length == 0:
+            return
+        self.aside.append((self.cache, self.length, self.known))
+        del self.aside[: max(0, len(self.aside) - (self.conversations - 1))]
+        sizes = [cache_bytes(cache) for cache, _, _ in self.aside]
+        _, available = ram()
+        if available:  # unknown (0): bounded by the count alone
+            budget = ASIDE_MEMORY * (available + sum(sizes))
+            while self.aside and sum(sizes) > budget:
+                del self.aside[0], sizes[0]
 
     def _restart(self, capacity: int, keep: int) -> int:
         if keep > 0:

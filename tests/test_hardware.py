@@ -57,7 +57,7 @@ def test_default_chain_with_every_backend_failing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", _raise(AssertionError("Torch not compiled with CUDA enabled")))
     monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
-    monkeypatch.setattr(hardware, "_ram", lambda: (0, 0))
+    monkeypatch.setattr(hardware, "ram", lambda: (0, 0))
     info = detect()
     assert info.source == "none" and info.backend == "cpu"
     assert any("driver not loaded" in n for n in info.notes)

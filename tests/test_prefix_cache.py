@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import specdec
+from specdec import kvcache
 from specdec.errors import StaticCacheMemoryError
 from conftest import hf_greedy, tiny_model
 from test_static import METHODS, PROMPT, _generator, sampling_setup
@@ -102,6 +103,30 @@ def test_other_prompts_between_turns_do_not_cost_the_conversation_its_cache(meth
         gen.generate([50 + i] + other, max_new_tokens=4)
     assert all(len(kv.aside) == kept - 1 for kv in caches)
     assert gen.generate(chat, max_new_tokens=4).stats.cached_tokens < len(chat) // 2
+
+
+def test_conversations_kept_aside_hold_at_most_their_share_of_the_free_memory(monkeypatch):
+    """The count is not the only bound: a large model's long chats kept aside would take gigabytes, so they
+    hold at most :data:`specdec.kvcache.ASIDE_MEMORY` of the RAM that would be free without them."""
+    target = tiny_model("qwen2", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup")
+    chats = [[40 + i, 41, 42, 43, 44, 45, 46, 47] for i in range(3)]
+    gen.generate(chats[0], max_new_tokens=8)
+    one = kvcache.cache_bytes(gen.kv.cache)
+    # free memory such that the share of it (the kept caches counted as free) holds one chat, not two:
+    # held <= share * (free + held) while held <= free * share / (1 - share) = 1.5 * one
+    share = kvcache.ASIDE_MEMORY
+    monkeypatch.setattr(kvcache, "ram", lambda: (0, int(1.5 * one * (1 - share) / share)))
+    for chat in chats[1:]:
+        gen.generate(chat, max_new_tokens=8)
+    assert [int(known[0]) for _, _, known in gen.kv.aside] == [41], "only the most recent chat is kept aside"
+    res = gen.generate(chats[1], max_new_tokens=8)
+    assert res.stats.cached_tokens == len(chats[1]) - 1 and res.token_ids == hf_greedy(target, chats[1], 8)
+    assert gen.generate(chats[0], max_new_tokens=8).stats.cached_tokens == 0, "the oldest chat went"
+    monkeypatch.setattr(kvcache, "ram", lambda: (0, 0))  # unknown: bounded by the count alone
+    for chat in chats:
+        gen.generate(chat, max_new_tokens=8)
+    assert len(gen.kv.aside) == min(len(chats), gen.kv.conversations) - 1
 
 
 def test_off_means_every_generation_starts_empty():

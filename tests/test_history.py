@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 import specdec
 from specdec.errors import ContextLengthError
-from specdec.history import fit_history
-
-pytestmark = pytest.mark.real_model
+from specdec.history import HEADROOM, KeptCuts, drop_count, fit_history
 
 
 def _turn(role: str, i: int) -> dict[str, str]:
@@ -21,6 +22,7 @@ def gen(smollm2):
     return specdec.SpeculativeGenerator(*smollm2, method="none")
 
 
+@pytest.mark.real_model
 def test_an_exchange_is_a_user_message_and_what_follows_it(gen):
     """Clients may send an assistant message first or two in a row: what is left still starts with a user
     message, after the system message, and the new message stays."""
@@ -46,6 +48,7 @@ def test_an_exchange_is_a_user_message_and_what_follows_it(gen):
     assert fitted == [messages[0], *messages[len(messages) - len(fitted) + 1 :]], "the oldest went first"
 
 
+@pytest.mark.real_model
 def test_a_cut_given_goes_first_and_stays_while_the_reply_fits(gen):
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(3):
@@ -59,3 +62,42 @@ def test_a_cut_given_goes_first_and_stays_while_the_reply_fits(gen):
     assert fitted == [messages[0], messages[-1]]
     with pytest.raises(ContextLengthError, match="fills the model's context"):
         fit_history(gen, [{"role": "user", "content": "word " * 9000}], 16)
+
+
+def _dropped_one_by_one(length, parts: int, room: int, context: int, cut: int) -> int:
+    """The rule written as a loop: drop one part at a time; once one must go, until the headroom is free."""
+    k, want = cut, room
+    while k < parts and context - length(k) < want:
+        k, want = k + 1, room + int(HEADROOM * context)
+    return k
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_drop_count_bisects_to_what_dropping_one_at_a_time_gives(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(5, 120) for _ in range(rng.randint(0, 60))]
+    calls = []
+
+    def length(k: int) -> int:
+        calls.append(k)
+        return 40 + sum(sizes[k:])
+
+    context, room, cut = rng.choice([256, 1000, 4096]), rng.randint(1, 100), rng.randint(0, len(sizes) + 2)
+    got = drop_count(length, len(sizes), room, context, cut)
+    assert len(calls) <= 2 + math.ceil(math.log2(len(sizes) + 1)), "a bisection, not a scan"
+    assert got == _dropped_one_by_one(length, len(sizes), room, context, min(cut, len(sizes)))
+
+
+def test_kept_cuts_find_each_recent_conversations_cut():
+    cuts = KeptCuts(size=2)
+    a, b, c = ([{"role": "user", "content": f"{name} {i}"} for i in range(6)] for name in ("a", "b", "c"))
+    cuts.remember(a, 2)
+    cuts.remember(b, 0)  # nothing dropped: nothing kept, nothing forgotten
+    assert cuts.find(a + [{"role": "user", "content": "new"}]) == 2 and cuts.find(b) == 0
+    cuts.remember(a, 4)  # the same conversation cut further: its new cut replaces the old
+    assert cuts.find(a) == 4 and cuts.find(a[:3]) == 0
+    cuts.remember(b, 1)
+    assert cuts.find(a) == 4 and cuts.find(b) == 1
+    cuts.remember(c, 3)  # size 2: the least recent go
+    assert cuts.find(c) == 3 and cuts.find(b) == 1 and cuts.find(a) == 0
+    assert cuts.find([{"role": "user", "content": "a 0"}, {"role": "user", "content": "changed"}]) == 0

@@ -78,6 +78,8 @@ def test_without_it_an_outgrown_chat_is_a_400_that_names_the_option(smollm2):
 
 
 def test_an_outgrown_chat_drops_its_oldest_messages_and_keeps_the_cut(fitting, smollm2):
+    """Every turn is the model's own reply to what it saw, and the turns between cuts reuse the KV cache,
+    also with the chat UI's other requests between them."""
     model, tokenizer = smollm2
     cold = specdec.SpeculativeGenerator(model, tokenizer, method="none", prefix_cache=False)
     history = [{"role": "system", "content": "Be brief."}]
@@ -90,6 +92,12 @@ def test_an_outgrown_chat_drops_its_oldest_messages_and_keeps_the_cut(fitting, s
         assert r.choices[0].message.content == cold.generate(sent, max_new_tokens=16).text
         turns.append((dropped, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
         history.append({"role": "assistant", "content": r.choices[0].message.content})
+        # a chat UI's own request between turns (follow-up suggestions): another conversation, which must
+        # not make the server forget this one's cut
+        task = f"Suggest follow-up questions for this chat:\n{_question(i)}\n{r.choices[0].message.content}"
+        fitting.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": task}], max_tokens=4, temperature=0
+        )
     assert turns[-1][0] > 0, f"the chat never outgrew the context: {turns}"
     cuts = [i for i in range(1, len(turns)) if turns[i][0] != turns[i - 1][0]]
     assert cuts and len(cuts) <= len(turns) // 3, turns

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import hashlib
 import hmac
 import json
 import logging
@@ -32,7 +31,7 @@ from starlette.routing import Route
 
 from ..engine import GenerationStats, SpeculativeGenerator
 from ..errors import ContextLengthError, SpecdecError
-from ..history import fit_history, opening
+from ..history import KeptCuts, fit_history, opening
 from .schemas import ApiError, ChatRequest, CompletionFields, CompletionRequest, parse
 from .worker import GenerationQueue, Job, Message, QueueFullError, StoppingError
 
@@ -108,7 +107,7 @@ class Api:
         self.config = config
         self.queue = GenerationQueue(generator, config.max_queue)
         self.encoder = PromptEncoder(generator)
-        self._cut: tuple[str, int] | None = None  # --fit-context: the last cut, (digest of what it dropped, messages)
+        self._cuts = KeptCuts()  # --fit-context: where each recent conversation was cut (messages dropped)
 
     # ------------------------------------------------------------------ endpoints
     async def health(self, request: Request) -> Response:
@@ -212,15 +211,14 @@ class Api:
         """A chat cut to fit the context (``serve --fit-context``), the way ``chat`` cuts it.
 
         The client sends the whole conversation each turn, so the cut is kept from request to request:
-        when the messages begin with what the last cut dropped, the same messages go first, and the prompt
-        starts where the last one did (its KV cache is reused) until more must go.
+        when the messages begin with what a recent cut dropped (:class:`~specdec.history.KeptCuts`), the
+        same messages go first, and the prompt starts where the last one did (its KV cache is reused) until
+        more must go.
         """
         context = self.encoder.context_length
         reply = limit if limit is not None else min(FIT_REPLY_TOKENS, context // 4)
         first = opening(messages)
-        cut = 0
-        if self._cut is not None and _digest(messages[first : first + self._cut[1]]) == self._cut[0]:
-            cut = self._cut[1]  # fit_history keeps the last message whatever the cut
+        cut = self._cuts.find(messages[first:])  # fit_history keeps the last message whatever the cut
         original = list(messages)
         try:
             ids, budget = await self.encoder.fit(messages, reply, cut)
@@ -237,7 +235,7 @@ class Api:
                 param="messages",
                 code="context_length_exceeded",
             )
-        self._cut = (_digest(original[first : first + dropped]), dropped) if dropped else None
+        self._cuts.remember(original[first:], dropped)
         return ids, limit if limit is not None else context - len(ids), dropped
 
     def _submit(self, job: Job) -> None:
@@ -422,11 +420,6 @@ def _outcome_error(outcome: Outcome) -> ApiError:
     if outcome.status == 400:
         return ApiError(400, outcome.error)
     return ApiError(outcome.status, outcome.error, type="server_error")
-
-
-def _digest(messages: list[dict[str, str]]) -> str:
-    """A fingerprint of ``messages`` (roles and contents)."""
-    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _message(error: BaseException | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -137,9 +138,10 @@ def wait(port: int, timeout: float, log: Path | None) -> None:
     sys.exit(1)
 
 
-def request(port: int, messages: list[dict[str, str]], max_tokens: int) -> dict:
-    """One greedy chat completion through the API; text, token count and wall time seen by the client."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0, "stream": False}
+def request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra: object) -> dict:
+    """One greedy chat completion through the API; text, token counts and wall time seen by the client.
+    ``extra``: more request fields (the webui's own, such as ``truncation_length``)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0, "stream": False, **extra}
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -152,8 +154,48 @@ def request(port: int, messages: list[dict[str, str]], max_tokens: int) -> dict:
     return {
         "text": reply["choices"][0]["message"]["content"],
         "tokens": reply["usage"]["completion_tokens"],
+        "prompt_tokens": reply["usage"]["prompt_tokens"],
         "seconds": seconds,
         "finish_reason": reply["choices"][0].get("finish_reason"),
+    }
+
+
+def streamed_request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra: object) -> dict:
+    """:func:`request` streamed: also the seconds until the first piece of the reply arrives."""
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    text, first, usage = "", None, {}
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=1800) as r:
+        for line in r:
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter() - start
+                text += piece
+    return {
+        "text": text,
+        "tokens": usage.get("completion_tokens", 0),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "seconds": time.perf_counter() - start,
+        "first_token_seconds": first if first is not None else float("nan"),
     }
 
 
@@ -184,6 +226,62 @@ def suite(ports: dict[str, int], max_tokens: int, repeats: int, out: Path) -> No
                 f"({entry[side]['tokens'] / best:.2f} tok/s)"
             )
         results["prompts"][name] = entry
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+KEPT = re.compile(r"specdec: output generated .*?, context (\d+), (\d+) kept from the reply before")
+
+
+def kept_counts(log: str) -> list[tuple[int, int]]:
+    """``(prompt tokens, tokens kept from the reply before)`` of each reply the extension logged, in order
+    (the webui's log wraps long lines at spaces)."""
+    return [(int(a), int(b)) for a, b in KEPT.findall(re.sub(r"\s+", " ", log))]
+
+
+def limit(
+    ports: dict[str, int], logs: dict[str, Path], turns: int, truncation: int, max_tokens: int, out: Path
+) -> None:
+    """One long chat per webui at a small ``truncation_length``, the turns alternating between them.
+
+    Both run the extension: ``webui`` with the webui's own cut (one message at a time), ``blocks`` with
+    *history_in_blocks*. The user's messages are the suite's, cycled; each side keeps its own replies.
+    From each server's log: the prompt tokens of every reply and how many were kept from the reply
+    before. Prints, over the second half of the chat (past the limit), the means per turn of the prompt
+    tokens computed, the seconds to the first piece of the reply (streamed) and to its end.
+    """
+    messages = [m["content"] for _, _, chat in SUITE for m in chat if m["role"] == "user"]
+    chats: dict[str, list[dict[str, str]]] = {side: [] for side in ports}
+    seen: dict[str, list[dict]] = {side: [] for side in ports}
+    for i in range(turns):
+        for side in list(ports) if i % 2 == 0 else list(reversed(ports)):
+            chats[side].append({"role": "user", "content": messages[i % len(messages)]})
+            r = streamed_request(ports[side], chats[side], max_tokens, truncation_length=truncation)
+            chats[side].append({"role": "assistant", "content": r["text"]})
+            seen[side].append(r)
+    results: dict = {"truncation_length": truncation, "max_tokens": max_tokens, "sides": {}}
+    for side, log in logs.items():
+        kept = kept_counts(log.read_text(errors="replace"))
+        if len(kept) != turns:
+            print(f"{side}: {len(kept)} specdec replies in {log} for {turns} turns", file=sys.stderr)
+            sys.exit(1)
+        for r, (context, cached) in zip(seen[side], kept):
+            r.update(context=context, kept=cached, computed=context - cached)
+        late = seen[side][turns // 2 :]
+        summary = {
+            key: sum(r[name] for r in late) / len(late)
+            for key, name in (
+                ("prompt_per_turn", "context"),
+                ("computed_per_turn", "computed"),
+                ("first_token_seconds_per_turn", "first_token_seconds"),
+                ("seconds_per_turn", "seconds"),
+            )
+        }
+        results["sides"][side] = {"summary": summary, "turns": seen[side]}
+        print(
+            f"{side}: over turns {turns // 2 + 1}-{turns}, per turn: prompt {summary['prompt_per_turn']:.0f} tokens, "
+            f"computed {summary['computed_per_turn']:.0f}, first token after "
+            f"{summary['first_token_seconds_per_turn']:.2f} s, reply in {summary['seconds_per_turn']:.2f} s"
+        )
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
@@ -242,6 +340,15 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("limit")
+    p.add_argument("--port-webui", type=int, required=True)
+    p.add_argument("--port-blocks", type=int, required=True)
+    p.add_argument("--log-webui", type=Path, required=True)
+    p.add_argument("--log-blocks", type=Path, required=True)
+    p.add_argument("--turns", type=int, default=24)
+    p.add_argument("--truncation-length", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("table")
     p.add_argument("runs", type=Path, nargs="+", help="one MODEL.json per model")
     p.add_argument("--min-free", type=float, default=0.95)
@@ -250,6 +357,15 @@ def main() -> int:
         prepare_model(args.name, args.folder, args.fixed, args.eos_token)
     elif args.cmd == "wait":
         wait(args.port, args.timeout, args.log)
+    elif args.cmd == "limit":
+        limit(
+            {"webui": args.port_webui, "blocks": args.port_blocks},
+            {"webui": args.log_webui, "blocks": args.log_blocks},
+            args.turns,
+            args.truncation_length,
+            args.max_tokens,
+            args.out,
+        )
     elif args.cmd == "suite":
         suite({"off": args.port_off, "on": args.port_on}, args.max_tokens, args.repeats, args.out)
     else:

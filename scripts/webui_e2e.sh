@@ -22,6 +22,10 @@
 #   REPEATS       requests per prompt and side (default 2)
 #   THREADS       OMP_NUM_THREADS for the webui (default: torch's own choice)
 #   OUT           where results and logs go (default: a temp dir)
+#   LIMIT_TURNS   instead of the suite: a chat of this many turns at TRUNCATION (default 1024) tokens, through
+#                 two webuis with the extension, one cutting the history its own way and one with
+#                 specdec-history_in_blocks; prints the prompt tokens computed and
+#                 seconds per turn past the limit
 set -euo pipefail
 
 WEBUI_DIR=$(cd "${1:?usage: scripts/webui_e2e.sh WEBUI_DIR}" && pwd)
@@ -53,15 +57,33 @@ stop_servers() {
 }
 trap stop_servers EXIT
 
-start_server() {  # $1 = model folder name, $2 = off|on, $3 = port
+start_server() {  # $1 = model folder name, $2 = off, or a name for a run with the extension, $3 = port, then more webui args
   local model=$1 mode=$2 port=$3 ext=()
-  [[ $mode == on ]] && ext=(--extensions specdec)
+  shift 3
+  [[ $mode != off ]] && ext=(--extensions specdec "$@")
   echo "== $model, extension $mode: starting the webui on 127.0.0.1:$port"
   # never --listen: without it the API binds to 127.0.0.1 only
   (cd "$WEBUI_DIR" && exec "$WEBUI_PYTHON" server.py --api --nowebui --api-port "$port" \
       --loader Transformers --cpu --model "$model" "${ext[@]}") > "$OUT/server-$model-$mode.log" 2>&1 &
   PIDS+=($!)
 }
+
+if [[ -n "${LIMIT_TURNS:-}" ]]; then
+  # a long chat at a small truncation length: the webui's own cut against history_in_blocks
+  model=smollm2-135m-fixed-eos
+  for side in webui blocks; do
+    echo "specdec-history_in_blocks: $([[ $side == blocks ]] && echo true || echo false)" > "$OUT/settings-$side.yaml"
+  done
+  start_server "$model" webui "$PORT" --settings "$OUT/settings-webui.yaml"
+  start_server "$model" blocks $((PORT + 1)) --settings "$OUT/settings-blocks.yaml"
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" wait --port "$PORT" --log "$OUT/server-$model-webui.log"
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" wait --port $((PORT + 1)) --log "$OUT/server-$model-blocks.log"
+  "$WEBUI_PYTHON" "$HERE/webui_e2e.py" limit --port-webui "$PORT" --port-blocks $((PORT + 1)) \
+      --log-webui "$OUT/server-$model-webui.log" --log-blocks "$OUT/server-$model-blocks.log" \
+      --turns "$LIMIT_TURNS" --truncation-length "${TRUNCATION:-1024}" --max-tokens "$MAX_TOKENS" \
+      --out "$OUT/limit.json"
+  exit 0
+fi
 
 runs=()
 for model in smollm2-135m smollm2-135m-fixed-eos; do

@@ -16,6 +16,7 @@ nothing here is shared with it.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,6 +305,34 @@ def token_bans(state: dict[str, Any], tokenizer: Any, model: Any = None) -> list
     if not bans and model is not None:
         bans = [int(t) for t in (getattr(getattr(model, "generation_config", None), "suppress_tokens", None) or [])]
     return bans
+
+
+# --------------------------------------------------------------------------- the chat history at the context limit
+HISTORY_IN_BLOCKS_LABEL = "At the context limit, drop old messages a quarter of the context at a time"
+"""The panel's checkbox for ``history_in_blocks`` (off by default: it changes the prompt the webui gives)."""
+
+_ROW_KEY = re.compile(r"(user|assistant)_(\d+)")
+
+
+def drop_rows(history: dict[str, Any], k: int) -> dict[str, Any]:
+    """The webui's chat ``history`` without its first ``k`` rows (a row is a user message and the reply).
+
+    ``internal`` and ``visible`` lose them; ``metadata`` keeps its per-row entries (``user_3``,
+    ``assistant_3``: attachments, tool calls) for the rows that stay, numbered from the new first row.
+    """
+    metadata: dict[str, Any] = {}
+    for key, value in (history.get("metadata") or {}).items():
+        match = _ROW_KEY.fullmatch(key)
+        if match is None:
+            metadata[key] = value
+        elif int(match[2]) >= k:
+            metadata[f"{match[1]}_{int(match[2]) - k}"] = value
+    return {
+        **history,
+        "internal": list(history.get("internal", []))[k:],
+        "visible": list(history.get("visible", []))[k:],
+        "metadata": metadata,
+    }
 
 
 # --------------------------------------------------------------------------- errors, worded for the panel

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+import textwrap
 import threading
 import types
 from collections.abc import Iterator
@@ -79,10 +80,35 @@ class Webui:
         self.text_generation = types.ModuleType("modules.text_generation")
         self.text_generation.generate_reply_HF = self._own("HF")
         self.text_generation.generate_reply_custom = self._own("custom")
+        self.text_generation.get_encoded_length = self._encoded_length
+        self.chat = types.ModuleType("modules.chat")
+        self.chat.generate_chat_prompt = self._chat_prompt
         self.package = types.ModuleType("modules")
         self.package.shared = self.shared
         self.package.logging_colors = self.logging
         self.package.text_generation = self.text_generation
+        self.package.chat = self.chat
+
+    def _encoded_length(self, prompt: str) -> int:
+        return 1 + len(self.shared.tokenizer.encode(prompt))  # with the BOS, as the webui counts
+
+    def _chat_prompt(self, user_input: str, state: dict, **kwargs: Any) -> str:
+        """The webui's ``generate_chat_prompt`` in small: the rows and the new message in a template, and
+        messages dropped one at a time, oldest first, while over ``truncation_length - max_new_tokens``."""
+        rows = kwargs.get("history", state["history"])["internal"]
+        messages = [(role, text) for row in rows for role, text in zip(("user", "assistant"), row) if text]
+        if not kwargs.get("_continue"):
+            messages.append(("user", user_input))
+
+        def render() -> str:
+            text = "".join(f"<|{role}|>{content}" for role, content in messages)
+            return text if kwargs.get("_continue") else text + "<|assistant|>"
+
+        while (
+            len(messages) > 1 and self._encoded_length(render()) > state["truncation_length"] - state["max_new_tokens"]
+        ):
+            messages.pop(0)
+        return render()
 
     def _own(self, name: str):
         def generate(
@@ -104,6 +130,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> Webui:
         ("modules.shared", stub.shared),
         ("modules.logging_colors", stub.logging),
         ("modules.text_generation", stub.text_generation),
+        ("modules.chat", stub.chat),
     ):
         monkeypatch.setitem(sys.modules, name, module)
     return stub
@@ -216,6 +243,82 @@ def test_the_next_chat_turn_keeps_the_history_and_matches_the_webui(ext, tiny) -
     assert reply(ext, follow, follow, state(), None, is_chat=True)[-1] == reference(*tiny, prompt=follow)
     assert 0 < ext.last_reply.cached_tokens < ext.last_reply.prompt_tokens
     assert "prompt tokens kept from the reply before" in ext.last_reply.markdown()
+
+
+LONG_CONTEXT = 512  # a chat of short rows, so that a quarter of the context holds several
+
+
+def _chat_at_the_limit(ext, webui, turns: int, **kwargs: Any) -> list[tuple[int, int, int]]:
+    """``turns`` chat turns through the webui's prompt hook and generation hook, each reply checked against
+    the webui's own for the same prompt. Per turn: rows dropped, prompt tokens, tokens kept from before."""
+    history: dict[str, Any] = {"internal": [], "visible": [], "metadata": {}}
+    seen = []
+    for i in range(turns):
+        message = f"q{i}"
+        st = state(history=history, truncation_length=LONG_CONTEXT, max_new_tokens=8)
+        prompt = ext.custom_generate_chat_prompt(message, st, history=history, **kwargs)
+        if prompt is None:  # the webui builds it
+            prompt = webui.chat.generate_chat_prompt(message, st, history=history, **kwargs)
+        assert webui._encoded_length(prompt) <= LONG_CONTEXT - st["max_new_tokens"]
+        answer = reply(ext, prompt, prompt, st, None, is_chat=True)[-1]
+        assert answer == reference(*webui_tiny(webui), prompt=prompt, max_new_tokens=8)
+        kept = [r for r in history["internal"] if f"<|user|>{r[0]}<|assistant|>" in prompt]
+        seen.append((len(history["internal"]) - len(kept), ext.last_reply.prompt_tokens, ext.last_reply.cached_tokens))
+        history["internal"].append([message, answer])
+        history["visible"].append([message, answer])
+    return seen
+
+
+def webui_tiny(webui) -> tuple[Any, Any]:
+    return webui.shared.model, webui.shared.tokenizer
+
+
+def test_history_in_blocks_keeps_the_kv_cache_at_the_context_limit(ext, webui) -> None:
+    """The webui drops one message at a time at the limit, so each reply from then on computes its prompt
+    whole; with *history_in_blocks* rows go a quarter of the context at a time and the replies between
+    cuts keep the KV cache. Every reply is still the webui's own for the prompt it was given."""
+    assert ext.params["history_in_blocks"] is False
+    tokenizer = webui.shared.tokenizer
+    webui.shared.model = tiny_model("llama", seed=0, vocab=len(tokenizer), max_positions=LONG_CONTEXT, device="cpu")
+    webuis = _chat_at_the_limit(ext, webui, 44)
+    assert ext.custom_generate_chat_prompt("hi", state(history={"internal": []}), history={"internal": []}) is None
+    ext.release("all")
+    ext.params["history_in_blocks"] = True
+    blocks = _chat_at_the_limit(ext, webui, 44)
+    at_limit = [i for i, (dropped, _, _) in enumerate(webuis) if dropped]
+    assert len(at_limit) >= 4, webuis
+    assert all(webuis[i][2] < webuis[i][1] // 2 for i in at_limit[1:]), f"the webui's own cut kept it: {webuis}"
+    cuts = [i for i in range(1, len(blocks)) if blocks[i][0] != blocks[i - 1][0]]
+    assert cuts and len(cuts) < len(at_limit) // 2, blocks
+    for i in range(1, len(blocks)):
+        if i not in cuts:
+            assert blocks[i][2] >= blocks[i - 1][1] - 1, f"turn {i} computed the conversation again: {blocks}"
+
+
+def test_history_in_blocks_keeps_a_row_being_continued(ext, webui) -> None:
+    ext.params["history_in_blocks"] = True
+    rows = [[f"question {i}: " + "tell me more " * 4, "answer " * 12] for i in range(8)]
+    history = {"internal": rows, "visible": rows, "metadata": {}}
+    prompt = ext.custom_generate_chat_prompt(
+        "", state(history=history, truncation_length=200), history=history, _continue=True
+    )
+    assert prompt.endswith(rows[-1][1]) and rows[0][0] not in prompt
+
+
+def test_the_log_line_says_what_the_e2e_scripts_chat_at_the_limit_reads(ext, tiny, caplog) -> None:
+    """scripts/webui_e2e.py (``LIMIT_TURNS``) reads each reply's context and kept tokens from the webui's log,
+    which wraps long lines."""
+    spec = importlib.util.spec_from_file_location("webui_e2e", SCRIPT.parents[2] / "scripts" / "webui_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    first = reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1]
+    follow = PROMPT + first + " and then"
+    with caplog.at_level(logging.INFO, logger="webui-stub"):
+        reply(ext, follow, follow, state(), None, is_chat=True)
+    line = next(r.message for r in caplog.records if "output generated" in r.message)
+    wrapped = "\n                         ".join(textwrap.wrap(line, 50))  # as the webui's log shows it
+    for text in (line, wrapped):
+        assert e2e.kept_counts(text) == [(ext.last_reply.prompt_tokens, ext.last_reply.cached_tokens)], text
 
 
 def test_both_call_signatures(ext, tiny) -> None:

@@ -25,6 +25,7 @@ from specdec.webui import (
     STATIC_CACHE_LABEL,
     Request,
     cut_at_stop,
+    drop_rows,
     generation_config_problems,
     is_greedy,
     masked_prompt_tokens,
@@ -269,3 +270,17 @@ def test_errors_a_webui_reply_can_meet_name_the_panels_controls(tmp_path) -> Non
     assert STATIC_CACHE_LABEL in panel_hint(errors[StaticCacheMemoryError])
     assert "*Draft model*" in panel_hint(errors[VocabularyMismatchError])
     assert panel_hint(SpecdecError("another error", "its own hint")) == "its own hint"
+
+
+def test_drop_rows_renumbers_the_metadata_of_the_rows_that_stay() -> None:
+    rows = [[f"user {i}", f"reply {i}"] for i in range(4)]
+    history = {
+        "internal": rows,
+        "visible": [list(r) for r in rows],
+        "metadata": {"user_0": {"a": 0}, "assistant_1": {"b": 1}, "user_3": {"c": 3}, "other": 7},
+    }
+    cut = drop_rows(history, 2)
+    assert cut["internal"] == rows[2:] and cut["visible"] == rows[2:]
+    assert cut["metadata"] == {"user_1": {"c": 3}, "other": 7}
+    assert history["internal"] == rows and "user_0" in history["metadata"], "the webui's own history is unchanged"
+    assert drop_rows(history, 0)["metadata"] == history["metadata"]

@@ -34,11 +34,14 @@ from modules import shared
 from modules.logging_colors import logger
 
 try:
+    from specdec.history import KeptCuts, drop_count
     from specdec.proposers import REGISTRY, LookaheadOptions
     from specdec.webui import (
+        HISTORY_IN_BLOCKS_LABEL,
         STATIC_CACHE_LABEL,
         Request,
         cut_at_stop,
+        drop_rows,
         generation_config_problems,
         masked_prompt_tokens,
         new_tokens_limit,
@@ -79,10 +82,14 @@ params: dict[str, Any] = {
     # on a GPU: a preallocated KV cache and steps replayed as CUDA graphs (no effect on a CPU, where the
     # eager path is the faster one); off runs the eager path everywhere
     "static_cache": True,
+    # at the context limit the webui drops old messages one at a time, so that from then on every reply's
+    # prompt starts elsewhere and is computed whole; on, enough go to free a quarter of the context and
+    # the replies after keep the KV cache (the model sees less history than the webui would give it)
+    "history_in_blocks": False,
 }
 
 _INT_PARAMS = ("num_speculative_tokens", "window_size", "ngram_size", "guess_size")
-_BOOL_PARAMS = ("enabled", "auto_configure", "static_cache")
+_BOOL_PARAMS = ("enabled", "auto_configure", "static_cache", "history_in_blocks")
 
 
 # --------------------------------------------------------------------------- state of the extension
@@ -160,6 +167,7 @@ _draft = _DraftCache()
 _generator = _GeneratorCache()
 _cache_lock = threading.RLock()
 _noted: set[str] = set()
+_cuts = KeptCuts()  # where each recent chat's history was cut (history_in_blocks)
 
 
 def _note_once(key: str, message: str) -> None:
@@ -574,6 +582,38 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
         yield from _fallback(request, *failure)
 
 
+def custom_generate_chat_prompt(user_input: str, state: dict[str, Any], **kwargs: Any) -> Any:
+    """The webui's chat-prompt hook: the prompt with old rows dropped in blocks, or None (the webui's own).
+
+    Only with *history_in_blocks* on (and specdec generating for a transformers model). The webui cuts a
+    chat that outgrows ``truncation_length - max_new_tokens`` one message at a time, so every reply from
+    then on starts its prompt elsewhere and computes it whole. Here, when rows must go, enough go to free
+    a quarter of the context (:func:`specdec.history.drop_count`, the rule of ``specdec-local chat``), and
+    the chat is cut where it was until it fills the context again, so its KV cache is kept. The prompt is
+    the webui's own (``generate_chat_prompt``) for the rows that stay; a row being continued stays.
+    """
+    if not (params["enabled"] and params["history_in_blocks"]) or not _is_transformers_model(
+        getattr(shared, "model", None)
+    ):
+        return None
+    from modules.chat import generate_chat_prompt
+    from modules.text_generation import get_encoded_length
+
+    history = kwargs.get("history", state["history"])
+    rows = history["internal"]
+    whole = {**state, "truncation_length": 2**62}  # rendered without the webui's own cutting, to measure
+
+    def length(k: int) -> int:
+        prompt = generate_chat_prompt(user_input, whole, **{**kwargs, "history": drop_rows(history, k)})
+        return get_encoded_length(prompt[0] if isinstance(prompt, tuple) else prompt)
+
+    parts = len(rows) - 1 if kwargs.get("_continue") else len(rows)
+    context, room = int(state["truncation_length"]), int(state["max_new_tokens"])
+    cut = drop_count(length, max(parts, 0), room, context, _cuts.find(rows))
+    _cuts.remember(rows, cut)
+    return generate_chat_prompt(user_input, state, **{**kwargs, "history": drop_rows(history, cut)})
+
+
 def _release_memory() -> None:
     """Collect what the failed attempt left and hand cached CUDA blocks back, so the fallback has the memory."""
     import gc
@@ -683,7 +723,8 @@ def _record(stats: Any, finish: str, context: int, seed: int) -> None:
     last_reply.finish_reason = finish
     logger.info(
         f"specdec: output generated in {stats.seconds:.2f} seconds ({stats.tokens_per_second:.2f} tokens/s, "
-        f"{stats.new_tokens} tokens, context {context}, seed {seed}), method {stats.method}, "
+        f"{stats.new_tokens} tokens, context {context}, {stats.cached_tokens} kept from the reply before, "
+        f"seed {seed}), method {stats.method}, "
         f"mean accepted length {stats.mean_accepted_length:.2f}, acceptance rate {stats.acceptance_rate:.0%}"
     )
 
@@ -740,11 +781,17 @@ def ui() -> None:
                 ngram = gr.Slider(2, 8, step=1, value=params["ngram_size"], label="Lookahead n-gram N")
                 guess = gr.Slider(1, 16, step=1, value=params["guess_size"], label="Lookahead guesses G")
             medusa = gr.Textbox(value=params["medusa_heads"], label="Medusa heads folder")
-        static = gr.Checkbox(value=params["static_cache"], label=STATIC_CACHE_LABEL)
+        with gr.Row():
+            static = gr.Checkbox(value=params["static_cache"], label=STATIC_CACHE_LABEL)
+            blocks = gr.Checkbox(
+                value=params["history_in_blocks"],
+                label=HISTORY_IN_BLOCKS_LABEL,
+                info="later replies keep the KV cache; the model sees less history than the webui would give it",
+            )
         with gr.Row():
             stats = gr.Markdown(last_reply.markdown)
             show = gr.Button("Refresh stats", elem_classes="refresh-button", scale=0, min_width=120)
-    controls = (enabled, auto, method, k, draft, window, ngram, guess, medusa, static)  # as PANEL_PARAMS
+    controls = (enabled, auto, method, k, draft, window, ngram, guess, medusa, static, blocks)  # as PANEL_PARAMS
     interface = (getattr(shared, "gradio", None) or {}).get("interface")
     if interface is not None:
         # params are one per server, shared by every browser tab, while the controls were built with the
@@ -758,7 +805,7 @@ def ui() -> None:
                 gr.update(value=now["method"], interactive=now["manual"], label=now["method_label"]),
                 gr.update(value=now["num_speculative_tokens"], interactive=now["manual"]),
                 gr.update(value=now["draft_model"], choices=now["draft_choices"]),
-                *(now[name] for name in PANEL_PARAMS[5:]),  # the lookahead sizes, Medusa folder, static cache
+                *(now[name] for name in PANEL_PARAMS[5:]),  # lookahead sizes, Medusa folder, the two switches
                 now["in_use"],
                 now["stats"],
             )
@@ -790,7 +837,7 @@ def ui() -> None:
 STATS_EVERY_S = 2.0  # how often the panel's stats line follows the last reply
 PANEL_PARAMS = (
     *("enabled", "auto_configure", "method", "num_speculative_tokens", "draft_model"),
-    *("window_size", "ngram_size", "guess_size", "medusa_heads", "static_cache"),
+    *("window_size", "ngram_size", "guess_size", "medusa_heads", "static_cache", "history_in_blocks"),
 )
 """The params the panel's controls set, in the order of its controls."""
 

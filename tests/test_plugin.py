@@ -88,6 +88,10 @@ class Webui:
         self.package.logging_colors = self.logging
         self.package.text_generation = self.text_generation
         self.package.chat = self.chat
+        self.active: list[tuple[Any, str]] = []  # other active extensions, as the webui's iterator gives them
+        self.extensions = types.ModuleType("modules.extensions")
+        self.extensions.iterator = lambda: iter(self.active)
+        self.package.extensions = self.extensions
 
     def _encoded_length(self, prompt: str) -> int:
         return 1 + len(self.shared.tokenizer.encode(prompt))  # with the BOS, as the webui counts
@@ -131,6 +135,7 @@ def webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> Webui:
         ("modules.logging_colors", stub.logging),
         ("modules.text_generation", stub.text_generation),
         ("modules.chat", stub.chat),
+        ("modules.extensions", stub.extensions),
     ):
         monkeypatch.setitem(sys.modules, name, module)
     return stub
@@ -303,6 +308,25 @@ def test_history_in_blocks_keeps_a_row_being_continued(ext, webui) -> None:
         "", state(history=history, truncation_length=200), history=history, _continue=True
     )
     assert prompt.endswith(rows[-1][1]) and rows[0][0] not in prompt
+
+
+def test_another_extensions_chat_prompt_is_what_the_webui_gets(ext, webui, caplog) -> None:
+    """The webui calls the first extension's ``custom_generate_chat_prompt`` only: specdec's must hand over to
+    another's (superbooga, long_replies) rather than hide it, and then not cut the history itself."""
+    other = types.SimpleNamespace(custom_generate_chat_prompt=lambda text, state, **kw: f"built by other: {text}")
+    webui.active = [(ext, "specdec"), (types.SimpleNamespace(), "plain"), (other, "other")]
+    history = {"internal": [["a", "b"]], "visible": [["a", "b"]], "metadata": {}}
+    assert ext.custom_generate_chat_prompt("hi", state(history=history), history=history) == "built by other: hi"
+    ext.params["history_in_blocks"] = True
+    with caplog.at_level(logging.WARNING, logger="webui-stub"):
+        assert ext.custom_generate_chat_prompt("hi", state(history=history), history=history) == "built by other: hi"
+    assert any("other builds the chat prompt" in r.message for r in caplog.records)
+
+
+def test_an_extension_that_changes_logits_sends_replies_to_the_webui(ext, webui) -> None:
+    webui.active = [(ext, "specdec"), (types.SimpleNamespace(logits_processor_modifier=None), "bias")]
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    assert "bias" in ext.last_reply.note
 
 
 def test_the_log_line_says_what_the_e2e_scripts_chat_at_the_limit_reads(ext, tiny, caplog) -> None:

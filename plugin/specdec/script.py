@@ -311,19 +311,22 @@ def _watch(interval: float = 2.0) -> None:
             logger.exception("specdec: releasing cached state failed")
 
 
-def _hooking_extensions() -> list[str]:
-    """Other active extensions that change the tokens or logits (specdec would ignore them)."""
+def _other_extensions_with(*hooks: str) -> list[tuple[Any, str]]:
+    """Other active extensions that define any of ``hooks``, as ``(module, name)`` in the webui's order."""
     try:
         from modules import extensions
     except ImportError:
         return []
-    names = []
-    for extension, name in extensions.iterator():
-        if name != EXTENSION_NAME and any(
-            hasattr(extension, h) for h in ("tokenizer_modifier", "logits_processor_modifier")
-        ):
-            names.append(name)
-    return names
+    return [
+        (extension, name)
+        for extension, name in extensions.iterator()
+        if name != EXTENSION_NAME and any(hasattr(extension, h) for h in hooks)
+    ]
+
+
+def _hooking_extensions() -> list[str]:
+    """Other active extensions that change the tokens or logits (specdec would ignore them)."""
+    return [name for _, name in _other_extensions_with("tokenizer_modifier", "logits_processor_modifier")]
 
 
 def _encode(question: str, state: dict[str, Any], tokenizer: Any) -> list[int]:
@@ -591,7 +594,18 @@ def custom_generate_chat_prompt(user_input: str, state: dict[str, Any], **kwargs
     a quarter of the context (:func:`specdec.history.drop_count`, the rule of ``specdec-local chat``), and
     the chat is cut where it was until it fills the context again, so its KV cache is kept. The prompt is
     the webui's own (``generate_chat_prompt``) for the rows that stay; a row being continued stays.
+
+    The webui calls only the first extension that has this hook; when another active one has it too
+    (superbooga, long_replies), its prompt is returned, as the webui would have used it without specdec.
     """
+    builders = _other_extensions_with("custom_generate_chat_prompt")
+    if builders:
+        extension, name = builders[0]
+        if params["history_in_blocks"]:
+            _note_once(
+                f"prompt:{name}", f"the extension {name} builds the chat prompt, so history_in_blocks is not used"
+            )
+        return extension.custom_generate_chat_prompt(user_input, state, **kwargs)
     if not (params["enabled"] and params["history_in_blocks"]) or not _is_transformers_model(
         getattr(shared, "model", None)
     ):

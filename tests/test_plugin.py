@@ -286,10 +286,12 @@ def test_history_in_blocks_keeps_the_kv_cache_at_the_context_limit(ext, webui) -
     tokenizer = webui.shared.tokenizer
     webui.shared.model = tiny_model("llama", seed=0, vocab=len(tokenizer), max_positions=LONG_CONTEXT, device="cpu")
     webuis = _chat_at_the_limit(ext, webui, 44)
+    assert ext.HISTORY_IN_BLOCKS_LABEL in ext.last_reply.markdown(), "the panel says what would keep the cache"
     assert ext.custom_generate_chat_prompt("hi", state(history={"internal": []}), history={"internal": []}) is None
     ext.release("all")
     ext.params["history_in_blocks"] = True
     blocks = _chat_at_the_limit(ext, webui, 44)
+    assert ext.HISTORY_IN_BLOCKS_LABEL not in ext.last_reply.markdown()
     at_limit = [i for i, (dropped, _, _) in enumerate(webuis) if dropped]
     assert len(at_limit) >= 4, webuis
     assert all(webuis[i][2] < webuis[i][1] // 2 for i in at_limit[1:]), f"the webui's own cut kept it: {webuis}"

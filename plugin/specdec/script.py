@@ -109,6 +109,7 @@ class LastReply:
     finish_reason: str = ""
     note: str = ""  # why the webui's own generation was used, if it was
     choice: str = ""  # the method specdec used and why
+    advice: str = ""  # what a setting of the panel would have saved in this reply
 
     def markdown(self) -> str:
         """The stats as a short Markdown block."""
@@ -129,6 +130,7 @@ class LastReply:
             + (f" · CUDA graphs captured in {self.capture_seconds:.2f} s" if self.capture_seconds else "")
             + (f" · {self.note}" if self.note else "")
             + (f"\n\n{self.choice}" if self.choice else "")
+            + (f"\n\n{self.advice}" if self.advice else "")
         )
 
 
@@ -720,6 +722,30 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
         stream.close()
         if event is not None:
             _record(event.stats, finish or event.finish_reason or "stopped", len(prompt_ids), seed)
+            last_reply.advice = _limit_advice(event.stats, state)
+
+
+def _limit_advice(stats: Any, state: dict[str, Any]) -> str:
+    """A line for the panel when a chat near its truncation length computed its whole prompt again."""
+    room = int(state.get("truncation_length", 0) or 0) - int(state.get("max_new_tokens", 0) or 0)
+    history = state.get("history") or {}
+    if (
+        params["history_in_blocks"]
+        or not history.get("internal")
+        or room <= 0
+        or stats.prompt_tokens < NEAR_LIMIT * room
+        or stats.cached_tokens >= stats.prompt_tokens // 2
+    ):
+        return ""
+    return (
+        f"This chat is near its truncation length ({room} tokens for the prompt), and this reply computed its "
+        "whole prompt again: once the webui cuts a chat's beginning, one message per reply, every reply does. "
+        f"*{HISTORY_IN_BLOCKS_LABEL}* drops a quarter of the context at a time instead and keeps the cache."
+    )
+
+
+NEAR_LIMIT = 0.75
+"""Share of the prompt's room from which a chat is near its truncation length (for the panel's advice)."""
 
 
 def _record(stats: Any, finish: str, context: int, seed: int) -> None:

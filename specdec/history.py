@@ -80,14 +80,7 @@ def fit_history(
     def kept(k: int) -> Messages:
         return messages[:first] + messages[ends[k - 1] if k else first :]
 
-    lengths: dict[int, int] = {}
-
-    def length(k: int) -> int:
-        if k not in lengths:
-            lengths[k] = len(gen.encode(kept(k)))
-        return lengths[k]
-
-    dropped = drop_count(length, len(ends), max_new_tokens, gen.context_length)
+    dropped = drop_count(lambda k: len(gen.encode(kept(k))), len(ends), max_new_tokens, gen.context_length)
     messages[:] = kept(dropped)
     ids = gen.encode(messages)
     room = gen.context_length - len(ids)

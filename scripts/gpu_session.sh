@@ -12,7 +12,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider --device cuda tests/test_static.py tests/test_greedy.py tests/test_prefix_cache.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider --device cuda tests/test_static.py tests/test_greedy.py tests/test_prefix_cache.py \
     2>&1 | tail -40 | tee "$out/pytest-cuda.txt"
 timeout 60 python3 scripts/host_ops.py --device cuda --repeats 3 2>&1 | grep '^{' | tee "$out/host-ops-cuda.jsonl"
 timeout 300 python3 scripts/gpu_profile.py --device cuda --dtype bfloat16 --targets 1.5b,7b \

@@ -109,8 +109,10 @@ def test_conversations_kept_aside_hold_at_most_their_share_of_the_free_memory(mo
     """The count is not the only bound: a large model's long chats kept aside would take gigabytes, so they
     hold at most :data:`specdec.kvcache.ASIDE_MEMORY` of the RAM that would be free without them."""
     target = tiny_model("qwen2", seed=0, sharpness=3.0)
-    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup")
+    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup", static_cache=False)
     chats = [[40 + i, 41, 42, 43, 44, 45, 46, 47] for i in range(3)]
+    if gen.kv.conversations < 3:
+        pytest.skip("an accelerator keeps one conversation: nothing is kept aside")
     gen.generate(chats[0], max_new_tokens=8)
     one = kvcache.cache_bytes(gen.kv.cache)
     # free memory such that the share of it (the kept caches counted as free) holds one chat, not two:

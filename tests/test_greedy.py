@@ -250,7 +250,8 @@ def test_draft_copies_only_while_they_pay():
     from specdec.sampling import SamplingConfig
 
     model = tiny_model("llama")
-    gen = specdec.SpeculativeGenerator(model, method="draft", draft=model, int8=False)
+    # the proposer driven by hand, without a generation to size a static cache: the dynamic one
+    gen = specdec.SpeculativeGenerator(model, method="draft", draft=model, int8=False, static_cache=False)
     proposer = gen.proposer
     tokens = torch.tensor([7, 8, 9, 10, 11, 12, 7, 8, 9])
     state = DecodeState(tokens=tokens, prompt_length=9, sampling=SamplingConfig(), generator=None)
@@ -269,7 +270,7 @@ def test_the_prompt_is_prefilled_apart(method):
     """The prompt before the pending token is cached by one causal forward without a mask or hidden
     states; every step's forward then holds only the step's own rows (root, nodes, extra rows)."""
     model = tiny_model("llama")
-    gen = specdec.SpeculativeGenerator(model, method=method)
+    gen = specdec.SpeculativeGenerator(model, method=method, static_cache=False)  # the static path pads rows
     calls, observed = [], []
     hook = model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(
@@ -302,7 +303,9 @@ def test_draft_checks_context_copies_in_its_own_forward(arch):
     model = tiny_model(arch, seed=3, sharpness=6.0)
     prompt = [5, 17, 33, 8, 61, 2, 44]
     context = prompt + hf_greedy(model, prompt, 30)  # a peaked random model falls into a loop
-    gen = specdec.SpeculativeGenerator(model, method="draft", draft=model, int8=False, confidence_stop=0.0)
+    gen = specdec.SpeculativeGenerator(
+        model, method="draft", draft=model, int8=False, confidence_stop=0.0, static_cache=False
+    )  # driven by hand, and its cache read as a DynamicCache
     proposer = gen.proposer
     forwards = []
     hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))

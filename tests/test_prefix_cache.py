@@ -61,8 +61,8 @@ def test_the_draft_model_prefills_only_what_is_new():
     draft.register_forward_pre_hook(
         lambda _m, args, kwargs: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
-    gen = specdec.SpeculativeGenerator(
-        target, method="draft", draft=draft, num_speculative_tokens=3, ngram_first=False, int8=False
+    gen = specdec.SpeculativeGenerator(  # rows as the dynamic path runs them (the static path pads them)
+        target, method="draft", draft=draft, num_speculative_tokens=3, ngram_first=False, int8=False, static_cache=False
     )
     first = gen.generate(PROMPT, max_new_tokens=12)
     assert rows[0] == len(PROMPT) - 1  # the draft's own prefill, before the pending token
@@ -137,7 +137,9 @@ def test_off_means_every_generation_starts_empty():
     target.register_forward_pre_hook(
         lambda _m, args, kwargs: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
-    gen = specdec.SpeculativeGenerator(target, method="draft", draft=target, prefix_cache=False, int8=False)
+    gen = specdec.SpeculativeGenerator(
+        target, method="draft", draft=target, prefix_cache=False, int8=False, static_cache=False
+    )  # rows as the dynamic path runs them
     first = gen.generate(PROMPT, max_new_tokens=8)
     prompt = PROMPT + first.token_ids + USER[0]
     rows.clear()

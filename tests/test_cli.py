@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -79,8 +80,32 @@ def test_generate_streams_then_prints_stats(smollm2):
     assert "tok/s" in res.output and "mean accepted length" in res.output
 
 
+INTERRUPTED = -signal.SIGINT
+"""How an interrupted command ends: killed by SIGINT (a shell shows 130 and stops the script around it)."""
+
+
 @pytest.mark.real_model
-def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
+def test_ctrl_c_stops_a_shell_loop_of_commands(smollm2):
+    """Ctrl-C reaches the whole foreground group, the shell too; bash stops a loop only when the command died
+    of SIGINT (with a plain exit code 130 it went on with the next prompt)."""
+    command = f"{shlex.quote(sys.executable)} -m specdec.cli generate -n 2000 --method none --threads 1"
+    loop = f'for p in one two three; do {command} "Count from 1 to 900 ($p)."; echo "after $p status $?"; done'
+    proc = subprocess.Popen(
+        ["bash", "-c", loop],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout.read(8)  # the first command streams its reply
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    out, err = proc.communicate(timeout=120)
+    assert b"after" not in out, (out[-300:], err[-500:])
+    assert "[interrupted]" in err.decode() and proc.returncode == INTERRUPTED  # the shell stopped by it too
+
+
+@pytest.mark.real_model
+def test_ctrl_c_keeps_text_prints_stats_and_exits_as_interrupted(smollm2):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -108,7 +133,7 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(smollm2):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == INTERRUPTED
     assert "[interrupted]" in err.decode() and "tok/s" in err.decode()
     assert len(first + out) > 8
 
@@ -126,14 +151,14 @@ def test_ctrl_c_with_json_prints_what_was_made(smollm2):
     time.sleep(10)  # the float32 copy loads in about 3 s; 3000 tokens take minutes
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()[-500:]
+    assert proc.returncode == INTERRUPTED, err.decode()[-500:]
     record = json.loads(out)
     assert record["finish_reason"] == "interrupted" and 0 < len(record["token_ids"]) < 3000
     assert record["text"].startswith("1") and record["stats"]["new_tokens"] == len(record["token_ids"])
 
 
 @pytest.mark.real_model
-def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(smollm2, tmp_path):
+def test_ctrl_c_while_the_model_loads_exits_as_interrupted_without_a_traceback(smollm2, tmp_path):
     """The .gguf load (a fresh model cache, so no unpacked copy: ~16 s here) is cut by Ctrl-C at 10 s."""
     from specdec import models
 
@@ -149,7 +174,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(smollm2, tmp
     time.sleep(10)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()
+    assert proc.returncode == INTERRUPTED, err.decode()
     assert err.decode().strip().splitlines()[-1] == "interrupted" and "Traceback" not in err.decode()
     assert out == b""
 

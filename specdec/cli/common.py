@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -66,6 +68,24 @@ def interrupts_kept() -> Iterator[None]:
         sys.unraisablehook = previous_hook
 
 
+def exit_interrupted() -> NoReturn:
+    """End the process as a program stopped by Ctrl-C ends: killed by SIGINT, once what was printed is flushed.
+
+    A shell then shows status 130 and stops the loop or script that ran the command; after a plain exit
+    code 130 bash went on with the next command, so Ctrl-C could not stop ``for p in ...; do specdec-local
+    generate "$p"; done``. (Python does the same for a Ctrl-C nobody catches.) Exit code 130 where there
+    are no POSIX signals or this is not the main thread.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    logging.shutdown()
+    if os.name == "posix" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(130)
+
+
 def echo_error(error: SpecdecError) -> None:
     """``error: ...`` and, when there is one, ``  hint: ...`` on stderr."""
     click.echo(f"error: {error.message}", err=True)
@@ -75,8 +95,8 @@ def echo_error(error: SpecdecError) -> None:
 
 def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`SpecdecError` into a message and exit code 1, without a traceback; Ctrl-C before the
-    command handles it (while a model loads) into one line and exit code 130, as for any interrupted program.
-    No Ctrl-C is lost (:func:`interrupts_kept`)."""
+    command handles it (while a model loads) into one line and :func:`exit_interrupted`. No Ctrl-C is lost
+    (:func:`interrupts_kept`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -88,7 +108,7 @@ def report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            exit_interrupted()
 
     return wrapper
 

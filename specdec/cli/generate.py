@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .common import (
+    exit_interrupted,
     load_generator,
     model_options,
     quiet_libraries,
@@ -83,7 +84,7 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
         stats = gen.last_stats
         if stats is not None:
             click.echo(f"[interrupted] {stats.summary()}", err=True)
-        sys.exit(130)
+        exit_interrupted()
     sys.stdout.write("\n")
     if stats is not None:
         click.echo(stats.summary(), err=True)
@@ -91,7 +92,7 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
 
 def _print_json(gen: Any, messages: Any, sampling: dict[str, Any]) -> None:
     """Generate and print one JSON object; Ctrl-C prints what was made so far (``finish_reason``
-    ``"interrupted"``) and exits with 130."""
+    ``"interrupted"``) and exits as interrupted (:func:`~specdec.cli.common.exit_interrupted`)."""
     texts: list[str] = []
     ids: list[int] = []
     finish, stats = None, None
@@ -105,7 +106,7 @@ def _print_json(gen: Any, messages: Any, sampling: dict[str, Any]) -> None:
     record = {"text": "".join(texts), "token_ids": ids, "finish_reason": finish or "length"}
     click.echo(json.dumps({**record, "stats": stats.to_dict() if stats is not None else None}))
     if finish == "interrupted":
-        sys.exit(130)
+        exit_interrupted()
 
 
 commands = [generate]

@@ -138,15 +138,20 @@ def wait(port: int, timeout: float, log: Path | None) -> None:
     sys.exit(1)
 
 
-def request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra: object) -> dict:
-    """One greedy chat completion through the API; text, token counts and wall time seen by the client.
-    ``extra``: more request fields (the webui's own, such as ``truncation_length``)."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0, "stream": False, **extra}
-    req = urllib.request.Request(
+def _chat_completion(port: int, messages: list[dict[str, str]], max_tokens: int, **fields: object):
+    """A greedy ``/v1/chat/completions`` request to the webui on ``port`` (``fields``: more request fields)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 0, **fields}
+    return urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
+
+
+def request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra: object) -> dict:
+    """One greedy chat completion through the API; text, token counts and wall time seen by the client.
+    ``extra``: more request fields (the webui's own, such as ``truncation_length``)."""
+    req = _chat_completion(port, messages, max_tokens, stream=False, **extra)
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=1800) as r:
         reply = json.load(r)
@@ -162,20 +167,7 @@ def request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra:
 
 def streamed_request(port: int, messages: list[dict[str, str]], max_tokens: int, **extra: object) -> dict:
     """:func:`request` streamed: also the seconds until the first piece of the reply arrives."""
-    body = {
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "seed": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **extra,
-    }
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    req = _chat_completion(port, messages, max_tokens, stream=True, stream_options={"include_usage": True}, **extra)
     text, first, usage = "", None, {}
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=1800) as r:

@@ -24,8 +24,8 @@
 #   OUT           where results and logs go (default: a temp dir)
 #   LIMIT_TURNS   instead of the suite: a chat of this many turns at TRUNCATION (default 1024) tokens, through
 #                 two webuis with the extension, one cutting the history its own way and one with
-#                 specdec-history_in_blocks; prints the prompt tokens computed and
-#                 seconds per turn past the limit
+#                 specdec-history_in_blocks; prints per turn past the limit the prompt tokens computed,
+#                 the seconds to the first token and to the whole reply
 set -euo pipefail
 
 WEBUI_DIR=$(cd "${1:?usage: scripts/webui_e2e.sh WEBUI_DIR}" && pwd)

@@ -618,15 +618,22 @@ def custom_generate_chat_prompt(user_input: str, state: dict[str, Any], **kwargs
     history = kwargs.get("history", state["history"])
     rows = history["internal"]
     whole = {**state, "truncation_length": 2**62}  # rendered without the webui's own cutting, to measure
+    context, room = int(state["truncation_length"]), int(state["max_new_tokens"])
+    fitting: dict[int, Any] = {}  # prompts measured that fit: the webui's own cutting would not change them
 
     def length(k: int) -> int:
         prompt = generate_chat_prompt(user_input, whole, **{**kwargs, "history": drop_rows(history, k)})
-        return get_encoded_length(prompt[0] if isinstance(prompt, tuple) else prompt)
+        tokens = get_encoded_length(prompt[0] if isinstance(prompt, tuple) else prompt)
+        if tokens <= context - room:
+            fitting[k] = prompt
+        return tokens
 
     parts = len(rows) - 1 if kwargs.get("_continue") else len(rows)
-    context, room = int(state["truncation_length"]), int(state["max_new_tokens"])
     cut = drop_count(length, max(parts, 0), room, context, _cuts.find(rows))
     _cuts.remember(rows, cut)
+    if cut in fitting:
+        return fitting[cut]
+    # even the newest message alone does not fit (or no row was measured): the webui cuts that message itself
     return generate_chat_prompt(user_input, state, **{**kwargs, "history": drop_rows(history, cut)})
 
 

@@ -53,6 +53,15 @@ def trace(args: argparse.Namespace) -> None:
     }
     for method in args.methods.split(","):
         k, options = profile_choices(args, method)
+        label = method
+        if method in ("draft", "auto"):
+            from specdec.proposers.draft_model import tree_nodes
+            from specdec.proposers.options import DraftOptions
+
+            if args.tree_nodes is not None:
+                options["tree_nodes"] = args.tree_nodes
+            nodes = tree_nodes(DraftOptions(**options), args.propose_as)
+            label = f"{method} (tree of {nodes})" if nodes else method
         gen = specdec.SpeculativeGenerator(
             target,
             tokenizer,
@@ -107,14 +116,14 @@ def trace(args: argparse.Namespace) -> None:
                     }
                 )
                 print(
-                    f"{method:<14} {prompt.id:<22} {res.stats.new_tokens:>4} tok {res.stats.steps:>4} steps "
+                    f"{label:<14} {prompt.id:<22} {res.stats.new_tokens:>4} tok {res.stats.steps:>4} steps "
                     f"{res.stats.tokens_per_second:6.2f} tok/s",
                     flush=True,
                 )
         finally:
             if hook is not None:
                 hook.remove()
-        out["methods"][method] = runs
+        out["methods"][label] = runs
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out))
 
@@ -157,16 +166,22 @@ def step_costs(costs: dict, target: str) -> tuple[dict[str, float], dict[str, fl
 
 
 def project(args: argparse.Namespace) -> None:
-    traces = json.loads(Path(args.traces).read_text())
+    methods: dict[str, list] = {}
+    for path in args.traces:  # several files: their methods side by side
+        methods.update(json.loads(Path(path).read_text())["methods"])
     costs = json.loads(Path(args.costs).read_text())
     target, draft, outside, none_tok_s = step_costs(costs, args.target)
+    if args.draft_ratio is not None:
+        draft = {rows: ms * args.draft_ratio for rows, ms in target.items()}
     plain_ms = target["1"] + outside  # a token of plain decoding, in the same units as the projection
     print(
         f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
-        f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms, {outside:.2f} ms outside the forward"
+        f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms"
+        f"{f' (assumed: {args.draft_ratio} x the target step)' if args.draft_ratio is not None else ''}, "
+        f"{outside:.2f} ms outside the forward"
     )
     results = {}
-    for method, runs in traces["methods"].items():
+    for method, runs in methods.items():
         by_cat: dict[str, list[float]] = {}
         for run in runs:
             ms = tokens = 0.0
@@ -209,11 +224,23 @@ def main() -> None:
         "--propose-as", default="cuda", help="whose prior row costs the controllers use (specdec.costs.PRIORS)"
     )
     t.add_argument("--profile", default=None, help="a hardware profile whose method settings to use (gpu-24gb...)")
+    t.add_argument(
+        "--tree-nodes",
+        type=int,
+        default=None,
+        help="the draft method's tree_nodes (0 = chains; default: chosen by --propose-as); a tree names the method",
+    )
     t.add_argument("--out", required=True)
     p = sub.add_parser("project", help="project GPU tokens/s from traces and gpu_profile.py costs")
-    p.add_argument("--traces", required=True)
+    p.add_argument("--traces", required=True, nargs="+", help="trace files (their methods side by side)")
     p.add_argument("--costs", required=True)
     p.add_argument("--target", default="1.5b", help="which target of the costs file (1.5b, 7b)")
+    p.add_argument(
+        "--draft-ratio",
+        type=float,
+        default=None,
+        help="assume a draft step costs this x the target step at each row count (instead of the measured draft)",
+    )
     args = ap.parse_args()
     trace(args) if args.command == "trace" else project(args)
 

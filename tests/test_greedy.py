@@ -56,6 +56,7 @@ def test_matches_hf_greedy(arch, method, draft_kind, k):
             ngram_first=False,
             confidence_stop=0.0,
             int8=False,
+            tree_nodes=0,  # a chain (a GPU drafts trees by default)
         )
         res = gen.generate(prompt, max_new_tokens=48)
         assert res.token_ids == ref
@@ -117,15 +118,24 @@ def test_smollm2_greedy_prompt_lookup_and_self_draft(smollm2):
     res = gen.generate(messages, max_new_tokens=40)
     assert res.token_ids == ref
     assert res.stats.mean_accepted_length > 1.0
-    res = specdec.SpeculativeGenerator(
-        model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False, int8=False
-    ).generate(messages, max_new_tokens=40)
+    chain = dict(num_speculative_tokens=4, ngram_first=False, tree_nodes=0)
+    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, int8=False, **chain).generate(
+        messages, max_new_tokens=40
+    )
     assert res.token_ids == ref and res.stats.acceptance_rate == 1.0
     # the int8 copy of the draft (the CPU default) proposes slightly different tokens; the output is the same
-    res = specdec.SpeculativeGenerator(
-        model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False
-    ).generate(messages, max_new_tokens=40)
+    res = specdec.SpeculativeGenerator(model, tok, method="draft", draft=model, **chain).generate(
+        messages, max_new_tokens=40
+    )
     assert res.token_ids == ref and res.stats.acceptance_rate > 0.6
+    # a draft tree of 16 nodes (what a GPU drafts by default)
+    gen = specdec.SpeculativeGenerator(
+        model, tok, method="draft", draft=model, num_speculative_tokens=4, ngram_first=False, tree_nodes=16
+    )
+    steps = _recorded(gen)
+    res = gen.generate(messages, max_new_tokens=40)
+    assert res.token_ids == ref and res.stats.mean_accepted_length > 2.0
+    assert any(not s.proposal.is_chain for s in steps)
 
 
 @pytest.mark.real_model
@@ -335,3 +345,123 @@ def test_a_draft_length_of_zero_proposes_nothing(ngram_first):
     res = gen.generate(prompt, max_new_tokens=40)
     assert res.token_ids == hf_greedy(target, prompt, 40)
     assert res.stats.proposed == 0 and res.stats.steps == 40
+
+
+def _recorded(gen: specdec.SpeculativeGenerator) -> list:
+    """Wrap ``gen``'s proposer so that every verified step's outcome is kept (a list that fills as it runs)."""
+    outcomes = []
+    observe = gen.proposer.observe
+
+    def record(outcome):
+        outcomes.append(outcome)
+        observe(outcome)
+
+    gen.proposer.observe = record
+    return outcomes
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "draft_kind,k,nodes,static",
+    [("random", None, 12, False), ("random", 4, 31, True), ("self", 3, 8, False), ("self", None, 12, True)],
+)
+def test_draft_trees_match_hf_greedy(arch, draft_kind, k, nodes, static):
+    """A draft tree (the draft's likeliest tokens at its likeliest nodes) gives plain greedy output, on
+    either cache path; with the target as its own draft its first token is always accepted."""
+    target = tiny_model(arch, seed=0, sharpness=3.0)
+    draft = target if draft_kind == "self" else tiny_model(arch, seed=7, sharpness=3.0)
+    prompt = _prompt()
+    ref = hf_greedy(target, prompt, 48)
+    gen = specdec.SpeculativeGenerator(
+        target,
+        method="draft",
+        draft=draft,
+        num_speculative_tokens=k,
+        tree_nodes=nodes,
+        static_cache=static,
+        int8=False,
+        ngram_first=False,
+    )
+    steps = _recorded(gen)
+    res = gen.generate(prompt, max_new_tokens=48)
+    assert res.token_ids == ref
+    trees = [s for s in steps if s.proposal.num_nodes]
+    assert trees and all(not s.proposal.is_chain and s.proposal.num_nodes <= nodes for s in trees)
+    assert any(s.proposal.num_nodes > (k or 1) for s in trees)  # wider than a chain as deep
+    if draft_kind == "self":
+        assert all(s.accepted_nodes for s in trees)
+
+
+def test_draft_trees_only_under_plain_greedy_decoding():
+    """Sampling and a repetition penalty (whose draft distribution depends on each node's own path) draft chains."""
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    draft = tiny_model("llama", seed=7, sharpness=3.0)
+    prompt = _prompt()
+    for kwargs in ({"temperature": 0.8, "seed": 3}, {"repetition_penalty": 1.3}):
+        gen = specdec.SpeculativeGenerator(
+            target, method="draft", draft=draft, num_speculative_tokens=3, tree_nodes=12, int8=False
+        )
+        steps = _recorded(gen)
+        res = gen.generate(prompt, max_new_tokens=24, **kwargs)
+        assert all(s.proposal.is_chain for s in steps) and res.stats.proposed > 0
+        if "repetition_penalty" in kwargs:
+            assert res.token_ids == hf_greedy(target, prompt, 24, repetition_penalty=1.3)
+
+
+def test_draft_trees_are_drafted_where_target_rows_are_nearly_free():
+    from specdec.proposers.draft_model import tree_nodes
+    from specdec.proposers.options import DRAFT_TREE_ROWS, DraftOptions
+
+    assert tree_nodes(DraftOptions(), "cuda") == DRAFT_TREE_ROWS - 1
+    for kind in ("cpu", "cpu-fp32", "cpu-emulated"):
+        assert tree_nodes(DraftOptions(), kind) == 0
+    assert tree_nodes(DraftOptions(tree_nodes=5), "cpu") == 5
+    assert tree_nodes(DraftOptions(tree_nodes=0), "cuda") == 0
+    # a generator choosing as on a GPU (as scripts/project_gpu.py traces do) drafts trees by default
+    target = tiny_model("qwen2", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="draft", draft=tiny_model("qwen2", seed=7, sharpness=3.0))
+    gen.cost_kind = "cuda"
+    steps = _recorded(gen)
+    res = gen.generate(_prompt(), max_new_tokens=32)
+    assert res.token_ids == hf_greedy(target, _prompt(), 32)
+    assert any(not s.proposal.is_chain for s in steps)
+
+
+def test_a_draft_tree_holds_its_likeliest_nodes_parents_first():
+    from specdec.proposers.draft_model import DraftTree
+
+    g = torch.Generator().manual_seed(0)
+    tree = DraftTree()
+    tree.offer(-1, torch.log_softmax(torch.randn(50, generator=g), -1), 4)
+    for depth in range(1, 5):
+        grow = tree.frontier(depth, 3)
+        rows = tree.with_ancestors(grow)
+        assert rows[-len(grow) :] == grow  # the frontier last, in its order (the forward's last rows)
+        seen = tree.visibility(rows)
+        for j, node in enumerate(rows):  # a row sees itself and its ancestors only
+            path = set()
+            while node >= 0:
+                path.add(rows.index(node))
+                node = tree.parents[node]
+            assert set(seen[j].nonzero().flatten().tolist()) == path
+        for node in grow:
+            tree.offer(node, torch.log_softmax(torch.randn(50, generator=g), -1), 4)
+    tokens, parents = tree.best(20)
+    assert len(tokens) == 20
+    scores = sorted(tree.scores, reverse=True)
+    chosen: list[tuple[int, ...]] = []
+    for token, parent in zip(tokens, parents):
+        assert parent < len(chosen)  # a parent before its children
+        chosen.append((chosen[parent] if parent >= 0 else ()) + (token,))
+    assert len(set(chosen)) == 20  # siblings differ
+    # the 20 likeliest paths: every chosen score is at least the 20th best
+    kept = {tuple(_path(tree, i)) for i in range(len(tree.tokens)) if tree.scores[i] >= scores[19]}
+    assert set(chosen) <= kept
+
+
+def _path(tree, node: int) -> list[int]:
+    out = []
+    while node >= 0:
+        out.append(tree.tokens[node])
+        node = tree.parents[node]
+    return out[::-1]

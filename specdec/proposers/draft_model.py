@@ -24,6 +24,14 @@ proposed, never how it is verified):
 - *confidence stop*: drafting stops early once the draft's own probability of
   its token falls below ``confidence_stop``.
 
+Where an extra target row is nearly free (a GPU), greedy decoding drafts a
+*tree* instead of a chain (:class:`DraftTree`): at each depth one draft forward
+over the :data:`TREE_BEAM` likeliest nodes (by the product of the draft's
+probabilities along their path) offers each one's :data:`TREE_WIDTH` likeliest
+tokens, and the ``tree_nodes`` likeliest nodes of all are verified. As many
+draft forwards as a chain of the same depth, and a rejected token often has
+the target's choice beside it.
+
 And two ways to make each draft token cheaper, lossless for the same reason:
 on a CPU the draft runs as an int8 weight-only copy (:mod:`specdec.compact`),
 ~1.6x faster per token for the 0.5B draft measured here; and under greedy
@@ -38,7 +46,7 @@ import time
 
 import torch
 
-from .. import compact
+from .. import compact, costs
 from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
 from ..modelinfo import output_rows
@@ -46,13 +54,90 @@ from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
 from ..static import open_cache
 from .base import DecodeState, Proposal, StepOutcome
-from .options import DraftOptions
+from .options import DRAFT_TREE_ROWS, DraftOptions
 
 VALUE_DECAY = 0.3  # weight of the newest step in the copy/draft value averages
 GUESS_MIN_NGRAM = 1  # shortest suffix of the drafted text matched for a copy the draft checks (a lone
 # one-token match offers at most SHORT_COPY tokens: see ngrams.copy_length)
 GUESS_START = 3  # copied tokens the draft checks at first; doubles while all are taken
 MAX_GUESS_TOKENS = 16
+TREE_BEAM = 4  # nodes of a draft tree expanded per depth: the likeliest by path probability
+TREE_WIDTH = 4  # tokens each expanded node offers: the draft's likeliest
+TREE_MAX_COST = 1.25  # trees are drafted by default where a DRAFT_TREE_ROWS-row forward costs at most this x one row
+
+
+def tree_nodes(cfg: DraftOptions, cost_kind: str) -> int:
+    """Nodes of the draft tree verified per greedy step on a target of ``cost_kind``; 0 = a chain.
+
+    ``cfg.tree_nodes`` when given; else ``DRAFT_TREE_ROWS - 1`` where the kind's prior row costs
+    (:func:`specdec.costs.prior`) make a ``DRAFT_TREE_ROWS``-row forward cost at most
+    :data:`TREE_MAX_COST` x one row (a GPU), else 0 (a CPU, where rows cost their share).
+    """
+    if cfg.tree_nodes is not None:
+        return cfg.tree_nodes
+    prior = costs.prior(cost_kind, monotone=True)
+    return DRAFT_TREE_ROWS - 1 if prior(DRAFT_TREE_ROWS) <= TREE_MAX_COST * prior(1) else 0
+
+
+class DraftTree:
+    """A draft tree being grown: nodes with their token, parent, depth and log path probability.
+
+    Nodes are appended parents first; ``-1`` is the root (the pending token).
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.scores: list[float] = []
+
+    def offer(self, parent: int, logprobs: torch.Tensor, width: int) -> None:
+        """Add ``parent``'s ``width`` likeliest tokens; ``logprobs``: ``[V]`` the draft's log-probabilities there."""
+        base = self.scores[parent] if parent >= 0 else 0.0
+        depth = self.depths[parent] + 1 if parent >= 0 else 1
+        top = logprobs.topk(min(width, logprobs.numel()))
+        for lp, token in zip(top.values.tolist(), top.indices.tolist()):
+            if lp == float("-inf"):
+                break  # a suppressed token
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.depths.append(depth)
+            self.scores.append(base + lp)
+
+    def frontier(self, depth: int, beam: int) -> list[int]:
+        """The ``beam`` likeliest nodes at ``depth``, likeliest first."""
+        at = [i for i, d in enumerate(self.depths) if d == depth]
+        return sorted(at, key=lambda i: -self.scores[i])[:beam]
+
+    def with_ancestors(self, nodes: list[int]) -> list[int]:
+        """``nodes`` (all at one depth) and their ancestors: the ancestors shallowest first, then ``nodes`` in
+        their order."""
+        order = {node: j for j, node in enumerate(nodes)}
+        seen: set[int] = set()
+        for node in nodes:
+            while node >= 0 and node not in seen:
+                seen.add(node)
+                node = self.parents[node]
+        return sorted(seen, key=lambda i: (i in order, self.depths[i], order.get(i, i)))
+
+    def best(self, n: int) -> tuple[list[int], list[int]]:
+        """The ``n`` likeliest nodes as ``(tokens, parents)`` in topological order (a parent before its
+        children, siblings likeliest first). A node is never likelier than its parent, so the choice
+        holds every chosen node's ancestors."""
+        chosen = sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], self.depths[i], i))[:n]
+        chosen.sort(key=lambda i: (self.depths[i], -self.scores[i], i))
+        index = {node: j for j, node in enumerate(chosen)}
+        return [self.tokens[i] for i in chosen], [index.get(self.parents[i], -1) for i in chosen]
+
+    def visibility(self, rows: list[int]) -> torch.Tensor:
+        """``[t, t]`` bool: which of ``rows`` (closed under ancestors) each one sees (itself and its ancestors)."""
+        index = {node: j for j, node in enumerate(rows)}
+        seen = torch.zeros(len(rows), len(rows), dtype=torch.bool)
+        for j, node in enumerate(rows):
+            while node >= 0:
+                seen[j, index[node]] = True
+                node = self.parents[node]
+        return seen
 
 
 class DraftModelProposer:
@@ -76,6 +161,9 @@ class DraftModelProposer:
         self.cached = 0  # committed tokens whose KV is in the draft cache
         self._unfed = 0  # drafted tokens whose KV is in the draft cache
         self._ran = False  # whether the draft model ran for the current step
+        self._forwards = 0  # draft forwards of the current step (a chain: its tokens)
+        self._tree = False  # whether the current step verifies a draft tree
+        self.tree_nodes = 0  # nodes of a draft tree in this generation (0 = chains)
         self._idle = 0  # steps in which the controller chose not to draft
         self.index: NgramIndex | None = None
         self.copy_length = cfg.ngram_tokens
@@ -88,6 +176,7 @@ class DraftModelProposer:
         # seeded sampling must not depend on measured times (see DraftLengthController)
         self.controller.start(deterministic=state.timing_free, cost_kind=state.cost_kind)
         self.device = next(self.model.parameters()).device
+        self.tree_nodes = tree_nodes(self.cfg, state.cost_kind)
         self._prefill(state)
         self._unfed = self._idle = 0
         self.index = None
@@ -115,7 +204,7 @@ class DraftModelProposer:
         self.kv.remember(prompt[: self.cached])
 
     def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
-        self._unfed, self._ran = 0, False
+        self._unfed, self._ran, self._tree = 0, False, False
         if max_nodes <= 0:
             return Proposal.empty(state.tokens.device)
         self._copy = []
@@ -136,7 +225,51 @@ class DraftModelProposer:
         k = min(k, max_nodes)
         if k <= 0:
             return Proposal.empty(state.tokens.device)
+        if self.tree_nodes > 1 and state.sampling.greedy and not state.sampling.uses_prefix:
+            return self._draft_tree(state, k)
         return self._draft_chain(state, k)
+
+    def _draft_tree(self, state: DecodeState, depth: int) -> Proposal:
+        """Grow a :class:`DraftTree` ``depth`` deep (greedy decoding) and propose its ``tree_nodes`` likeliest nodes.
+
+        The first forward feeds the committed tokens the draft has not seen and offers the root's
+        children; each later one runs over the depth's :data:`TREE_BEAM` likeliest nodes and their
+        ancestors (the cache holds only committed tokens, so a node sees just its own path) and offers
+        their children. The cache is cut back to the committed tokens afterwards: the accepted ones
+        are fed with the next step's first forward.
+        """
+        self._ran, self._tree, self._forwards = True, True, depth
+        committed = state.tokens.numel()
+        tree = DraftTree()
+        t0 = time.perf_counter()
+        logits = self.kv.forward(state.tokens[self.cached :].to(self.device), keep=1).logits
+        tree.offer(-1, self._logprobs(logits, state)[0], TREE_WIDTH)
+        for d in range(1, depth):
+            grow = tree.frontier(d, TREE_BEAM)
+            if not grow:
+                break
+            rows = tree.with_ancestors(grow)
+            self.kv.truncate(committed)
+            tokens = torch.tensor([tree.tokens[i] for i in rows], dtype=torch.long, device=self.device)
+            positions = torch.tensor([committed - 1 + tree.depths[i] for i in rows], device=self.device)
+            out = self.kv.forward(tokens, positions, tree.visibility(rows).to(self.device), keep=len(grow))
+            for node, lp in zip(grow, self._logprobs(out.logits, state)):
+                tree.offer(node, lp, TREE_WIDTH)
+        self.kv.truncate(committed)
+        self.controller.record_draft((time.perf_counter() - t0) / depth)
+        self.cached = committed
+        self.kv.remember(state.tokens[:committed])
+        tokens, parents = tree.best(self.tree_nodes)
+        device = state.tokens.device
+        return Proposal(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            parents=torch.tensor(parents, dtype=torch.long, device=device),
+        )
+
+    def _logprobs(self, logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """``[r, V]`` the draft's log-probabilities from its raw logits ``[r, Vd]`` (greedy processing)."""
+        processed = process_logits(logits[:, : self.target_vocab], state.sampling, None)
+        return torch.log_softmax(processed.float(), dim=-1)
 
     def _draft_chain(self, state: DecodeState, k: int) -> Proposal:
         """Run the draft model for up to ``k`` tokens (fewer on a confidence stop).
@@ -190,6 +323,7 @@ class DraftModelProposer:
                 break
             feed = torch.tensor([drafted[-1]], dtype=torch.long, device=self.device)
         self.controller.record_draft((time.perf_counter() - t0) / len(drafted))
+        self._forwards = len(drafted)
         self.cached = committed
         self.kv.remember(state.tokens[:committed])
         self._unfed = len(drafted) - 1  # the last drafted token was never fed
@@ -248,8 +382,8 @@ class DraftModelProposer:
             longest = max(self.cfg.max_copy_tokens, self.cfg.ngram_tokens)
             self.copy_length = next_copy_length(self._copy, new, self.copy_length, longest)
         if self._ran:
-            drafted = outcome.proposal.num_nodes
-            self.draft_value = ema(self.draft_value, len(new) / c.step_cost(drafted, 1 + drafted), VALUE_DECAY)
+            rows = 1 + outcome.proposal.num_nodes
+            self.draft_value = ema(self.draft_value, len(new) / c.step_cost(self._forwards, rows), VALUE_DECAY)
 
     def observe(self, outcome: StepOutcome) -> None:
         if self.index is not None:
@@ -259,6 +393,9 @@ class DraftModelProposer:
         self._score(outcome)
         if not self._ran:
             return  # an n-gram (or empty) step: the draft cache is unchanged and catches up next time
+        if self._tree:  # scored as a chain as deep as the tree; the cache already holds committed tokens only
+            self.controller.record_step(self._forwards, min(len(outcome.accepted_nodes), self._forwards))
+            return
         self.controller.record_step(n, len(outcome.accepted_nodes))
         valid = self.cached + min(len(outcome.accepted_nodes), self._unfed)
         self.kv.truncate(valid)

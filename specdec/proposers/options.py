@@ -25,6 +25,8 @@ COPY_TOKENS = 32  # longest context copy a host proposer (lookahead, Medusa) ver
 
 LOOKAHEAD_MAX_ROWS = 256
 """Most rows a lookahead step may send (window and verify branches): the static path's widest bucket."""
+DRAFT_TREE_ROWS = 32
+"""Rows of a draft tree's target forward (root and nodes) where ``tree_nodes`` is chosen by the device."""
 
 
 def _check_int(method: str, name: str, value: Any, low: int, hint: str | None = None) -> None:
@@ -57,6 +59,12 @@ class DraftOptions:
             is below this (0 = never stop early).
         int8: run an int8 weight-only copy of the draft (None = wherever the
             kernel runs, i.e. on a CPU).
+        tree_nodes: under greedy decoding, verify a tree of this many draft
+            tokens per step instead of a chain: the draft's likeliest tokens at
+            its likeliest nodes (by path probability), one draft forward per
+            depth. None = where a forward over :data:`DRAFT_TREE_ROWS` rows
+            costs about one row's (a GPU's prior row costs) a tree of
+            ``DRAFT_TREE_ROWS - 1`` nodes, elsewhere a chain; 0 = always a chain.
     """
 
     ngram_first: bool = True
@@ -66,10 +74,18 @@ class DraftOptions:
     max_ngram: int = 3
     confidence_stop: float = 0.3
     int8: bool | None = None
+    tree_nodes: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("draft", "ngram_first", self.ngram_first)
         _check_bool("draft", "int8", self.int8, allow_none=True)
+        if self.tree_nodes is not None:
+            _check_int("draft", "tree_nodes", self.tree_nodes, 0, "None chooses by the device, 0 drafts a chain")
+            if self.tree_nodes > LOOKAHEAD_MAX_ROWS - 1:
+                raise SpecdecError(
+                    f"draft tree_nodes must be at most {LOOKAHEAD_MAX_ROWS - 1} (a step's widest bucket), "
+                    f"got {self.tree_nodes}"
+                )
         for name in ("ngram_min_tokens", "ngram_tokens", "max_copy_tokens", "max_ngram"):
             _check_int("draft", name, getattr(self, name), 1)
         if (

@@ -9,6 +9,7 @@ import torch
 
 import specdec
 from specdec import kvcache
+from specdec.tree import depths
 from conftest import hf_greedy, tiny_model
 
 
@@ -381,13 +382,17 @@ def test_draft_trees_match_hf_greedy(arch, draft_kind, k, nodes, static):
         static_cache=static,
         int8=False,
         ngram_first=False,
+        confidence_stop=0.0 if k else 0.3,  # 0: every tree grows k deep (its likeliest nodes may be shallower)
     )
     steps = _recorded(gen)
     res = gen.generate(prompt, max_new_tokens=48)
     assert res.token_ids == ref
     trees = [s for s in steps if s.proposal.num_nodes]
     assert trees and all(not s.proposal.is_chain and s.proposal.num_nodes <= nodes for s in trees)
-    assert any(s.proposal.num_nodes > (k or 1) for s in trees)  # wider than a chain as deep
+    deepest = [int(depths(s.proposal.parents).max()) for s in trees]
+    assert any(s.proposal.num_nodes > d for s, d in zip(trees, deepest))  # wider than a chain as deep
+    if k:
+        assert max(deepest) > 1
     if draft_kind == "self":
         assert all(s.accepted_nodes for s in trees)
 

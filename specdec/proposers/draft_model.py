@@ -28,9 +28,10 @@ Where an extra target row is nearly free (a GPU), greedy decoding drafts a
 *tree* instead of a chain (:class:`DraftTree`): at each depth one draft forward
 over the :data:`TREE_BEAM` likeliest nodes (by the product of the draft's
 probabilities along their path) offers each one's :data:`TREE_WIDTH` likeliest
-tokens, and the ``tree_nodes`` likeliest nodes of all are verified. As many
-draft forwards as a chain of the same depth, and a rejected token often has
-the target's choice beside it.
+tokens, until even the likeliest path is less likely than ``confidence_stop``;
+the ``tree_nodes`` likeliest nodes of all are verified. As many draft forwards
+as a chain of the same depth, and a rejected token often has the target's
+choice beside it.
 
 And two ways to make each draft token cheaper, lossless for the same reason:
 on a CPU the draft runs as an int8 weight-only copy (:mod:`specdec.compact`),
@@ -42,6 +43,7 @@ would copy costs one draft forward for several tokens.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -226,19 +228,21 @@ class DraftModelProposer:
         if k <= 0:
             return Proposal.empty(state.tokens.device)
         if self.tree_nodes > 1 and state.sampling.greedy and not state.sampling.uses_prefix:
-            return self._draft_tree(state, k)
+            return self._draft_tree(state, min(fixed or self.controller.k_max, max_nodes))
         return self._draft_chain(state, k)
 
     def _draft_tree(self, state: DecodeState, depth: int) -> Proposal:
-        """Grow a :class:`DraftTree` ``depth`` deep (greedy decoding) and propose its ``tree_nodes`` likeliest nodes.
+        """Grow a :class:`DraftTree` at most ``depth`` deep (greedy decoding) and propose its ``tree_nodes``
+        likeliest nodes.
 
         The first forward feeds the committed tokens the draft has not seen and offers the root's
         children; each later one runs over the depth's :data:`TREE_BEAM` likeliest nodes and their
         ancestors (the cache holds only committed tokens, so a node sees just its own path) and offers
-        their children. The cache is cut back to the committed tokens afterwards: the accepted ones
-        are fed with the next step's first forward.
+        their children. The tree stops growing once its likeliest node at a depth has a path
+        probability below ``confidence_stop`` (the chain's rule, for a path). The cache is cut back to
+        the committed tokens afterwards: the accepted ones are fed with the next step's first forward.
         """
-        self._ran, self._tree, self._forwards = True, True, depth
+        self._ran, self._tree, self._forwards = True, True, 1
         committed = state.tokens.numel()
         tree = DraftTree()
         t0 = time.perf_counter()
@@ -246,8 +250,9 @@ class DraftModelProposer:
         tree.offer(-1, self._logprobs(logits, state)[0], TREE_WIDTH)
         for d in range(1, depth):
             grow = tree.frontier(d, TREE_BEAM)
-            if not grow:
-                break
+            if not grow or math.exp(tree.scores[grow[0]]) < self.cfg.confidence_stop:
+                break  # even the likeliest path this deep is unlikely: the next depth would not pay
+            self._forwards += 1
             rows = tree.with_ancestors(grow)
             self.kv.truncate(committed)
             tokens = torch.tensor([tree.tokens[i] for i in rows], dtype=torch.long, device=self.device)
@@ -256,7 +261,7 @@ class DraftModelProposer:
             for node, lp in zip(grow, self._logprobs(out.logits, state)):
                 tree.offer(node, lp, TREE_WIDTH)
         self.kv.truncate(committed)
-        self.controller.record_draft((time.perf_counter() - t0) / depth)
+        self.controller.record_draft((time.perf_counter() - t0) / self._forwards)
         self.cached = committed
         self.kv.remember(state.tokens[:committed])
         tokens, parents = tree.best(self.tree_nodes)

@@ -470,3 +470,25 @@ def _path(tree, node: int) -> list[int]:
         out.append(tree.tokens[node])
         node = tree.parents[node]
     return out[::-1]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_draft_step_over_repeating_text_drafts_a_chain(static):
+    """Where the context offers a copy (but a copy alone is not worth a step), a tree-drafting proposer drafts
+    a chain, which checks the copy in its own forwards; elsewhere a tree."""
+    from specdec.proposers.base import DecodeState
+    from specdec.sampling import SamplingConfig
+
+    target = tiny_model("qwen2", seed=3, sharpness=6.0)
+    draft = tiny_model("qwen2", seed=8, sharpness=6.0)
+    for prompt, chain in (([5, 17, 33, 8, 61, 2, 44, 17, 33, 8], True), ([5, 17, 33, 8, 61, 2, 44], False)):
+        gen = specdec.SpeculativeGenerator(target, method="draft", draft=draft, tree_nodes=8, static_cache=static)
+        proposer = gen.proposer
+        state = DecodeState(torch.tensor(prompt), len(prompt), SamplingConfig(), None, capacity=64, cost_kind="cuda")
+        with torch.inference_mode():
+            proposer.reset(state)
+            proposer.copy_value, proposer.draft_value = 0.0, 1.0  # copies alone have not paid: a draft step
+            proposal = proposer.propose(state, max_nodes=16)
+        assert proposer._ran and proposal.num_nodes
+        assert proposal.is_chain == chain and bool(proposer._copy) == chain
+        assert gen.generate(prompt, max_new_tokens=40).token_ids == hf_greedy(target, prompt, 40)

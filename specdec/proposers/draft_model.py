@@ -31,7 +31,9 @@ probabilities along their path) offers each one's :data:`TREE_WIDTH` likeliest
 tokens, until even the likeliest path is less likely than ``confidence_stop``;
 the ``tree_nodes`` likeliest nodes of all are verified. As many draft forwards
 as a chain of the same depth, and a rejected token often has the target's
-choice beside it.
+choice beside it. Where the context offers a copy (text that repeats), a chain
+is drafted instead: it checks the copy in its own forwards, several tokens per
+forward, where a tree runs one forward per depth.
 
 And two ways to make each draft token cheaper, lossless for the same reason:
 on a CPU the draft runs as an int8 weight-only copy (:mod:`specdec.compact`),
@@ -211,6 +213,7 @@ class DraftModelProposer:
             return Proposal.empty(state.tokens.device)
         self._copy = []
         fixed = self.controller.fixed
+        copied: list[int] = []
         if self.index is not None:
             limit = min(
                 max(self.copy_length, self.cfg.ngram_min_tokens), max_nodes, max_nodes if fixed is None else fixed
@@ -227,7 +230,12 @@ class DraftModelProposer:
         k = min(k, max_nodes)
         if k <= 0:
             return Proposal.empty(state.tokens.device)
-        if self.tree_nodes > 1 and state.sampling.greedy and not state.sampling.uses_prefix:
+        if (
+            self.tree_nodes > 1
+            and state.sampling.greedy
+            and not state.sampling.uses_prefix
+            and len(copied) < self.cfg.ngram_min_tokens  # text that repeats: a chain checks copies in its forwards
+        ):
             return self._draft_tree(state, min(fixed or self.controller.k_max, max_nodes))
         return self._draft_chain(state, k)
 

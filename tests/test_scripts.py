@@ -37,6 +37,17 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
     )
     assert projected.returncode == 0, projected.stderr[-2000:]
     assert "projection (not a measurement)" in projected.stdout and "| lookahead |" in projected.stdout
+    # two trace files side by side, the draft's step assumed at 0.3x the target's
+    traces = (
+        "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json",
+        "docs/bench/cpu-traces-qwen-coder-1.5b-draft-trees.json",
+    )
+    projected = _run(
+        "scripts/project_gpu.py", *("project", "--traces", *traces, "--costs", str(costs), "--draft-ratio", "0.3")
+    )
+    assert projected.returncode == 0, projected.stderr[-2000:]
+    assert "assumed: 0.3 x the target step" in projected.stdout
+    assert "| lookahead |" in projected.stdout and "| draft (tree of 31) |" in projected.stdout
 
 
 def test_host_ops_counts_the_work_outside_the_forward():

@@ -36,7 +36,8 @@ class GenerationStats:
 
     ``mean_accepted_length`` is new tokens per step, *including* the recovered
     or bonus token of each step; ``acceptance_rate`` is accepted / proposed
-    candidates. ``cached_tokens`` are the prompt's first tokens whose KV was
+    candidates (a tree's every node counts as proposed, so trees, which verify
+    alternatives, show a lower rate for more tokens per step). ``cached_tokens`` are the prompt's first tokens whose KV was
     kept from the previous generation (a chat's earlier turns), not computed again.
     """
 

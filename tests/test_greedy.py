@@ -492,3 +492,36 @@ def test_a_draft_step_over_repeating_text_drafts_a_chain(static):
         assert proposer._ran and proposal.num_nodes
         assert proposal.is_chain == chain and bool(proposer._copy) == chain
         assert gen.generate(prompt, max_new_tokens=40).token_ids == hf_greedy(target, prompt, 40)
+
+
+def test_a_draft_tree_is_never_deeper_than_a_step_can_hold():
+    """A fixed draft length far beyond the widest bucket: a tree grows at most TREE_MAX_DEPTH deep (its
+    widest draft forward, a depth's nodes and their ancestors, then fits the static cache's headroom),
+    and the output is plain greedy decoding."""
+    from specdec.proposers.draft_model import TREE_BEAM, TREE_MAX_DEPTH
+    from specdec.static import BUCKETS
+
+    target = tiny_model("llama", seed=3, sharpness=6.0)
+    prompt = [5, 17, 33, 8, 61, 2, 44]
+    gen = specdec.SpeculativeGenerator(
+        target,
+        method="draft",
+        draft=copy.deepcopy(target),
+        num_speculative_tokens=200,
+        tree_nodes=8,
+        confidence_stop=0.0,
+        ngram_first=False,
+        int8=False,
+        static_cache=True,
+    )
+    forwards = []
+    observe = gen.proposer.observe
+
+    def record(outcome):
+        forwards.append(gen.proposer._forwards)
+        observe(outcome)
+
+    gen.proposer.observe = record
+    res = gen.generate(prompt, max_new_tokens=100)
+    assert res.token_ids == hf_greedy(target, prompt, 100)
+    assert max(forwards) == TREE_MAX_DEPTH and TREE_BEAM * TREE_MAX_DEPTH <= max(BUCKETS)

@@ -56,7 +56,7 @@ from ..errors import SpecdecError
 from ..modelinfo import output_rows
 from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
-from ..static import open_cache
+from ..static import BUCKETS, open_cache
 from .base import DecodeState, Proposal, StepOutcome
 from .options import DRAFT_TREE_ROWS, DraftOptions
 
@@ -67,6 +67,7 @@ GUESS_START = 3  # copied tokens the draft checks at first; doubles while all ar
 MAX_GUESS_TOKENS = 16
 TREE_BEAM = 4  # nodes of a draft tree expanded per depth: the likeliest by path probability
 TREE_WIDTH = 4  # tokens each expanded node offers: the draft's likeliest
+TREE_MAX_DEPTH = max(BUCKETS) // TREE_BEAM  # so that a depth's forward (its nodes and their ancestors) fits a bucket
 TREE_MAX_COST = 1.25  # trees are drafted by default where a DRAFT_TREE_ROWS-row forward costs at most this x one row
 
 
@@ -236,7 +237,7 @@ class DraftModelProposer:
             and not state.sampling.uses_prefix
             and len(copied) < self.cfg.ngram_min_tokens  # text that repeats: a chain checks copies in its forwards
         ):
-            return self._draft_tree(state, min(fixed or self.controller.k_max, max_nodes))
+            return self._draft_tree(state, min(fixed or self.controller.k_max, max_nodes, TREE_MAX_DEPTH))
         return self._draft_chain(state, k)
 
     def _draft_tree(self, state: DecodeState, depth: int) -> Proposal:

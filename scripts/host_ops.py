@@ -41,6 +41,10 @@ VIEWS = {
     *("resolve_conj", "resolve_neg", "diagonal"),
 }
 PROMPT = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17] * 3
+VARIANTS = {  # the draft method's chain and tree (as a GPU drafts under greedy decoding), without context copies
+    "draft-chain": {"tree_nodes": 0, "ngram_first": False},
+    "draft-tree": {"tree_nodes": 31, "ngram_first": False},
+}
 
 
 class StepOps(TorchDispatchMode):
@@ -88,8 +92,8 @@ def tiny_deep_model(layers: int) -> torch.nn.Module:
 def measure(model, method: str, tokens: int, repeats: int) -> dict:
     """Ops and host milliseconds per target step outside the forwards (the target's and, for ``draft``,
     the draft's: here the model itself) for ``method``."""
-    draft = {"draft": model} if method == "draft" else {}
-    gen = specdec.SpeculativeGenerator(model, method=method, static_cache=True, **draft)
+    draft = {"draft": model, **VARIANTS.get(method, {})} if method.startswith("draft") else {}
+    gen = specdec.SpeculativeGenerator(model, method=method.split("-")[0], static_cache=True, **draft)
     caches = [gen.kv, *([gen.proposer.kv] if draft else [])]
     if not all(isinstance(kv, static.StaticKV) for kv in caches):
         raise SystemExit(f"{method}: the static path is off (see the log line above)")
@@ -141,7 +145,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (Qwen2.5-1.5B has 28)")
     ap.add_argument(
-        "--methods", default="none,prompt_lookup,lookahead,draft", help="draft drafts with the model itself"
+        "--methods",
+        default="none,prompt_lookup,lookahead,draft,draft-chain,draft-tree",
+        help="draft drafts with the model itself; draft-chain and draft-tree: chains or trees, no context copies",
     )
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: there the forwards are graph replays")
     ap.add_argument("--tokens", type=int, default=120)

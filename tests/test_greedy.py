@@ -437,7 +437,7 @@ def test_a_draft_tree_holds_its_likeliest_nodes_parents_first():
 
     g = torch.Generator().manual_seed(0)
     tree = DraftTree()
-    tree.offer(-1, torch.log_softmax(torch.randn(50, generator=g), -1), 4)
+    tree.offer([-1], torch.log_softmax(torch.randn(1, 50, generator=g), -1), 4)
     for depth in range(1, 5):
         grow = tree.frontier(depth, 3)
         rows = tree.with_ancestors(grow)
@@ -449,8 +449,7 @@ def test_a_draft_tree_holds_its_likeliest_nodes_parents_first():
                 path.add(rows.index(node))
                 node = tree.parents[node]
             assert set(seen[j].nonzero().flatten().tolist()) == path
-        for node in grow:
-            tree.offer(node, torch.log_softmax(torch.randn(50, generator=g), -1), 4)
+        tree.offer(grow, torch.log_softmax(torch.randn(len(grow), 50, generator=g), -1), 4)
     tokens, parents = tree.best(20)
     assert len(tokens) == 20
     scores = sorted(tree.scores, reverse=True)

@@ -96,18 +96,20 @@ class DraftTree:
         self.depths: list[int] = []
         self.scores: list[float] = []
 
-    def offer(self, parent: int, logprobs: torch.Tensor, width: int) -> None:
-        """Add ``parent``'s ``width`` likeliest tokens; ``logprobs``: ``[V]`` the draft's log-probabilities there."""
-        base = self.scores[parent] if parent >= 0 else 0.0
-        depth = self.depths[parent] + 1 if parent >= 0 else 1
-        top = logprobs.topk(min(width, logprobs.numel()))
-        for lp, token in zip(top.values.tolist(), top.indices.tolist()):
-            if lp == float("-inf"):
-                break  # a suppressed token
-            self.tokens.append(token)
-            self.parents.append(parent)
-            self.depths.append(depth)
-            self.scores.append(base + lp)
+    def offer(self, parents: list[int], logprobs: torch.Tensor, width: int) -> None:
+        """Add each of ``parents``' ``width`` likeliest tokens; ``logprobs``: ``[len(parents), V]`` the draft's
+        log-probabilities there (one top-k and one copy to the host for them all)."""
+        top = logprobs.topk(min(width, logprobs.shape[-1]), dim=-1)
+        for parent, lps, tokens in zip(parents, top.values.tolist(), top.indices.tolist()):
+            base = self.scores[parent] if parent >= 0 else 0.0
+            depth = self.depths[parent] + 1 if parent >= 0 else 1
+            for lp, token in zip(lps, tokens):
+                if lp == float("-inf"):
+                    break  # a suppressed token
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(depth)
+                self.scores.append(base + lp)
 
     def frontier(self, depth: int, beam: int) -> list[int]:
         """The ``beam`` likeliest nodes at ``depth``, likeliest first."""
@@ -256,7 +258,7 @@ class DraftModelProposer:
         tree = DraftTree()
         t0 = time.perf_counter()
         logits = self.kv.forward(state.tokens[self.cached :].to(self.device), keep=1).logits
-        tree.offer(-1, self._logprobs(logits, state)[0], TREE_WIDTH)
+        tree.offer([-1], self._logprobs(logits, state), TREE_WIDTH)
         for d in range(1, depth):
             grow = tree.frontier(d, TREE_BEAM)
             if not grow or math.exp(tree.scores[grow[0]]) < self.cfg.confidence_stop:
@@ -267,8 +269,7 @@ class DraftModelProposer:
             tokens = torch.tensor([tree.tokens[i] for i in rows], dtype=torch.long, device=self.device)
             positions = torch.tensor([committed - 1 + tree.depths[i] for i in rows], device=self.device)
             out = self.kv.forward(tokens, positions, tree.visibility(rows).to(self.device), keep=len(grow))
-            for node, lp in zip(grow, self._logprobs(out.logits, state)):
-                tree.offer(node, lp, TREE_WIDTH)
+            tree.offer(grow, self._logprobs(out.logits, state), TREE_WIDTH)
         self.kv.truncate(committed)
         self.controller.record_draft((time.perf_counter() - t0) / self._forwards)
         self.cached = committed

@@ -54,5 +54,5 @@ def test_host_ops_counts_the_work_outside_the_forward():
     run = _run("scripts/host_ops.py", "--layers", "3", "--tokens", "12", "--repeats", "1")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["method"] for r in rows] == ["none", "prompt_lookup", "lookahead", "draft"]
+    assert [r["method"] for r in rows] == ["none", "prompt_lookup", "lookahead", "draft", "draft-chain", "draft-tree"]
     assert all(r["ops"] > 0 and r["host_ms"] > 0 and r["steps"] > 0 for r in rows)

@@ -57,6 +57,7 @@ from ..modelinfo import output_rows
 from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
 from ..static import BUCKETS, open_cache
+from ..tree import ancestor_mask
 from .base import DecodeState, Proposal, StepOutcome
 from .options import DRAFT_TREE_ROWS, DraftOptions
 
@@ -137,14 +138,10 @@ class DraftTree:
         return [self.tokens[i] for i in chosen], [index.get(self.parents[i], -1) for i in chosen]
 
     def visibility(self, rows: list[int]) -> torch.Tensor:
-        """``[t, t]`` bool: which of ``rows`` (closed under ancestors) each one sees (itself and its ancestors)."""
+        """``[t, t]`` bool: which of ``rows`` (closed under ancestors, parents first, as :meth:`with_ancestors`
+        gives them) each one sees: itself and its ancestors (:func:`specdec.tree.ancestor_mask` without the root)."""
         index = {node: j for j, node in enumerate(rows)}
-        seen = torch.zeros(len(rows), len(rows), dtype=torch.bool)
-        for j, node in enumerate(rows):
-            while node >= 0:
-                seen[j, index[node]] = True
-                node = self.parents[node]
-        return seen
+        return ancestor_mask(torch.tensor([index.get(self.parents[i], -1) for i in rows]))[1:, 1:]
 
 
 class DraftModelProposer:

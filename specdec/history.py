@@ -80,9 +80,15 @@ def fit_history(
     def kept(k: int) -> Messages:
         return messages[:first] + messages[ends[k - 1] if k else first :]
 
-    dropped = drop_count(lambda k: len(gen.encode(kept(k))), len(ends), max_new_tokens, gen.context_length)
+    encoded: dict[int, list[int]] = {}  # the prompts measured, by parts dropped
+
+    def length(k: int) -> int:
+        encoded[k] = gen.encode(kept(k))
+        return len(encoded[k])
+
+    dropped = drop_count(length, len(ends), max_new_tokens, gen.context_length)
     messages[:] = kept(dropped)
-    ids = gen.encode(messages)
+    ids = encoded[dropped] if dropped in encoded else gen.encode(messages)
     room = gen.context_length - len(ids)
     if room < 1:
         raise ContextLengthError(

@@ -1,6 +1,7 @@
 """Decode-step costs and tokens/s on a GPU, eager against the static path (CUDA graphs), random weights.
 
     python scripts/gpu_profile.py --device cuda --dtype bfloat16 --out runs/gpu-profile.json [--targets 1.5b,7b]
+    python scripts/gpu_profile.py --device cuda --kinds compiled --targets 1.5b --out runs/gpu-profile-compiled.json
 
 Builds Qwen2.5-shaped models of the real sizes with random weights on the
 device (real checkpoints do not travel to a lent GPU; timings do not depend on
@@ -11,12 +12,16 @@ measures, in one process, for each target with the 0.5B draft:
   :mod:`specdec.static`) on a cached prompt, through the engine's own caches:
   ``eager`` (:class:`~specdec.kvcache.DynamicKV`, the tree mask for ``R > 1``)
   and ``static`` (:class:`~specdec.static.StaticKV`: preallocated cache, graphs
-  on CUDA); the draft's steps likewise (a draft tree's forwards run over many
-  rows); medians between synchronisations;
-- ``capture_s``: seconds to capture each bucket's graph;
+  on CUDA) and, with ``--kinds compiled``, ``compiled`` (the static path with
+  its steps compiled by ``torch.compile``, then captured); the draft's steps
+  likewise (a draft tree's forwards run over many rows); medians between
+  synchronisations;
+- ``capture_s``: seconds to capture each bucket's graph (and, for
+  ``compiled``, to compile it first: one compile serves all buckets above one
+  row, so the first bucket of each pays it);
 - ``generate_tok_s``: tokens/s of ``hf-greedy``, ``hf-static`` (transformers'
   static cache, compiled by transformers on CUDA; ``--no-hf-static`` skips its
-  compile) and specdec's ``none`` eager and static, interleaved, medians of the
+  compile) and specdec's ``none`` for each kind, interleaved, medians of the
   repeats after the first.
 
 The JSON is rewritten after each part, so a run cut short keeps what it
@@ -85,17 +90,25 @@ class Timer:
         return time.perf_counter() - t0, out
 
 
-def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repeats: int) -> dict:
-    """Median ms of one step over ``R`` rows on the cached prompt, eager and static; capture seconds."""
+def open_kind(model, kind: str) -> kvcache.KVCache:
+    """The engine's cache of ``kind``: ``eager`` (dynamic), ``static`` (graphs on CUDA) or ``compiled``."""
+    if kind == "eager":
+        return kvcache.DynamicKV(model)
+    return static.StaticKV(model, compile_steps=kind == "compiled")
+
+
+def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repeats: int, kinds: list[str]) -> dict:
+    """Median ms of one step over ``R`` rows on the cached prompt for each kind; capture (and compile) seconds."""
     device = next(model.parameters()).device
     star = {}  # a root with r-1 children (a Medusa tree's first level): row i sees the root and itself
     for r in rows:
         star[r] = torch.eye(r, dtype=torch.bool)
         star[r][:, 0] = True
     gen = torch.Generator().manual_seed(1)
-    out: dict = {"eager": {}, "static": {}, "capture_s": {}}
+    out: dict = {"capture_s" if kind == "static" else f"{kind}_capture_s": {} for kind in kinds if kind != "eager"}
     with torch.inference_mode():
-        for kind, kv in (("eager", kvcache.DynamicKV(model)), ("static", static.StaticKV(model))):
+        for kind in kinds:
+            kv = open_kind(model, kind)
             kv.start(len(prompt) + max(rows) + 8)
             kv.forward(torch.tensor(prompt, device=device))
             times: dict[int, list[float]] = {r: [] for r in rows}
@@ -107,7 +120,7 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
                         lambda: kv.forward(ids, pos if r > 1 else None, star[r] if r > 1 else None, keep=r)
                     )
                     if fwd.captured:
-                        out["capture_s"][str(r)] = round(fwd.captured, 3)
+                        out["capture_s" if kind == "static" else f"{kind}_capture_s"][str(r)] = round(fwd.captured, 3)
                     times[r].append(seconds - fwd.captured)
                     kv.truncate(len(prompt))
             out[kind] = {str(r): round(statistics.median(v[2:]) * 1e3, 3) for r, v in times.items()}
@@ -119,6 +132,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU by default")
     ap.add_argument("--targets", default="1.5b,7b", help="target sizes, each with the 0.5b draft")
+    ap.add_argument("--kinds", default="eager,static", help="step kinds: eager, static, compiled")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="generation repeats (the first warms up)")
     ap.add_argument("--step-repeats", type=int, default=15)
@@ -126,6 +140,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/gpu-profile.json"))
     ap.add_argument("--small", action="store_true", help="tiny models: check the script on a CPU")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timer = Timer(device)
@@ -137,6 +152,7 @@ def main() -> None:
         "prompt_tokens": PROMPT_TOKENS,
         "max_new_tokens": args.max_new_tokens,
         "buckets": static.BUCKETS,
+        "kinds": kinds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -149,18 +165,20 @@ def main() -> None:
     segment = torch.randint(vocab, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     prompt = (segment * 6)[:PROMPT_TOKENS]  # repeats itself, so prompt lookup finds matches
     # up to 64 rows: a draft tree's forwards hold a depth's likeliest nodes and their ancestors (up to ~40 rows)
-    res["draft_step_ms"] = step_ms(draft, prompt, static.BUCKETS[:7], timer, args.step_repeats)
+    res["draft_step_ms"] = step_ms(draft, prompt, static.BUCKETS[:7], timer, args.step_repeats, kinds)
     save()
     for size in args.targets.split(","):
         shape = SMALL if args.small else SIZES[size]
         target = random_model(shape, device, dtype, 0)
-        part: dict = {"step_ms": step_ms(target, prompt, static.BUCKETS[:7], timer, args.step_repeats)}
+        part: dict = {"step_ms": step_ms(target, prompt, static.BUCKETS[:7], timer, args.step_repeats, kinds)}
         res[size] = part
         save()
         t0 = time.perf_counter()
         gens = {
-            "specdec-none-eager": SpeculativeGenerator(target, method="none", static_cache=False),
-            "specdec-none-static": SpeculativeGenerator(target, method="none", static_cache=True),
+            f"specdec-none-{kind}": SpeculativeGenerator(
+                target, method="none", static_cache=kind != "eager", compile_steps=kind == "compiled"
+            )
+            for kind in kinds
         }
         runners = {
             "hf-greedy": hf_runner(target, eos_token_ids=()),  # no EOS: every run makes n tokens
@@ -170,15 +188,18 @@ def main() -> None:
             runners["hf-static"] = hf_runner(target, eos_token_ids=(), cache_implementation="static")
         tok_s: dict[str, list[float]] = {name: [] for name in runners}
         first_s: dict[str, float] = {}
+        capture_s: dict[str, float] = {}  # of the first run: capture (and compile) is one-time work
         for rep in range(args.repeats):
             order = list(runners)[rep % len(runners) :] + list(runners)[: rep % len(runners)]
             for name in order:
                 run = runners[name](prompt, args.max_new_tokens)
                 tok_s[name].append(len(run.token_ids) / run.seconds)
                 first_s.setdefault(name, run.seconds)
+                if name in gens and gens[name].static_cache:
+                    capture_s.setdefault(name, round(gens[name].last_stats.graph_capture_seconds, 3))
         part["generate_tok_s"] = {name: round(statistics.median(v[1:] or v), 2) for name, v in tok_s.items()}
         part["first_run_s"] = {name: round(v, 2) for name, v in first_s.items()}  # includes capture / compile
-        part["graph_capture_s"] = round(gens["specdec-none-static"].last_stats.graph_capture_seconds, 3)
+        part["graph_capture_s"] = capture_s
         part["generate_wall_s"] = round(time.perf_counter() - t0, 1)
         save()
         del target, gens, runners

@@ -149,16 +149,21 @@ def _cost(table: dict[str, float], rows: int) -> float:
     return table[str(sizes[-1])] * rows / sizes[-1]
 
 
-def step_costs(costs: dict, target: str) -> tuple[dict[str, float], dict[str, float], float, float]:
+def step_costs(
+    costs: dict, target: str, kind: str = "static"
+) -> tuple[dict[str, float], dict[str, float], float, float]:
     """Target and draft ms by row count, ms per step outside the forwards, and specdec-none's tokens/s,
     from a ``gpu_profile.py`` result.
 
-    The static path's costs when the file has them; an older eager-only profile (``forward_ms``, one target
+    The costs of the static path's ``kind`` (``static``: captured eager kernels; ``compiled``: compiled, then
+    captured) when the file has them; an older eager-only profile (``forward_ms``, one target
     size) gives the eager costs, its draft measured at one row and scaled like the target's rows.
     """
     if target in costs:
-        table, none = costs[target]["step_ms"]["static"], costs[target]["generate_tok_s"]["specdec-none-static"]
-        return table, costs["draft_step_ms"]["static"], max(1e3 / none - table["1"], 0.0), none
+        if kind not in costs[target]["step_ms"]:
+            raise SystemExit(f"{target} has no {kind!r} step costs in this file (it has {costs.get('kinds')})")
+        table, none = costs[target]["step_ms"][kind], costs[target]["generate_tok_s"][f"specdec-none-{kind}"]
+        return table, costs["draft_step_ms"][kind], max(1e3 / none - table["1"], 0.0), none
     fwd = costs["forward_ms"]
     table = {k.split()[1]: v for k, v in fwd["target"].items() if k.startswith("tree") or k == "chain 1"}
     draft = {r: fwd["draft"]["chain 1"] * v / table["1"] for r, v in table.items()}
@@ -170,7 +175,7 @@ def project(args: argparse.Namespace) -> None:
     for path in args.traces:  # several files: their methods side by side
         methods.update(json.loads(Path(path).read_text())["methods"])
     costs = json.loads(Path(args.costs).read_text())
-    target, draft, outside, none_tok_s = step_costs(costs, args.target)
+    target, draft, outside, none_tok_s = step_costs(costs, args.target, args.kind)
     if args.draft_ratio is not None:
         draft = {rows: ms * args.draft_ratio for rows, ms in target.items()}
     plain_ms = target["1"] + outside  # a token of plain decoding, in the same units as the projection
@@ -235,6 +240,7 @@ def main() -> None:
     p.add_argument("--traces", required=True, nargs="+", help="trace files (their methods side by side)")
     p.add_argument("--costs", required=True)
     p.add_argument("--target", default="1.5b", help="which target of the costs file (1.5b, 7b)")
+    p.add_argument("--kind", default="static", help="which static path's costs: static or compiled")
     p.add_argument(
         "--draft-ratio",
         type=float,

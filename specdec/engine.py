@@ -52,6 +52,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     graph_capture_seconds: float = 0.0
     static_cache: bool = False
+    compile_steps: bool = False
 
     @property
     def mean_accepted_length(self) -> float:
@@ -126,6 +127,10 @@ class SpeculativeGenerator:
         draft_tokenizer: the draft's tokenizer, to check that the vocabularies agree.
         static_cache: run the target and the draft on preallocated caches at fixed row buckets,
             captured as CUDA graphs on CUDA (:mod:`specdec.static`); None = on for CUDA, off elsewhere.
+        compile_steps: compile the static path's steps with ``torch.compile`` (inductor) before they are
+            captured, fusing each layer's small kernels (needs the static cache: None turns it on). The first
+            step of each kind pays the compile (``GenerationStats.graph_capture_seconds``). Greedy output stays
+            the target's up to rounding: fused kernels round like the eager ones only to ~1e-7 in float32.
         prefix_cache: keep the KV of the previous generation's tokens (prompt and reply) and compute
             only what a new prompt does not share with them: a chat's earlier turns are not
             prefilled again. ``GenerationStats.cached_tokens`` says how many were kept.
@@ -157,6 +162,7 @@ class SpeculativeGenerator:
         *,
         draft_tokenizer: Any = None,
         static_cache: bool | None = None,
+        compile_steps: bool = False,
         prefix_cache: bool = True,
         options: MethodOptions | None = None,
         **method_options: Any,
@@ -177,9 +183,14 @@ class SpeculativeGenerator:
         self.device = next(target.parameters()).device
         self.cost_kind = model_cost_kind(target)  # which prior row costs the proposers start from
         self.context_length = model_context_length(target)
+        if compile_steps and static_cache is False:
+            raise SpecdecError(
+                "compile_steps compiles the static path's steps, and static_cache is False",
+                "drop --no-static-cache (static_cache=False), or drop --compile-steps",
+            )
         if static_cache is None:
-            static_cache = self.device.type == "cuda"
-        self.kv = open_cache(target, static=bool(static_cache))
+            static_cache = compile_steps or self.device.type == "cuda"
+        self.kv = open_cache(target, static=bool(static_cache), compile_steps=compile_steps)
         self.kv.reuse = prefix_cache
         self.proposer = build_proposer(
             self.method,
@@ -190,6 +201,7 @@ class SpeculativeGenerator:
                 num_speculative_tokens=num_speculative_tokens,
                 options=self.options,
                 static_cache=self.static_cache,
+                compile_steps=self.compile_steps,
                 prefix_cache=prefix_cache,
             ),
         )
@@ -200,6 +212,11 @@ class SpeculativeGenerator:
     def static_cache(self) -> bool:
         """Whether the target runs on the static path (:mod:`specdec.static`)."""
         return isinstance(self.kv, StaticKV)
+
+    @property
+    def compile_steps(self) -> bool:
+        """Whether the target's static steps run compiled (False after a failed compile)."""
+        return isinstance(self.kv, StaticKV) and self.kv.compiled
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -326,7 +343,12 @@ class SpeculativeGenerator:
         eos: set[int],
         seeded: bool = False,
     ) -> Iterator[StreamEvent]:
-        stats = GenerationStats(method=self.method, prompt_tokens=len(prompt_ids), static_cache=self.static_cache)
+        stats = GenerationStats(
+            method=self.method,
+            prompt_tokens=len(prompt_ids),
+            static_cache=self.static_cache,
+            compile_steps=self.compile_steps,
+        )
         self.last_stats = stats
         limit = min(max_new_tokens, self.context_length - len(prompt_ids))
         buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
@@ -386,6 +408,7 @@ class SpeculativeGenerator:
                 text += matcher.finish()
             stats.new_tokens = length - len(prompt_ids)
             stats.seconds = time.perf_counter() - start
+            stats.compile_steps = self.compile_steps  # False from a failed compile on
             yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
 
     def _prefill(self, state: DecodeState, cached: int) -> None:

@@ -50,7 +50,7 @@ class Forward:
     Attributes:
         logits: ``[keep, V]``, the last ``keep`` rows.
         hidden: ``[keep, H]`` final hidden states of those rows, when asked for.
-        captured: seconds spent capturing a CUDA graph in this call (one-time work).
+        captured: seconds spent capturing a CUDA graph (or compiling the step) in this call (one-time work).
     """
 
     logits: torch.Tensor

@@ -188,6 +188,7 @@ def load(
     threads: int | None = None,
     profile: str | None = None,
     static_cache: bool | None = None,
+    compile_steps: bool = False,
     prefix_cache: bool = True,
     options: MethodOptions | None = None,
     **method_options: Any,
@@ -213,6 +214,8 @@ def load(
             the generator then has a ``selection`` attribute saying what the profile chose.
         static_cache: preallocated caches at fixed row buckets, captured as CUDA graphs on
             CUDA (None = on for CUDA, off elsewhere; see :mod:`specdec.static`).
+        compile_steps: compile the static steps with ``torch.compile`` before capture (see
+            :class:`~specdec.SpeculativeGenerator`).
         prefix_cache: keep the last generation's KV for what the next prompt shares with it (a chat's
             earlier turns); see :class:`~specdec.SpeculativeGenerator`.
     """
@@ -281,6 +284,7 @@ def load(
         num_speculative_tokens=num_speculative_tokens,
         draft_tokenizer=draft_tokenizer,
         static_cache=static_cache,
+        compile_steps=compile_steps,
         prefix_cache=prefix_cache,
         options=options,
         **method_options,

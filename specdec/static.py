@@ -23,6 +23,14 @@ rows. :class:`StaticKV` removes that cost the way graph-based decoders do:
 - on CUDA each ``(R, hidden)`` forward is captured once as a CUDA graph and
   replayed; anything that fails to capture falls back to running the same
   buffers eagerly, with one log line;
+- optionally (``compile_steps``) the step is compiled by ``torch.compile``
+  (inductor) before it is captured: a graph of eager kernels still launches
+  every small kernel of every layer (about 40 a layer: norms, rotary
+  embedding, cache writes, activations), the compiled step fuses them into a
+  few (the matrix products and attention stay library calls). The row count
+  and the cache's width are compiled as sizes that vary, so one compile
+  serves every bucket above one row; a failed compile runs the step
+  uncompiled, with one log line;
 - longer forwards (a prompt) run eagerly with transformers' own causal mask
   over the static cache.
 
@@ -46,6 +54,9 @@ BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CAPACITY_STEP = 256
 """Cache sizes are rounded up to a multiple of this, so that generations of similar length share a cache."""
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+RECOMPILE_LIMIT = 64
+"""How many compiled variants of the step dynamo keeps (its default, 8, is shared by every compiled step of the
+process: a target and a draft, with and without hidden states, one row and more, would use them up)."""
 
 log = logging.getLogger("specdec")
 
@@ -93,7 +104,7 @@ class StaticKV(KVCache):
         graphs: whether steps are captured (CUDA only; False after a failed capture).
     """
 
-    def __init__(self, model: torch.nn.Module, graphs: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, graphs: bool | None = None, compile_steps: bool = False) -> None:
         self.model = model
         self.cache_arg = cache_argument(model)
         self.device = next(model.parameters()).device
@@ -116,6 +127,12 @@ class StaticKV(KVCache):
         self._layout: dict[int, tuple] = {}  # what each bucket's layout buffer holds, to skip rewriting it
         self._captured: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         self._pool = None
+        self._compiled = torch.compile(bucket_step) if compile_steps else None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run compiled by ``torch.compile`` (False when not asked for or after a failed compile)."""
+        return self._compiled is not None
 
     # ------------------------------------------------------------------ cache
     def _restart(self, capacity: int, keep: int) -> int:
@@ -169,6 +186,9 @@ class StaticKV(KVCache):
             for i, layer in enumerate(cache.layers):
                 layer.lazy_initialization(empty, empty)  # sets the layer's sizes, allocates one layer...
                 layer.keys, layer.values, layer.cumulative_length = kv[0, i], kv[1, i], counts[i]  # ...then shares
+                if self._compiled is not None:  # a compiled step serves every width (see mark_dynamic)
+                    torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+                    torch._dynamo.maybe_mark_dynamic(layer.values, 2)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
                 raise
@@ -277,31 +297,37 @@ class StaticKV(KVCache):
         self._layout[rows] = key
 
     def _call(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The bucket's forward: positions and mask from its buffers and the cache's write position, then
-        the model; logits ``[1, R, V]`` and hidden ``[1, R, H]`` or None. This is what a graph captures."""
+        """The bucket's forward (:func:`bucket_step` over its buffers; compiled when asked for): logits
+        ``[1, R, V]`` and hidden ``[1, R, H]`` or None. This is what a graph captures."""
         ids, layout = self._buffers[rows]
-        start = self._counts[0]  # the cache's length before this forward, on the device
-        pos = (layout[:rows] + start)[None]  # [1, R]
-        rel = self._columns - start  # [S]: each cache column's offset from the step's first row
-        seen = layout[rows:].view(rows, rows).bool()[:, rel.clamp(0, rows - 1)] & (rel >= 0) & (rel < rows)
-        seen |= rel < 0  # [R, S]: the cache, and what each row may see among the step's rows
-        mask = torch.zeros(rows, self.capacity, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
-        out = self.model(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=mask[None, None],
-            use_cache=True,
-            output_hidden_states=hidden,
-            **{self.cache_arg: self.cache},
-        )
-        return out.logits, (out.hidden_states[-1] if hidden else None)
+        offsets, visible = layout[:rows], layout[rows:].view(rows, rows)
+        args = (self.model, self.cache_arg, self.cache, ids, offsets, visible, self._counts, self._columns)
+        args += (self.dtype, hidden)
+        if self._compiled is not None:
+            mark_dynamic(args[3:8])
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return self._compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compile failure means: run uncompiled
+                self._compiled = None
+                self._counts.fill_(self.length)  # a step cut short may have advanced the write positions
+                log.warning(
+                    "torch.compile of the static steps failed (%s: %s); steps run uncompiled",
+                    type(e).__name__,
+                    str(e).strip().splitlines()[0] if str(e).strip() else "",
+                )
+        return bucket_step(*args)
 
     def _run(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Replay (capturing on first use) or run the bucket's forward; returns logits ``[1, R, V]``,
         hidden ``[1, R, H]`` or None, and the seconds spent capturing."""
         if not self.graphs:
-            return (*self._call(rows, hidden), 0.0)
+            compiles = compiled_graphs() if self._compiled is not None else None
+            t0 = time.perf_counter()
+            logits, last = self._call(rows, hidden)
+            if compiles is None or compiled_graphs() == compiles:
+                return logits, last, 0.0
+            return logits, last, time.perf_counter() - t0  # the step compiled: one-time work, like a capture
         key = (rows, hidden)
         captured = 0.0
         if key not in self._captured:
@@ -348,12 +374,77 @@ class StaticKV(KVCache):
         return graph, logits, last
 
 
-def open_cache(model: torch.nn.Module, static: bool = False) -> KVCache:
-    """A :class:`StaticKV` for ``model`` when ``static`` and the model can take one, else a
-    :class:`~specdec.kvcache.DynamicKV`; why a static cache cannot be used is logged in one line."""
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has compiled in this process (a step that raised it compiled)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def mark_dynamic(tensors: tuple[torch.Tensor, ...]) -> None:
+    """Let ``torch.compile`` treat a step's row count and the cache's width as sizes that vary.
+
+    ``tensors``: a step's ``ids [1, R]``, ``offsets [R]``, ``visible [R, R]``, ``counts [L]``, ``columns [S]``. Only
+    these dimensions are marked: with every size dynamic, a bucket of as many rows as the head dimension would
+    share its symbol and be specialised with it. A one-row step stays its own variant (sizes 0 and 1 always are).
+    """
+    ids, offsets, visible, _, columns = tensors
+    for tensor, dims in ((ids, (1,)), (offsets, (0,)), (visible, (0, 1)), (columns, (0,))):
+        for dim in dims:
+            if tensor.shape[dim] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def bucket_step(
+    model: torch.nn.Module,
+    cache_arg: str,
+    cache: StaticCache,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    visible: torch.Tensor,
+    counts: torch.Tensor,
+    columns: torch.Tensor,
+    dtype: torch.dtype,
+    hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One static step: positions and mask from a bucket's buffers and the cache's write position, then the model.
+
+    Args:
+        ids: ``[1, R]`` the bucket's tokens (real rows, then padding).
+        offsets: ``[R]`` long, each row's position offset from the cache's length.
+        visible: ``[R, R]`` long, which of the step's rows each row sees (0/1).
+        counts: ``[L]`` long, every layer's write position (all equal: the cache's length before the step).
+        columns: ``[S]`` long, ``0 .. S-1`` (``S``: the cache's capacity).
+
+    Returns:
+        logits ``[1, R, V]`` and, when ``hidden``, the final hidden states ``[1, R, H]`` (else None).
+    """
+    rows = ids.shape[1]
+    start = counts[0]  # the cache's length before this forward, on the device
+    pos = (offsets + start)[None]  # [1, R]
+    rel = columns - start  # [S]: each cache column's offset from the step's first row
+    seen = visible.bool()[:, rel.clamp(0, rows - 1)] & (rel >= 0) & (rel < rows)
+    seen |= rel < 0  # [R, S]: the cache, and what each row may see among the step's rows
+    mask = torch.zeros(rows, columns.shape[0], dtype=dtype, device=ids.device)
+    mask.masked_fill_(~seen, torch.finfo(dtype).min)
+    out = model(
+        input_ids=ids,
+        position_ids=pos,
+        attention_mask=mask[None, None],
+        use_cache=True,
+        output_hidden_states=hidden,
+        **{cache_arg: cache},
+    )
+    return out.logits, (out.hidden_states[-1] if hidden else None)
+
+
+def open_cache(model: torch.nn.Module, static: bool = False, compile_steps: bool = False) -> KVCache:
+    """A :class:`StaticKV` for ``model`` when ``static`` and the model can take one (its steps compiled when
+    ``compile_steps``), else a :class:`~specdec.kvcache.DynamicKV`; why a static cache cannot be used is logged in
+    one line."""
     if static:
         reason = static_support(model)
         if reason is None:
-            return StaticKV(model)
+            return StaticKV(model, compile_steps=compile_steps)
         log.warning("static cache off for %s: %s; using the eager path", type(model).__name__, reason)
     return DynamicKV(model)

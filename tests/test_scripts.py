@@ -50,6 +50,28 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
     assert "| lookahead |" in projected.stdout and "| draft (tree of 31) |" in projected.stdout
 
 
+def test_gpu_profile_of_compiled_steps_and_its_projection_run_on_a_cpu(tmp_path):
+    """The second device call's profile (``gpu_session.sh compiled``): steps compiled, then captured on CUDA."""
+    costs = tmp_path / "gpu-profile-compiled.json"
+    profile = _run(
+        "scripts/gpu_profile.py",
+        *("--device", "cpu", "--small", "--targets", "1.5b", "--kinds", "compiled", "--no-hf-static"),
+        *("--max-new-tokens", "8", "--repeats", "2", "--step-repeats", "2", "--out", str(costs)),
+    )
+    assert profile.returncode == 0, profile.stderr[-2000:]
+    measured = json.loads(costs.read_text())
+    for part in (measured["1.5b"]["step_ms"], measured["draft_step_ms"]):
+        assert set(part) == {"compiled", "compiled_capture_s"} and part["compiled"]["1"] > 0
+        assert part["compiled_capture_s"]["1"] > 0  # the one-row step's compile (the wider steps share one)
+    assert measured["1.5b"]["graph_capture_s"]["specdec-none-compiled"] > 0
+    args = ("--traces", "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json", "--costs", str(costs))
+    projected = _run("scripts/project_gpu.py", "project", *args, "--kind", "compiled")
+    assert projected.returncode == 0, projected.stderr[-2000:]
+    assert "projection (not a measurement)" in projected.stdout and "| lookahead |" in projected.stdout
+    refused = _run("scripts/project_gpu.py", "project", *args)  # this file has no captured eager kernels
+    assert refused.returncode != 0 and "no 'static' step costs" in refused.stderr
+
+
 def test_host_ops_counts_the_work_outside_the_forward():
     run = _run("scripts/host_ops.py", "--layers", "3", "--tokens", "12", "--repeats", "1")
     assert run.returncode == 0, run.stderr[-2000:]

@@ -113,6 +113,59 @@ def test_seeded_sampling_is_the_same_static_or_not(method):
     assert runs[0] == runs[1] == runs[2]
 
 
+@pytest.mark.parametrize(
+    "arch,method,options",
+    [("llama", "draft", {"draft": "random"}), ("qwen2", "medusa", {"medusa_heads": "fresh"})],
+)
+def test_compiled_steps_greedy_equals_hf(arch, method, options, caplog):
+    """Steps compiled by torch.compile (fused kernels; on CUDA then captured) give plain greedy decoding's tokens.
+
+    A draft compiles the target's and the draft's steps (one row and more); Medusa's steps return hidden states.
+    """
+    target = tiny_model(arch, seed=0, sharpness=3.0)
+    ref = hf_greedy(target, PROMPT, 40)
+    options = dict(options)
+    draft = tiny_model(arch, seed=7) if options.pop("draft", None) else None
+    if options.get("medusa_heads") == "fresh":
+        options["medusa_heads"] = MedusaHeads.init(target, num_heads=3)
+    gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, compile_steps=True, **options)
+    assert gen.static_cache and gen.compile_steps  # compile_steps turns the static cache on
+    graphs = static.compiled_graphs()
+    with caplog.at_level(logging.WARNING, logger="specdec"):
+        res = gen.generate(PROMPT, max_new_tokens=40)
+        assert res.token_ids == ref
+        longer = PROMPT * 3  # another prompt, a wider cache: the compiled steps serve it
+        assert gen.generate(longer, max_new_tokens=20).token_ids == hf_greedy(target, longer, 20)
+    assert not [r.getMessage() for r in caplog.records if r.name == "specdec"]
+    assert gen.compile_steps and (method != "draft" or gen.proposer.kv.compiled)
+    assert static.compiled_graphs() > graphs  # the steps really ran compiled
+    assert res.stats.compile_steps and res.stats.graph_capture_seconds > 0  # the compile is one-time work
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="breaks the CPU's C++ compiler; a GPU compiles with triton")
+def test_a_failed_compile_runs_the_steps_uncompiled_with_one_log_line(monkeypatch, caplog):
+    """No working compiler (a laptop without one): one log line, then the same tokens, uncompiled."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    torch._dynamo.reset()  # no step compiled by an earlier test may be reused
+    target = tiny_model("llama", seed=0, sharpness=3.0)
+    gen = specdec.SpeculativeGenerator(target, method="prompt_lookup", compile_steps=True)
+    with caplog.at_level(logging.WARNING, logger="specdec"):
+        res = gen.generate(PROMPT, max_new_tokens=30)
+    assert res.token_ids == hf_greedy(target, PROMPT, 30)
+    messages = [r.getMessage() for r in caplog.records if r.name == "specdec"]
+    assert len(messages) == 1 and "torch.compile of the static steps failed" in messages[0], messages
+    assert not gen.compile_steps and not res.stats.compile_steps and gen.static_cache
+
+
+def test_compiled_steps_need_the_static_cache():
+    with pytest.raises(specdec.SpecdecError, match="compile_steps") as info:
+        specdec.SpeculativeGenerator(tiny_model("llama"), method="none", static_cache=False, compile_steps=True)
+    assert "--compile-steps" in info.value.hint
+
+
 def test_tree_compaction_moves_the_accepted_rows_in_place():
     """keep_rows copies the accepted rows of a step to the front of the step's slots, like the dynamic cache."""
     target = tiny_model("llama", seed=0)

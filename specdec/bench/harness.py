@@ -74,6 +74,7 @@ class BenchConfig:
         medusa_heads: folder of trained Medusa heads for the target, given to the
             ``specdec-medusa`` row only (without them that row is skipped).
         static_cache: the specdec rows' static path (None = on for CUDA, off elsewhere).
+        compile_steps: the specdec rows' static steps compiled by ``torch.compile`` (turns the static path on).
     """
 
     target: str
@@ -91,6 +92,7 @@ class BenchConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     medusa_heads: str | None = None
     static_cache: bool | None = None
+    compile_steps: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -371,7 +373,7 @@ class Bench:
             self.runners["hf-assisted"] = hf_runner(target, eos, reset=(self.draft,), assistant_model=self.draft)
         self.runners["hf-prompt-lookup"] = hf_runner(target, eos, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS)
         self.skipped: dict[str, str] = {}
-        self.static_cache = False
+        self.static_cache = self.compile_steps = False
         for method in config.methods:
             options = dict(config.method_options.get(method, {}))
             if method == "medusa" and config.medusa_heads is not None:
@@ -385,6 +387,7 @@ class Bench:
                     draft_tokenizer=draft_tokenizer,
                     num_speculative_tokens=config.num_speculative_tokens,
                     static_cache=config.static_cache,
+                    compile_steps=config.compile_steps,
                     prefix_cache=False,  # a repeated prompt would skip the prefill every other row pays
                     **options,
                 )
@@ -392,7 +395,7 @@ class Bench:
                 self.skipped[method] = e.message
                 continue
             self.runners[f"specdec-{method}"] = specdec_runner(gen)
-            self.static_cache = gen.static_cache
+            self.static_cache, self.compile_steps = gen.static_cache, gen.compile_steps
 
     def encode(self, prompt: BenchPrompt) -> list[int]:
         """Prompt ids, shared by every runner: the chat template when the tokenizer has one, else raw text."""
@@ -435,6 +438,7 @@ class Bench:
                 "dtype": str(self.target.dtype).removeprefix("torch."),
                 "max_new_tokens": cfg.max_new_tokens,
                 "static_cache": self.static_cache,
+                "compile_steps": self.compile_steps,
             },
             rows=rows,
             skipped=dict(self.skipped),

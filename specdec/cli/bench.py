@@ -112,6 +112,7 @@ def bench(
     warmup: int,
     profile: str | None,
     static_cache: bool | None,
+    compile_steps: bool,
     json_path: str | None,
     markdown_path: str | None,
     plot_path: str | None,
@@ -150,6 +151,7 @@ def bench(
         method_options=method_options,
         medusa_heads=medusa_heads,
         static_cache=static_cache,
+        compile_steps=compile_steps,
     )
     if plot_path:  # fail before the long run, not after it
         _require_plot()

@@ -191,6 +191,14 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
             "[default: on for CUDA, off elsewhere].",
         ),
+        click.option(
+            "--compile-steps",
+            is_flag=True,
+            default=False,
+            help="Compile the static cache's steps with torch.compile before they are captured: each layer's "
+            "small kernels fused into a few (for GPUs; the first steps wait for the compile). Turns the static "
+            "cache on.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -242,11 +250,10 @@ def sampling_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def method_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the method options of :func:`model_options` (and ``static_cache``) into keywords for ``specdec.load``
-    (None = not given; ``specdec.load`` builds the chosen method's options object from them)."""
-    return {
-        name: kwargs.pop(name) for name in ("window_size", "ngram_size", "guess_size", "medusa_heads", "static_cache")
-    }
+    """Pop the method options of :func:`model_options` (and ``static_cache``, ``compile_steps``) into keywords for
+    ``specdec.load`` (None = not given; ``specdec.load`` builds the chosen method's options object from them)."""
+    names = ("window_size", "ngram_size", "guess_size", "medusa_heads", "static_cache", "compile_steps")
+    return {name: kwargs.pop(name) for name in names}
 
 
 def load_generator(kwargs: dict[str, Any], **options: Any):

@@ -53,6 +53,7 @@ class ProposerContext:
     num_speculative_tokens: int | None = None
     options: MethodOptions = field(default_factory=NoneOptions)
     static_cache: bool = False
+    compile_steps: bool = False
     prefix_cache: bool = True
 
 

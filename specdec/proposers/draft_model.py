@@ -155,12 +155,13 @@ class DraftModelProposer:
         cfg: DraftOptions,
         static_cache: bool = False,
         prefix_cache: bool = True,
+        compile_steps: bool = False,
     ) -> None:
         self.model = draft
         self.target_vocab = target_vocab
         self.controller = controller
         self.cfg = cfg
-        self.kv = open_cache(draft, static=static_cache)
+        self.kv = open_cache(draft, static=static_cache, compile_steps=compile_steps)
         self.kv.reuse = prefix_cache
         self.cached = 0  # committed tokens whose KV is in the draft cache
         self._unfed = 0  # drafted tokens whose KV is in the draft cache
@@ -427,7 +428,13 @@ def build(ctx) -> DraftModelProposer:
         raise SpecdecError("int8 drafting needs the draft on a CPU in bf16, fp16 or fp32", "leave int8 unset")
     controller = DraftLengthController(fixed=ctx.num_speculative_tokens, static_draft_cost=ratio)
     return DraftModelProposer(
-        draft, target_vocab, controller, cfg, static_cache=ctx.static_cache, prefix_cache=ctx.prefix_cache
+        draft,
+        target_vocab,
+        controller,
+        cfg,
+        static_cache=ctx.static_cache,
+        prefix_cache=ctx.prefix_cache,
+        compile_steps=ctx.compile_steps,
     )
 
 

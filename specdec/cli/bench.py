@@ -10,7 +10,7 @@ import click
 
 from ..bench.harness import DEFAULT_METHODS, BenchConfig, BenchEvent, load_average
 from ..proposers import METHODS
-from .common import quiet_libraries, report_errors
+from .common import compile_steps_option, quiet_libraries, report_errors
 
 _DEFAULTS = BenchConfig(target="")  # the option defaults below come from the config's own
 
@@ -85,6 +85,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     help="Specdec rows on preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
     "[default: on for CUDA, off elsewhere].",
 )
+@compile_steps_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON here.")
 @click.option(
     "--markdown", "markdown_path", type=click.Path(dir_okay=False), default=None, help="Write the Markdown table here."

@@ -138,6 +138,16 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+compile_steps_option = click.option(
+    "--compile-steps",
+    is_flag=True,
+    default=False,
+    help="Compile the static cache's steps with torch.compile before they are captured: each layer's small "
+    "kernels fused into a few (for GPUs; the first steps wait for the compile). Turns the static cache on.",
+)
+"""--compile-steps, for every command that loads a generator (``SpeculativeGenerator(compile_steps=...)``)."""
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--target/--draft/--method/... shared by generate and bench."""
     options = [
@@ -191,14 +201,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Preallocated caches at fixed row buckets, as CUDA graphs on CUDA "
             "[default: on for CUDA, off elsewhere].",
         ),
-        click.option(
-            "--compile-steps",
-            is_flag=True,
-            default=False,
-            help="Compile the static cache's steps with torch.compile before they are captured: each layer's "
-            "small kernels fused into a few (for GPUs; the first steps wait for the compile). Turns the static "
-            "cache on.",
-        ),
+        compile_steps_option,
     ]
     for option in reversed(options):
         func = option(func)

@@ -62,8 +62,9 @@ def test_gpu_profile_of_compiled_steps_and_its_projection_run_on_a_cpu(tmp_path)
     measured = json.loads(costs.read_text())
     for part in (measured["1.5b"]["step_ms"], measured["draft_step_ms"]):
         assert set(part) == {"compiled", "compiled_capture_s"} and part["compiled"]["1"] > 0
-        assert part["compiled_capture_s"]["1"] > 0  # the one-row step's compile (the wider steps share one)
-    assert measured["1.5b"]["graph_capture_s"]["specdec-none-compiled"] > 0
+    # the one-row step's compile (wider steps share another; --small's target has the draft's shapes and reuses them)
+    assert measured["draft_step_ms"]["compiled_capture_s"]["1"] > 0
+    assert "specdec-none-compiled" in measured["1.5b"]["graph_capture_s"]
     args = ("--traces", "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json", "--costs", str(costs))
     projected = _run("scripts/project_gpu.py", "project", *args, "--kind", "compiled")
     assert projected.returncode == 0, projected.stderr[-2000:]

@@ -19,15 +19,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
-    costs = tmp_path / "gpu-profile.json"
+def _profile(costs: Path, *args: str) -> dict:
+    """``gpu_profile.py`` on the CPU with tiny models and few repeats; its JSON."""
     profile = _run(
         "scripts/gpu_profile.py",
-        *("--device", "cpu", "--small", "--targets", "1.5b,7b", "--max-new-tokens", "8"),
-        *("--repeats", "2", "--step-repeats", "2", "--out", str(costs)),
+        *("--device", "cpu", "--small", "--max-new-tokens", "8", "--repeats", "2", "--step-repeats", "2"),
+        *("--out", str(costs), *args),
     )
     assert profile.returncode == 0, profile.stderr[-2000:]
-    measured = json.loads(costs.read_text())
+    return json.loads(costs.read_text())
+
+
+def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
+    costs = tmp_path / "gpu-profile.json"
+    measured = _profile(costs, "--targets", "1.5b,7b")
     for part in (measured["1.5b"]["step_ms"], measured["7b"]["step_ms"], measured["draft_step_ms"]):
         assert {"eager", "static", "capture_s"} <= set(part) and part["static"]["1"] > 0
     assert set(measured["1.5b"]["generate_tok_s"]) >= {"hf-greedy", "specdec-none-eager", "specdec-none-static"}
@@ -53,13 +58,7 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
 def test_gpu_profile_of_compiled_steps_and_its_projection_run_on_a_cpu(tmp_path):
     """The second device call's profile (``gpu_session.sh compiled``): steps compiled, then captured on CUDA."""
     costs = tmp_path / "gpu-profile-compiled.json"
-    profile = _run(
-        "scripts/gpu_profile.py",
-        *("--device", "cpu", "--small", "--targets", "1.5b", "--kinds", "compiled", "--no-hf-static"),
-        *("--max-new-tokens", "8", "--repeats", "2", "--step-repeats", "2", "--out", str(costs)),
-    )
-    assert profile.returncode == 0, profile.stderr[-2000:]
-    measured = json.loads(costs.read_text())
+    measured = _profile(costs, "--targets", "1.5b", "--kinds", "compiled", "--no-hf-static")
     for part in (measured["1.5b"]["step_ms"], measured["draft_step_ms"]):
         assert set(part) == {"compiled", "compiled_capture_s"} and part["compiled"]["1"] > 0
     # the one-row step's compile (wider steps share another; --small's target has the draft's shapes and reuses them)

@@ -21,7 +21,7 @@ from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Proposal, StepOutcome
 from .sampling import SamplingConfig, check_request
-from .static import BUCKETS, StaticKV, open_cache
+from .static import BUCKETS, StaticKV, check_compile_steps, open_cache
 from .stream import IncrementalDecoder, StopStringMatcher
 from .tree import ancestor_mask, depths
 from .verify import TypicalAcceptance, verify
@@ -183,11 +183,7 @@ class SpeculativeGenerator:
         self.device = next(target.parameters()).device
         self.cost_kind = model_cost_kind(target)  # which prior row costs the proposers start from
         self.context_length = model_context_length(target)
-        if compile_steps and static_cache is False:
-            raise SpecdecError(
-                "compile_steps compiles the static path's steps, and static_cache is False",
-                "drop --no-static-cache (static_cache=False), or drop --compile-steps",
-            )
+        check_compile_steps(static_cache, compile_steps)
         if static_cache is None:
             static_cache = compile_steps or self.device.type == "cuda"
         self.kv = open_cache(target, static=bool(static_cache), compile_steps=compile_steps)

@@ -15,6 +15,7 @@ from .errors import ModelNotFoundError, SpecdecError
 from .linear import use_few_row_linears
 from .proposers import MethodOptions, method_and_options
 from .sampling import is_int
+from .static import check_compile_steps
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def load(
                 cores,
             )
         torch.set_num_threads(int(threads))
+    check_compile_steps(static_cache, compile_steps)  # before loading anything
     target_qc = draft_qc = arguments = None
     asked_k = num_speculative_tokens  # as given (a profile may fill it for the method it chooses)
     if profile is not None:

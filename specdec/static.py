@@ -374,6 +374,15 @@ class StaticKV(KVCache):
         return graph, logits, last
 
 
+def check_compile_steps(static_cache: bool | None, compile_steps: bool) -> None:
+    """Refuse compiled steps without the static cache (they are its steps)."""
+    if compile_steps and static_cache is False:
+        raise SpecdecError(
+            "compile_steps compiles the static path's steps, and static_cache is False",
+            "drop --no-static-cache (static_cache=False), or drop --compile-steps",
+        )
+
+
 def compiled_graphs() -> int:
     """How many graphs ``torch.compile`` has compiled in this process (a step that raised it compiled)."""
     from torch._dynamo.utils import counters

@@ -164,6 +164,8 @@ def test_compiled_steps_need_the_static_cache():
     with pytest.raises(specdec.SpecdecError, match="compile_steps") as info:
         specdec.SpeculativeGenerator(tiny_model("llama"), method="none", static_cache=False, compile_steps=True)
     assert "--compile-steps" in info.value.hint
+    with pytest.raises(specdec.SpecdecError, match="compile_steps"):  # refused before any model is looked for
+        specdec.load("no/such-model", static_cache=False, compile_steps=True)
 
 
 def test_tree_compaction_moves_the_accepted_rows_in_place():

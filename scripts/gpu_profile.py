@@ -97,6 +97,11 @@ def open_kind(model, kind: str) -> kvcache.KVCache:
     return static.StaticKV(model, compile_steps=kind == "compiled")
 
 
+def capture_key(kind: str) -> str:
+    """The key of ``kind``'s capture (and compile) seconds in :func:`step_ms`'s result."""
+    return "capture_s" if kind == "static" else f"{kind}_capture_s"
+
+
 def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repeats: int, kinds: list[str]) -> dict:
     """Median ms of one step over ``R`` rows on the cached prompt for each kind; capture (and compile) seconds."""
     device = next(model.parameters()).device
@@ -105,7 +110,7 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
         star[r] = torch.eye(r, dtype=torch.bool)
         star[r][:, 0] = True
     gen = torch.Generator().manual_seed(1)
-    out: dict = {"capture_s" if kind == "static" else f"{kind}_capture_s": {} for kind in kinds if kind != "eager"}
+    out: dict = {capture_key(kind): {} for kind in kinds if kind != "eager"}
     with torch.inference_mode():
         for kind in kinds:
             kv = open_kind(model, kind)
@@ -120,7 +125,7 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
                         lambda: kv.forward(ids, pos if r > 1 else None, star[r] if r > 1 else None, keep=r)
                     )
                     if fwd.captured:
-                        out["capture_s" if kind == "static" else f"{kind}_capture_s"][str(r)] = round(fwd.captured, 3)
+                        out[capture_key(kind)][str(r)] = round(fwd.captured, 3)
                     times[r].append(seconds - fwd.captured)
                     kv.truncate(len(prompt))
             out[kind] = {str(r): round(statistics.median(v[2:]) * 1e3, 3) for r, v in times.items()}

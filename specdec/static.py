@@ -301,22 +301,17 @@ class StaticKV(KVCache):
         ``[1, R, V]`` and hidden ``[1, R, H]`` or None. This is what a graph captures."""
         ids, layout = self._buffers[rows]
         offsets, visible = layout[:rows], layout[rows:].view(rows, rows)
-        args = (self.model, self.cache_arg, self.cache, ids, offsets, visible, self._counts, self._columns)
-        args += (self.dtype, hidden)
+        args = (self.model, self.cache_arg, self.cache, ids, offsets, visible, self._counts, self._columns, self.dtype)
         if self._compiled is not None:
-            mark_dynamic(args[3:8])
+            mark_dynamic(ids, offsets, visible, self._columns)
             try:
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    return self._compiled(*args)
+                    return self._compiled(*args, hidden)
             except Exception as e:  # noqa: BLE001 - any compile failure means: run uncompiled
                 self._compiled = None
                 self._counts.fill_(self.length)  # a step cut short may have advanced the write positions
-                log.warning(
-                    "torch.compile of the static steps failed (%s: %s); steps run uncompiled",
-                    type(e).__name__,
-                    str(e).strip().splitlines()[0] if str(e).strip() else "",
-                )
-        return bucket_step(*args)
+                log.warning("torch.compile of the static steps failed (%s); steps run uncompiled", _reason(e))
+        return bucket_step(*args, hidden)
 
     def _run(self, rows: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Replay (capturing on first use) or run the bucket's forward; returns logits ``[1, R, V]``,
@@ -336,11 +331,7 @@ class StaticKV(KVCache):
                 self._captured[key] = self._capture(rows, hidden)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
                 self.graphs = False
-                log.warning(
-                    "CUDA graph capture failed (%s: %s); steps run eagerly on the static cache",
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
-                )
+                log.warning("CUDA graph capture failed (%s); steps run eagerly on the static cache", _reason(e))
                 return (*self._call(rows, hidden), 0.0)
             captured = time.perf_counter() - t0
         graph, logits, last = self._captured[key]
@@ -390,14 +381,19 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def mark_dynamic(tensors: tuple[torch.Tensor, ...]) -> None:
+def _reason(error: Exception) -> str:
+    """``Type: first line of the message`` for a one-line log."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def mark_dynamic(ids: torch.Tensor, offsets: torch.Tensor, visible: torch.Tensor, columns: torch.Tensor) -> None:
     """Let ``torch.compile`` treat a step's row count and the cache's width as sizes that vary.
 
-    ``tensors``: a step's ``ids [1, R]``, ``offsets [R]``, ``visible [R, R]``, ``counts [L]``, ``columns [S]``. Only
-    these dimensions are marked: with every size dynamic, a bucket of as many rows as the head dimension would
+    ``ids [1, R]``, ``offsets [R]``, ``visible [R, R]`` and ``columns [S]``: a step's inputs (:func:`bucket_step`).
+    Only these dimensions are marked: with every size dynamic, a bucket of as many rows as the head dimension would
     share its symbol and be specialised with it. A one-row step stays its own variant (sizes 0 and 1 always are).
     """
-    ids, offsets, visible, _, columns = tensors
     for tensor, dims in ((ids, (1,)), (offsets, (0,)), (visible, (0, 1)), (columns, (0,))):
         for dim in dims:
             if tensor.shape[dim] > 1:

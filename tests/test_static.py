@@ -77,8 +77,9 @@ def test_static_greedy_on_the_real_model(smollm2):
         assert off.generate(prompt, max_new_tokens=32).token_ids == ref, method
 
 
-@pytest.mark.parametrize("method", ["draft", "lookahead"])
-def test_static_sampling_distribution_matches_target(method):
+@pytest.mark.parametrize("method,compile_steps", [("draft", False), ("lookahead", False), ("draft", True)])
+def test_static_sampling_distribution_matches_target(method, compile_steps):
+    """Sampling on the static path draws from the target's distribution, its steps compiled or not."""
     from specdec.sampling import SamplingConfig
 
     cfg = SamplingConfig(temperature=1.0)
@@ -86,7 +87,12 @@ def test_static_sampling_distribution_matches_target(method):
     draft = tiny_model("llama", seed=3, vocab=VOCAB, sharpness=6.0) if method == "draft" else None
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     gen = specdec.SpeculativeGenerator(
-        target, method=method, draft=draft, static_cache=True, num_speculative_tokens=2 if draft else None
+        target,
+        method=method,
+        draft=draft,
+        static_cache=True,
+        compile_steps=compile_steps,
+        num_speculative_tokens=2 if draft else None,
     )
     exact = _exact_two_tokens(target, prompt, cfg)
     samples = []
@@ -94,6 +100,7 @@ def test_static_sampling_distribution_matches_target(method):
         ids = gen.generate(prompt, max_new_tokens=2, temperature=1.0, seed=seed).token_ids
         samples.append(ids[0] * VOCAB + ids[1])
     assert tv(histogram(samples, VOCAB * VOCAB), exact) < noise_bound(exact, N_RUNS // 2)
+    assert gen.compile_steps == compile_steps  # a compiled run stayed compiled
 
 
 def sampling_setup(method: str) -> tuple[torch.nn.Module, dict]:

@@ -1,6 +1,6 @@
 """Host work per decode step outside the static path's captured forward: ops counted and time taken.
 
-    python scripts/host_ops.py [--layers 28] [--methods none,prompt_lookup,lookahead,draft] [--tokens 120]
+    python scripts/host_ops.py [--layers 28] [--methods none,prompt_lookup,lookahead,draft,...] [--tokens 120]
                                [--repeats 5] [--device cpu|cuda]
 
 On a GPU the captured forward is one graph replay, and every other op of a step (building inputs,
@@ -41,9 +41,12 @@ VIEWS = {
     *("resolve_conj", "resolve_neg", "diagonal"),
 }
 PROMPT = [5, 17, 33, 8, 61, 2, 44, 17, 33, 8, 61, 9, 5, 17] * 3
-VARIANTS = {  # the draft method's chain and tree (as a GPU drafts under greedy decoding), without context copies
+VARIANTS = {
+    # the draft method's chain and tree (as a GPU drafts under greedy decoding), without context copies
     "draft-chain": {"tree_nodes": 0, "ngram_first": False},
     "draft-tree": {"tree_nodes": 31, "ngram_first": False},
+    # lookahead with the widest window of the GPU profiles (gpu-24gb): a step of up to 121 rows
+    "lookahead-wide": {"window_size": 15, "ngram_size": 5, "guess_size": 15},
 }
 
 
@@ -92,8 +95,10 @@ def tiny_deep_model(layers: int) -> torch.nn.Module:
 def measure(model, method: str, tokens: int, repeats: int) -> dict:
     """Ops and host milliseconds per target step outside the forwards (the target's and, for ``draft``,
     the draft's: here the model itself) for ``method``."""
-    draft = {"draft": model, **VARIANTS.get(method, {})} if method.startswith("draft") else {}
-    gen = specdec.SpeculativeGenerator(model, method=method.split("-")[0], static_cache=True, **draft)
+    draft = {"draft": model} if method.startswith("draft") else {}
+    gen = specdec.SpeculativeGenerator(
+        model, method=method.split("-")[0], static_cache=True, **draft, **VARIANTS.get(method, {})
+    )
     caches = [gen.kv, *([gen.proposer.kv] if draft else [])]
     if not all(isinstance(kv, static.StaticKV) for kv in caches):
         raise SystemExit(f"{method}: the static path is off (see the log line above)")
@@ -146,8 +151,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (Qwen2.5-1.5B has 28)")
     ap.add_argument(
         "--methods",
-        default="none,prompt_lookup,lookahead,draft,draft-chain,draft-tree",
-        help="draft drafts with the model itself; draft-chain and draft-tree: chains or trees, no context copies",
+        default="none,prompt_lookup,lookahead,lookahead-wide,draft,draft-chain,draft-tree",
+        help="draft drafts with the model itself; draft-chain and draft-tree: chains or trees, no context copies; "
+        "lookahead-wide: W=15 N=5 G=15",
     )
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: there the forwards are graph replays")
     ap.add_argument("--tokens", type=int, default=120)

@@ -51,9 +51,9 @@ def trace(args: argparse.Namespace) -> None:
         "profile": args.profile,
         "methods": {},
     }
-    for method in args.methods.split(","):
+    for method, label, settings in traced_methods(args):
         k, options = profile_choices(args, method)
-        label = method
+        options.update(settings)
         if method in ("draft", "auto"):
             from specdec.proposers.draft_model import tree_nodes
             from specdec.proposers.options import DraftOptions
@@ -128,6 +128,18 @@ def trace(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(out))
 
 
+def traced_methods(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """``(method, label, options)`` to trace: ``--methods`` as they are, then lookahead once per ``--lookahead``."""
+    jobs: list[tuple[str, str, dict]] = [(method, method, {}) for method in args.methods.split(",") if method]
+    for setting in args.lookahead:
+        try:
+            w, n, g = (int(v) for v in setting.split("/"))
+        except ValueError:
+            raise SystemExit(f"--lookahead takes W/N/G (for example 15/5/15), not {setting!r}") from None
+        jobs.append(("lookahead", f"lookahead W={w} N={n} G={g}", {"window_size": w, "ngram_size": n, "guess_size": g}))
+    return jobs
+
+
 def profile_choices(args: argparse.Namespace, method: str) -> tuple[int | None, dict]:
     """``(num_speculative_tokens, method options)`` of ``--profile`` for ``method`` (none: the defaults)."""
     if not args.profile:
@@ -141,12 +153,18 @@ def profile_choices(args: argparse.Namespace, method: str) -> tuple[int | None, 
 
 
 def _cost(table: dict[str, float], rows: int) -> float:
-    """ms of a forward over ``rows`` rows: the smallest measured bucket that holds them (else the largest, scaled)."""
+    """ms of a forward over ``rows`` rows: the smallest measured bucket that holds them; beyond the widest, that
+    bucket's cost plus the per-row slope between the two widest (a GPU's few extra ms where rows are nearly free,
+    about proportional where they are not)."""
     sizes = sorted(int(k) for k in table)
     for s in sizes:
         if s >= rows:
             return table[str(s)]
-    return table[str(sizes[-1])] * rows / sizes[-1]
+    widest = table[str(sizes[-1])]
+    if len(sizes) == 1:
+        return widest * rows / sizes[-1]
+    slope = max(widest - table[str(sizes[-2])], 0.0) / (sizes[-1] - sizes[-2])
+    return widest + slope * (rows - sizes[-1])
 
 
 def step_costs(
@@ -234,6 +252,13 @@ def main() -> None:
         type=int,
         default=None,
         help="the draft method's tree_nodes (0 = chains; default: chosen by --propose-as); a tree names the method",
+    )
+    t.add_argument(
+        "--lookahead",
+        action="append",
+        default=[],
+        metavar="W/N/G",
+        help="also trace lookahead with this window, n-gram size and guess size (repeatable)",
     )
     t.add_argument("--out", required=True)
     p = sub.add_parser("project", help="project GPU tokens/s from traces and gpu_profile.py costs")

@@ -3,11 +3,15 @@ finding an error a CPU would have shown (``scripts/gpu_session.sh`` runs them th
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,6 +39,7 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
     measured = _profile(costs, "--targets", "1.5b,7b")
     for part in (measured["1.5b"]["step_ms"], measured["7b"]["step_ms"], measured["draft_step_ms"]):
         assert {"eager", "static", "capture_s"} <= set(part) and part["static"]["1"] > 0
+    assert "128" in measured["1.5b"]["step_ms"]["static"]  # the widest lookahead window of the GPU profiles
     assert set(measured["1.5b"]["generate_tok_s"]) >= {"hf-greedy", "specdec-none-eager", "specdec-none-static"}
     projected = _run(
         "scripts/project_gpu.py",
@@ -76,5 +81,32 @@ def test_host_ops_counts_the_work_outside_the_forward():
     run = _run("scripts/host_ops.py", "--layers", "3", "--tokens", "12", "--repeats", "1")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["method"] for r in rows] == ["none", "prompt_lookup", "lookahead", "draft", "draft-chain", "draft-tree"]
+    methods = ["none", "prompt_lookup", "lookahead", "lookahead-wide", "draft", "draft-chain", "draft-tree"]
+    assert [r["method"] for r in rows] == methods
     assert all(r["ops"] > 0 and r["host_ms"] > 0 and r["steps"] > 0 for r in rows)
+
+
+def _project_gpu():
+    spec = importlib.util.spec_from_file_location("project_gpu", ROOT / "scripts" / "project_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_projected_costs_beyond_the_widest_bucket_follow_the_last_slope():
+    cost = _project_gpu()._cost
+    table = {"1": 10.0, "32": 11.0, "64": 12.0}
+    assert cost(table, 1) == 10.0 and cost(table, 20) == 11.0 and cost(table, 64) == 12.0
+    assert cost(table, 128) == 14.0  # 12 ms plus 64 rows at (12 - 11) / 32 ms a row
+    assert cost({"1": 10.0}, 3) == 30.0  # one bucket: proportional
+
+
+def test_trace_takes_lookahead_settings():
+    args = argparse.Namespace(methods="draft", lookahead=["15/5/15"])
+    jobs = _project_gpu().traced_methods(args)
+    assert jobs == [
+        ("draft", "draft", {}),
+        ("lookahead", "lookahead W=15 N=5 G=15", {"window_size": 15, "ngram_size": 5, "guess_size": 15}),
+    ]
+    with pytest.raises(SystemExit, match="W/N/G"):
+        _project_gpu().traced_methods(argparse.Namespace(methods="", lookahead=["15,5"]))

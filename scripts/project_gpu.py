@@ -188,24 +188,41 @@ def step_costs(
     return table, draft, costs["split_ms_per_step"]["none"]["outside"], costs["generate_tok_s"]["none"]
 
 
+def synthetic_costs(slope: float) -> dict[str, float]:
+    """Step costs in one-row steps where each row beyond the first adds ``slope`` of one, at the static path's
+    row buckets: ``{rows: 1 + slope * (bucket - 1)}``."""
+    from specdec.static import BUCKETS
+
+    return {str(b): 1.0 + slope * (b - 1) for b in BUCKETS}
+
+
 def project(args: argparse.Namespace) -> None:
     methods: dict[str, list] = {}
     for path in args.traces:  # several files: their methods side by side
         methods.update(json.loads(Path(path).read_text())["methods"])
-    costs = json.loads(Path(args.costs).read_text())
-    target, draft, outside, none_tok_s = step_costs(costs, args.target, args.kind)
-    if args.draft_ratio is not None:
-        draft = {rows: ms * args.draft_ratio for rows, ms in target.items()}
+    if args.row_slope is not None:
+        target, outside, none_tok_s = synthetic_costs(args.row_slope), 0.0, None
+        draft = {rows: ms * (args.draft_ratio or 0.0) for rows, ms in target.items()}
+        print(
+            f"projection (not a measurement) with synthetic costs: a step of r rows costs 1 + {args.row_slope} x "
+            f"(r - 1) one-row steps at its row bucket, a draft step {args.draft_ratio or 0.0} x that, no host work"
+        )
+    else:
+        costs = json.loads(Path(args.costs).read_text())
+        target, draft, outside, none_tok_s = step_costs(costs, args.target, args.kind)
+        if args.draft_ratio is not None:
+            draft = {rows: ms * args.draft_ratio for rows, ms in target.items()}
+        print(
+            f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
+            f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms"
+            f"{f' (assumed: {args.draft_ratio} x the target step)' if args.draft_ratio is not None else ''}, "
+            f"{outside:.2f} ms outside the forward"
+        )
     plain_ms = target["1"] + outside  # a token of plain decoding, in the same units as the projection
-    print(
-        f"projection (not a measurement) for target {args.target} on {costs['device']}: target step "
-        f"{target['1']:.2f} ms at 1 row, draft step {draft['1']:.2f} ms"
-        f"{f' (assumed: {args.draft_ratio} x the target step)' if args.draft_ratio is not None else ''}, "
-        f"{outside:.2f} ms outside the forward"
-    )
     results = {}
     for method, runs in methods.items():
         by_cat: dict[str, list[float]] = {}
+        steps = rows = tokens_all = 0
         for run in runs:
             ms = tokens = 0.0
             for i, step in enumerate(run["steps"]):
@@ -214,22 +231,29 @@ def project(args: argparse.Namespace) -> None:
                 if step["rows"] is not None:
                     ms += _cost(target, step["rows"]) + outside
                     tokens += step["tokens"]
+                    steps, rows = steps + 1, rows + step["rows"]
+            tokens_all += tokens
             by_cat.setdefault(run["category"], []).append(tokens / ms * plain_ms)  # x plain decoding
         every = [v for vs in by_cat.values() for v in vs]
         results[method] = {
             "all": statistics.geometric_mean(every),
             **{c: statistics.geometric_mean(v) for c, v in by_cat.items()},
+            "per step": (tokens_all / steps, rows / steps),
         }
-    cats = sorted({c for r in results.values() for c in r if c != "all"})
+    cats = sorted({c for r in results.values() for c in r if c not in ("all", "per step")})
     print(
-        f"ratios against plain decoding projected the same way; tok/s = ratio x specdec-none measured there "
-        f"({none_tok_s:.0f} tok/s)"
+        "ratios against plain decoding projected the same way"
+        + (f"; tok/s = ratio x specdec-none measured there ({none_tok_s:.0f} tok/s)" if none_tok_s else "")
     )
-    print(f"| method | all | {' | '.join(cats)} |")
-    print("|---|---|" + "---|" * len(cats))
+    print(f"| method | tokens / target rows per step | all | {' | '.join(cats)} |")
+    print("|---|---|---|" + "---|" * len(cats))
     for method, r in results.items():
-        cells = [f"{r[c]:.2f}x ({r[c] * none_tok_s:.0f} tok/s)" if c in r else "" for c in ["all", *cats]]
-        print(f"| {method} | " + " | ".join(cells) + " |")
+        cells = [
+            (f"{r[c]:.2f}x ({r[c] * none_tok_s:.0f} tok/s)" if none_tok_s else f"{r[c]:.2f}x") if c in r else ""
+            for c in ["all", *cats]
+        ]
+        tokens, rows = r["per step"]
+        print(f"| {method} | {tokens:.2f} / {rows:.1f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -263,7 +287,13 @@ def main() -> None:
     t.add_argument("--out", required=True)
     p = sub.add_parser("project", help="project GPU tokens/s from traces and gpu_profile.py costs")
     p.add_argument("--traces", required=True, nargs="+", help="trace files (their methods side by side)")
-    p.add_argument("--costs", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--costs", help="a gpu_profile.py result")
+    source.add_argument(
+        "--row-slope",
+        type=float,
+        help="instead of measured costs: each row beyond the first adds this fraction of a one-row step",
+    )
     p.add_argument("--target", default="1.5b", help="which target of the costs file (1.5b, 7b)")
     p.add_argument("--kind", default="static", help="which static path's costs: static or compiled")
     p.add_argument(

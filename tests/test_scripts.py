@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,17 @@ def test_trace_takes_lookahead_settings():
     ]
     with pytest.raises(SystemExit, match="W/N/G"):
         _project_gpu().traced_methods(argparse.Namespace(methods="", lookahead=["15,5"]))
+
+
+def test_projection_with_synthetic_row_costs():
+    """``--row-slope 0``: rows free and no draft cost, so a method's ratio is its tokens per step."""
+    trace = "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json"
+    projected = _run("scripts/project_gpu.py", "project", "--traces", trace, "--row-slope", "0")
+    assert projected.returncode == 0, projected.stderr[-2000:]
+    assert "synthetic costs" in projected.stdout
+    runs = json.loads((ROOT / trace).read_text())["methods"]["prompt_lookup"]
+    per_prompt = [
+        sum(s["tokens"] for s in r["steps"] if s["rows"]) / sum(1 for s in r["steps"] if s["rows"]) for r in runs
+    ]
+    row = next(line for line in projected.stdout.splitlines() if line.startswith("| prompt_lookup |"))
+    assert f"| {statistics.geometric_mean(per_prompt):.2f}x |" in row

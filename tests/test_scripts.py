@@ -49,9 +49,10 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
     assert projected.returncode == 0, projected.stderr[-2000:]
     assert "projection (not a measurement)" in projected.stdout and "| lookahead |" in projected.stdout
     # two trace files side by side, the draft's step assumed at 0.3x the target's
-    traces = (
+    traces = (  # the files scripts/gpu_session.sh projects from
         "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json",
         "docs/bench/cpu-traces-qwen-coder-1.5b-draft-trees.json",
+        "docs/bench/cpu-traces-qwen-coder-1.5b-lookahead-windows.json",
     )
     projected = _run(
         "scripts/project_gpu.py", *("project", "--traces", *traces, "--costs", str(costs), "--draft-ratio", "0.3")
@@ -59,6 +60,8 @@ def test_gpu_profile_and_projection_run_on_a_cpu(tmp_path):
     assert projected.returncode == 0, projected.stderr[-2000:]
     assert "assumed: 0.3 x the target step" in projected.stdout
     assert "| lookahead |" in projected.stdout and "| draft (tree of 31) |" in projected.stdout
+    assert "| lookahead W=15 N=5 G=15 |" in projected.stdout
+    assert all(t in (ROOT / "scripts" / "gpu_session.sh").read_text() for t in traces)
 
 
 def test_gpu_profile_of_compiled_steps_and_its_projection_run_on_a_cpu(tmp_path):

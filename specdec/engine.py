@@ -365,7 +365,7 @@ class SpeculativeGenerator:
         )
         stats.cached_tokens = self.kv.start(state.capacity, prompt_ids)
         with torch.inference_mode():
-            self._prefill(state, stats.cached_tokens)
+            stats.graph_capture_seconds = self._prefill(state, stats.cached_tokens)
             self.proposer.reset(state)  # a draft model prefills here
         stats.prefill_seconds = time.perf_counter() - start
         finish: str | None = None
@@ -375,7 +375,7 @@ class SpeculativeGenerator:
             with torch.inference_mode():
                 proposal = self.proposer.propose(state, max(budget, 0))
                 new_tokens, outcome = self._step(proposal, state, cfg, generator)
-            stats.graph_capture_seconds += outcome.capture_seconds
+            stats.graph_capture_seconds += outcome.capture_seconds + proposal.capture_seconds
             stats.steps += 1
             stats.proposed += proposal.num_nodes
             stats.accepted += len(outcome.accepted_nodes)
@@ -407,16 +407,19 @@ class SpeculativeGenerator:
             stats.compile_steps = self.compile_steps  # False from a failed compile on
             yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
 
-    def _prefill(self, state: DecodeState, cached: int) -> None:
+    def _prefill(self, state: DecodeState, cached: int) -> float:
         """Cache the prompt before the pending token, but for its first ``cached`` tokens (kept from the
-        previous generation): one causal forward, no mask, no hidden states.
+        previous generation): one causal forward, no mask, no hidden states. Returns the seconds it spent
+        capturing a graph or compiling the step.
 
         Steps then hold only their own rows, so a long prompt costs what plain
         decoding's prefill costs whatever the method (no prompt-sized tree mask).
         """
+        captured = 0.0
         if state.tokens.numel() - 1 > cached:
-            self.kv.forward(state.tokens[cached:-1], keep=1)
+            captured = self.kv.forward(state.tokens[cached:-1], keep=1).captured
         self.kv.remember(state.tokens[:-1])
+        return captured
 
     def _step(
         self, proposal: Proposal, state: DecodeState, cfg: SamplingConfig, generator: torch.Generator

@@ -52,6 +52,11 @@ from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, r
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a step runs at; a step of ``t`` rows runs at the smallest bucket ``>= t``."""
 CAPACITY_STEP = 256
+# Row counts that each compile a variant of a compiled step: one row (sizes 0 and 1 are always their own), a few
+# rows (this CPU's few-row kernels, specdec.compact, branch at KERNEL_MAX_ROWS) and more; all are compiled at the
+# first forward, so that no reply stops for a compile when its first one-row step comes (a draft that always
+# drafts may bring one only several replies later).
+COMPILE_AHEAD_ROWS: tuple[int, ...] = (1, 2, 8)
 """Cache sizes are rounded up to a multiple of this, so that generations of similar length share a cache."""
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 RECOMPILE_LIMIT = 64
@@ -128,6 +133,7 @@ class StaticKV(KVCache):
         self._captured: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         self._pool = None
         self._compiled = torch.compile(bucket_step) if compile_steps else None
+        self._ahead: set[bool] = set()  # the `hidden` values whose step variants are compiled
 
     @property
     def compiled(self) -> bool:
@@ -228,17 +234,34 @@ class StaticKV(KVCache):
                 f"the static cache holds {self.capacity} positions, a forward needs {self.length + t}",
                 "this is a bug in specdec: please report it",
             )
+        ahead = self._compile_ahead(hidden) if self._compiled is not None and hidden not in self._ahead else 0.0
         rows = bucket(t)
         if rows is None or self.length + rows > self.capacity:
-            return self._eager(tokens, positions, allowed, keep, hidden)
+            out = self._eager(tokens, positions, allowed, keep, hidden)
+            out.captured += ahead
+            return out
         self._fill(rows, tokens, positions, allowed)
         logits, last, captured = self._run(rows, hidden)
+        captured += ahead
         self._rewind(rows - t)  # the step advanced every layer by `rows`; keep the real rows
         self.length += t
         logits, last = logits[0, t - keep : t], last[0, t - keep : t] if hidden else None
         if self.graphs:  # a graph's outputs are overwritten by its next replay
             logits, last = logits.clone(), last.clone() if hidden else None
         return Forward(logits, last, captured)
+
+    def _compile_ahead(self, hidden: bool) -> float:
+        """Compile (and on CUDA capture) the step for each of :data:`COMPILE_AHEAD_ROWS` now, over padding rows
+        written beyond the cache's length and rewound (unseen, like any padding row); the seconds it took."""
+        self._ahead.add(hidden)
+        spent = 0.0
+        for rows in COMPILE_AHEAD_ROWS:
+            if self._compiled is None or self.length + rows > self.capacity:
+                break  # a failed compile runs the steps uncompiled: nothing to compile ahead
+            self._fill(rows, torch.zeros(rows, dtype=torch.long, device=self.device), None, None)
+            spent += self._run(rows, hidden)[2]
+            self._rewind(rows)
+        return spent
 
     def _eager(self, tokens, positions, allowed, keep, hidden) -> Forward:
         """A forward beyond the buckets (a prompt): causal rows use transformers' own static mask."""

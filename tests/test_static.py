@@ -6,6 +6,7 @@ capture; ``python -m pytest --device cuda`` runs these with graphs on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 
@@ -139,15 +140,30 @@ def test_compiled_steps_greedy_equals_hf(arch, method, options, caplog):
     assert gen.static_cache and gen.compile_steps  # compile_steps turns the static cache on
     torch._dynamo.reset()  # steps compiled by another test for models of these shapes would serve these
     graphs = static.compiled_graphs()
+    drafts, handed = [], []  # what the draft's steps told its controller, what its proposals handed on
+    if draft is not None:
+        record, propose = gen.proposer.controller.record_draft, gen.proposer.propose
+        gen.proposer.controller.record_draft = lambda s: (drafts.append(s), record(s))[1]
+        gen.proposer.propose = lambda *a: (p := propose(*a), handed.append(p.capture_seconds))[0]
     with caplog.at_level(logging.WARNING, logger="specdec"):
         res = gen.generate(PROMPT, max_new_tokens=40)
         assert res.token_ids == ref
+        compiled = static.compiled_graphs()
+        caches = [gen.kv, *([gen.proposer.kv] if draft is not None else [])]
+        with torch.inference_mode():  # every width of a step was compiled at the first forward: none compiles later
+            for kv, rows in itertools.product(caches, (1, 3, 9)):  # Medusa's steps return hidden states
+                length = kv.length
+                kv.forward(torch.ones(rows, dtype=torch.long, device=kv.device), keep=1, hidden=method == "medusa")
+                kv.truncate(length)
+        assert static.compiled_graphs() == compiled
         longer = PROMPT * 3  # another prompt, a wider cache: the compiled steps serve it
         assert gen.generate(longer, max_new_tokens=20).token_ids == hf_greedy(target, longer, 20)
     assert not [r.getMessage() for r in caplog.records if r.name == "specdec"]
     assert gen.compile_steps and (method != "draft" or gen.proposer.kv.compiled)
     assert static.compiled_graphs() > graphs  # the steps really ran compiled
     assert res.stats.compile_steps and res.stats.graph_capture_seconds > 0  # the compile is one-time work
+    if draft is not None:  # the draft's compiles are reported with the target's, and are not draft step costs
+        assert sum(handed) > 0 and drafts and max(drafts) < 0.1 * res.stats.graph_capture_seconds
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="breaks the CPU's C++ compiler; a GPU compiles with triton")

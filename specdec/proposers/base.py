@@ -45,6 +45,9 @@ class Proposal:
             extra rows) each extra row attends to, besides the whole cache.
             Nodes never attend to extra rows.
         need_hidden: ask the engine for the target's final hidden states.
+        capture_seconds: seconds the proposer spent capturing CUDA graphs or compiling steps of its own
+            model (a draft's) since its previous proposal, its prefill included: one-time work that the
+            engine reports in ``GenerationStats.graph_capture_seconds``.
     """
 
     tokens: torch.Tensor
@@ -54,6 +57,7 @@ class Proposal:
     extra_positions: torch.Tensor | None = None
     extra_mask: torch.Tensor | None = None
     need_hidden: bool = False
+    capture_seconds: float = 0.0
 
     @property
     def num_nodes(self) -> int:

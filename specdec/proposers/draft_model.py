@@ -53,6 +53,7 @@ import torch
 from .. import compact, costs
 from ..adaptive import DraftLengthController, ema
 from ..errors import SpecdecError
+from ..kvcache import Forward
 from ..modelinfo import output_rows
 from ..ngrams import NgramIndex, common_prefix, next_copy_length
 from ..sampling import choose, presence_rows, process_logits
@@ -170,6 +171,7 @@ class DraftModelProposer:
         self._tree = False  # whether the current step verifies a draft tree
         self.tree_nodes = 0  # nodes of a draft tree in this generation (0 = chains)
         self._idle = 0  # steps in which the controller chose not to draft
+        self._captured = 0.0  # seconds of graph capture or compile not yet handed on with a proposal
         self.index: NgramIndex | None = None
         self.copy_length = cfg.ngram_tokens
         self._copy: list[int] = []  # the n-gram copy proposed (or, if unused, scored) this step
@@ -204,11 +206,28 @@ class DraftModelProposer:
         prompt = state.tokens
         kept = self.kv.start(state.capacity, prompt.tolist())
         if prompt.numel() - 1 > kept:
-            self.kv.forward(prompt[kept:-1].to(self.device), keep=1)
+            self._forward(prompt[kept:-1].to(self.device), keep=1)
         self.cached = prompt.numel() - 1
         self.kv.remember(prompt[: self.cached])
 
+    def _forward(self, *args, **kwargs) -> Forward:
+        """The draft cache's forward; the seconds it spent capturing or compiling are counted apart."""
+        out = self.kv.forward(*args, **kwargs)
+        self._captured += out.captured
+        return out
+
+    def _record_draft(self, t0: float, captured: float) -> None:
+        """Tell the controller the seconds per draft forward since ``t0``, less the capture or compile
+        seconds counted since ``captured`` (one-time work, not a draft step's cost)."""
+        seconds = time.perf_counter() - t0 - (self._captured - captured)
+        self.controller.record_draft(seconds / self._forwards)
+
     def propose(self, state: DecodeState, max_nodes: int) -> Proposal:
+        proposal = self._propose(state, max_nodes)
+        proposal.capture_seconds, self._captured = self._captured, 0.0
+        return proposal
+
+    def _propose(self, state: DecodeState, max_nodes: int) -> Proposal:
         self._unfed, self._ran, self._tree = 0, False, False
         if max_nodes <= 0:
             return Proposal.empty(state.tokens.device)
@@ -254,8 +273,8 @@ class DraftModelProposer:
         self._ran, self._tree, self._forwards = True, True, 1
         committed = state.tokens.numel()
         tree = DraftTree()
-        t0 = time.perf_counter()
-        logits = self.kv.forward(state.tokens[self.cached :].to(self.device), keep=1).logits
+        t0, captured = time.perf_counter(), self._captured
+        logits = self._forward(state.tokens[self.cached :].to(self.device), keep=1).logits
         tree.offer([-1], self._logprobs(logits, state), TREE_WIDTH)
         for d in range(1, depth):
             grow = tree.frontier(d, TREE_BEAM)
@@ -266,10 +285,10 @@ class DraftModelProposer:
             self.kv.truncate(committed)
             tokens = torch.tensor([tree.tokens[i] for i in rows], dtype=torch.long, device=self.device)
             positions = torch.tensor([committed - 1 + tree.depths[i] for i in rows], device=self.device)
-            out = self.kv.forward(tokens, positions, tree.visibility(rows).to(self.device), keep=len(grow))
+            out = self._forward(tokens, positions, tree.visibility(rows).to(self.device), keep=len(grow))
             tree.offer(grow, self._logprobs(out.logits, state), TREE_WIDTH)
         self.kv.truncate(committed)
-        self.controller.record_draft((time.perf_counter() - t0) / self._forwards)
+        self._record_draft(t0, captured)
         self.cached = committed
         self.kv.remember(state.tokens[:committed])
         tokens, parents = tree.best(self.tree_nodes)
@@ -300,12 +319,12 @@ class DraftModelProposer:
         guessing = self.index is not None and cfg.greedy and not cfg.uses_prefix
         drafted: list[int] = []
         probs: list[torch.Tensor] = []
-        t0 = time.perf_counter()
+        t0, captured = time.perf_counter(), self._captured
         while len(drafted) < k:
             guess = self._guess(state, drafted, k - len(drafted) - 1) if guessing else []
             if guess:
                 feed = torch.cat([feed, torch.tensor(guess, dtype=torch.long, device=self.device)])
-            logits = self.kv.forward(feed, keep=1 + len(guess)).logits[:, : self.target_vocab]  # [1+g, Vd]
+            logits = self._forward(feed, keep=1 + len(guess)).logits[:, : self.target_vocab]  # [1+g, Vd]
             if guessing:
                 picks = self._take_guess(logits, guess)
             else:
@@ -335,8 +354,8 @@ class DraftModelProposer:
             if stop:
                 break
             feed = torch.tensor([drafted[-1]], dtype=torch.long, device=self.device)
-        self.controller.record_draft((time.perf_counter() - t0) / len(drafted))
         self._forwards = len(drafted)
+        self._record_draft(t0, captured)
         self.cached = committed
         self.kv.remember(state.tokens[:committed])
         self._unfed = len(drafted) - 1  # the last drafted token was never fed

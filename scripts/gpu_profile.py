@@ -16,9 +16,10 @@ measures, in one process, for each target with the 0.5B draft:
   its steps compiled by ``torch.compile``, then captured); the draft's steps
   likewise (a draft tree's forwards run over many rows); medians between
   synchronisations;
-- ``capture_s``: seconds to capture each bucket's graph (and, for
-  ``compiled``, to compile it first: one compile serves all buckets above one
-  row, so the first bucket of each pays it);
+- ``capture_s``: seconds to capture each bucket's graph; ``compiled_capture_s``:
+  for ``compiled``, the compile of every width at the first forward (the
+  prompt's: ``first forward``) and then each bucket's capture; ``ran_compiled``:
+  false when the compile failed and the steps ran uncompiled;
 - ``generate_tok_s``: tokens/s of ``hf-greedy``, ``hf-static`` (transformers'
   static cache, compiled by transformers on CUDA; ``--no-hf-static`` skips its
   compile) and specdec's ``none`` for each kind, interleaved, medians of the
@@ -115,7 +116,9 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
         for kind in kinds:
             kv = open_kind(model, kind)
             kv.start(len(prompt) + max(rows) + 8)
-            kv.forward(torch.tensor(prompt, device=device))
+            first = kv.forward(torch.tensor(prompt, device=device))
+            if first.captured:  # compiled steps compile every width at the first forward
+                out[capture_key(kind)]["first forward"] = round(first.captured, 3)
             times: dict[int, list[float]] = {r: [] for r in rows}
             for rep in range(repeats + 2):  # two warm-up rounds (the first captures)
                 for r in rows:
@@ -129,6 +132,8 @@ def step_ms(model, prompt: list[int], rows: tuple[int, ...], timer: Timer, repea
                     times[r].append(seconds - fwd.captured)
                     kv.truncate(len(prompt))
             out[kind] = {str(r): round(statistics.median(v[2:]) * 1e3, 3) for r, v in times.items()}
+            if kind == "compiled":  # False after a failed compile (one log line): the steps then ran uncompiled
+                out["ran_compiled"] = kv.compiled
     return out
 
 

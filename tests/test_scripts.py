@@ -69,9 +69,10 @@ def test_gpu_profile_of_compiled_steps_and_its_projection_run_on_a_cpu(tmp_path)
     costs = tmp_path / "gpu-profile-compiled.json"
     measured = _profile(costs, "--targets", "1.5b", "--kinds", "compiled", "--no-hf-static")
     for part in (measured["1.5b"]["step_ms"], measured["draft_step_ms"]):
-        assert set(part) == {"compiled", "compiled_capture_s"} and part["compiled"]["1"] > 0
-    # the one-row step's compile (wider steps share another; --small's target has the draft's shapes and reuses them)
-    assert measured["draft_step_ms"]["compiled_capture_s"]["1"] > 0
+        assert set(part) == {"compiled", "compiled_capture_s", "ran_compiled"} and part["compiled"]["1"] > 0
+        assert part["ran_compiled"] is True
+    # every width compiles at the first forward (--small's target has the draft's shapes and reuses its steps)
+    assert measured["draft_step_ms"]["compiled_capture_s"]["first forward"] > 0
     assert "specdec-none-compiled" in measured["1.5b"]["graph_capture_s"]
     args = ("--traces", "docs/bench/cpu-traces-qwen-coder-1.5b-as-cuda.json", "--costs", str(costs))
     projected = _run("scripts/project_gpu.py", "project", *args, "--kind", "compiled")

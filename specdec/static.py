@@ -328,7 +328,9 @@ class StaticKV(KVCache):
         if self._compiled is not None:
             mark_dynamic(ids, offsets, visible, self._columns)
             try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                # only the sizes mark_dynamic marks vary: a size that dynamo would make dynamic because another
+                # model (a draft of other shapes, through the same step function) compiled first fails to compile
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
                     return self._compiled(*args, hidden)
             except Exception as e:  # noqa: BLE001 - any compile failure means: run uncompiled
                 self._compiled = None

@@ -133,7 +133,8 @@ def test_compiled_steps_greedy_equals_hf(arch, method, options, caplog):
     target = tiny_model(arch, seed=0, sharpness=3.0)
     ref = hf_greedy(target, PROMPT, 40)
     options = dict(options)
-    draft = tiny_model(arch, seed=7) if options.pop("draft", None) else None
+    # a draft of other sizes than the target's, as a real pair: both compile through the one step function
+    draft = tiny_model(arch, seed=7, hidden=64, layers=3) if options.pop("draft", None) else None
     if options.get("medusa_heads") == "fresh":
         options["medusa_heads"] = MedusaHeads.init(target, num_heads=3)
     gen = specdec.SpeculativeGenerator(target, method=method, draft=draft, compile_steps=True, **options)

@@ -52,12 +52,12 @@ from .kvcache import DynamicKV, Forward, KVCache, cache_argument, model_dtype, r
 BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """Row counts a step runs at; a step of ``t`` rows runs at the smallest bucket ``>= t``."""
 CAPACITY_STEP = 256
-# Row counts that each compile a variant of a compiled step: one row (sizes 0 and 1 are always their own), a few
-# rows (this CPU's few-row kernels, specdec.compact, branch at KERNEL_MAX_ROWS) and more; all are compiled at the
-# first forward, so that no reply stops for a compile when its first one-row step comes (a draft that always
-# drafts may bring one only several replies later).
-COMPILE_AHEAD_ROWS: tuple[int, ...] = (1, 2, 8)
 """Cache sizes are rounded up to a multiple of this, so that generations of similar length share a cache."""
+COMPILE_AHEAD_ROWS: tuple[int, ...] = (1, 2, 8)
+"""Row counts that each compile a variant of a compiled step: one row (sizes 0 and 1 are always their own), a few
+rows (a CPU's few-row kernels, :mod:`specdec.compact`, branch at ``KERNEL_MAX_ROWS``) and more. All are compiled at
+a cache's first forward, so that no reply stops for a compile when its first one-row step comes (a draft that
+always drafts may bring one only several replies later)."""
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 RECOMPILE_LIMIT = 64
 """How many compiled variants of the step dynamo keeps (its default, 8, is shared by every compiled step of the

@@ -22,7 +22,7 @@ from .proposers import MethodOptions, ProposerContext, build_proposer, method_an
 from .proposers.base import DecodeState, Proposal, StepOutcome
 from .sampling import SamplingConfig, check_request
 from .static import BUCKETS, StaticKV, check_compile_steps, open_cache
-from .stream import IncrementalDecoder, StopStringMatcher
+from .stream import IncrementalDecoder, StopStringMatcher, detokenize
 from .tree import ancestor_mask, depths
 from .verify import TypicalAcceptance, verify
 from .vocab import check_vocabularies
@@ -384,6 +384,12 @@ class SpeculativeGenerator:
                 if t in eos:
                     keep, finish = keep[: i + 1], "eos"
                     break
+            text = ""
+            if decoder is not None:
+                last = finish is not None or generated + len(keep) >= limit
+                text, used = detokenize(decoder, matcher, keep, last)
+                if used is not None:  # a stop string: the tokens after the one completing it are not generated
+                    keep, finish = keep[:used], "stop"
             buf[length : length + len(keep)] = torch.tensor(keep, dtype=torch.long)
             length += len(keep)
             state.tokens = buf[:length]
@@ -392,12 +398,6 @@ class SpeculativeGenerator:
             if finish is None:
                 with torch.inference_mode():
                     self.proposer.observe(outcome)
-            text = ""
-            if decoder is not None:
-                delta = decoder.add(keep) + (decoder.flush() if finish or length - len(prompt_ids) >= limit else "")
-                text, hit = matcher.push(delta)
-                if hit:
-                    finish = "stop"
             if finish is None and length - len(prompt_ids) >= limit:
                 finish = "length" if limit == max_new_tokens else "context"
             if finish is not None and finish != "stop":

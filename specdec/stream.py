@@ -90,3 +90,24 @@ class StopStringMatcher:
                     best = k
                     break
         return best
+
+
+def detokenize(
+    decoder: IncrementalDecoder, matcher: StopStringMatcher, ids: list[int], last: bool
+) -> tuple[str, int | None]:
+    """Feed one step's new tokens to ``decoder`` and ``matcher``; ``last``: no tokens follow (flush the decoder).
+
+    Returns the text safe to emit and, when a stop string was hit, how many of ``ids`` it took to complete it
+    (else None). With stop strings the tokens go in one at a time, so that a step of several tokens ends where
+    plain decoding, one token a step, would have ended: the reply, its token ids and its token count do not
+    depend on how many tokens a step accepted.
+    """
+    if not matcher.stops:
+        return matcher.push(decoder.add(ids) + (decoder.flush() if last else ""))[0], None
+    text = ""
+    for i, token in enumerate(ids):
+        out, hit = matcher.push(decoder.add([token]) + (decoder.flush() if last and i == len(ids) - 1 else ""))
+        text += out
+        if hit:
+            return text, i + 1
+    return text, None

@@ -65,9 +65,14 @@ def test_stream_equals_generate_and_stop_strings_cut(smollm2, method):
     assert "".join(e.text for e in events) == full.text
     assert [t for e in events for t in e.token_ids] == full.token_ids
     assert events[-1].done and all(not e.done for e in events[:-1])
-    # a stop string taken from the middle of the reply cuts the text right before it
-    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]
-    cut = gen.generate(messages, max_new_tokens=40, stop=[stop])
-    assert cut.finish_reason == "stop"
-    assert cut.text == full.text[: full.text.index(stop)]
-    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+    # a stop string taken from the reply cuts the text right before it, and the reply ends at the token that
+    # completes it, as plain decoding (one token a step) ends, whatever the step accepted beyond that token:
+    # the tokens returned and counted are the same for every method
+    for at in (0.3, 0.4, 0.5, 0.6, 0.7):
+        stop = full.text[int(len(full.text) * at) :][:4]
+        cut = gen.generate(messages, max_new_tokens=40, stop=[stop])
+        assert cut.finish_reason == "stop"
+        assert cut.text == full.text[: full.text.index(stop)]
+        ends = [n for n in range(1, len(full.token_ids) + 1) if stop in tok.decode(full.token_ids[:n])]
+        assert cut.token_ids == full.token_ids[: ends[0]]
+        assert cut.stats.new_tokens == ends[0]

@@ -334,6 +334,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (json.dumps(ok)[:-1].encode() + b', "max_tokens": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
         (json.dumps({"model": MODEL}).encode(), 400, "messages", "missing_field"),
         (json.dumps({"messages": ok["messages"]}).encode(), 400, "model", "missing_field"),
+        (json.dumps({**ok, "model": None}).encode(), 400, "model", "missing_field"),
         (json.dumps({**ok, "model": "gpt-4o"}).encode(), 404, "model", "model_not_found"),
         (json.dumps({**ok, "n": 2}).encode(), 400, "n", "unsupported_parameter"),
         (json.dumps({**ok, "logprobs": True}).encode(), 400, "logprobs", "unsupported_parameter"),
@@ -368,6 +369,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         assert got == status, (body[:80], data)
         assert set(data["error"]) == {"message", "type", "param", "code"}, data
         assert data["error"]["param"] == param and data["error"]["code"] == code, data
+    # OpenAI's optional fields are nullable, and null means the default (front-ends write unset options so)
+    nulls = dict.fromkeys(("top_p", "top_k", "n", "presence_penalty", "frequency_penalty", "stream", "echo"))
+    got, data = server.raw("POST", chat, json.dumps({**ok, "temperature": 0, "max_tokens": 4, **nulls}).encode())
+    assert got == 200 and data["choices"][0]["message"]["content"], data
     too_long = server.raw("POST", chat, cases[-5][0])[1]["error"]["message"]
     assert "8192" in too_long and "max_tokens" not in too_long  # the context is named; no max_tokens was sent
     for stream in (False, True):  # a seed torch cannot take is refused before the answer starts, streamed or not

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..sampling import SEED_MIN, SEED_MAX
 
@@ -106,6 +106,14 @@ class CompletionFields(BaseModel):
     response_format: dict[str, Any] | None = None
     echo: bool = False
     suffix: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's optional fields are nullable: ``null`` asks for the default (``"temperature": null`` is 1)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     def unsupported(self) -> ApiError | None:
         """The 400 for the first field set to something specdec cannot do exactly, else None."""

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import SpecdecError
+
 
 def unique_sibling(path: Path, suffix: str = ".tmp") -> Path:
     """A hidden name beside ``path`` that no other process or thread uses."""
@@ -38,3 +40,19 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` whole or not at all."""
     with atomic_path(path) as tmp, open(tmp, "xb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def check_writable(path: str | Path, option: str) -> None:
+    """Raise :class:`SpecdecError` now when ``path`` (given as ``option``) could not be written later: it is a
+    folder, or the nearest folder above it that exists is a file or not writable. For output files of a long run,
+    which should fail before the run, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecdecError(f"{option} {path} is a folder", f"give a file name for {option}")
+    above = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not above.is_dir():
+        raise SpecdecError(f"{option} {path} cannot be written: {above} is a file", f"choose another path for {option}")
+    if not os.access(above, os.W_OK):
+        raise SpecdecError(
+            f"{option} {path} cannot be written: {above} is not writable", f"choose another path for {option}"
+        )

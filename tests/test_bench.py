@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from specdec.bench.harness import Bench, BenchConfig, BenchPrompt, RunResult, load_prompts, make_row
 from specdec.bench.report import BASELINE, BenchReport, BenchRow, first_divergence, geometric_mean
-from specdec.errors import MissingExtraError, SpecdecError
+from specdec.errors import MissingExtraError, SpecdecError, VocabularyMismatchError
 from conftest import tiny_model
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -274,6 +274,18 @@ def test_bench_without_draft_skips_assisted(tiny, tmp_path):
     assert "hf-assisted" not in bench.runners and "draft" in bench.skipped
     report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
     assert report.methods == [BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none"]
+    # named on the command line (strict), a method that cannot run is an error before the run
+    with pytest.raises(SpecdecError, match="draft"):
+        Bench(model, tok, BenchConfig(target="tiny", methods=("none", "draft"), strict=True))
+
+
+def test_bench_refuses_a_draft_of_another_vocabulary(tiny):
+    """A draft whose embedding cannot read the target's tokens: one clear error before any row runs (transformers'
+    assisted generation, the hf-assisted row, would fail inside generate)."""
+    model, tok = tiny
+    small = tiny_model("llama", vocab=len(WORDS) // 2, device="cpu")
+    with pytest.raises(VocabularyMismatchError):
+        Bench(model, tok, BenchConfig(target="tiny", draft="small", methods=("none",)), draft=small)
 
 
 # --------------------------------------------------------------------------- the CLI on a saved tiny model
@@ -309,6 +321,14 @@ def test_cli_bench_unknown_method():
 
     result = CliRunner().invoke(main, ["bench", "--target", "x", "--methods", "none,warp"])
     assert result.exit_code == 1 and "unknown method(s): warp" in result.output
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+def test_cli_bench_refuses_an_output_it_cannot_write_before_the_run(tmp_path, option):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    result = _invoke(["bench", "--target", "no-such-model", option, str(in_the_way / "runs" / "b.json")])
+    assert result.exit_code == 1 and "a-file is a file" in result.output, result.output  # before loading the model
 
 
 def _bench_args(folder: Path, tmp_path: Path, *extra: str) -> list[str]:

@@ -5,7 +5,7 @@ transformers' own greedy decoding, assisted generation and prompt lookup, in
 one process, on the same prompt ids, dtype and threads.
 
 Order of work, per prompt: for each repeat, every runner once, in a fixed
-order (``hf-greedy``, ``hf-assisted``, ``hf-prompt-lookup``, then
+order (``hf-greedy``, ``hf-static``, ``hf-assisted``, ``hf-prompt-lookup``, then
 ``specdec-<method>``...), so that machine noise hits all methods alike. A
 short warm-up generation per runner precedes the timed runs. The reported
 time of a (prompt, runner) is the median over the repeats; tokens/s is the
@@ -40,6 +40,7 @@ import torch
 
 from ..errors import SpecdecError
 from ..proposers import METHODS
+from ..vocab import check_vocabularies
 from .report import BASELINE, BenchReport, BenchRow, first_divergence
 
 DEFAULT_METHODS: tuple[str, ...] = ("none", "draft", "prompt_lookup", "lookahead", "auto")
@@ -75,6 +76,8 @@ class BenchConfig:
             ``specdec-medusa`` row only (without them that row is skipped).
         static_cache: the specdec rows' static path (None = on for CUDA, off elsewhere).
         compile_steps: the specdec rows' static steps compiled by ``torch.compile`` (turns the static path on).
+        strict: a method that cannot run here (``draft`` without a draft, ``medusa`` without heads) is an error
+            before the run; when False (the default methods) its row is skipped and the report says why.
     """
 
     target: str
@@ -93,6 +96,7 @@ class BenchConfig:
     medusa_heads: str | None = None
     static_cache: bool | None = None
     compile_steps: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -369,7 +373,8 @@ class Bench:
         self.runners: dict[str, Runner] = {BASELINE: hf_runner(target, eos)}
         # transformers' strongest plain decoding: a static cache (and, on CUDA, the compile it applies)
         self.runners["hf-static"] = hf_runner(target, eos, cache_implementation="static")
-        if self.draft is not None:
+        if self.draft is not None:  # transformers' assisted generation fails deep in generate on another vocabulary
+            check_vocabularies(target, self.draft, tokenizer, draft_tokenizer)
             self.runners["hf-assisted"] = hf_runner(target, eos, reset=(self.draft,), assistant_model=self.draft)
         self.runners["hf-prompt-lookup"] = hf_runner(target, eos, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS)
         self.skipped: dict[str, str] = {}
@@ -392,6 +397,8 @@ class Bench:
                     **options,
                 )
             except SpecdecError as e:
+                if config.strict:
+                    raise
                 self.skipped[method] = e.message
                 continue
             self.runners[f"specdec-{method}"] = specdec_runner(gen)

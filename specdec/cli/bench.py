@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..bench.harness import DEFAULT_METHODS, BenchConfig, BenchEvent, load_average
+from ..files import check_writable
 from ..proposers import METHODS
 from .common import compile_steps_option, quiet_libraries, report_errors
 
@@ -120,7 +121,7 @@ def bench(
 ) -> None:
     """Benchmark specdec against transformers on a prompt set; print a Markdown table.
 
-    Per prompt, interleaved: hf-greedy (the baseline), hf-assisted (with --draft),
+    Per prompt, interleaved: hf-greedy (the baseline), hf-static, hf-assisted (with --draft),
     hf-prompt-lookup, then specdec-<method> for each of --methods.
     """
     from rich.console import Console
@@ -129,6 +130,7 @@ def bench(
 
     quiet_libraries()
     console = Console(stderr=True)
+    strict = methods is not None  # a method named on the command line must run; a default one may be skipped
     if methods is None:
         methods = ",".join(DEFAULT_METHODS + (("medusa",) if medusa_heads else ()))
     num_speculative_tokens, method_options = None, {}
@@ -153,8 +155,12 @@ def bench(
         medusa_heads=medusa_heads,
         static_cache=static_cache,
         compile_steps=compile_steps,
+        strict=strict,
     )
-    if plot_path:  # fail before the long run, not after it
+    for option, path in (("--json", json_path), ("--markdown", markdown_path), ("--plot", plot_path)):
+        if path:  # fail before the long run, not after it
+            check_writable(path, option)
+    if plot_path:
         _require_plot()
     _warn_if_busy(console)
     progress, on_event = _progress(console)
@@ -162,13 +168,13 @@ def bench(
         report = run_bench(config, on_event=on_event, on_status=lambda text: console.print(f"[bold]{text}[/bold]"))
     for method, why in report.skipped.items():
         console.print(f"[yellow]skipped specdec-{method}: {why}[/yellow]")
+    click.echo(report.to_markdown())  # first: the run's results are on screen whatever happens to the files
     if json_path:
         report.write_json(json_path)
     if markdown_path:
         report.write_markdown(markdown_path)
     if plot_path:
         report.plot(plot_path)
-    click.echo(report.to_markdown())
 
 
 def _profile_rows(

@@ -77,6 +77,15 @@ class Match(_Strict):
     min_memory: Size = 0
     max_memory: Size | None = Field(default=None, description="exclusive upper bound; none = no limit")
 
+    @model_validator(mode="after")
+    def _a_range(self) -> Match:
+        if self.max_memory is not None and self.max_memory <= self.min_memory:
+            raise ValueError(
+                f"max_memory ({format_bytes(self.max_memory)}) must be above min_memory "
+                f"({format_bytes(self.min_memory)}), or no device matches"
+            )
+        return self
+
     def covers(self, device: DeviceInfo) -> bool:
         return (
             device.backend in self.backends
@@ -205,6 +214,8 @@ def load_profile_file(path: str | Path) -> Profile:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ProfileError([Problem(str(path), "(file)", e.strerror or str(e))]) from None
+    except UnicodeDecodeError as e:
+        raise ProfileError([Problem(str(path), "(file)", f"not UTF-8 text (byte {e.start}): a YAML file?")]) from None
     return parse_profile(text, str(path))
 
 
@@ -255,8 +266,8 @@ def load_profiles(directory: str | Path | None = None) -> list[Profile]:
 
 
 def find_profile(name: str, profiles: Sequence[Profile]) -> Profile:
-    """The profile called ``name`` among ``profiles``, or the profile file ``name`` (a path ending in .yaml)."""
-    if name.endswith(PROFILE_SUFFIX):
+    """The profile called ``name`` among ``profiles``, or the profile file ``name`` (a path ending in .yaml or .yml)."""
+    if name.endswith((PROFILE_SUFFIX, ".yml")):
         return load_profile_file(Path(name).expanduser())
     for profile in profiles:
         if profile.name == name:

@@ -186,6 +186,13 @@ def test_a_profile_file_of_ones_own_is_used_and_a_broken_one_says_where(tmp_path
         select(CPU_16GB, cat.CATALOGUE, PROFILES, profile=str(broken))
     out = CliRunner().invoke(main, ["generate", "hi", "--profile", str(broken)])
     assert out.exit_code == 1 and "broken.yaml" in out.output and "Traceback" not in out.output
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe name: binary")
+    for args in (["generate", "hi", "--profile", str(binary)], ["profiles", "validate", str(binary)]):
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 1 and "not UTF-8 text" in out.output and "Traceback" not in out.output, out.output
+    yml = own.rename(tmp_path / "my-cpu.yml")  # the other usual name of a YAML file
+    assert select(CPU_16GB, cat.CATALOGUE, PROFILES, profile=str(yml)).profile == "my-cpu"
 
 
 @pytest.mark.parametrize(
@@ -336,6 +343,16 @@ def test_missing_field_names_file_field_and_reason(tmp_path):
     assert [(p.file, p.field, p.reason) for p in e.value.problems] == [
         (str(path), "num_speculative_tokens", "Field required")
     ]
+
+
+def test_a_memory_range_no_device_is_in_is_refused(tmp_path):
+    path = _write(
+        tmp_path, VALID.replace("backends: [cpu]", "backends: [cpu]\n  min_memory: 10GiB\n  max_memory: 1GiB")
+    )
+    with pytest.raises(ProfileError) as e:
+        load_profile_file(path)
+    (problem,) = e.value.problems
+    assert problem.field == "match" and "must be above min_memory" in problem.reason
 
 
 def test_nested_list_item_and_invalid_yaml(tmp_path):

@@ -323,6 +323,11 @@ class Selection:
     reasons: tuple[str, ...] = ()
     breakdown: Mapping[str, int] = field(default_factory=dict)
 
+    @property
+    def estimated(self) -> bool:
+        """Whether the memory was estimated (not for a target the catalogue does not know)."""
+        return bool(self.breakdown)
+
     def to_dict(self) -> dict[str, Any]:
         """The object ``specdec-local detect --json`` prints."""
         return {
@@ -840,9 +845,13 @@ def profile_settings(
         + (f" with draft {chosen_draft}" if chosen_method == "draft" and chosen_draft else "")
         + (f" ({draft_kind})" if chosen_method == "draft" and draft_kind else "")
         + f", target {selection.target_ref} ({selection.target_quantization}), "
-        f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"
+        + (
+            f"estimate {format_bytes(selection.estimated_bytes)} of {format_bytes(selection.budget_bytes)}"
+            if selection.estimated
+            else "memory not estimated"
+        )
     ]
-    if not selection.fits:
+    if selection.estimated and not selection.fits:
         notes.append("the estimate exceeds the available memory; loading may fail")
     if chosen_method == "draft" and chosen_draft is None:
         notes.append("method draft was asked for but the profile found no draft that fits")
@@ -896,7 +905,9 @@ def describe(config: Selection) -> list[str]:
         ),
         f"dtype:        {config.dtype}, context {config.context_length} tokens",
         f"estimate:     {format_bytes(config.estimated_bytes)} of {format_bytes(config.budget_bytes)} available"
-        + ("" if config.fits else "  (DOES NOT FIT)"),
+        + ("" if config.fits else "  (DOES NOT FIT)")
+        if config.estimated
+        else f"estimate:     none (the target is not in the catalogue); {format_bytes(config.budget_bytes)} available",
     ]
     if config.reasons:
         lines.append("fallbacks:")

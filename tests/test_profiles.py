@@ -14,6 +14,7 @@ from specdec.errors import SpecdecError
 from specdec.hardware import GIB, DeviceInfo, assumed_gpu
 from specdec.profiles import (
     ProfileError,
+    describe,
     find_profile,
     load_profile_file,
     load_profiles,
@@ -138,6 +139,7 @@ def test_unknown_target_gets_no_draft():
     config = select(CPU_16GB, cat.CATALOGUE, PROFILES, "someone/unknown-model")
     assert config.method in ("lookahead", "prompt_lookup", "none") and config.draft_ref is None
     assert any("not in the catalogue" in r for r in config.reasons)
+    assert any(line.startswith("estimate:     none (the target is not in the catalogue)") for line in describe(config))
 
 
 def test_target_without_a_smaller_relative_gets_no_draft():

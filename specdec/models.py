@@ -169,7 +169,8 @@ def packaged(name: str) -> PackagedModel:
     except KeyError:
         raise ModelNotFoundError(
             f"unknown packaged model {name!r}",
-            f"packaged models: {', '.join(PACKAGED)}; or give a local folder, a .gguf file or a hub id",
+            f"packaged models: {', '.join(PACKAGED)} (a local folder or a .gguf file needs no pull: give it to "
+            "--target or --draft as it is)",
         ) from None
 
 

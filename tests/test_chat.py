@@ -23,7 +23,7 @@ COMMON = ["--dtype", "float32", "--method", "prompt_lookup", "--threads", "1"]
 @pytest.mark.real_model
 def test_each_reply_is_the_models_reply_to_the_whole_conversation(smollm2):
     model, tokenizer = smollm2
-    questions = ["Name two colours.", "And one more?", "/help", "", "/reset", "Name two colours."]
+    questions = ["Name two colours.", "And one more?", "/help", "/undo", "", "/reset", "Name two colours."]
     res = CliRunner().invoke(
         main, ["chat", *COMMON, "-n", "16", "--system", "Be brief."], input="\n".join(questions) + "\n"
     )
@@ -41,6 +41,7 @@ def test_each_reply_is_the_models_reply_to_the_whole_conversation(smollm2):
     assert len(stats) == 3
     assert "prompt tokens kept" not in stats[0] and "prompt tokens kept" in stats[1]
     assert "/reset" in res.stderr and "[new conversation]" in res.stderr
+    assert "[unknown command /undo]" in res.stderr and "unknown command /help" not in res.stderr
 
 
 @pytest.mark.real_model

@@ -43,6 +43,7 @@ def test_unknown_model_is_a_message_not_a_traceback():
 def test_unknown_packaged_pull():
     res = CliRunner().invoke(main, ["models", "pull", "nope"])
     assert res.exit_code == 1 and "unknown packaged model" in res.output
+    assert "needs no pull" in res.output  # a folder or a .gguf file is given to --target as it is, not pulled
 
 
 def test_invalid_sampling_value_is_rejected_by_the_cli():
@@ -78,6 +79,11 @@ def test_generate_streams_then_prints_stats(smollm2):
     res = CliRunner().invoke(main, ["generate", "Say hello.", "-n", "12", "--dtype", "float32"])
     assert res.exit_code == 0
     assert "tok/s" in res.output and "mean accepted length" in res.output
+    # "-" reads the prompt from standard input: the same reply as the prompt given as an argument
+    piped = CliRunner().invoke(main, ["generate", "-", "-n", "12", "--dtype", "float32"], input="Say hello.")
+    assert piped.exit_code == 0 and piped.stdout == res.stdout, piped.output
+    empty = CliRunner().invoke(main, ["generate", "-"], input="  \n")
+    assert empty.exit_code == 2 and "standard input" in empty.output
 
 
 INTERRUPTED = -signal.SIGINT

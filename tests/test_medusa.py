@@ -558,6 +558,10 @@ def test_heads_for_another_target_are_refused(tmp_path):
         )
     with pytest.raises(SpecdecError, match="no Medusa heads"):
         MedusaHeads.from_pretrained(tmp_path, target)
+    with pytest.raises(SpecdecError, match="heads folder not found"):
+        MedusaHeads.from_pretrained(tmp_path / "nothing here", target)
+    with pytest.raises(SpecdecError, match="is a file, not a folder"):
+        MedusaHeads.from_pretrained(tmp_path / "h" / "medusa_config.json", target)
 
 
 def _published_state(num_heads: int, num_layers: int, hidden: int, vocab: int) -> dict[str, torch.Tensor]:

@@ -138,7 +138,8 @@ def chat(system: str | None, **kwargs: Any) -> None:
             click.echo("[new conversation]", err=True)
             continue
         if command.startswith("/") and " " not in command:
-            click.echo("\n".join(f"  {name:<7} {what}" for name, what in COMMANDS.items()), err=True)
+            unknown = [f"[unknown command {command}]"] if command != "/help" else []
+            click.echo("\n".join(unknown + [f"  {name:<7} {what}" for name, what in COMMANDS.items()]), err=True)
             continue
         messages.append({"role": "user", "content": line})
         try:

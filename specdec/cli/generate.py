@@ -50,10 +50,16 @@ from .common import (
 def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
     """Generate a reply to PROMPT with speculative decoding (lossless: same text as the target alone).
 
+    PROMPT "-" reads the prompt from standard input (`cat notes.txt | specdec-local generate -`).
+
     Token for token in float32; in bfloat16/float16 a near-tie between two tokens can round the other
     way in a verify step than in a one-token step (--dtype float32 for exact comparisons). The one
     lossy option is --typical-acceptance (Medusa, sampling), opt-in.
     """
+    if prompt == "-":
+        prompt = sys.stdin.read()  # before loading: a closed or empty input fails fast
+        if not prompt.strip():
+            raise click.UsageError("PROMPT '-' reads the prompt from standard input, and it was empty")
     quiet_libraries()
     options = {}
     typical = kwargs.pop("typical_acceptance")

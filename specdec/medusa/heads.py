@@ -533,7 +533,10 @@ class MedusaHeads(nn.Module):
         path = Path(directory).expanduser()
         if not path.is_dir():
             raise SpecdecError(
-                f"Medusa heads folder not found: {path}", "give the --out folder of `specdec-local train-medusa`"
+                f"{path} is a file, not a folder of Medusa heads"
+                if path.exists()
+                else f"Medusa heads folder not found: {path}",
+                "give the --out folder of `specdec-local train-medusa`",
             )
         if (path / CONFIG_NAME).is_file():
             heads = cls._load_native(path, target)

@@ -35,6 +35,7 @@ _EXPORTS = {
     "MissingExtraError": "specdec.errors",
     "UnsupportedModelError": "specdec.errors",
     "StaticCacheMemoryError": "specdec.errors",
+    "GeneratorBusyError": "specdec.errors",
 }
 
 

@@ -8,6 +8,7 @@ verifier and the KV bookkeeping are shared.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from .costs import model_cost_kind
-from .errors import ContextLengthError, SpecdecError
+from .errors import ContextLengthError, GeneratorBusyError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Proposal, StepOutcome
@@ -203,6 +204,8 @@ class SpeculativeGenerator:
         )
         self.typical_acceptance: TypicalAcceptance | None = getattr(self.proposer, "typical_acceptance", None)
         self.last_stats: GenerationStats | None = None
+        self._busy = threading.Lock()  # held while a generation computes (released while its stream waits)
+        self._generation = 0  # the generation that owns the KV caches now
 
     @property
     def static_cache(self) -> bool:
@@ -326,7 +329,45 @@ class SpeculativeGenerator:
             eos = self.eos_token_ids()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.randrange(2**63))
-        return self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
+        return self._exclusive(
+            self._run(prompt_ids, max_new_tokens, cfg, generator, stops, eos, seeded=seed is not None)
+        )
+
+    def _exclusive(self, events: Iterator[StreamEvent]) -> Iterator[StreamEvent]:
+        """``events`` (one generation), computed only while no other generation of this generator computes, and
+        ended with :class:`GeneratorBusyError` when another one started while this stream waited.
+
+        A generation owns the generator's KV caches (the target's, a draft's) from its first event on. Another
+        thread's generation meanwhile, or a new stream started while this one is paused, would compute on the
+        same caches: the text would silently be wrong. One generator decodes one generation at a time (the server
+        and the webui extension queue their requests); use one generator per thread.
+        """
+        mine = None
+        try:
+            while True:
+                if not self._busy.acquire(blocking=False):
+                    raise GeneratorBusyError(
+                        "this generator is computing another generation (in another thread)",
+                        "generate with one generator per thread, or one generation after the other",
+                    )
+                try:
+                    if mine is None:
+                        self._generation += 1
+                        mine = self._generation
+                    elif self._generation != mine:
+                        raise GeneratorBusyError(
+                            "this stream was paused while another generation of the same generator ran, and that "
+                            "generation took over the KV cache this one was decoding with",
+                            "finish or close a stream before starting the next generation with the same generator",
+                        )
+                    event = next(events, None)
+                finally:
+                    self._busy.release()
+                if event is None:
+                    return
+                yield event
+        finally:
+            events.close()
 
     # ------------------------------------------------------------------ the loop
     def _run(

@@ -69,5 +69,10 @@ class StaticCacheMemoryError(SpecdecError, MemoryError):
         self.capacity = capacity
 
 
+class GeneratorBusyError(SpecdecError, RuntimeError):
+    """A generator asked to decode while another of its generations runs (another thread), or a stream resumed
+    after another generation of the same generator took over its KV cache."""
+
+
 class CorruptModelError(SpecdecError):
     """A model file that is truncated, corrupt or differs from what was pulled."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import specdec
+from specdec.errors import GeneratorBusyError
 from specdec.stream import IncrementalDecoder, StopStringMatcher
+from conftest import hf_greedy, tiny_model
 
 
 def test_stop_matcher_holds_back_partial_and_cuts_before_stop():
@@ -76,3 +80,43 @@ def test_stream_equals_generate_and_stop_strings_cut(smollm2, method):
         ends = [n for n in range(1, len(full.token_ids) + 1) if stop in tok.decode(full.token_ids[:n])]
         assert cut.token_ids == full.token_ids[: ends[0]]
         assert cut.stats.new_tokens == ends[0]
+
+
+@pytest.mark.parametrize("method", ["none", "prompt_lookup", "lookahead", "draft"])
+def test_a_paused_stream_cannot_resume_on_a_cache_another_generation_took(method):
+    """Another generation while a stream waits takes the KV caches over: the paused stream ends with a clear error
+    instead of going on with wrong text, and the generation in between is exact."""
+    model = tiny_model("llama", seed=0, sharpness=4.0)
+    gen = specdec.SpeculativeGenerator(model, method=method, draft=model if method == "draft" else None)
+    a, b = [5, 9, 11, 5, 9], [40, 2, 17, 33]
+    paused = gen.stream(a, max_new_tokens=24)
+    next(paused)
+    assert gen.generate(b, max_new_tokens=24).token_ids == hf_greedy(model, b, 24)
+    with pytest.raises(GeneratorBusyError, match="paused"):
+        list(paused)
+    assert gen.generate(a, max_new_tokens=24).token_ids == hf_greedy(model, a, 24)  # and the generator goes on
+
+
+def test_two_threads_on_one_generator_get_a_clear_error_or_the_exact_reply():
+    model = tiny_model("llama", seed=0, sharpness=4.0, max_positions=1024)
+    gen = specdec.SpeculativeGenerator(model, method="prompt_lookup")
+    prompt = [5, 9, 11, 5, 9]
+    reference = hf_greedy(model, prompt, 300)
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            outcomes.append(gen.generate(prompt, max_new_tokens=300).token_ids)
+        except Exception as e:  # noqa: BLE001 - the test looks at what was raised
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(o == reference or isinstance(o, GeneratorBusyError) for o in outcomes), outcomes
+    assert any(isinstance(o, GeneratorBusyError) for o in outcomes)  # both started together: one was turned away
+    assert gen.generate(prompt, max_new_tokens=300).token_ids == reference

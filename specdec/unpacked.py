@@ -7,7 +7,9 @@ process starts. After the first load of a file in a dtype, the loaded model's we
 generation config and tokenizer are written to a folder under ``$SPECDEC_MODELS/unpacked``; a later load of the
 same file (same path, size and modification time) in the same dtype, under the same transformers version, reads
 that folder instead, in about a second. The tensors are the ones the ``.gguf`` load produced, so the model is the
-same bit for bit (``tests/test_unpacked.py``).
+same bit for bit (``tests/test_unpacked.py``). Two environments with different transformers versions (the webui's
+pinned one and the CLI's) keep a copy each; a copy of a file that changed, and all but the last used copy of other
+versions, are removed when a new copy is written.
 
 A copy takes the model's size in that dtype (2 bytes per parameter in bfloat16, 4 in float32). It is not written
 when the disk would keep less than :data:`FREE_MARGIN_BYTES` free, and ``specdec-local models clean`` removes
@@ -16,6 +18,7 @@ them all; either way loading still works, only slower.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -41,6 +44,8 @@ RECORD = "source.json"
 WEIGHTS = "model.safetensors"
 FREE_MARGIN_BYTES = 2 << 30
 """Free disk space a copy must leave behind, or it is not written."""
+KEEP_OTHER_VERSIONS = 1
+"""Copies of a file in a dtype kept for transformers versions other than the one writing a new copy."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +112,14 @@ def load(where: Copy) -> tuple[torch.nn.Module, Any] | None:
         tokenizer = AutoTokenizer.from_pretrained(where.folder)
         model = AutoModelForCausalLM.from_pretrained(where.folder, dtype=where.dtype)
     except Exception as e:  # a damaged copy fails deep in a reader; the .gguf file is still there
+        if not where.complete:  # removed while it was read (`models clean` in another process): not damaged
+            log.info("the unpacked copy %s was removed while it was read; reading the .gguf file", where.folder)
+            return None
         log.warning("removing the unreadable unpacked copy %s (%s: %s)", where.folder, type(e).__name__, e)
         shutil.rmtree(where.folder, ignore_errors=True)
         return None
+    with contextlib.suppress(OSError):  # when it was last used: the copy of another version kept longest
+        os.utime(where.folder / RECORD)
     return model, tokenizer
 
 
@@ -184,15 +194,24 @@ def _write(model: torch.nn.Module, tokenizer: Any, where: Copy, folder: Path) ->
 
 
 def _remove_outdated(current: Copy) -> None:
-    """Remove the copies of the same file in the same dtype made from an older version of it."""
+    """Remove the copies of the same file in the same dtype that no load can read any more (made from an older
+    version of the file, or in an older :data:`FORMAT`), and those made under other transformers versions but the
+    one used last: two environments with different versions (the webui's own and the CLI's) each keep theirs,
+    and an upgraded one leaves one copy behind, not one per upgrade."""
+    same_file: list[tuple[float, Path]] = []
     for other in copies():
         record = _read_record(other)
-        if (
-            other != current.folder
-            and record.get("source") == str(current.source)
-            and record.get("dtype") == current.record["dtype"]
-        ):
+        if other == current.folder or record.get("source") != str(current.source):
+            continue
+        if record.get("dtype") != current.record["dtype"]:
+            continue
+        if any(record.get(key) != current.record[key] for key in ("size", "mtime_ns", "format")):
             shutil.rmtree(other, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                same_file.append(((other / RECORD).stat().st_mtime, other))
+    for _, other in sorted(same_file, reverse=True)[KEEP_OTHER_VERSIONS:]:
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def _read_record(folder: Path) -> dict[str, Any]:

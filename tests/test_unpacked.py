@@ -100,6 +100,27 @@ def test_a_changed_file_gets_a_new_copy_and_the_old_one_goes(both, cache):
     assert unpacked.copies() == [old.folder]
 
 
+def test_copies_of_other_transformers_versions_but_the_last_used_one_stay(both, cache, monkeypatch):
+    """Two environments with different transformers versions (the webui's pinned one and the CLI's) each keep their
+    copy instead of removing the other's at every load; of older versions only the one used last stays."""
+    import transformers
+
+    (model, tokenizer), _, current = both
+    made = {}
+    for version in ("4.0.0", "4.1.0"):
+        monkeypatch.setattr(transformers, "__version__", version)
+        made[version] = unpacked.copy_for(cache, torch.float32)
+        assert unpacked.store(model, tokenizer, made[version])
+        assert current.folder in unpacked.copies()  # the other environment's copy stays
+        if version == "4.0.0":
+            os.utime(made[version].folder / unpacked.RECORD, (0, 0))  # last used long ago...
+            assert unpacked.load(current) is not None  # ...and the current version's copy just now
+    monkeypatch.undo()
+    assert unpacked.copies() == sorted([current.folder, made["4.1.0"].folder])  # 4.0.0's went
+    shutil.rmtree(made["4.1.0"].folder)
+    assert unpacked.copies() == [current.folder]  # back to the fixture's state
+
+
 def test_a_damaged_copy_is_removed_and_not_used(both, caplog):
     (model, tokenizer), _, where = both
     weights = where.folder / unpacked.WEIGHTS

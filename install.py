@@ -21,7 +21,9 @@ extension, with versions and a manifest (SHA-256) of the copied files; the
 record is written before copying, and ``--uninstall`` removes only the
 packages it installed and the files of the manifest that are unchanged (a
 folder only if install.py created it and it is then empty). Running it twice
-is harmless.
+is harmless; a copied file changed by hand is replaced by the new version and
+kept beside it as ``NAME.edited``, and ``--link`` over a copy holding such files
+is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -236,8 +238,34 @@ def _is_ours(webui: Webui) -> bool:
     )
 
 
+def _old_manifest(record: dict) -> tuple[dict[str, str], bool]:
+    """What the recorded install copied, and whether it created the folder."""
+    manifest = record.get("manifest")
+    if not isinstance(manifest, dict):  # installed by an older install.py: what it copied is what it would copy now
+        return plugin_manifest(), True
+    return manifest, bool(record.get("created_folder", True))
+
+
+def _files_under(folder: Path) -> list[str]:
+    """The files under ``folder`` (relative paths), Python's bytecode caches left out."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.relative_to(folder).parts
+    )
+
+
+def _would_stay(webui: Webui, record: dict) -> list[str]:
+    """The files that removing the extension would leave in its folder (changed or not install.py's)."""
+    target = webui.target
+    if target.is_symlink() or not target.is_dir():
+        return []
+    manifest, _ = _old_manifest(record)
+    return [rel for rel in _files_under(target) if manifest.get(rel) != _sha256(target / rel)]
+
+
 def _remove_extension(webui: Webui, record: dict) -> list[str]:
-    """Remove what install.py put at the extension's place; return the files left there (changed or foreign)."""
+    """Remove what install.py put at the extension's place; return the changed files of its manifest left there."""
     target = webui.target
     if target.is_symlink():
         target.unlink()
@@ -246,12 +274,25 @@ def _remove_extension(webui: Webui, record: dict) -> list[str]:
         if target.is_file():
             target.unlink()
         return []
-    manifest = record.get("manifest")
-    if not isinstance(manifest, dict):  # installed by an older install.py: what it copied is what it would copy now
-        manifest, created = plugin_manifest(), True
-    else:
-        created = bool(record.get("created_folder", True))
+    manifest, created = _old_manifest(record)
     return remove_copied(target, manifest, created)
+
+
+def _set_aside(target: Path, changed: list[str], manifest: dict[str, str]) -> list[str]:
+    """Rename the changed files that copying ``manifest`` would overwrite to ``NAME.edited`` (``NAME.edited.2``...
+    when taken); return the new names."""
+    kept = []
+    for rel in changed:
+        if rel not in manifest:
+            continue
+        path = target / rel
+        aside, n = path.with_name(path.name + ".edited"), 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.edited.{n}")
+        path.rename(aside)
+        kept.append(aside.relative_to(target).as_posix())
+    return kept
 
 
 def _copy_plugin(target: Path, manifest: dict[str, str]) -> None:
@@ -275,6 +316,12 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
     if (webui.target.exists() or webui.target.is_symlink()) and not _is_ours(webui):
         raise InstallError(f"{webui.target} exists and was not installed by install.py; move it away first")
     record = read_record(webui)
+    if link and _would_stay(webui, record):  # a link needs the place empty: refuse before changing anything
+        raise InstallError(
+            f"cannot put a link at {webui.target}: the folder holds files that install.py did not copy or that "
+            f"were changed ({', '.join(_would_stay(webui, record))}); nothing was changed. Move them away, or "
+            "install without --link"
+        )
     installed: dict[str, str] = dict(record.get("pip_installed", {}))
     changed: dict[str, list[str]] = dict(record.get("pip_changed", {}))
     if pip:
@@ -307,7 +354,7 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
             f"{webui.python} -m pip install {REPO}"
         )
     webui.extensions.mkdir(parents=True, exist_ok=True)
-    _remove_extension(webui, record)
+    hand_edited = _remove_extension(webui, record)
     created = bool(record.get("created_folder", True)) if record else not webui.target.exists()
     manifest = {} if link else plugin_manifest()
     new_record = {
@@ -329,7 +376,10 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
                 f"could not create a link at {webui.target} ({e}); run without --link to copy instead"
             ) from None
     else:
+        edited = _set_aside(webui.target, hand_edited, manifest)
         _copy_plugin(webui.target, manifest)
+        if edited:
+            print(f"Your changed files are kept as: {', '.join(edited)} (the new version replaced them)")
     write_record(webui, {**new_record, "complete": True})
     foreign = (
         sorted(
@@ -355,12 +405,13 @@ def uninstall(webui: Webui, pip: bool) -> None:
     if webui.target.exists() or webui.target.is_symlink():
         if not _is_ours(webui):
             raise InstallError(f"{webui.target} was not installed by install.py; leaving it alone")
-        kept = _remove_extension(webui, record)
+        _remove_extension(webui, record)
+        left = _files_under(webui.target) if webui.target.is_dir() and not webui.target.is_symlink() else []
         print(
             f"Removed {webui.target}"
-            if not kept
+            if not left
             else f"Removed the files install.py copied to {webui.target}; left in place (changed or not ours): "
-            + ", ".join(kept)
+            + ", ".join(left)
         )
     else:
         print(f"No extension at {webui.target}")

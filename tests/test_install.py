@@ -107,8 +107,11 @@ def test_install_reinstall_uninstall_with_the_webuis_env(tmp_path: Path) -> None
     second = run(str(root))
     assert second.returncode == 0, second.stderr
     assert (target / "stale.txt").is_file(), "a file install.py did not copy is never removed"
-    assert "Left in place (not copied by install.py): stale.txt" in second.stdout
     assert (target / "requirements.txt").read_bytes() == (REPO / "plugin" / "specdec" / "requirements.txt").read_bytes()
+    # the new version replaces a file changed by hand, and the changed one is kept beside it, with a word
+    assert (target / "requirements.txt.edited").read_text() == "changed by hand\n"
+    assert "kept as: requirements.txt.edited" in second.stdout
+    assert "Left in place (not copied by install.py): requirements.txt.edited, stale.txt" in second.stdout
     (target / "requirements.txt").write_text("changed by hand\n")
     record = json.loads((root / "user_data" / "extensions" / ".specdec-install.json").read_text())
     assert record["pip_installed"] == {"gguf": "0.17.1", "specdec": "0.1.0"}, (
@@ -117,9 +120,10 @@ def test_install_reinstall_uninstall_with_the_webuis_env(tmp_path: Path) -> None
 
     gone = run(str(root), "--uninstall")
     assert gone.returncode == 0, gone.stderr
-    assert sorted(p.name for p in target.iterdir()) == ["requirements.txt", "stale.txt"], (
+    assert sorted(p.name for p in target.iterdir()) == ["requirements.txt", "requirements.txt.edited", "stale.txt"], (
         "only unchanged copied files go; the folder stays while it holds files that are not install.py's"
     )
+    assert "left in place (changed or not ours): requirements.txt, requirements.txt.edited, stale.txt" in gone.stdout
     assert not (root / "user_data" / "extensions" / ".specdec-install.json").exists()
     assert env_state(root)["calls"][-1] == ["uninstall", "-y", "gguf", "specdec"]
     assert env_state(root)["installed"] == {"torch": "2.3.1", "click": "8.1.7"}, "packages that were there before stay"
@@ -145,6 +149,23 @@ def test_old_layout_and_link(tmp_path: Path) -> None:
     assert run(str(root), "--uninstall").returncode == 0
     assert not target.exists() and not target.is_symlink()
     assert (REPO / "plugin" / "specdec" / "script.py").is_file(), "uninstalling a link leaves the source alone"
+
+
+def test_a_copy_with_changed_files_is_not_switched_to_a_link(tmp_path: Path) -> None:
+    """A link needs the folder gone; one holding a changed file is refused before anything changes."""
+    root = make_webui(tmp_path / "webui")
+    target = root / "user_data" / "extensions" / "specdec"
+    assert run(str(root), "--no-pip").returncode == 0
+    (target / "script.py").write_text((target / "script.py").read_text() + "# my edit\n")
+    before = {rel: (target / rel).read_bytes() for rel in ("script.py", "requirements.txt")}
+    record = (root / "user_data" / "extensions" / ".specdec-install.json").read_text()
+    linked = run(str(root), "--no-pip", "--link")
+    assert linked.returncode == 1 and "nothing was changed" in linked.stderr and "script.py" in linked.stderr
+    assert {rel: (target / rel).read_bytes() for rel in before} == before
+    assert (root / "user_data" / "extensions" / ".specdec-install.json").read_text() == record
+    gone = run(str(root), "--no-pip", "--uninstall")
+    assert gone.returncode == 0 and "left in place (changed or not ours): script.py" in gone.stdout
+    assert [p.name for p in target.iterdir()] == ["script.py"]
 
 
 def test_no_pip_and_the_current_python(tmp_path: Path) -> None:

@@ -42,14 +42,14 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-def check_writable(path: str | Path, option: str) -> None:
-    """Raise :class:`SpecdecError` now when ``path`` (given as ``option``) could not be written later: it is a
-    folder, or the nearest folder above it that exists is a file or not writable. For output files of a long run,
-    which should fail before the run, not after it."""
+def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
+    """Raise :class:`SpecdecError` now when ``path`` (given as ``option``; a file, or a ``folder``) could not be
+    written later: a file that is a folder, or the nearest existing folder at or above it is a file or not
+    writable. For the output of a long run, which should fail before the run, not after it."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not folder:
         raise SpecdecError(f"{option} {path} is a folder", f"give a file name for {option}")
-    above = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    above = next(p for p in ((path,) if folder else ()) + (path.parent, *path.parent.parents) if p.exists())
     if not above.is_dir():
         raise SpecdecError(f"{option} {path} cannot be written: {above} is a file", f"choose another path for {option}")
     if not os.access(above, os.W_OK):

@@ -847,6 +847,11 @@ def test_cli_train_medusa(tmp_path):
         main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "1024"]
     )
     assert res.exit_code == 1 and "seq_len" in res.output
+    under_a_file = bad / "heads"  # --out below a file: refused before the target loads, not a traceback after it
+    res = runner.invoke(
+        main, ["train-medusa", "--target", "no-such-model", "--data", str(data), "--out", str(under_a_file)]
+    )
+    assert res.exit_code == 1 and "bad.jsonl is a file" in res.output and "Traceback" not in res.output
 
     from specdec.loading import load_model
 

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from ..errors import SpecdecError
+from ..files import check_writable
 from ..medusa.train import Progress, TrainConfig
 from .common import quiet_libraries, report_errors
 
@@ -157,6 +158,7 @@ def train_medusa(
     cfg = TrainConfig(**options)
     if not Path(data).expanduser().exists():
         raise SpecdecError(f"training data not found: {data}", "give a text file, a .jsonl file or a folder of files")
+    check_writable(out, "--out", folder=True)  # before the slow load
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load_target(target, dtype, device)
@@ -173,8 +175,16 @@ def train_medusa(
             + f" in {time.perf_counter() - t0:.0f}s"
         )
         return
-    with _ProgressView(cfg) as view:
-        heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
+    try:
+        with _ProgressView(cfg) as view:
+            heads, report = train(model, tokenizer, data, out, cfg, resume=resume, progress=view.update)
+    except KeyboardInterrupt:
+        click.echo(
+            f"stopped: the cached states in {out} are kept, and --resume continues from the last checkpoint "
+            f"in {out}/checkpoint (if one was written)",
+            err=True,
+        )
+        raise
     top1 = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1"]))
     top1_all = ", ".join(f"head {k}: {a:.1%}" for k, a in enumerate(report["top1_all_labels"]))
     click.echo(f"saved {cfg.num_heads} heads to {out}")

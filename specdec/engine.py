@@ -21,7 +21,7 @@ from .errors import ContextLengthError, GeneratorBusyError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Proposal, StepOutcome
-from .sampling import SamplingConfig, check_request
+from .sampling import SamplingConfig, check_request, is_int
 from .static import BUCKETS, StaticKV, check_compile_steps, open_cache
 from .stream import IncrementalDecoder, StopStringMatcher, detokenize
 from .tree import ancestor_mask, depths
@@ -172,11 +172,9 @@ class SpeculativeGenerator:
         self.tokenizer = tokenizer
         self.draft = draft.eval() if draft is not None else None
         self.method, self.options = method_and_options(method, draft, options, method_options)
-        if num_speculative_tokens is not None and (
-            int(num_speculative_tokens) != num_speculative_tokens or num_speculative_tokens < 0
-        ):
+        if num_speculative_tokens is not None and (not is_int(num_speculative_tokens) or num_speculative_tokens < 0):
             raise SpecdecError(
-                f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens}",
+                f"num_speculative_tokens must be an integer >= 0, got {num_speculative_tokens!r}",
                 "leave it unset for an adaptive draft length",
             )
         if self.draft is not None and self.method == "draft":

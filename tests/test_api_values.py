@@ -129,3 +129,11 @@ def test_damaged_medusa_files(medusa_folder, damage):
         match = "unreadable Medusa config"
     with pytest.raises(SpecdecError, match=match):
         MedusaHeads.from_pretrained(folder, target)
+
+
+@pytest.mark.parametrize("k", ["abc", "3", 3.0, True, -1, math.nan])
+def test_num_speculative_tokens_takes_integers_only(k):
+    with pytest.raises(SpecdecError, match=r"num_speculative_tokens must be an integer >= 0, got " + repr(k)[:3]):
+        specdec.SpeculativeGenerator(
+            tiny_model("llama", seed=0, vocab=VOCAB), method="prompt_lookup", num_speculative_tokens=k
+        )

@@ -221,6 +221,8 @@ class SpeculativeGenerator:
         if isinstance(prompt, str):
             self._need_tokenizer("a text prompt")
             return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:  # ids as a tensor (a numpy array lists as is)
+            prompt = prompt.tolist()
         try:
             items = list(prompt)
         except TypeError:
@@ -233,10 +235,11 @@ class SpeculativeGenerator:
                 if (
                     not isinstance(message, dict)
                     or not isinstance(message.get("role"), str)
-                    or "content" not in message
+                    or not isinstance(message.get("content"), (str, list))
                 ):
                     raise SpecdecError(
-                        f"chat message {i} must be a dict with a 'role' string and a 'content', got {message!r:.80}",
+                        f"chat message {i} must be a dict with a 'role' string and a 'content' (a string), "
+                        f"got {message!r:.80}",
                         'e.g. [{"role": "user", "content": "Hello"}]',
                     )
             if not getattr(self.tokenizer, "chat_template", None):
@@ -246,9 +249,9 @@ class SpeculativeGenerator:
                 )
             text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=False)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not all(isinstance(t, int) for t in items):
+        if not all(is_int(t) for t in items):
             raise SpecdecError("a prompt must be a str, a list of token ids or a list of chat messages")
-        return items
+        return [int(t) for t in items]
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:

@@ -146,6 +146,8 @@ def test_a_draft_whose_embedding_lacks_some_of_the_targets_tokens(tmp_path):
         (None, "got NoneType"),
         ([{"content": "hi"}], "chat message 0"),
         ([{"role": "user"}], "content"),
+        ([{"role": "user", "content": None}], "chat message 0"),
+        ([True, False], "token ids"),
     ],
 )
 def test_a_prompt_of_the_wrong_shape(tmp_path, prompt, fragment):
@@ -157,6 +159,17 @@ def test_a_prompt_of_the_wrong_shape(tmp_path, prompt, fragment):
     gen = specdec.SpeculativeGenerator(tiny_model("llama"), AutoTokenizer.from_pretrained(folder), method="none")
     with pytest.raises(SpecdecError, match=fragment):
         gen.generate(prompt, max_new_tokens=2)
+
+
+def test_token_ids_as_a_tensor_or_a_numpy_array():
+    import numpy as np
+    import torch
+
+    gen = specdec.SpeculativeGenerator(tiny_model("llama"), method="none")
+    ids = [5, 9, 11]
+    reference = gen.generate(ids, max_new_tokens=4).token_ids
+    for prompt in (torch.tensor(ids), np.array(ids)):
+        assert gen.generate(prompt, max_new_tokens=4).token_ids == reference
 
 
 def test_a_model_folder_without_tokenizer_files_says_so(tmp_path):

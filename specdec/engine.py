@@ -325,7 +325,6 @@ class SpeculativeGenerator:
         if not prompt_ids:
             raise SpecdecError("the prompt is empty", "give at least one token of prompt")
         self._check_context(len(prompt_ids), max_new_tokens)
-        self._last_prompt_ids = prompt_ids
         if eos is None:
             eos = self.eos_token_ids()
         generator = torch.Generator(device=self.device)
@@ -388,6 +387,7 @@ class SpeculativeGenerator:
             compile_steps=self.compile_steps,
         )
         self.last_stats = stats
+        self._last_prompt_ids = prompt_ids  # here, not in stream(): set only by the generation that runs
         limit = min(max_new_tokens, self.context_length - len(prompt_ids))
         buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
         buf[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)

@@ -100,23 +100,25 @@ def test_a_paused_stream_cannot_resume_on_a_cache_another_generation_took(method
 def test_two_threads_on_one_generator_get_a_clear_error_or_the_exact_reply():
     model = tiny_model("llama", seed=0, sharpness=4.0, max_positions=1024)
     gen = specdec.SpeculativeGenerator(model, method="prompt_lookup")
-    prompt = [5, 9, 11, 5, 9]
-    reference = hf_greedy(model, prompt, 300)
+    prompts = [[5, 9, 11, 5, 9], [40, 2, 17, 33]]
+    references = [hf_greedy(model, prompt, 300) for prompt in prompts]
     start = threading.Barrier(2)
-    outcomes: list[object] = []
+    outcomes: list[object] = [None, None]
 
-    def run() -> None:
+    def run(i: int) -> None:
         start.wait()
         try:
-            outcomes.append(gen.generate(prompt, max_new_tokens=300).token_ids)
+            result = gen.generate(prompts[i], max_new_tokens=300)
+            outcomes[i] = (result.prompt_ids, result.token_ids)
         except Exception as e:  # noqa: BLE001 - the test looks at what was raised
-            outcomes.append(e)
+            outcomes[i] = e
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(o == reference or isinstance(o, GeneratorBusyError) for o in outcomes), outcomes
+    for outcome, prompt, reference in zip(outcomes, prompts, references):
+        assert outcome == (prompt, reference) or isinstance(outcome, GeneratorBusyError), outcome
     assert any(isinstance(o, GeneratorBusyError) for o in outcomes)  # both started together: one was turned away
-    assert gen.generate(prompt, max_new_tokens=300).token_ids == reference
+    assert gen.generate(prompts[0], max_new_tokens=300).token_ids == references[0]

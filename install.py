@@ -316,11 +316,11 @@ def install(webui: Webui, link: bool, pip: bool, allow_upgrade: bool = False) ->
     if (webui.target.exists() or webui.target.is_symlink()) and not _is_ours(webui):
         raise InstallError(f"{webui.target} exists and was not installed by install.py; move it away first")
     record = read_record(webui)
-    if link and _would_stay(webui, record):  # a link needs the place empty: refuse before changing anything
+    staying = _would_stay(webui, record) if link else []
+    if staying:  # a link needs the place empty: refuse before changing anything
         raise InstallError(
             f"cannot put a link at {webui.target}: the folder holds files that install.py did not copy or that "
-            f"were changed ({', '.join(_would_stay(webui, record))}); nothing was changed. Move them away, or "
-            "install without --link"
+            f"were changed ({', '.join(staying)}); nothing was changed. Move them away, or install without --link"
         )
     installed: dict[str, str] = dict(record.get("pip_installed", {}))
     changed: dict[str, list[str]] = dict(record.get("pip_changed", {}))

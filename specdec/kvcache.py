@@ -252,16 +252,20 @@ class DynamicKV(KVCache):
         self.length = 0
         self.aside: list[tuple[DynamicCache, int, torch.Tensor]] = []
         self.conversations = CONVERSATIONS if self.device.type == "cpu" else 1
+        self.prompt_length = 0  # of the generation the current cache last started
 
     def start(self, capacity: int, tokens: Sequence[int] = ()) -> int:
         if self.reuse and len(tokens) > 1:
             self._switch(tokens)
+        self.prompt_length = len(tokens)
         return super().start(capacity, tokens)
 
     def _switch(self, tokens: Sequence[int]) -> None:
-        """Make current the kept cache that ``tokens`` continue best; a prompt that continues none (shares
-        less than half of the current one) gets a new cache holding the shared prefix, and the current one
-        is kept aside. At most ``conversations`` caches are kept; the least recently used goes."""
+        """Make current the kept cache that ``tokens`` continue best; a prompt that continues none (departs
+        from the current one within its last prompt: another chat, even one under the same system prompt,
+        or an edited message) gets a new cache holding the shared prefix, and the current one is kept
+        aside. A prompt that holds the whole last prompt (the next turn, a regenerated reply) goes on in
+        the current cache. At most ``conversations`` caches are kept; the least recently used goes."""
 
         def shared(known: torch.Tensor | None, length: int) -> int:
             return 0 if known is None else shared_prefix(known[: min(len(tokens) - 1, length)], tokens)
@@ -273,7 +277,7 @@ class DynamicKV(KVCache):
             taken = self.aside.pop(best)
             self._set_aside()
             self.cache, self.length, self.known = taken
-        elif self.known is not None and mine < self.known.numel() // 2:
+        elif self.known is not None and mine < min(self.prompt_length - 1, self.known.numel()):
             prefix = new_cache(self.model)
             if mine:
                 for i, layer in enumerate(self.cache.layers):

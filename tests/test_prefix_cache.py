@@ -105,6 +105,24 @@ def test_other_prompts_between_turns_do_not_cost_the_conversation_its_cache(meth
     assert gen.generate(chat, max_new_tokens=4).stats.cached_tokens < len(chat) // 2
 
 
+@pytest.mark.parametrize("method,options", METHODS)
+def test_two_chats_under_one_system_prompt_keep_their_own_caches(method, options):
+    """Short chats under the same (long) system prompt share most of their first prompts: switching from one
+    to the other must not cost the first its cache (it departs within the first's prompt: another chat)."""
+    target = tiny_model("qwen2", seed=0, sharpness=3.0)
+    gen = _generator(target, method, options, static_cache=False)
+    if gen.kv.conversations == 1:
+        pytest.skip("an accelerator keeps one conversation: nothing is kept aside")
+    system = PROMPT + [12, 13, 14, 15, 16, 17, 18, 19]
+    x, y = system + [70, 71], system + [80, 81]
+    first = gen.generate(x, max_new_tokens=6)
+    assert gen.generate(y, max_new_tokens=6).stats.cached_tokens == len(system)
+    x += first.token_ids + USER[1]
+    res = gen.generate(x, max_new_tokens=8)
+    assert res.stats.cached_tokens == len(system) + 2 + len(first.token_ids) - 1
+    assert res.token_ids == hf_greedy(target, x, 8)
+
+
 def test_conversations_kept_aside_hold_at_most_their_share_of_the_free_memory(monkeypatch):
     """The count is not the only bound: a large model's long chats kept aside would take gigabytes, so they
     hold at most :data:`specdec.kvcache.ASIDE_MEMORY` of the RAM that would be free without them."""

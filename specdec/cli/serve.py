@@ -58,6 +58,14 @@ def is_loopback(host: str) -> bool:
     "cut kept from request to request so the KV cache is reused) instead of answering 400.",
 )
 @click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN (e.g. http://localhost:3000; repeatable) call the API from a browser "
+    "(CORS). '*' lets every site you visit use the model.",
+)
+@click.option(
     "--model-name", default=None, help="The model id clients send and /v1/models lists [default: --target as given]."
 )
 @report_errors
@@ -68,6 +76,7 @@ def serve(
     max_queue: int,
     fit_context: bool,
     model_name: str | None,
+    allow_origins: tuple[str, ...],
     **kwargs: Any,
 ) -> None:
     """Serve one model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
@@ -78,12 +87,14 @@ def serve(
     from ..server import require_extra
 
     require_extra()
+    host = host.strip("[]")  # an IPv6 address as URLs write it: [::1]
+    api_key = api_key or None  # an empty key (SPECDEC_API_KEY= in a shell) is no key, on every host
     if not is_loopback(host) and not api_key:
         raise SpecdecError(
             f"--host {host} would expose the model to the network without a key",
             "add --api-key KEY (or set SPECDEC_API_KEY), or keep the default --host 127.0.0.1",
         )
-    _check_address(host, port)  # before the model loads (seconds to minutes), not after
+    sockets = listen(host, port)  # before the model loads (seconds to minutes), so no one takes the port meanwhile
     _log_to_stderr()
     quiet_libraries()
     target = kwargs["target"]
@@ -101,32 +112,45 @@ def serve(
         max_queue=max_queue,
         fit_context=fit_context,
         url=f"http://{display}:{port}",
+        allow_origins=allow_origins,
     )
     try:
-        run(gen, config, host, port)
+        run(gen, config, sockets)
     except KeyboardInterrupt:  # uvicorn hands Ctrl-C back once it has shut down cleanly
         pass
 
 
-def _check_address(host: str, port: int) -> None:
-    """Raise a :class:`SpecdecError` when ``host:port`` cannot be listened on (unknown name, port in use)."""
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on every address of ``host`` at ``port`` (connections wait in the backlog until the
+    server runs); a :class:`SpecdecError` when that cannot be done (unknown name, port in use)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise SpecdecError(
             f"--host {host}: not an address of this machine ({e.strerror})", "use e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as e:
-            raise SpecdecError(
-                f"cannot listen on {host}:{port}: {e.strerror}",
-                "choose another --port, or stop the program that listens there",
-            ) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            if family == socket.AF_INET6 and len(found) > 1:  # "localhost": ::1 beside 127.0.0.1
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise SpecdecError(
+            f"cannot listen on {host}:{port}: {e.strerror}",
+            "choose another --port, or stop the program that listens there",
+        ) from None
+    return sockets
+
+
+BACKLOG = 2048
+"""Connections that may wait to be accepted (uvicorn's default)."""
 
 
 def _log_to_stderr() -> None:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from ..errors import MissingExtraError
 
 if TYPE_CHECKING:
+    import socket
+
     from ..engine import SpeculativeGenerator
     from .app import ServerConfig
 
@@ -25,9 +27,10 @@ def require_extra() -> None:
             raise MissingExtraError("serve", package, "specdec-local serve")
 
 
-def serve(generator: SpeculativeGenerator, config: ServerConfig, host: str, port: int) -> None:
-    """Serve until Ctrl-C or SIGTERM: then no new request is taken, the running generation ends after
-    its step, waiting requests get 503, and the worker thread is joined before this returns."""
+def serve(generator: SpeculativeGenerator, config: ServerConfig, sockets: list[socket.socket]) -> None:
+    """Serve on ``sockets`` (bound and listening) until Ctrl-C or SIGTERM: then no new request is taken, the
+    running generation ends after its step, waiting requests get 503, and the worker thread is joined before
+    this returns."""
     import uvicorn
 
     from .app import begin_shutdown, create_app
@@ -42,12 +45,10 @@ def serve(generator: SpeculativeGenerator, config: ServerConfig, host: str, port
     server = Server(
         uvicorn.Config(
             app,
-            host=host,
-            port=port,
             log_level="warning",
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=10,
         )
     )
-    server.run()
+    server.run(sockets=sockets)

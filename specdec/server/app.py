@@ -25,6 +25,8 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -58,6 +60,7 @@ class ServerConfig:
     max_request_bytes: int = MAX_REQUEST_BYTES
     fit_context: bool = False  # drop a chat's oldest exchanges when it outgrows the context, instead of a 400
     url: str = ""  # where it listens, for the log
+    allow_origins: tuple[str, ...] = ()  # web pages (origins) whose scripts may call the API from a browser
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -118,6 +121,8 @@ class Api:
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: Request) -> Response:
+        if not request.path_params["model"]:  # /v1/models/
+            return await self.models(request)
         self._authorize(request)
         self._check_model(request.path_params["model"], param=None)
         return JSONResponse(self._model_card())
@@ -140,11 +145,12 @@ class Api:
             prompt_ids, max_new_tokens, dropped = await self._prompt(body)
             if dropped:
                 log.info("%s: the %d oldest messages were left out to fit the context", request_id, dropped)
+            greedy = body.top_p == 0  # the smallest nucleus: the likeliest token alone
             sampling = dict(
                 max_new_tokens=max_new_tokens,
-                temperature=body.temperature,
+                temperature=0.0 if greedy else body.temperature,
                 top_k=body.top_k,
-                top_p=body.top_p,
+                top_p=1.0 if greedy else body.top_p,
                 repetition_penalty=body.repetition_penalty,
                 seed=body.seed,
                 stop=body.stops() or None,
@@ -197,7 +203,7 @@ class Api:
         if len(ids) >= context or (limit is not None and len(ids) + limit > context):
             asked = f" plus max_tokens ({limit})" if limit is not None else ""
             fix = "Shorten the prompt or lower max_tokens." if limit is not None else "Shorten the prompt."
-            if isinstance(body, ChatRequest):
+            if isinstance(body, ChatRequest) and not self.config.fit_context and (limit is None or limit < context):
                 fix += " (A server started with --fit-context drops a chat's oldest messages instead.)"
             raise ApiError(
                 400,
@@ -349,11 +355,19 @@ class Api:
             if len(data) > limit:
                 raise too_large
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         except (RecursionError, ValueError) as e:  # nesting too deep; an integer of over 4300 digits
             raise ApiError(400, f"the request body cannot be read: {e}", code="invalid_json") from None
+        if _holds_lone_surrogate(body):
+            raise ApiError(
+                400,
+                "the request holds a string that is not valid Unicode: a lone UTF-16 surrogate such as \\ud83d "
+                "(half of an emoji, e.g. text cut in the middle of one). Send whole characters.",
+                code="invalid_value",
+            )
+        return body
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.config.created, "owned_by": "specdec"}
@@ -397,6 +411,24 @@ def _ended(message: Message, text: str) -> Outcome:
     if message.kind == "stopped":
         return Outcome(status=503, text=text, stats=message.stats, error="the server is shutting down")
     return Outcome(status=499, text=text, stats=message.stats, error="cancelled")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string (a key too) with a lone surrogate (JSON's ``"\\ud800"``)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 async def _gather(job: Job) -> Outcome:
@@ -552,10 +584,29 @@ def create_app(generator: SpeculativeGenerator, config: ServerConfig) -> Starlet
         return error_response(exc)
 
     app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, ApiError: api_error}
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, ApiError: api_error},
+        middleware=_browser_access(config.allow_origins),
     )
     app.state.api = api
     return app
+
+
+def _browser_access(origins: tuple[str, ...]) -> list[Middleware]:
+    """CORS for ``origins`` (``serve --allow-origin``): a browser lets a page of one of them call the API (its
+    preflight ``OPTIONS`` answered, ``Access-Control-Allow-Origin`` on the answers); none by default."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    ]
 
 
 def begin_shutdown(app: Starlette) -> None:

@@ -84,12 +84,12 @@ class CompletionFields(BaseModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0, description="0 keeps the likeliest token alone: greedy")
     top_k: int = Field(default=0, ge=0, description="extension: 0 = off")
     repetition_penalty: float = Field(default=1.0, gt=0.0, description="extension: 1 = off")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)  # "yes" is not a boolean
     stream_options: dict[str, Any] | None = None  # usage is always sent, so include_usage changes nothing
     user: str | None = None
     n: int = 1
@@ -104,7 +104,7 @@ class CompletionFields(BaseModel):
     tool_choice: Any = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    echo: bool = False
+    echo: bool = Field(default=False, strict=True)
     suffix: str | None = None
 
     @model_validator(mode="before")
@@ -119,7 +119,11 @@ class CompletionFields(BaseModel):
         """The 400 for the first field set to something specdec cannot do exactly, else None."""
         for name, neutral in _NEUTRAL:
             value = getattr(self, name)
-            if value != neutral and not (name == "logprobs" and value in (False, 0)) and value not in ([], {}):
+            if (
+                value != neutral
+                and not (name in ("logprobs", "top_logprobs") and value in (False, 0))
+                and value not in ([], {})
+            ):
                 return _unsupported(name, value)
         if self.tool_choice not in (None, "none"):
             return _unsupported("tool_choice", self.tool_choice)
@@ -185,6 +189,11 @@ class ChatRequest(CompletionFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+COMPLETION_MAX_TOKENS = 16
+"""``max_tokens`` of a ``/v1/completions`` request that gives none: OpenAI's default there (a chat completion
+has none: it ends at EOS or the context's end)."""
+
+
 class CompletionRequest(CompletionFields):
     """``POST /v1/completions``: ``prompt`` is a string or one list of token ids."""
 
@@ -207,7 +216,8 @@ class CompletionRequest(CompletionFields):
         return p
 
     def new_tokens_limit(self) -> int | None:
-        return self.max_tokens
+        """``max_tokens``, or OpenAI's default for this endpoint (:data:`COMPLETION_MAX_TOKENS`)."""
+        return self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS
 
 
 def parse(model: type[CompletionFields], body: Any) -> CompletionFields:

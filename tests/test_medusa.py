@@ -823,6 +823,10 @@ def test_cli_train_medusa(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps_run"] == 2 and report["answer_windows"] == 2 and report["eval_on"] == "answers"
+    trained = (out / "medusa_heads.safetensors").read_bytes()
+    res = runner.invoke(main, args[:-4] + ["--seed", "5"])  # afresh over trained heads: refused before the load
+    assert res.exit_code == 1 and "holds trained heads" in res.output and "--overwrite" in res.output
+    assert (out / "medusa_heads.safetensors").read_bytes() == trained
     only = tmp_path / "only"
     res = runner.invoke(
         main, [*args[: args.index("--out")], "--out", str(only), *args[args.index("--out") + 2 :], "--cache-only"]
@@ -831,20 +835,25 @@ def test_cli_train_medusa(tmp_path):
     assert "and 2 answers" in res.output and not (only / "medusa_heads.safetensors").exists()
     assert (only / "answers" / "features.safetensors").is_file() and (only / "cache" / "features.safetensors").is_file()
 
+    res = runner.invoke(main, [*args, "--overwrite", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert (out / "medusa_heads.safetensors").read_bytes() != trained
+
+    fresh = tmp_path / "fresh"
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
-    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(empty), "--out", str(out)])
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(empty), "--out", str(fresh)])
     assert res.exit_code == 1 and "empty" in res.output and "Traceback" not in res.output
     res = runner.invoke(
-        main, ["train-medusa", "--target", str(folder), "--data", str(tmp_path / "nope"), "--out", str(out)]
+        main, ["train-medusa", "--target", str(folder), "--data", str(tmp_path / "nope"), "--out", str(fresh)]
     )
     assert res.exit_code == 1 and "not found" in res.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(bad), "--out", str(out)])
+    res = runner.invoke(main, ["train-medusa", "--target", str(folder), "--data", str(bad), "--out", str(fresh)])
     assert res.exit_code == 1 and "not valid JSON" in res.output
     res = runner.invoke(
-        main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(out), "--seq-len", "1024"]
+        main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(fresh), "--seq-len", "1024"]
     )
     assert res.exit_code == 1 and "seq_len" in res.output
     under_a_file = bad / "heads"  # --out below a file: refused before the target loads, not a traceback after it

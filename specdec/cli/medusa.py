@@ -124,6 +124,11 @@ def _default(name: str) -> Any:
     help="Continue from OUT/checkpoint when there is one (else start afresh); OUT/cache is reused either way.",
 )
 @click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Train afresh into an OUT that holds trained heads, replacing them (without it such an OUT is refused).",
+)
+@click.option(
     "--cache-only",
     is_flag=True,
     help="Only compute OUT/cache (the target's states) and stop; a later run with the same data, "
@@ -140,6 +145,7 @@ def train_medusa(
     data: str,
     out: str,
     resume: bool,
+    overwrite: bool,
     cache_only: bool,
     dtype: str,
     device: str,
@@ -159,6 +165,8 @@ def train_medusa(
     if not Path(data).expanduser().exists():
         raise SpecdecError(f"training data not found: {data}", "give a text file, a .jsonl file or a folder of files")
     check_writable(out, "--out", folder=True)  # before the slow load
+    if not (resume or overwrite or cache_only):
+        _refuse_trained(Path(out))
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load_target(target, dtype, device)
@@ -210,6 +218,18 @@ def train_medusa(
             }
         )
     )
+
+
+def _refuse_trained(out: Path) -> None:
+    """Raise a :class:`SpecdecError` when ``out`` holds trained heads: a run started afresh would replace
+    them (hours of training) without a word."""
+    from ..medusa.heads import WEIGHTS_NAME
+
+    if (out / WEIGHTS_NAME).exists():
+        raise SpecdecError(
+            f"--out {out} holds trained heads ({WEIGHTS_NAME}); training afresh would replace them",
+            "give another --out, --resume to continue that training, or --overwrite to replace them",
+        )
 
 
 def _load_target(target: str, dtype: str, device: str) -> tuple[Any, Any]:

@@ -303,22 +303,33 @@ class ResolvedModel:
 
 
 def resolve(
-    ref: str, catalogue: Mapping[str, ModelSpec] = CATALOGUE, config: Mapping[str, Any] | None = None
+    ref: str,
+    catalogue: Mapping[str, ModelSpec] = CATALOGUE,
+    config: Mapping[str, Any] | None = None,
+    *,
+    user: bool = False,
 ) -> ResolvedModel:
     """Match ``ref`` (short name, packaged name, hub id, ``.gguf`` file, folder) to the catalogue.
 
     ``config`` (a parsed ``config.json``) lets a local folder be estimated
-    even when it is not in the catalogue.
+    even when it is not in the catalogue. ``user``: the reference is the
+    user's own (``--target``), so a name that is both a short name and a
+    variant (``smollm2-135m``, also the packaged GGUF's name) means the
+    variant the user can see in ``models list``, not whichever checkpoint
+    a profile would choose.
     """
     key = ref.strip().lower()
+    variant = next(
+        ((spec, kind) for spec in catalogue.values() for kind, name in spec.variants.items() if key == name.lower()),
+        None,
+    )
+    if variant is not None and (user or key not in catalogue):
+        return ResolvedModel(ref, variant[0], fixed_kind=variant[1])
     if key in catalogue:
         return ResolvedModel(ref, catalogue[key], is_short_name=True)
     for spec in catalogue.values():
         if key == spec.hub_id.lower():
             return ResolvedModel(ref, spec)
-        for kind, variant in spec.variants.items():
-            if key == variant.lower():
-                return ResolvedModel(ref, spec, fixed_kind=kind)
     if key.endswith(".gguf"):
         return ResolvedModel(ref, None, fixed_kind="gguf")
     if config is not None:

@@ -571,7 +571,7 @@ def _targets_to_try(
     """The user's target, else the suggestions of the profile and of the smaller tiers."""
     if target is None:
         return [cat.resolve(name, catalogue) for name in suggested_targets(chosen, profiles, backend)]
-    return [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue)]
+    return [target if isinstance(target, cat.ResolvedModel) else cat.resolve(target, catalogue, user=True)]
 
 
 def _verify_rows(method: str, profile: Profile) -> int:
@@ -764,7 +764,7 @@ def configure(
     device = device or detect()
     resolved = None
     if target is not None:
-        resolved = cat.resolve(target, cat.CATALOGUE, config=_local_config(target))
+        resolved = cat.resolve(target, cat.CATALOGUE, config=_local_config(target), user=True)
     return select(
         device,
         cat.CATALOGUE,

@@ -147,6 +147,15 @@ def test_target_without_a_smaller_relative_gets_no_draft():
     assert config.method == "lookahead" and any("shares the tokenizer" in r for r in config.reasons)
 
 
+def test_a_packaged_name_given_by_the_user_stays_the_packaged_file():
+    """``smollm2-135m`` is both the catalogue's short name and the packaged GGUF's name: given as --target, it
+    means the file ``models list`` shows, not a hub checkpoint a GPU profile would choose (offline: none)."""
+    for device in (ONE_GB_FREE, CPU_16GB, LAPTOP_4GB):
+        chosen = select(device, cat.CATALOGUE, PROFILES, "smollm2-135m")
+        assert (chosen.target_ref, chosen.target_quantization) == ("smollm2-135m", "gguf"), device
+    assert cat.resolve("smollm2-135m").is_short_name  # a profile's target list names catalogue entries
+
+
 def test_medusa_is_chosen_only_with_heads():
     assert select(CPU_16GB, cat.CATALOGUE, PROFILES, "smollm2-135m", has_medusa_heads=True).method == "medusa"
 

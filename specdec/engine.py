@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,21 @@ from .verify import TypicalAcceptance, verify
 from .vocab import check_vocabularies
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+
+
+def message_text(content: Any, index: int) -> str:
+    """A chat message's text: its ``content`` string, or its text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
+    ):
+        return "\n".join(part["text"] for part in content)
+    raise SpecdecError(
+        f"chat message {index} has content {content!r:.80}; specdec takes text: a string or a list of "
+        '{"type": "text", "text": ...} parts',
+        'e.g. [{"role": "user", "content": "Hello"}]',
+    )
 
 
 @dataclass
@@ -94,7 +109,8 @@ class GenerationResult:
             with a stop string, up to the token that completed it).
         text: decoded new text (special tokens skipped, cut before a stop
             string), or None without a tokenizer.
-        finish_reason: ``"eos"``, ``"stop"``, ``"length"`` or ``"context"``.
+        finish_reason: ``"eos"``, ``"stop"`` or ``"length"`` (a prompt plus ``max_new_tokens`` beyond the
+            context is refused up front with :class:`~specdec.errors.ContextLengthError`).
     """
 
     token_ids: list[int]
@@ -106,7 +122,11 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """One increment of a stream: the new stable text and the tokens accepted in this step."""
+    """One increment of a stream: the new stable text and the tokens accepted in this step.
+
+    ``stats`` is a snapshot taken as the event was made; its ``seconds`` count decoding only, not the time
+    the caller spent with earlier events.
+    """
 
     text: str
     token_ids: list[int]
@@ -217,10 +237,23 @@ class SpeculativeGenerator:
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a ``str`` (raw text), chat messages, or a list of ids."""
+        """Token ids of a ``str`` (raw text), chat messages, or token ids: a list, a ``[L]`` tensor or array, or
+        a tokenizer's output for one text (``tokenizer(text)``, ``[1, L]`` tensors included)."""
         if isinstance(prompt, str):
             self._need_tokenizer("a text prompt")
             return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, (bytes, bytearray)):
+            raise SpecdecError(
+                f"a prompt in bytes ({bytes(prompt[:20])!r}...) is neither text nor token ids",
+                "decode it first, e.g. data.decode('utf-8')",
+            )
+        if isinstance(prompt, Mapping) and "input_ids" in prompt:  # tokenizer(text): a BatchEncoding
+            prompt = prompt["input_ids"]
+        batch = getattr(prompt, "ndim", 1) == 2 or (
+            isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple))
+        )
+        if batch and len(prompt) == 1:
+            prompt = prompt[0]  # a batch of one: [1, L]
         if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:  # ids as a tensor (a numpy array lists as is)
             prompt = prompt.tolist()
         try:
@@ -230,28 +263,33 @@ class SpeculativeGenerator:
                 f"a prompt must be a str, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
             ) from None
         if items and isinstance(items[0], dict):
-            self._need_tokenizer("chat messages")
-            for i, message in enumerate(items):
-                if (
-                    not isinstance(message, dict)
-                    or not isinstance(message.get("role"), str)
-                    or not isinstance(message.get("content"), (str, list))
-                ):
-                    raise SpecdecError(
-                        f"chat message {i} must be a dict with a 'role' string and a 'content' (a string), "
-                        f"got {message!r:.80}",
-                        'e.g. [{"role": "user", "content": "Hello"}]',
-                    )
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise SpecdecError(
-                    "this tokenizer has no chat template, so chat messages cannot be rendered",
-                    "pass a plain text prompt (--raw in the CLI)",
-                )
-            text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self._encode_chat(items)
         if not all(is_int(t) for t in items):
-            raise SpecdecError("a prompt must be a str, a list of token ids or a list of chat messages")
+            raise SpecdecError(
+                "a prompt must be a str, a list of token ids or a list of chat messages",
+                "token ids may also be a [L] tensor or array; a batch holds one prompt at most",
+            )
         return [int(t) for t in items]
+
+    def _encode_chat(self, messages: list[Any]) -> list[int]:
+        """Token ids of chat messages rendered with the tokenizer's chat template (a generation prompt added);
+        a message's ``content`` is a string or a list of text parts (``{"type": "text", "text": ...}``)."""
+        self._need_tokenizer("chat messages")
+        rendered = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise SpecdecError(
+                    f"chat message {i} must be a dict with a 'role' string and a 'content' string, got {message!r:.80}",
+                    'e.g. [{"role": "user", "content": "Hello"}]',
+                )
+            rendered.append({**message, "content": message_text(message.get("content"), i)})
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SpecdecError(
+                "this tokenizer has no chat template, so chat messages cannot be rendered",
+                "pass a plain text prompt (--raw in the CLI)",
+            )
+        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _need_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
@@ -388,13 +426,13 @@ class SpeculativeGenerator:
         )
         self.last_stats = stats
         self._last_prompt_ids = prompt_ids  # here, not in stream(): set only by the generation that runs
-        limit = min(max_new_tokens, self.context_length - len(prompt_ids))
+        limit = max_new_tokens  # stream() made sure that it fits the context
         buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
         buf[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         length = len(prompt_ids)
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
         matcher = StopStringMatcher(stops)
-        start = time.perf_counter()
+        start, paused = time.perf_counter(), 0.0
         state = DecodeState(
             tokens=buf[:length],
             prompt_length=len(prompt_ids),
@@ -441,13 +479,17 @@ class SpeculativeGenerator:
                 with torch.inference_mode():
                     self.proposer.observe(outcome)
             if finish is None and length - len(prompt_ids) >= limit:
-                finish = "length" if limit == max_new_tokens else "context"
+                finish = "length"
             if finish is not None and finish != "stop":
                 text += matcher.finish()
             stats.new_tokens = length - len(prompt_ids)
-            stats.seconds = time.perf_counter() - start
+            stats.seconds = time.perf_counter() - start - paused
             stats.compile_steps = self.compile_steps  # False from a failed compile on
-            yield StreamEvent(text=text, token_ids=keep, stats=stats, done=finish is not None, finish_reason=finish)
+            handed = time.perf_counter()
+            yield StreamEvent(
+                text=text, token_ids=keep, stats=replace(stats), done=finish is not None, finish_reason=finish
+            )
+            paused += time.perf_counter() - handed  # the caller's time with the event is not decoding time
 
     def _prefill(self, state: DecodeState, cached: int) -> float:
         """Cache the prompt before the pending token, but for its first ``cached`` tokens (kept from the

@@ -156,6 +156,11 @@ def check_request(
 
 def _eos_ids(eos_token_id: Any, vocab_out: int | None) -> set[int]:
     """The EOS ids a caller gave (one id or several), each checked to be a token id below ``vocab_out``."""
+    if isinstance(eos_token_id, (str, bytes)):
+        raise InvalidSamplingError(
+            f"eos_token_id takes token ids, not text ({eos_token_id!r})",
+            f"give the token's id, e.g. tokenizer.convert_tokens_to_ids({eos_token_id!r}), or a stop string (stop=)",
+        )
     ids = [eos_token_id] if is_int(eos_token_id) or not isinstance(eos_token_id, Iterable) else list(eos_token_id)
     bad = [i for i in ids if not is_int(i) or i < 0 or (vocab_out is not None and i >= vocab_out)]
     if bad:

@@ -148,6 +148,10 @@ def test_a_draft_whose_embedding_lacks_some_of_the_targets_tokens(tmp_path):
         ([{"role": "user"}], "content"),
         ([{"role": "user", "content": None}], "chat message 0"),
         ([True, False], "token ids"),
+        (b"hello", "bytes"),
+        (bytearray(b"hi"), "bytes"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "specdec takes text"),
+        ([[1, 2], [3, 4]], "one prompt at most"),
     ],
 )
 def test_a_prompt_of_the_wrong_shape(tmp_path, prompt, fragment):
@@ -168,8 +172,33 @@ def test_token_ids_as_a_tensor_or_a_numpy_array():
     gen = specdec.SpeculativeGenerator(tiny_model("llama"), method="none")
     ids = [5, 9, 11]
     reference = gen.generate(ids, max_new_tokens=4).token_ids
-    for prompt in (torch.tensor(ids), np.array(ids)):
+    for prompt in (torch.tensor(ids), np.array(ids), torch.tensor([ids]), np.array([ids]), {"input_ids": [ids]}):
         assert gen.generate(prompt, max_new_tokens=4).token_ids == reference
+
+
+def test_a_tokenizers_output_and_text_parts_are_prompts_too(tmp_path):
+    """``tokenizer(text, return_tensors="pt")`` (a BatchEncoding of ``[1, L]`` tensors) and chat content given as
+    text parts (OpenAI's form), which a chat template that expects a string cannot render itself."""
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_model_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder(tmp_path / "tiny"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+    gen = specdec.SpeculativeGenerator(tiny_model("llama"), tokenizer, method="none")
+    text = "t5 t9 t11"
+    reference = gen.generate(text, max_new_tokens=4).token_ids
+    assert gen.generate(tokenizer(text, return_tensors="pt"), max_new_tokens=4).token_ids == reference
+    assert gen.generate(tokenizer(text), max_new_tokens=4).token_ids == reference
+    parts = [{"role": "user", "content": [{"type": "text", "text": "t5"}, {"type": "text", "text": "t9"}]}]
+    assert gen.encode(parts) == gen.encode([{"role": "user", "content": "t5\nt9"}])
+
+
+def test_eos_given_as_text_names_the_way_to_its_id():
+    gen = specdec.SpeculativeGenerator(tiny_model("llama"), method="none")
+    with pytest.raises(SpecdecError, match="convert_tokens_to_ids") as info:
+        gen.generate([5, 9], max_new_tokens=2, eos_token_id="</s>")
+    assert "'</s>'" in str(info.value)
 
 
 def test_a_model_folder_without_tokenizer_files_says_so(tmp_path):

@@ -122,3 +122,20 @@ def test_two_threads_on_one_generator_get_a_clear_error_or_the_exact_reply():
         assert outcome == (prompt, reference) or isinstance(outcome, GeneratorBusyError), outcome
     assert any(isinstance(o, GeneratorBusyError) for o in outcomes)  # both started together: one was turned away
     assert gen.generate(prompts[0], max_new_tokens=300).token_ids == references[0]
+
+
+def test_each_event_holds_its_own_stats_and_they_count_decoding_only():
+    """A chat UI spends time with each event (drawing it): that time is not decoding time, and an event kept
+    for later still shows the counts of its own moment."""
+    import time
+
+    gen = specdec.SpeculativeGenerator(tiny_model("llama", seed=0), method="none")
+    pause, events = 0.3, []
+    begun = time.perf_counter()
+    for event in gen.stream([5, 9, 11], max_new_tokens=4):
+        events.append(event)
+        time.sleep(pause)
+    wall = time.perf_counter() - begun
+    assert [e.stats.new_tokens for e in events] == [1, 2, 3, 4]
+    assert events[-1].stats.seconds <= wall - 3 * pause  # the three pauses before the last event do not count
+    assert gen.last_stats.new_tokens == 4 and gen.last_stats.seconds == events[-1].stats.seconds

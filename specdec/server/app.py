@@ -47,7 +47,7 @@ FIT_REPLY_TOKENS = 512
 of the context)."""
 
 # the engine's finish reasons in OpenAI's words
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 @dataclass
@@ -465,7 +465,7 @@ def _usage(
 ) -> dict[str, Any]:
     """``usage`` (OpenAI's token counts; ``prompt_tokens_details.cached_tokens``: the prompt's first tokens
     kept from the previous request, e.g. a chat's earlier turns) and ``specdec`` (the generation's
-    statistics, the engine's own finish reason: ``eos``, ``stop``, ``length`` or ``context``, and with
+    statistics, the engine's own finish reason: ``eos``, ``stop`` or ``length``, and with
     ``serve --fit-context``, ``dropped_messages``: the chat's oldest messages left out to fit the context)."""
     completion = stats.new_tokens if stats else 0
     extra: dict[str, Any] = {}

@@ -84,10 +84,33 @@ def test_generate_streams_then_prints_stats(smollm2):
     assert piped.exit_code == 0 and piped.stdout == res.stdout, piped.output
     empty = CliRunner().invoke(main, ["generate", "-"], input="  \n")
     assert empty.exit_code == 2 and "standard input" in empty.output
+    for blank in ("", "  "):  # refused before the model loads, as from standard input
+        empty = CliRunner().invoke(main, ["generate", blank, "--target", "no-such-model"])
+        assert empty.exit_code == 2 and "PROMPT is empty" in empty.output
 
 
 INTERRUPTED = -signal.SIGINT
 """How an interrupted command ends: killed by SIGINT (a shell shows 130 and stops the script around it)."""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches the process's libraries in /proc")
+def test_ctrl_c_while_the_command_imports_torch_exits_as_interrupted_without_a_traceback():
+    """The first seconds of every command import torch and transformers (before its own code runs)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdec.cli", "generate", "hi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    for _ in range(3000):  # torch's library is mapped as `import torch` begins; its Python modules take seconds
+        if proc.poll() is not None or "libtorch" in maps.read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == INTERRUPTED and "Traceback" not in err.decode(), err.decode()[-800:]
+    assert err.decode().strip().endswith("interrupted")
 
 
 @pytest.mark.real_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import importlib.util
 
 import pytest
@@ -121,6 +122,16 @@ def test_quantized_target_with_speculation_is_identical_to_its_own_greedy(tmp_pa
             prompt, max_new_tokens=16
         )
         assert result.token_ids == reference, method
+
+
+def test_int8_says_its_float16_cast_once_not_per_product(tmp_path, caplog):
+    """bitsandbytes logs the cast on every int8 product whose input is not float16: thousands of lines."""
+    pytest.importorskip("bitsandbytes")
+    target = _quantized(_bnb_model("llama", seed=0), "int8", tmp_path / "target")
+    with caplog.at_level(logging.WARNING):
+        specdec.SpeculativeGenerator(target, method="prompt_lookup").generate(_prompt(), max_new_tokens=8)
+    casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) <= 1
 
 
 def test_load_with_a_profile_quantizes_the_target_and_keeps_explicit_choices(tmp_path):

@@ -31,4 +31,10 @@ def _register() -> None:
             main.add_command(command)
 
 
-_register()
+try:
+    _register()  # imports torch and transformers: seconds, in which Ctrl-C is no reason for a traceback
+except KeyboardInterrupt:
+    from .interrupt import exit_interrupted
+
+    click.echo("interrupted", err=True)
+    exit_interrupted()

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from ..errors import SpecdecError
 from ..models import DEFAULT_MODEL
 from ..proposers import METHODS, LookaheadOptions
+from .interrupt import exit_interrupted
 
 
 def quiet_libraries() -> None:
@@ -66,24 +65,6 @@ def interrupts_kept() -> Iterator[None]:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous_alarm)
         sys.unraisablehook = previous_hook
-
-
-def exit_interrupted() -> NoReturn:
-    """End the process as a program stopped by Ctrl-C ends: killed by SIGINT, once what was printed is flushed.
-
-    A shell then shows status 130 and stops the loop or script that ran the command; after a plain exit
-    code 130 bash went on with the next command, so Ctrl-C could not stop ``for p in ...; do specdec-local
-    generate "$p"; done``. (Python does the same for a Ctrl-C nobody catches.) Exit code 130 where there
-    are no POSIX signals or this is not the main thread.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    logging.shutdown()
-    if os.name == "posix" and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    sys.exit(130)
 
 
 def echo_error(error: SpecdecError) -> None:

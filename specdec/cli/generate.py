@@ -60,6 +60,8 @@ def generate(prompt: str, chat: bool, as_json: bool, **kwargs: Any) -> None:
         prompt = sys.stdin.read()  # before loading: a closed or empty input fails fast
         if not prompt.strip():
             raise click.UsageError("PROMPT '-' reads the prompt from standard input, and it was empty")
+    elif not prompt.strip():
+        raise click.UsageError("PROMPT is empty: give the text to reply to (or '-' to read it from standard input)")
     quiet_libraries()
     options = {}
     typical = kwargs.pop("typical_acceptance")

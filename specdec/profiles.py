@@ -886,6 +886,15 @@ def profile_settings(
     )
 
 
+def _to_pull(ref: str | None) -> str:
+    """``"  (not pulled yet: ~N MB on first use)"`` for a packaged model not in the cache, else ``""``."""
+    from . import models
+
+    if ref not in models.PACKAGED or models.is_pulled(ref):
+        return ""
+    return f"  (not pulled yet: ~{models.packaged(ref).size_mb} MB downloaded on first use)"
+
+
 def describe(config: Selection) -> list[str]:
     """Human-readable lines for ``detect``."""
     d = config.device
@@ -894,8 +903,10 @@ def describe(config: Selection) -> list[str]:
         + (f", compute capability {d.compute_capability[0]}.{d.compute_capability[1]}" if d.compute_capability else "")
         + f" (via {d.source})",
         f"profile:      {config.profile}",
-        f"target:       {config.target_ref} ({config.target_quantization})",
-        f"draft:        {config.draft_ref} ({config.draft_quantization})" if config.draft_ref else "draft:        none",
+        f"target:       {config.target_ref} ({config.target_quantization}){_to_pull(config.target_ref)}",
+        f"draft:        {config.draft_ref} ({config.draft_quantization}){_to_pull(config.draft_ref)}"
+        if config.draft_ref
+        else "draft:        none",
         f"method:       {config.method}"
         + (f", num_speculative_tokens {config.num_speculative_tokens}" if config.method == "draft" else "")
         + (

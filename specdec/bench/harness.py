@@ -106,6 +106,15 @@ class BenchConfig:
             raise SpecdecError("no method to benchmark", f"name at least one of: {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise SpecdecError(f"a method is named twice in {', '.join(self.methods)}")
+        if self.strict:  # before anything loads: what the method needs and was not given
+            for method, needs, given, flag in (
+                ("draft", "a draft model", self.draft, "--draft"),
+                ("medusa", "trained Medusa heads", self.medusa_heads, "--medusa-heads"),
+            ):
+                if method in self.methods and given is None:
+                    raise SpecdecError(
+                        f"method '{method}' needs {needs}", f"give {flag}, or leave {method} out of --methods"
+                    )
         for name, value, low in (
             ("max_new_tokens", self.max_new_tokens, 1),
             ("repeats", self.repeats, 1),

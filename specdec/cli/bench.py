@@ -77,7 +77,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--profile",
     default=None,
-    help="Hardware profile (auto or a name): fills --draft, the draft length and lookahead W/N/G "
+    help="Hardware profile (auto, a name or a profile file): fills --draft, the draft length and lookahead W/N/G "
     "of the specdec rows. Every row keeps --dtype and unquantized weights, so all compare alike.",
 )
 @click.option(

@@ -37,7 +37,13 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     help="With --vram: memory still free on it (default: all of it).",
 )
 @click.option("--target", "-t", default=None, help="The target you want (default: the profile's suggestion).")
-@click.option("--profile", default="auto", show_default=True, metavar="auto|NAME", help="Profile to apply.")
+@click.option(
+    "--profile",
+    default="auto",
+    show_default=True,
+    metavar="auto|NAME|FILE.yaml",
+    help="Profile to apply (a name or a file).",
+)
 @click.option("--target-loaded", is_flag=True, help="The target is already in memory (as in the webui).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @report_errors

@@ -43,7 +43,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from . import catalogue as cat
 from .errors import SpecdecError
 from .hardware import BACKENDS, DeviceInfo, format_bytes, parse_size
-from .proposers import REGISTRY, MedusaOptions, MethodOptions, method_of, method_options
+from .proposers import REGISTRY, LookaheadOptions, MedusaOptions, MethodOptions, method_of, method_options
 from .quantization import FLOAT_KINDS, KINDS, torch_dtype_name
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ class Quantization(_Strict):
 class Lookahead(_Strict):
     """Lookahead decoding: window ``W``, n-gram size ``N``, candidates per step ``G``."""
 
-    window_size: int = Field(ge=1)
-    ngram_size: int = Field(ge=2)
-    guess_size: int = Field(ge=1)
+    window_size: int = Field(default=LookaheadOptions.window_size, ge=1)
+    ngram_size: int = Field(default=LookaheadOptions.ngram_size, ge=2)
+    guess_size: int = Field(default=LookaheadOptions.guess_size, ge=1)
 
     @property
     def verify_tokens(self) -> int:
@@ -117,13 +117,13 @@ class Lookahead(_Strict):
 class Medusa(_Strict):
     """Medusa: the most nodes of the candidate tree (a per-step tree may keep fewer)."""
 
-    tree_size: int = Field(ge=1)
+    tree_size: int | None = Field(default=MedusaOptions.tree_size, ge=1, description="null = no cap")
 
 
 class Memory(_Strict):
     """How the estimate is padded: a fraction of it, plus a fixed reserve (CUDA context, desktop)."""
 
-    margin: float = Field(ge=0.0, lt=1.0)
+    margin: float = Field(default=0.10, ge=0.0, lt=1.0)
     reserve: Size = 0
 
 
@@ -136,12 +136,12 @@ class Profile(_Strict):
     methods: list[Method] = Field(min_length=1)
     targets: list[str] = Field(min_length=1, description="suggested targets when the user names none")
     quantization: Quantization
-    num_speculative_tokens: int | None = Field(ge=1, description="fixed draft length; null = adaptive")
-    lookahead: Lookahead
-    medusa: Medusa
-    context_length: int = Field(ge=128)
+    num_speculative_tokens: int | None = Field(default=None, ge=1, description="fixed draft length; null = adaptive")
+    lookahead: Lookahead = Field(default_factory=Lookahead)
+    medusa: Medusa = Field(default_factory=Medusa)
+    context_length: int = Field(default=4096, ge=128, description="tokens the KV cache must hold")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    memory: Memory
+    memory: Memory = Field(default_factory=Memory)
 
     @model_validator(mode="after")
     def _unique_methods(self) -> Profile:
@@ -315,7 +315,7 @@ class Selection:
     dtype: str
     num_speculative_tokens: int | None
     lookahead: Lookahead
-    medusa_tree_size: int
+    medusa_tree_size: int | None
     context_length: int
     estimated_bytes: int
     budget_bytes: int

@@ -355,14 +355,37 @@ def test_unknown_key_names_file_field_and_reason(tmp_path):
 
 
 def test_missing_field_names_file_field_and_reason(tmp_path):
-    path = _write(
-        tmp_path, "\n".join(line for line in VALID.splitlines() if not line.startswith("num_speculative_tokens"))
-    )
+    path = _write(tmp_path, "\n".join(line for line in VALID.splitlines() if not line.startswith("targets")))
     with pytest.raises(ProfileError) as e:
         load_profile_file(path)
-    assert [(p.file, p.field, p.reason) for p in e.value.problems] == [
-        (str(path), "num_speculative_tokens", "Field required")
-    ]
+    assert [(p.file, p.field, p.reason) for p in e.value.problems] == [(str(path), "targets", "Field required")]
+
+
+def test_a_profile_names_only_what_it_changes(tmp_path):
+    """Settings of methods a profile does not use, its draft length, context and margins have defaults: those
+    of the methods' own options and of the CPU."""
+    required = (
+        "name",
+        "description",
+        "match",
+        "  backends",
+        "methods",
+        "targets",
+        "quantization",
+        "  target",
+        "  draft",
+    )
+    kept = [line for line in VALID.splitlines() if line.startswith(required)]
+    short = load_profile_file(_write(tmp_path, "\n".join(kept).replace("[medusa, draft, ", "[")))
+    assert short.num_speculative_tokens is None and short.context_length == 4096 and short.medusa.tree_size is None
+    la = LookaheadOptions()
+    assert (short.lookahead.window_size, short.lookahead.ngram_size, short.lookahead.guess_size) == (
+        la.window_size,
+        la.ngram_size,
+        la.guess_size,
+    )
+    chosen = select(CPU_16GB, cat.CATALOGUE, [short], "smollm2-135m")
+    assert chosen.method == "lookahead" and chosen.fits
 
 
 def test_a_memory_range_no_device_is_in_is_refused(tmp_path):

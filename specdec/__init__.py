@@ -32,6 +32,7 @@ _EXPORTS = {
     "ContextLengthError": "specdec.errors",
     "InvalidSamplingError": "specdec.errors",
     "UnknownMethodError": "specdec.errors",
+    "ForeignOptionsError": "specdec.errors",
     "MissingExtraError": "specdec.errors",
     "UnsupportedModelError": "specdec.errors",
     "StaticCacheMemoryError": "specdec.errors",

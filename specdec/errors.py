@@ -36,6 +36,16 @@ class UnknownMethodError(SpecdecError, ValueError):
     """A method name that specdec does not know."""
 
 
+class ForeignOptionsError(SpecdecError, ValueError):
+    """Options of another method than the one used (``options``: their names; ``owners``: for each, the methods
+    it belongs to), so a setting never goes silently unused."""
+
+    def __init__(self, message: str, hint: str, method: str, owners: dict[str, list[str]]) -> None:
+        super().__init__(message, hint)
+        self.method = method
+        self.owners = owners
+
+
 class MissingExtraError(SpecdecError, ImportError):
     """An optional dependency is not installed."""
 

@@ -85,6 +85,18 @@ def test_auto_builds_the_options_of_the_method_it_resolves_to():
         specdec.SpeculativeGenerator(target, window_size=2)
 
 
+def test_the_command_line_names_another_methods_options_as_its_flags():
+    from click.testing import CliRunner
+
+    from specdec.cli import main
+
+    res = CliRunner().invoke(main, ["generate", "hi", "-m", "prompt_lookup", "--window-size", "4", "-t", "no-such"])
+    assert res.exit_code == 1 and "--window-size is an option of lookahead, and the method is 'prompt_lookup'" in (
+        res.output
+    )
+    assert "use --method lookahead" in res.output and "window_size" not in res.output
+
+
 def test_load_checks_the_options_before_loading_a_model():
     with pytest.raises(SpecdecError, match="do not apply to method 'none'"):
         specdec.load("no-such-model-here", method="none", window_size=3)

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..errors import SpecdecError
+from ..errors import ForeignOptionsError, SpecdecError
 from ..models import DEFAULT_MODEL
 from ..proposers import METHODS, LookaheadOptions
 from .interrupt import exit_interrupted
@@ -248,17 +248,26 @@ def load_generator(kwargs: dict[str, Any], **options: Any):
     options.update(method_options(kwargs))
     if "prefix_cache" in kwargs:
         options["prefix_cache"] = kwargs.pop("prefix_cache")
-    gen = specdec.load(
-        kwargs.pop("target"),
-        draft=kwargs.pop("draft"),
-        method=kwargs.pop("method"),
-        dtype=kwargs.pop("dtype"),
-        device=kwargs.pop("device"),
-        num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
-        threads=kwargs.pop("threads"),
-        profile=kwargs.pop("profile"),
-        **options,
-    )
+    try:
+        gen = specdec.load(
+            kwargs.pop("target"),
+            draft=kwargs.pop("draft"),
+            method=kwargs.pop("method"),
+            dtype=kwargs.pop("dtype"),
+            device=kwargs.pop("device"),
+            num_speculative_tokens=kwargs.pop("num_speculative_tokens"),
+            threads=kwargs.pop("threads"),
+            profile=kwargs.pop("profile"),
+            **options,
+        )
+    except ForeignOptionsError as e:  # named as the command line names them
+        flags = {f"--{name.replace('_', '-')}": methods for name, methods in e.owners.items()}
+        methods = sorted({m for ms in flags.values() for m in ms})
+        raise SpecdecError(
+            f"{', '.join(flags)} {'is an option' if len(flags) == 1 else 'are options'} of "
+            f"{' and '.join(methods) or 'no method'}, and the method is {e.method!r}",
+            f"drop {', '.join(flags)}" + (f", or use --method {methods[0]}" if len(methods) == 1 else ""),
+        ) from None
     for note in getattr(gen, "profile_notes", ()):
         click.echo(f"[{note}]", err=True)
     return gen

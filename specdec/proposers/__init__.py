@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SpecdecError, UnknownMethodError
+from ..errors import ForeignOptionsError, SpecdecError, UnknownMethodError
 from .options import DraftOptions, LookaheadOptions, MedusaOptions, MethodOptions, NoneOptions, PromptLookupOptions
 
 if TYPE_CHECKING:
@@ -94,11 +94,13 @@ def method_options(method: str, given: Mapping[str, Any] | None = None) -> Metho
     given = {k: v for k, v in (given or {}).items() if v is not None}
     foreign = [k for k in given if k not in own]
     if foreign:
-        owners = [f"{k} ({', '.join(m for m in REGISTRY if k in option_names(m)) or 'no method'})" for k in foreign]
-        raise SpecdecError(
+        owners = {k: [m for m in REGISTRY if k in option_names(m)] for k in foreign}
+        raise ForeignOptionsError(
             f"option(s) {', '.join(foreign)} do not apply to method {method!r}",
             f"options of {method!r}: {', '.join(own) or 'none'}; drop the others or choose their method: "
-            f"{', '.join(owners)}",
+            + ", ".join(f"{k} ({', '.join(ms) or 'no method'})" for k, ms in owners.items()),
+            method,
+            owners,
         )
     return REGISTRY[method].options(**given)
 

@@ -272,8 +272,9 @@ class SpeculativeGenerator:
         return [int(t) for t in items]
 
     def _encode_chat(self, messages: list[Any]) -> list[int]:
-        """Token ids of chat messages rendered with the tokenizer's chat template (a generation prompt added);
-        a message's ``content`` is a string or a list of text parts (``{"type": "text", "text": ...}``)."""
+        """Token ids of chat messages rendered with the tokenizer's chat template; a message's ``content`` is a
+        string or a list of text parts (``{"type": "text", "text": ...}``). The reply opens a new assistant turn,
+        or, when the last message is the assistant's, continues that message (a chat UI's "continue")."""
         self._need_tokenizer("chat messages")
         rendered = []
         for i, message in enumerate(messages):
@@ -288,7 +289,10 @@ class SpeculativeGenerator:
                 "this tokenizer has no chat template, so chat messages cannot be rendered",
                 "pass a plain text prompt (--raw in the CLI)",
             )
-        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+        go_on = rendered[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(
+            rendered, add_generation_prompt=not go_on, continue_final_message=go_on, tokenize=False
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _need_tokenizer(self, what: str) -> None:

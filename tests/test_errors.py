@@ -247,3 +247,21 @@ def test_more_threads_than_cores_is_warned(caplog):
     finally:
         torch.set_num_threads(before)
     assert any("threads" in r.getMessage() and "cores" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.real_model
+def test_a_chat_that_ends_with_the_assistants_words_continues_them(smollm2):
+    """A chat UI's "continue": the last message is the assistant's, cut short; the reply goes on with it instead
+    of closing it and opening a new assistant turn."""
+    from conftest import hf_greedy
+
+    model, tokenizer = smollm2
+    gen = specdec.SpeculativeGenerator(model, tokenizer, method="prompt_lookup")
+    opened = "Three rivers of Europe are the Danube,"
+    chat = [{"role": "user", "content": "Name three rivers of Europe."}, {"role": "assistant", "content": opened}]
+    ids = gen.encode(chat)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + opened)
+    reply = gen.generate(chat, max_new_tokens=12)
+    assert reply.token_ids == hf_greedy(model, ids, 12)
+    asked = gen.encode(chat[:1])  # a chat that ends with the user's message still opens the assistant's turn
+    assert tokenizer.decode(asked).endswith("<|im_start|>assistant\n")

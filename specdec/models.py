@@ -222,6 +222,15 @@ def _recorded_ok(path: Path, spec: PackagedModel) -> bool:
     )
 
 
+def pulled_state(name: str) -> str:
+    """``"pulled"``, ``"not pulled"``, or ``"changed"`` when the file differs (size or modification time) from
+    the record of its last check, or has none: the next use hashes it again. One ``stat``, no hashing."""
+    path = local_path(name)
+    if not path.is_file():
+        return "not pulled"
+    return "pulled" if _recorded_ok(path, packaged(name)) else "changed"
+
+
 def check_cached(name: str, full: bool = False) -> Path:
     """Return the cached file of ``name`` after checking it.
 

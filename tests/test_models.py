@@ -95,6 +95,8 @@ def test_changed_file_is_refused_until_pulled_again(pulled_copy):
         f.write(bytes(b ^ 0xFF for b in data))
     st = pulled_copy.stat()
     os.utime(pulled_copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks: make it differ
+    listed = CliRunner().invoke(main, ["models", "list"]).output  # a stat, no hash: "changed", not "pulled"
+    assert f"{NAME} " in listed and " changed " in listed and f"models verify {NAME}" in listed
     with pytest.raises(CorruptModelError) as e:
         models.pull(NAME)
     assert str(pulled_copy) in str(e.value) and f"models pull --force {NAME}" in str(e.value)
@@ -108,6 +110,7 @@ def test_changed_file_is_refused_until_pulled_again(pulled_copy):
 
     assert models.pull(NAME, force=True, quiet=True) == pulled_copy
     assert CliRunner().invoke(main, ["models", "verify"]).exit_code == 0
+    assert models.pulled_state(NAME) == "pulled"
 
 
 def test_unchanged_stat_skips_the_hash_but_verify_does_not(pulled_copy):

@@ -18,10 +18,18 @@ def models_group() -> None:
 @models_group.command("list")
 def list_models() -> None:
     """List the packaged models and whether they are pulled."""
+    changed = []
     for m in models.PACKAGED.values():
-        state = "pulled" if models.is_pulled(m.name) else "not pulled"
+        state = models.pulled_state(m.name)
         default = " (default)" if m.name == models.DEFAULT_MODEL else ""
         click.echo(f"{m.name:18} {m.size_mb:>5} MB  {state:10}  {m.about}{default}")
+        if state == "changed":
+            changed.append(m.name)
+    if changed:
+        click.echo(
+            f"changed: {', '.join(changed)}: the file was modified after its check; "
+            f"`specdec-local models verify {' '.join(changed)}` hashes it again"
+        )
     click.echo(f"cache: {models.cache_dir()}  (set SPECDEC_MODELS to move it)")
     copies = unpacked.copies()
     if copies:

@@ -11,9 +11,11 @@
 # with `--extensions specdec`, sends the same greedy chat requests (a free
 # question twice over, a rewrite, a summary, a long chat turn) and prints one
 # table: tokens, tok/s off and on, identical. Exits 1 when a text differs or
-# when free chat runs below 0.95x the webui's own speed.
+# when free chat runs below 0.95x the webui's own speed (judged only for a
+# model some replies of which specdec generated).
 #
-# Runs on the webui's own Python and its pinned packages; it installs nothing.
+# Runs on the webui's own Python and its pinned packages; it installs nothing (the first load of the
+# GGUF keeps specdec's unpacked copy of it in $SPECDEC_MODELS/unpacked, as any load does).
 # Install the extension first:  WEBUI_PYTHON install.py WEBUI_DIR
 #
 # Environment:

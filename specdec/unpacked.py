@@ -165,9 +165,9 @@ def store(model: torch.nn.Module, tokenizer: Any, where: Copy) -> bool:
     try:
         _write(model, tokenizer, where, tmp)
         os.rename(tmp, where.folder)
-    except OSError as e:  # a full disk, or another process wrote the same copy first
+    except Exception as e:  # noqa: BLE001 - a full disk, another process first, a config its library refuses
         if not where.complete:
-            log.warning("not keeping an unpacked copy of %s: %s", where.source.name, e)
+            log.warning("not keeping an unpacked copy of %s: %s: %s", where.source.name, type(e).__name__, e)
         return where.complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +187,11 @@ def _write(model: torch.nn.Module, tokenizer: Any, where: Copy, folder: Path) ->
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
+    try:
+        model.generation_config.save_pretrained(folder)
+    except ValueError:  # its strict check: the webui's sampler hijack gives every GenerationConfig a min_p of
+        # 0.0, refused when not sampling; written as save_pretrained writes it (the differences from the defaults)
+        model.generation_config.to_json_file(folder / "generation_config.json", use_diff=True)
     save_model(model, str(folder / WEIGHTS))
     tokenizer.save_pretrained(folder)
     (folder / RECORD).write_text(json.dumps(where.record, indent=1) + "\n")

@@ -198,6 +198,7 @@ _ALWAYS_NEUTRAL: dict[str, Any] = {
     "penalty_alpha": 0,
     "negative_prompt": "",
     "grammar_string": "",
+    "prompt_lookup_num_tokens": 0,  # the webui's own prompt lookup (assisted generation) can change its output
 }
 _SAMPLING_NEUTRAL: dict[str, Any] = {
     "min_p": 0,
@@ -227,7 +228,7 @@ def unsupported_settings(state: dict[str, Any], total_tokens: int) -> list[str]:
         f"{k}={state[k]!r}" for k, neutral in _ALWAYS_NEUTRAL.items() if k in state and state[k] not in (neutral, None)
     ]
     if state.get("logits_processor"):
-        found.append("logits processors from another extension")
+        found.append("logits processors (logit_bias or logprobs of the request, or another extension's)")
     penalty_range = int(state.get("repetition_penalty_range", 0) or 0)
     if float(state.get("repetition_penalty", 1.0)) != 1.0 and 0 < penalty_range < total_tokens:
         found.append(f"repetition_penalty_range={penalty_range} (shorter than the context)")
@@ -358,4 +359,8 @@ def panel_hint(error: SpecdecError) -> str | None:
         return "load the model with sdpa or eager attention, or pick the method prompt_lookup"
     if isinstance(error, ModelNotFoundError):
         return "pick another draft model under *Draft model* (*Refresh list* shows what the models folder holds)"
+    if "needs a draft model" in error.message:
+        return "pick a draft under *Draft model*, or another method (prompt_lookup needs no draft)"
+    if "needs Medusa heads" in error.message:
+        return "give the folder of heads trained for this model as *Medusa heads folder*, or pick another method"
     return error.hint

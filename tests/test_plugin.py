@@ -415,6 +415,55 @@ def test_fallback_on_a_specdec_error(ext, webui) -> None:
     assert "draft" in ext.last_reply.note
 
 
+def test_a_draft_that_fails_to_load_is_not_loaded_again_for_every_reply(ext, webui, monkeypatch, caplog) -> None:
+    """A draft load that fails (a .gguf draft took 30-40 s per try in a real webui) fails once per model and
+    settings: later replies go to the webui at once, and a changed setting tries again."""
+    import specdec.loading
+
+    tries = []
+
+    def failing(*args: Any, **kwargs: Any):
+        tries.append(args[0])
+        raise ValueError("GenerationConfig is invalid")
+
+    monkeypatch.setattr(specdec.loading, "load_model", failing)
+    ext.params.update(draft_model="broken-draft")
+    for _ in range(3):
+        assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
+    assert len(tries) == 1 and "GenerationConfig is invalid" in ext.last_reply.note
+    assert sum("generation failed" in r.message for r in caplog.records) == 1  # one traceback, not one a reply
+    assert not any(r.message.startswith("specdec: specdec") for r in caplog.records)
+    ext.params.update(draft_model="other-draft")
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert len(tries) == 2
+
+
+def test_no_model_loaded_is_said_as_the_webui_says_it(ext, webui, monkeypatch) -> None:
+    checked = []
+    utils = types.ModuleType("modules.utils")
+    utils.check_model_loaded = lambda: checked.append(True) or (False, "No model is loaded.")
+    monkeypatch.setitem(sys.modules, "modules.utils", utils)
+    webui.package.utils = utils
+    webui.shared.model = None
+    assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True) == [""]
+    assert checked == [True] and webui.calls == []  # no generation function called without a model
+
+
+def test_a_manual_method_without_its_draft_names_the_panels_control(ext, webui) -> None:
+    ext.params.update(auto_configure=False, method="draft", draft_model=ext.NO_DRAFT)
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert "*Draft model*" in ext.last_reply.note and "--draft" not in ext.last_reply.note
+
+
+def test_settings_that_are_written_differently_are_read_or_said(ext, caplog) -> None:
+    ext.apply_overrides({"specdec-method": "Lookahead", "specdec-window_size": "-3"})
+    assert ext.params["method"] == "lookahead" and ext.params["window_size"] == 0
+    assert any("window_size=-3 is negative" in r.message for r in caplog.records)
+    ext.apply_overrides({"specdec-method": "jacobi"})
+    assert ext.params["method"] == "prompt_lookup"
+    assert any("unknown method 'jacobi'; using prompt_lookup" in r.message for r in caplog.records)
+
+
 def test_fallback_on_unsupported_samplers(ext, webui) -> None:
     assert reply(ext, PROMPT, PROMPT, state(presence_penalty=0.5), None, is_chat=True)[-1] == "webui reply"
     assert "presence_penalty" in ext.last_reply.note

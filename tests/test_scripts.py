@@ -129,3 +129,28 @@ def test_projection_with_synthetic_row_costs():
     ]
     row = next(line for line in projected.stdout.splitlines() if line.startswith("| prompt_lookup |"))
     assert f"| {statistics.geometric_mean(per_prompt):.2f}x |" in row
+
+
+def test_the_webui_check_judges_speed_only_where_specdec_replied(tmp_path, capsys):
+    """A model whose every reply the webui generated itself (a fallback) compares the webui with itself: its
+    on/off speed is noise, not a verdict; a text that differs always fails."""
+    spec = importlib.util.spec_from_file_location("webui_e2e", ROOT / "scripts" / "webui_e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+
+    def side(text: str, seconds: float) -> dict:
+        return {"text": text, "same": True, "tokens": 48, "seconds": [seconds]}
+
+    def run(model: str, replies_by_specdec: int, on_text: str = "a reply") -> Path:
+        data = {
+            "prompts": {"free": {"kind": "free", "off": side("a reply", 1.0), "on": side(on_text, 1.2)}},
+            "first_reply": {"off": {"seconds": 1.0}, "on": {"seconds": 1.2, "tokens": 48}},
+        }
+        (tmp_path / f"{model}.json").write_text(json.dumps(data))
+        (tmp_path / f"server-{model}-on.log").write_text("specdec: output generated ...\n" * replies_by_specdec)
+        return tmp_path / f"{model}.json"
+
+    assert e2e.table([run("fallback", 0)], min_free=0.95) == 0  # 0.83x, but no reply was specdec's
+    assert "no reply by specdec: speed not judged" in capsys.readouterr().out
+    assert e2e.table([run("slow", 3)], min_free=0.95) == 1
+    assert e2e.table([run("differs", 0, on_text="another reply")], min_free=0.95) == 1

@@ -127,6 +127,33 @@ def test_a_changed_file_gets_a_new_copy_and_the_old_one_goes(both, cache):
     assert unpacked.copies() == [old.folder]
 
 
+def test_a_generation_config_its_own_check_refuses_is_still_kept(both, cache, caplog):
+    """In the webui every GenerationConfig gets a min_p of 0.0 (its sampler hijack), which transformers' strict
+    check refuses when not sampling: the copy is still written (the draft used to fail to load, every reply)."""
+    (model, tokenizer), _, current = both
+    other = unpacked.copy_for(cache, torch.bfloat16)  # another folder: the fixture's copy stays as it is
+    before, model.generation_config.min_p = model.generation_config.min_p, 0.0
+    try:
+        assert unpacked.store(model, tokenizer, other) and other.complete
+    finally:
+        model.generation_config.min_p = before
+        shutil.rmtree(other.folder, ignore_errors=True)
+    assert unpacked.copies() == [current.folder]
+
+
+def test_a_copy_that_cannot_be_written_is_logged_not_raised(both, cache, monkeypatch, caplog):
+    (model, tokenizer), _, current = both
+    other = unpacked.copy_for(cache, torch.bfloat16)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a reason of the library's own")
+
+    monkeypatch.setattr(unpacked, "_write", refuse)
+    assert unpacked.store(model, tokenizer, other) is False
+    assert "not keeping an unpacked copy" in caplog.text and "ValueError" in caplog.text
+    assert unpacked.copies() == [current.folder]
+
+
 def test_copies_of_other_transformers_versions_but_the_last_used_one_stay(both, cache, monkeypatch):
     """Two environments with different transformers versions (the webui's pinned one and the CLI's) each keep their
     copy instead of removing the other's at every load; of older versions only the one used last stays."""

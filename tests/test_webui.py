@@ -157,7 +157,12 @@ def test_unsupported_settings_of_a_greedy_state() -> None:
         "negative_prompt='bad'",
     ]
     assert unsupported_settings(state(grammar_string=None), 100) == []  # None is neutral
-    assert unsupported_settings(state(logits_processor=[object()]), 100) == ["logits processors from another extension"]
+    assert unsupported_settings(state(logits_processor=[object()]), 100) == [
+        "logits processors (logit_bias or logprobs of the request, or another extension's)"
+    ]
+    # the webui's prompt lookup runs transformers' assisted generation, whose output can differ from plain decoding
+    assert unsupported_settings(state(prompt_lookup_num_tokens=3), 100) == ["prompt_lookup_num_tokens=3"]
+    assert unsupported_settings(state(prompt_lookup_num_tokens=0), 100) == []
     # samplers that only act when sampling do not matter for greedy decoding
     assert unsupported_settings(state(min_p=0.1), 100) == []
     assert unsupported_settings(state(min_p=0.1, do_sample=True, temperature=0.7), 100) == ["min_p=0.1"]

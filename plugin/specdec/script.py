@@ -25,6 +25,7 @@ import inspect
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,17 @@ class _GeneratorCache:
     key: tuple[Any, ...] = ()
     generator: Any = None
     choice: str = ""  # the method in use and why, for the panel
+    failed: _Failure | None = None  # the last build that failed
+
+
+@dataclass
+class _Failure:
+    """A generator that could not be built for this model (held weakly) and these settings, and why."""
+
+    target: weakref.ref
+    tokenizer: weakref.ref
+    settings: tuple[tuple[str, str], ...]
+    message: str
 
 
 last_reply = LastReply()
@@ -177,7 +189,7 @@ def _note_once(key: str, message: str) -> None:
     last_reply.note = message
     if key not in _noted:
         _noted.add(key)
-        logger.warning(f"specdec: {message}")
+        logger.warning(message if message.startswith("specdec") else f"specdec: {message}")
 
 
 # --------------------------------------------------------------------------- params
@@ -198,21 +210,28 @@ def normalise_params() -> None:
     """Coerce settings.yaml strings to the types the extension uses; reset invalid values."""
     for name in _INT_PARAMS:
         try:
-            params[name] = max(0, int(params[name]))
+            value = int(params[name])
         except (TypeError, ValueError):
             logger.warning(f"specdec: {name}={params[name]!r} is not an integer; using 0")
-            params[name] = 0
+            value = 0
+        if value < 0:
+            logger.warning(f"specdec: {name}={value} is negative; using 0")
+            value = 0
+        params[name] = value
     for name in _BOOL_PARAMS:
         value = params[name]
         if isinstance(value, str):
             value = value.strip().lower() in ("1", "true", "yes", "on")
         params[name] = bool(value)
-    method = str(params["method"]).strip()
+    method = str(params["method"]).strip().lower()
     if method == "auto":
         params["auto_configure"] = True
         method = "prompt_lookup"
     if method not in METHOD_CHOICES:
-        logger.warning(f"specdec: unknown method {method!r}; choose one of {', '.join(METHOD_CHOICES)}")
+        logger.warning(
+            f"specdec: unknown method {params['method']!r}; using prompt_lookup (choose one of "
+            f"{', '.join(METHOD_CHOICES)})"
+        )
         method = "prompt_lookup"
     params["method"] = method
     params["draft_model"] = str(params["draft_model"] or NO_DRAFT)
@@ -284,7 +303,7 @@ def release(what: str = "all") -> None:
     with _cache_lock:
         dropped = _generator.generator is not None or (what == "all" and _draft.model is not None)
         _generator.target = _generator.tokenizer = _generator.generator = None
-        _generator.key, _generator.choice = (), ""
+        _generator.key, _generator.choice, _generator.failed = (), "", None
         if what == "all":
             with _draft.lock:
                 _draft.key = _draft.model = _draft.tokenizer = None
@@ -439,6 +458,17 @@ def webui_generate(request: Request) -> Iterator[str]:
         )
 
 
+def _no_model() -> Iterator[str]:
+    """No model is loaded: what the webui does then without the extension (its own message, an empty reply)."""
+    try:
+        from modules.utils import check_model_loaded
+    except ImportError:  # an older webui
+        logger.error("No model is loaded. Please select one in the Model tab.")
+    else:
+        check_model_loaded()
+    yield ""
+
+
 def _fallback(request: Request, key: str, reason: str) -> Iterator[str]:
     _note_once(key, f"{reason}; using the webui's own generation.")
     last_reply.method = "webui"
@@ -488,44 +518,62 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
     Built again when the webui loads another model or a setting that shapes
     the generator changes; the draft model is loaded once per name.
     """
+
+    from specdec.errors import SpecdecError
+
+    settings = tuple(sorted((k, repr(v)) for k, v in params.items()))
+    with _cache_lock:
+        failed = _generator.failed
+        if failed is not None and failed.target() is target and failed.tokenizer() is tokenizer:
+            if failed.settings == settings:  # noted already: building again would fail the same way (a draft
+                raise SpecdecError(failed.message, "")  # load that fails costs its whole load on every reply)
+        try:
+            return _build_generator(target, tokenizer)
+        except Exception as e:
+            message = e.message if isinstance(e, SpecdecError) else f"{type(e).__name__}: {e}"
+            _generator.failed = _Failure(weakref.ref(target), weakref.ref(tokenizer), settings, message)
+            raise
+
+
+def _build_generator(target: Any, tokenizer: Any) -> Any:
+    """:func:`build_generator` under its lock, without its memory of failures."""
     from specdec import SpeculativeGenerator
 
     uses_draft = params["auto_configure"] or params["method"] == "draft"
-    with _cache_lock:
-        draft, draft_tokenizer = _load_draft(params["draft_model"], target) if uses_draft else (None, None)
-        method, k, options, choice = _settings(draft is not None)
-        key = (
-            method,
-            k,
-            tuple(sorted(options.items())),
-            params["draft_model"] if draft is not None else None,
-            params["medusa_heads"] if method == "medusa" else None,
-            params["static_cache"],
-        )
-        if (
-            _generator.generator is not None
-            and _generator.target is target
-            and _generator.tokenizer is tokenizer
-            and _generator.key == key
-        ):
-            return _generator.generator
-        release("generator")
-        if method == "medusa":
-            options["medusa_heads"] = _load_medusa(params["medusa_heads"], target) if params["medusa_heads"] else None
-        logger.info(f"specdec: building the generator, {choice}")
-        generator = SpeculativeGenerator(
-            target,
-            tokenizer,
-            method=method,
-            draft=draft if method == "draft" else None,
-            num_speculative_tokens=k,
-            draft_tokenizer=draft_tokenizer,
-            static_cache=None if params["static_cache"] else False,
-            **options,
-        )
-        _generator.target, _generator.tokenizer, _generator.key = target, tokenizer, key
-        _generator.generator, _generator.choice = generator, choice
-        return generator
+    draft, draft_tokenizer = _load_draft(params["draft_model"], target) if uses_draft else (None, None)
+    method, k, options, choice = _settings(draft is not None)
+    key = (
+        method,
+        k,
+        tuple(sorted(options.items())),
+        params["draft_model"] if draft is not None else None,
+        params["medusa_heads"] if method == "medusa" else None,
+        params["static_cache"],
+    )
+    if (
+        _generator.generator is not None
+        and _generator.target is target
+        and _generator.tokenizer is tokenizer
+        and _generator.key == key
+    ):
+        return _generator.generator
+    release("generator")
+    if method == "medusa":
+        options["medusa_heads"] = _load_medusa(params["medusa_heads"], target) if params["medusa_heads"] else None
+    logger.info(f"specdec: building the generator, {choice}")
+    generator = SpeculativeGenerator(
+        target,
+        tokenizer,
+        method=method,
+        draft=draft if method == "draft" else None,
+        num_speculative_tokens=k,
+        draft_tokenizer=draft_tokenizer,
+        static_cache=None if params["static_cache"] else False,
+        **options,
+    )
+    _generator.target, _generator.tokenizer, _generator.key = target, tokenizer, key
+    _generator.generator, _generator.choice = generator, choice
+    return generator
 
 
 def custom_generate_reply(question: str, original_question: str, *args: Any, **kwargs: Any) -> Iterator[str]:
@@ -551,7 +599,10 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, **k
         yield from webui_generate(request)
         return
     model, tokenizer = getattr(shared, "model", None), getattr(shared, "tokenizer", None)
-    if model is None or tokenizer is None:
+    if model is None:
+        yield from _no_model()
+        return
+    if tokenizer is None:
         yield from webui_generate(request)
         return
     if not _is_transformers_model(model):

@@ -436,6 +436,9 @@ def test_a_draft_that_fails_to_load_is_not_loaded_again_for_every_reply(ext, web
     ext.params.update(draft_model="other-draft")
     reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
     assert len(tries) == 2
+    (Path(webui.shared.args.model_dir) / "other-draft").mkdir(parents=True)  # the user puts the right files there
+    reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
+    assert len(tries) == 3
 
 
 def test_no_model_loaded_is_said_as_the_webui_says_it(ext, webui, monkeypatch) -> None:

@@ -172,7 +172,7 @@ class _Failure:
 
     target: weakref.ref
     tokenizer: weakref.ref
-    settings: tuple[tuple[str, str], ...]
+    settings: tuple[tuple[str, str], ...]  # and the stamps of the files they name
     message: str
 
 
@@ -521,7 +521,7 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
 
     from specdec.errors import SpecdecError
 
-    settings = tuple(sorted((k, repr(v)) for k, v in params.items()))
+    settings = (*sorted((k, repr(v)) for k, v in params.items()), *_files_stamp())
     with _cache_lock:
         failed = _generator.failed
         if failed is not None and failed.target() is target and failed.tokenizer() is tokenizer:
@@ -533,6 +533,22 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
             message = e.message if isinstance(e, SpecdecError) else f"{type(e).__name__}: {e}"
             _generator.failed = _Failure(weakref.ref(target), weakref.ref(tokenizer), settings, message)
             raise
+
+
+def _files_stamp() -> tuple[tuple[str, str], ...]:
+    """When the draft model and the Medusa heads named in the settings last changed on disk, so that a failure
+    remembered by :func:`build_generator` is tried again once the user has put the right files there."""
+    stamps = []
+    for name, path in (
+        ("draft_model", models_dir() / params["draft_model"] if params["draft_model"] != NO_DRAFT else None),
+        ("medusa_heads", Path(params["medusa_heads"]) if params["medusa_heads"] else None),
+    ):
+        try:
+            stat = path.stat() if path is not None else None
+        except OSError:
+            stat = None
+        stamps.append((f"{name}:stamp", repr(stat and (stat.st_mtime_ns, stat.st_size))))
+    return tuple(stamps)
 
 
 def _build_generator(target: Any, tokenizer: Any) -> Any:

@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny random models built in-process, and the packaged real model."""
+"""Shared fixtures: tiny random models built in-process, the packaged real model, and the server's app served
+in-process."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,3 +128,31 @@ def smollm2():
     if not models.is_pulled("smollm2-135m"):
         pytest.skip("smollm2-135m is not pulled: run `specdec-local models pull smollm2-135m`")
     return load_model("smollm2-135m", dtype="float32", device="cpu")
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def app_served(app) -> Iterator[int]:
+    """The server's ASGI ``app`` served by uvicorn in a thread on 127.0.0.1 (its lifespan run: the worker
+    starts); yields the port, and stops the server when the block ends."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

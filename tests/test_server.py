@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import free_port
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
@@ -70,12 +71,6 @@ class Server:
         return self.raw("GET", "/health", key=None)[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "specdec.cli", *args]
 
@@ -92,7 +87,7 @@ def processes(tmp_path_factory):
     if not models.is_pulled(MODEL):
         pytest.skip(f"{MODEL} is not pulled: run `specdec-local models pull {MODEL}`")
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    port = _free_port()
+    port = free_port()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             _cli("serve", *COMMON, "--port", str(port), "--api-key", KEY, "--max-queue", str(MAX_QUEUE)),

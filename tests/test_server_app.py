@@ -7,8 +7,6 @@ import contextlib
 import http.client
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 import specdec  # noqa: E402
-from conftest import tiny_model, tiny_model_folder  # noqa: E402
+from conftest import app_served, free_port, tiny_model, tiny_model_folder  # noqa: E402
 from specdec.server.app import ServerConfig, create_app  # noqa: E402
 
 MODEL = "tiny"
@@ -74,20 +72,8 @@ def _dumps(value: Any) -> bytes:
 @contextlib.contextmanager
 def _client(folder, **config) -> Iterator[Client]:
     gen = specdec.load(str(folder), method="prompt_lookup", dtype="float32")
-    app = create_app(gen, ServerConfig(model_id=MODEL, **config))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
+    with app_served(create_app(gen, ServerConfig(model_id=MODEL, **config))) as port:
         yield Client(port)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _complete(client: Client, **fields) -> Answer:
@@ -166,14 +152,8 @@ def _serve(monkeypatch, *args: str):
     return res, seen.get("config"), seen.get("sockets")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_options(folder, monkeypatch):
-    port = _free_port()
+    port = free_port()
     common = ["--target", str(folder), "--dtype", "float32", "--port", str(port)]
     res, config, sockets = _serve(monkeypatch, *common, "--api-key", "", "--allow-origin", "http://a.example")
     assert res.exit_code == 0, res.output

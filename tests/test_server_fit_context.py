@@ -8,17 +8,17 @@ request sends the whole conversation.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import contextlib
+from collections.abc import Iterator
 
 import pytest
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 import specdec  # noqa: E402
+from conftest import app_served  # noqa: E402
 from specdec.server.app import ServerConfig, create_app  # noqa: E402
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -27,32 +27,13 @@ CONTEXT = 400
 MODEL = "smollm2-135m"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(model, tokenizer, fit_context: bool):
+@contextlib.contextmanager
+def _serving(model, tokenizer, fit_context: bool) -> Iterator[openai.OpenAI]:
     """A running server (uvicorn in a thread) and its client; the context cut to ``CONTEXT`` tokens."""
     gen = specdec.SpeculativeGenerator(model, tokenizer, method="prompt_lookup")
     gen.context_length = CONTEXT
-    app = create_app(gen, ServerConfig(model_id=MODEL, fit_context=fit_context))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    return server, thread, client
-
-
-def _stop(server, thread) -> None:
-    server.should_exit = True
-    thread.join(timeout=30)
+    with app_served(create_app(gen, ServerConfig(model_id=MODEL, fit_context=fit_context))) as port:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def _question(i: int) -> str:
@@ -61,20 +42,16 @@ def _question(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def fitting(smollm2):
-    server, thread, client = _serving(*smollm2, fit_context=True)
-    yield client
-    _stop(server, thread)
+    with _serving(*smollm2, fit_context=True) as client:
+        yield client
 
 
 def test_without_it_an_outgrown_chat_is_a_400_that_names_the_option(smollm2):
-    server, thread, client = _serving(*smollm2, fit_context=False)
-    try:
+    with _serving(*smollm2, fit_context=False) as client:
         messages = [{"role": "user", "content": _question(0) * 20}]
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
         assert info.value.code == "context_length_exceeded" and "--fit-context" in str(info.value)
-    finally:
-        _stop(server, thread)
 
 
 def test_an_outgrown_chat_drops_its_oldest_messages_and_keeps_the_cut(fitting, smollm2):

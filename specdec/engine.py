@@ -430,8 +430,7 @@ class SpeculativeGenerator:
         )
         self.last_stats = stats
         self._last_prompt_ids = prompt_ids  # here, not in stream(): set only by the generation that runs
-        limit = max_new_tokens  # stream() made sure that it fits the context
-        buf = torch.empty(len(prompt_ids) + limit + 1, dtype=torch.long, device=self.device)
+        buf = torch.empty(len(prompt_ids) + max_new_tokens + 1, dtype=torch.long, device=self.device)
         buf[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         length = len(prompt_ids)
         decoder = IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None
@@ -443,7 +442,7 @@ class SpeculativeGenerator:
             sampling=cfg,
             generator=generator,
             seeded=seeded,
-            capacity=len(prompt_ids) + limit + max(BUCKETS),
+            capacity=len(prompt_ids) + max_new_tokens + max(BUCKETS),
             reduced_precision=self.target.dtype in (torch.float16, torch.bfloat16),
             cost_kind=self.cost_kind,
         )
@@ -455,7 +454,7 @@ class SpeculativeGenerator:
         finish: str | None = None
         while finish is None:
             generated = length - len(prompt_ids)
-            budget = min(limit - generated - 1, self.context_length - length - 1)
+            budget = min(max_new_tokens - generated - 1, self.context_length - length - 1)
             with torch.inference_mode():
                 proposal = self.proposer.propose(state, max(budget, 0))
                 new_tokens, outcome = self._step(proposal, state, cfg, generator)
@@ -463,14 +462,14 @@ class SpeculativeGenerator:
             stats.steps += 1
             stats.proposed += proposal.num_nodes
             stats.accepted += len(outcome.accepted_nodes)
-            keep = new_tokens.tolist()[: limit - generated]
+            keep = new_tokens.tolist()[: max_new_tokens - generated]
             for i, t in enumerate(keep):
                 if t in eos:
                     keep, finish = keep[: i + 1], "eos"
                     break
             text = ""
             if decoder is not None:
-                last = finish is not None or generated + len(keep) >= limit
+                last = finish is not None or generated + len(keep) >= max_new_tokens
                 text, used = detokenize(decoder, matcher, keep, last)
                 if used is not None:  # a stop string: the tokens after the one completing it are not generated
                     keep, finish = keep[:used], "stop"
@@ -482,7 +481,7 @@ class SpeculativeGenerator:
             if finish is None:
                 with torch.inference_mode():
                     self.proposer.observe(outcome)
-            if finish is None and length - len(prompt_ids) >= limit:
+            if finish is None and length - len(prompt_ids) >= max_new_tokens:
                 finish = "length"
             if finish is not None and finish != "stop":
                 text += matcher.finish()

@@ -129,13 +129,14 @@ def listen(host: str, port: int) -> list[socket.socket]:
         raise SpecdecError(
             f"--host {host}: not an address of this machine ({e.strerror})", "use e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
+    addresses = list(dict.fromkeys(found))  # getaddrinfo may name one address twice
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in dict.fromkeys(found):
+        for family, kind, proto, _, address in addresses:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            if family == socket.AF_INET6 and len(found) > 1:  # "localhost": ::1 beside 127.0.0.1
+            if family == socket.AF_INET6 and len(addresses) > 1:  # "localhost": ::1 beside 127.0.0.1
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
             sock.listen(BACKLOG)

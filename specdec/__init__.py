@@ -29,6 +29,8 @@ _EXPORTS = {
     "SpecdecError": "specdec.errors",
     "ModelNotFoundError": "specdec.errors",
     "VocabularyMismatchError": "specdec.errors",
+    "MissingDraftError": "specdec.errors",
+    "MissingHeadsError": "specdec.errors",
     "ContextLengthError": "specdec.errors",
     "InvalidSamplingError": "specdec.errors",
     "UnknownMethodError": "specdec.errors",

@@ -24,6 +24,14 @@ class VocabularyMismatchError(SpecdecError):
     """A draft model whose tokens differ from the target's."""
 
 
+class MissingDraftError(SpecdecError, ValueError):
+    """The method ``draft`` without a draft model."""
+
+
+class MissingHeadsError(SpecdecError, ValueError):
+    """The method ``medusa`` without Medusa heads."""
+
+
 class ContextLengthError(SpecdecError):
     """Prompt plus max_new_tokens does not fit the model's context."""
 

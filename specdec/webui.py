@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import (
+    MissingDraftError,
+    MissingHeadsError,
     ModelNotFoundError,
     SpecdecError,
     StaticCacheMemoryError,
@@ -359,8 +361,8 @@ def panel_hint(error: SpecdecError) -> str | None:
         return "load the model with sdpa or eager attention, or pick the method prompt_lookup"
     if isinstance(error, ModelNotFoundError):
         return "pick another draft model under *Draft model* (*Refresh list* shows what the models folder holds)"
-    if "needs a draft model" in error.message:
+    if isinstance(error, MissingDraftError):
         return "pick a draft under *Draft model*, or another method (prompt_lookup needs no draft)"
-    if "needs Medusa heads" in error.message:
+    if isinstance(error, MissingHeadsError):
         return "give the folder of heads trained for this model as *Medusa heads folder*, or pick another method"
     return error.hint

@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 import torch
 
+from specdec.engine import SpeculativeGenerator
 from specdec.errors import (
+    MissingDraftError,
+    MissingHeadsError,
     ModelNotFoundError,
     SpecdecError,
     StaticCacheMemoryError,
@@ -265,6 +268,8 @@ def test_errors_a_webui_reply_can_meet_name_the_panels_controls(tmp_path) -> Non
         (VocabularyMismatchError, lambda: check_vocabularies(tiny_model(vocab=96), tiny_model(vocab=4096), None, None)),
         (UnsupportedModelError, lambda: check_model(flash)),
         (ModelNotFoundError, lambda: load_model(str(tmp_path / "gone-draft"))),
+        (MissingDraftError, lambda: SpeculativeGenerator(tiny_model("llama"), method="draft")),
+        (MissingHeadsError, lambda: SpeculativeGenerator(tiny_model("llama"), method="medusa")),
     ):
         with pytest.raises(kind) as info:
             fail()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ForeignOptionsError, SpecdecError, UnknownMethodError
+from ..errors import ForeignOptionsError, MissingDraftError, SpecdecError, UnknownMethodError
 from .options import DraftOptions, LookaheadOptions, MedusaOptions, MethodOptions, NoneOptions, PromptLookupOptions
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ def resolve_method(method: str, draft: object | None, medusa_heads: bool = False
             return "medusa"
         return "draft" if draft is not None else "prompt_lookup"
     if method == "draft" and draft is None:
-        raise SpecdecError(
+        raise MissingDraftError(
             "method 'draft' needs a draft model", "pass draft= (--draft in the CLI) or use --method prompt_lookup"
         )
     return method

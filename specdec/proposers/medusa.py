@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from ..costs import RowCostModel
-from ..errors import SpecdecError
+from ..errors import MissingHeadsError, SpecdecError
 from ..medusa.heads import MedusaHeads
 from ..medusa.choices import TreeBuffers, best_size, build_tree, cap_tree, default_tree
 from ..ngrams import ContextCopies
@@ -151,7 +151,7 @@ class MedusaProposer:
 
 def _resolve_heads(value: object, target: torch.nn.Module) -> MedusaHeads:
     if value is None:
-        raise SpecdecError(
+        raise MissingHeadsError(
             "method 'medusa' needs Medusa heads",
             "pass medusa_heads= (a MedusaHeads or a folder; --medusa-heads DIR in the CLI); "
             "train some with `specdec-local train-medusa`",

@@ -31,6 +31,7 @@ _EXPORTS = {
     "VocabularyMismatchError": "specdec.errors",
     "MissingDraftError": "specdec.errors",
     "MissingHeadsError": "specdec.errors",
+    "ChatContentError": "specdec.errors",
     "ContextLengthError": "specdec.errors",
     "InvalidSamplingError": "specdec.errors",
     "UnknownMethodError": "specdec.errors",

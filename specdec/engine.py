@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .costs import model_cost_kind
-from .errors import ContextLengthError, GeneratorBusyError, SpecdecError
+from .errors import ChatContentError, ContextLengthError, GeneratorBusyError, SpecdecError
 from .modelinfo import eos_token_ids, model_context_length
 from .proposers import MethodOptions, ProposerContext, build_proposer, method_and_options
 from .proposers.base import DecodeState, Proposal, StepOutcome
@@ -32,18 +32,23 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 
 def message_text(content: Any, index: int) -> str:
-    """A chat message's text: its ``content`` string, or its text parts joined by newlines."""
+    """A chat message's text: its ``content`` string, or its text parts joined by newlines.
+
+    Raises:
+        ChatContentError: content that is not text, naming the message's ``index`` and the first part that is
+            not text.
+    """
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
-    ):
-        return "\n".join(part["text"] for part in content)
-    raise SpecdecError(
-        f"chat message {index} has content {content!r:.80}; specdec takes text: a string or a list of "
-        '{"type": "text", "text": ...} parts',
-        'e.g. [{"role": "user", "content": "Hello"}]',
-    )
+    if not isinstance(content, list):
+        raise ChatContentError(index, None, f"{content!r:.80}")
+    texts = []
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            what = f"of type {part.get('type')!r}" if isinstance(part, dict) else f"{part!r:.80}"
+            raise ChatContentError(index, j, what)
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 @dataclass

@@ -32,6 +32,25 @@ class MissingHeadsError(SpecdecError, ValueError):
     """The method ``medusa`` without Medusa heads."""
 
 
+class ChatContentError(SpecdecError, ValueError):
+    """A chat message whose content is not text.
+
+    Attributes:
+        index: the message's index in the chat.
+        part: the index of the first part that is not text, or None when the content is neither a string
+            nor a list of parts.
+    """
+
+    def __init__(self, index: int, part: int | None, what: str) -> None:
+        where = f"chat message {index}" if part is None else f"chat message {index}, content part {part},"
+        super().__init__(
+            f'{where} is {what}; specdec takes text: a string or a list of {{"type": "text", "text": ...}} parts',
+            'e.g. [{"role": "user", "content": "Hello"}]',
+        )
+        self.index = index
+        self.part = part
+
+
 class ContextLengthError(SpecdecError):
     """Prompt plus max_new_tokens does not fit the model's context."""
 

@@ -265,3 +265,26 @@ def test_a_chat_that_ends_with_the_assistants_words_continues_them(smollm2):
     assert reply.token_ids == hf_greedy(model, ids, 12)
     asked = gen.encode(chat[:1])  # a chat that ends with the user's message still opens the assistant's turn
     assert tokenizer.decode(asked).endswith("<|im_start|>assistant\n")
+
+
+def test_content_that_is_not_text_is_named_by_message_and_part():
+    """The engine and the server read chat content with one function: the error carries the message's and the
+    part's index, which the server's 400 names as its ``param``."""
+    from specdec.engine import message_text
+    from specdec.errors import ChatContentError
+
+    image = {"type": "image_url", "image_url": {"url": "x"}}
+    with pytest.raises(ChatContentError, match="chat message 3, content part 1, is of type 'image_url'") as info:
+        message_text([{"type": "text", "text": "look"}, image], 3)
+    assert (info.value.index, info.value.part) == (3, 1)
+    with pytest.raises(ChatContentError) as info:
+        message_text(42, 0)
+    assert info.value.part is None
+    pytest.importorskip("pydantic")
+    from specdec.server.schemas import ApiError, ChatRequest
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": "a"}, image]}]
+    request = ChatRequest(model="m", messages=messages)
+    with pytest.raises(ApiError) as info:
+        request.chat_messages()
+    assert info.value.param == "messages[1].content[1].type" and "image_url" in info.value.message

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..engine import message_text
+from ..errors import ChatContentError
 from ..sampling import SEED_MIN, SEED_MAX
 
 # (field, value that means "off"): anything else is refused with a 400 naming the field
@@ -259,17 +261,11 @@ def _unsupported(name: str, value: Any) -> ApiError:
 
 
 def _text(content: str | list[dict[str, Any]] | None, index: int) -> str:
-    """A message's text: a string, or its text parts joined by newlines."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for j, part in enumerate(content):
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(
-                400,
-                f"messages[{index}].content[{j}] is of type {part.get('type')!r}; specdec takes text only",
-                param=f"messages[{index}].content[{j}].type",
-                code="unsupported_parameter",
-            )
-        texts.append(part["text"])
-    return "\n".join(texts)
+    """A message's text: a string, or its text parts joined by newlines (a null assistant content: "")."""
+    if content is None:
+        return ""
+    try:
+        return message_text(content, index)
+    except ChatContentError as error:
+        param = f"messages[{index}].content" + ("" if error.part is None else f"[{error.part}].type")
+        raise ApiError(400, error.message, param=param, code="unsupported_parameter") from None

@@ -288,3 +288,18 @@ def test_content_that_is_not_text_is_named_by_message_and_part():
     with pytest.raises(ApiError) as info:
         request.chat_messages()
     assert info.value.param == "messages[1].content[1].type" and "image_url" in info.value.message
+
+
+def test_an_assistant_message_with_tool_calls_is_refused_not_dropped():
+    """specdec calls no tools; a history holding an assistant's tool calls would render as an empty turn."""
+    pytest.importorskip("pydantic")
+    from specdec.server.schemas import ApiError, ChatRequest
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for field, value in (("tool_calls", [call]), ("function_call", call["function"])):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, field: value}]
+        with pytest.raises(ApiError) as info:
+            ChatRequest(model="m", messages=messages).chat_messages()
+        assert info.value.param == f"messages[1].{field}" and "tools" in info.value.message
+    empty = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "tool_calls": []}]
+    assert ChatRequest(model="m", messages=empty).chat_messages()[1] == {"role": "assistant", "content": "ok"}

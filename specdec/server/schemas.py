@@ -176,6 +176,14 @@ class ChatRequest(CompletionFields):
                     param=f"messages[{i}].role",
                     code="unsupported_parameter",
                 )
+            for field in ("tool_calls", "function_call"):
+                if (m.model_extra or {}).get(field):  # a tool-using history: its calls cannot be rendered
+                    raise ApiError(
+                        400,
+                        f"messages[{i}] has {field}: {_REASONS['tools']}",
+                        param=f"messages[{i}].{field}",
+                        code="unsupported_parameter",
+                    )
             if m.content is None and m.role != "assistant":  # OpenAI allows null only for an assistant's tool calls
                 raise ApiError(
                     400,

@@ -814,10 +814,13 @@ def test_cli_train_medusa(tmp_path):
         "2",
     ]
     runner = CliRunner()
-    res = runner.invoke(main, args)
+    res = runner.invoke(main, args, env={"COLUMNS": "60"})  # a narrow log: rich would wrap lines at its width
     assert res.exit_code == 0, res.output
     assert "held-out top-1 accuracy" in res.output
     assert "training heads: 4/4 after" in res.output  # no terminal: plain progress lines
+    line = next(line for line in res.output.splitlines() if "training heads: 4/4 after" in line)
+    assert "lr " in line and "e-0" in line  # one line per report, not wrapped at the width
+    assert "━" not in res.output  # and no last frame of the bar in a log file
     assert (out / "medusa_heads.safetensors").is_file() and (out / "checkpoint" / "train_state.pt").is_file()
     res = runner.invoke(main, args[:-4] + ["--steps", "6", "--resume"])
     assert res.exit_code == 0, res.output
@@ -856,6 +859,7 @@ def test_cli_train_medusa(tmp_path):
         main, ["train-medusa", "--target", str(folder), "--data", str(data), "--out", str(fresh), "--seq-len", "1024"]
     )
     assert res.exit_code == 1 and "seq_len" in res.output
+    assert not fresh.exists()  # a run that failed leaves no empty --out behind
     under_a_file = bad / "heads"  # --out below a file: refused before the target loads, not a traceback after it
     res = runner.invoke(
         main, ["train-medusa", "--target", "no-such-model", "--data", str(data), "--out", str(under_a_file)]

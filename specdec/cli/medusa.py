@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -158,8 +160,6 @@ def train_medusa(
     acceptance tracks the target. Decoding with the heads is lossless by
     default (--method medusa --medusa-heads OUT).
     """
-    import torch
-
     quiet_libraries()
     cfg = TrainConfig(**options)
     if not Path(data).expanduser().exists():
@@ -167,6 +167,37 @@ def train_medusa(
     check_writable(out, "--out", folder=True)  # before the slow load
     if not (resume or overwrite or cache_only):
         _refuse_trained(Path(out))
+    with _removed_if_left_empty(Path(out)):
+        _train_into(target, data, out, resume, cache_only, dtype, device, threads, cfg)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out: Path) -> Iterator[None]:
+    """Remove ``out`` if this run created it and a failure left it empty (a rejected argument, Ctrl-C
+    during the load), so that no empty folder looks like a run's output."""
+    existed = out.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train_into(
+    target: str,
+    data: str,
+    out: str,
+    resume: bool,
+    cache_only: bool,
+    dtype: str,
+    device: str,
+    threads: int | None,
+    cfg: TrainConfig,
+) -> None:
+    """Load ``target``, then cache its states (``cache_only``) or train heads into ``out`` and report."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = _load_target(target, dtype, device)
@@ -270,6 +301,9 @@ class _ProgressView:
             TimeRemainingColumn,
         )
 
+        from rich.console import Console
+
+        console = Console()
         self.bar = Bar(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -277,6 +311,8 @@ class _ProgressView:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=not console.is_terminal,  # a log file gets the plain lines alone, not the bar's last frame
         )
         self.tasks: dict[str, int] = {}
         self.logged: dict[str, float] = {}
@@ -311,7 +347,8 @@ class _ProgressView:
             self.logged[p.phase] = now
             self.bar.console.print(
                 f"{names[p.phase]}: {p.done}/{p.total} after {now - self.started[p.phase]:.0f}s"
-                + (f"  {info}" if info else "")
+                + (f"  {info}" if info else ""),
+                soft_wrap=True,  # one line per report, however narrow the console thinks it is
             )
 
 

@@ -58,9 +58,9 @@ def detect(
     if free is not None and vram is None:
         raise click.UsageError("--free needs --vram")
     if vram is not None and vram <= 0:
-        raise click.BadParameter("a GPU of no memory holds no model; give its size, e.g. 8GiB", param_hint="--vram")
+        raise click.BadParameter("a GPU of no memory holds no model; give its size, e.g. 8GiB", param_hint="'--vram'")
     if free is not None and vram is not None and free > vram:
-        raise click.BadParameter(f"more free memory than the card has (--vram {vram} bytes)", param_hint="--free")
+        raise click.BadParameter(f"more free memory than the card has (--vram {vram} bytes)", param_hint="'--free'")
     device = assumed_gpu(vram, free) if vram is not None else detect_device()
     config = configure(profile, target, device=device, target_loaded=target_loaded)
     if as_json:

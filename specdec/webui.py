@@ -267,24 +267,28 @@ def generation_config_problems(model: Any) -> list[str]:
     return found
 
 
-def masked_prompt_tokens(prompt_ids: list[int], model: Any, eos_ids: list[int]) -> int:
-    """How many prompt tokens transformers' ``generate`` would hide when the webui calls it.
+def visible_prompt(prompt_ids: list[int], model: Any, eos_ids: list[int]) -> list[int] | None:
+    """The prompt as transformers' ``generate`` reads it when the webui calls it: without the tokens it masks;
+    None when no prompt gives the same reply.
 
     The webui passes no attention mask, so transformers infers one: when the
-    generation config's ``pad_token_id`` (else the first EOS id) occurs in the
-    prompt and is not one of the EOS ids, every token equal to it is masked out
-    (and the positions after it shift). specdec's engine attends to the whole
-    prompt, so such a reply is left to the webui.
+    generation config's ``pad_token_id`` (else the first EOS id) is not one of
+    the EOS ids, every prompt token equal to it is masked out. No position
+    attends to a masked token, and the positions after it shift down (they are
+    numbered by the mask's running sum), so the reply is the one to the prompt
+    without those tokens, as long as the last one is not masked: the first new
+    token is read off the last token's own row, which a masked token computes
+    at position 0 (None then). (A GGUF conversion whose tokenizer names another
+    EOS than its config has the ``<|im_end|>`` inside every chat prompt masked so.)
     """
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
     if isinstance(pad, (list, tuple)):
         pad = pad[0] if pad else None
-    if pad is None:
-        return 0  # transformers then pads with eos_ids[0]: pad == EOS, nothing is inferred
-    pad = int(pad)
-    if pad in eos_ids:
-        return 0
-    return sum(1 for t in prompt_ids if t == pad)
+    if pad is None or int(pad) in eos_ids:
+        return prompt_ids  # no pad: transformers pads with eos_ids[0], and pad == EOS infers no mask
+    if prompt_ids and prompt_ids[-1] == int(pad):
+        return None
+    return [t for t in prompt_ids if t != int(pad)]
 
 
 # --------------------------------------------------------------------------- what generate is given

@@ -31,7 +31,6 @@ from specdec.webui import (
     drop_rows,
     generation_config_problems,
     is_greedy,
-    masked_prompt_tokens,
     new_tokens_limit,
     panel_hint,
     parse_call,
@@ -40,6 +39,7 @@ from specdec.webui import (
     stop_strings,
     token_bans,
     unsupported_settings,
+    visible_prompt,
     webui_eos_ids,
 )
 from conftest import tiny_model
@@ -206,8 +206,9 @@ def _first_logits(model: Any, ids: list[int], eos: list[int], **kwargs: Any) -> 
 
 
 @pytest.mark.parametrize("case", ["pad_in_prompt", "pad_is_eos", "no_pad"])
-def test_masked_prompt_tokens_follow_transformers(case: str) -> None:
-    """Which prompts transformers masks when the webui calls ``generate``: checked against ``generate`` itself."""
+def test_the_visible_prompt_is_what_transformers_reads(case: str) -> None:
+    """Which prompt tokens transformers masks when the webui calls ``generate``, and that the prompt without
+    them gives the very scores: checked against ``generate`` itself."""
     tokenizer = _tokenizer()
     a = tokenizer.encode("a")[0]
     special = {
@@ -220,14 +221,17 @@ def test_masked_prompt_tokens_follow_transformers(case: str) -> None:
         model.generation_config.pad_token_id = None
     ids = [tokenizer.bos_token_id] + tokenizer.encode(PROMPT)
     eos = [a] if case != "pad_in_prompt" else [257]
-    hidden = masked_prompt_tokens(ids, model, eos)
+    visible = visible_prompt(ids, model, eos)
     inferred = _first_logits(model, ids, eos)
     unmasked = _first_logits(model, ids, eos, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
     if case == "pad_in_prompt":
-        assert hidden == ids.count(a) > 0
+        assert visible == [t for t in ids if t != a] and len(visible) < len(ids)
         assert not torch.allclose(inferred, unmasked), "transformers masked the pad tokens"
+        alone = _first_logits(model, visible, eos, attention_mask=torch.ones(1, len(visible), dtype=torch.long))
+        torch.testing.assert_close(inferred, alone, rtol=1e-5, atol=1e-5)  # as if they were not there
+        assert visible_prompt([*ids, a], model, eos) is None  # masked last: its own row gives the first token
     else:
-        assert hidden == 0
+        assert visible == ids
         assert torch.equal(inferred, unmasked)
 
 

@@ -44,7 +44,6 @@ try:
         cut_at_stop,
         drop_rows,
         generation_config_problems,
-        masked_prompt_tokens,
         new_tokens_limit,
         panel_hint,
         parse_call,
@@ -52,6 +51,7 @@ try:
         stop_strings,
         token_bans,
         unsupported_settings,
+        visible_prompt,
         webui_eos_ids,
     )
 except ImportError as e:  # the webui's Python lacks the package: say how to install it, not only the traceback
@@ -741,11 +741,13 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     max_new = new_tokens_limit(state, len(prompt_ids))
     eos = webui_eos_ids(tokenizer)
     problems = unsupported_settings(state, len(prompt_ids) + max_new) + generation_config_problems(model)
-    hidden = masked_prompt_tokens(prompt_ids, model, eos)
-    if hidden:
+    visible = visible_prompt(prompt_ids, model, eos)
+    penalized = sampling_arguments(state)["repetition_penalty"] != 1.0  # it counts masked tokens too
+    if visible is None or (len(visible) < len(prompt_ids) and penalized):
         problems.append(
-            f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers "
-            f"masks out when the webui passes EOS {eos} and no attention mask"
+            f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers masks out "
+            f"(the webui passes EOS {eos} and no attention mask), "
+            + ("as its last token" if visible is None else "with a repetition_penalty, which still counts it")
         )
     generator = build_generator(model, tokenizer)
     if max_new < 1 or len(prompt_ids) + max_new > generator.context_length:
@@ -767,7 +769,7 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     if not request.is_chat:
         yield ""
     stream = generator.stream(
-        prompt_ids,
+        visible,  # not None: refused above
         max_new_tokens=max_new,
         **sampling_arguments(state),
         seed=seed,

@@ -898,7 +898,11 @@ def ui() -> None:
                 guess = gr.Slider(1, 16, step=1, value=params["guess_size"], label="Lookahead guesses G")
             medusa = gr.Textbox(value=params["medusa_heads"], label="Medusa heads folder")
         with gr.Row():
-            static = gr.Checkbox(value=params["static_cache"], label=STATIC_CACHE_LABEL)
+            static = gr.Checkbox(
+                value=params["static_cache"],
+                label=STATIC_CACHE_LABEL,
+                info="CUDA only: a preallocated KV cache, each step replayed as a CUDA graph; no effect elsewhere",
+            )
             blocks = gr.Checkbox(
                 value=params["history_in_blocks"],
                 label=HISTORY_IN_BLOCKS_LABEL,

@@ -431,9 +431,12 @@ def test_a_draft_that_fails_to_load_is_not_loaded_again_for_every_reply(ext, web
     for _ in range(3):
         assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
     assert len(tries) == 1 and "GenerationConfig is invalid" in ext.last_reply.note
+    in_use = ext.method_in_use()  # the panel's "In use" line no longer names the draft it cannot load
+    assert in_use.startswith("**In use:** the webui's own generation") and "GenerationConfig is invalid" in in_use
     assert sum("generation failed" in r.message for r in caplog.records) == 1  # one traceback, not one a reply
     assert not any(r.message.startswith("specdec: specdec") for r in caplog.records)
     ext.params.update(draft_model="other-draft")
+    assert "`draft`" in ext.method_in_use()  # another draft: not known to fail until a reply tries it
     reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
     assert len(tries) == 2
     (Path(webui.shared.args.model_dir) / "other-draft").mkdir(parents=True)  # the user puts the right files there
@@ -612,8 +615,11 @@ def test_a_call_the_adapter_cannot_read_goes_to_the_webui_unchanged(ext, webui) 
     assert reply(ext, PROMPT, PROMPT, odd_state, ["x"], is_chat=True)[-1] == "webui reply"
     assert webui.calls[-1][0] == "HF" and webui.calls[-1][1][2] is odd_state and webui.calls[-1][1][3] == ["x"]
 
-    ext.params["medusa_heads"] = "/some/heads"
+    ext.params["medusa_heads"] = str(Path(__file__).parent)  # a folder that exists
     assert ext.auto_configuration(has_draft=False)[0] == "medusa"
+    ext.params["medusa_heads"] = "/no/such/heads"  # auto-configure goes on without them, and says why
+    method, why = ext.auto_configuration(has_draft=False)
+    assert method == "prompt_lookup" and "/no/such/heads` was not found" in why
 
 
 # --------------------------------------------------------------------------- the webui's exact inputs
@@ -792,8 +798,8 @@ def test_the_panel_warns_at_once_when_the_chosen_method_cannot_run(ext, tmp_path
     assert "webui's own generation" in ext.method_in_use() and "Medusa heads" in ext.method_in_use()
     ext.params.update(medusa_heads=str(tmp_path / "no-such-heads"))
     assert "webui's own generation" in ext.method_in_use() and "no-such-heads` was not found" in ext.method_in_use()
-    ext.params.update(auto_configure=True)  # auto-configure picks Medusa when heads are given
-    assert "was not found" in ext.method_in_use()
+    ext.params.update(auto_configure=True)  # auto-configure picks Medusa when heads are found, else goes on
+    assert "`prompt_lookup`" in ext.method_in_use() and "was not found" in ext.method_in_use()
     ext.params.update(auto_configure=False, medusa_heads=str(tmp_path))
     assert ext.method_in_use() == "**In use:** `medusa`, chosen by hand."
 

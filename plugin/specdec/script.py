@@ -490,12 +490,13 @@ def auto_configuration(has_draft: bool) -> tuple[str, str]:
             "draft",
             f"a draft model ({params['draft_model']}) is picked; candidates per step follow its measured cost",
         )
-    if params["medusa_heads"]:
+    heads = params["medusa_heads"]
+    if heads and Path(heads).expanduser().is_dir():
         return "medusa", "Medusa heads are given; trees are sized by the measured cost of rows"
-    return "prompt_lookup", (
-        "no draft model or Medusa heads are picked; context copies are verified while their "
-        "measured cost pays, else the reply is decoded plainly"
-    )
+    copies = "context copies are verified while their measured cost pays, else the reply is decoded plainly"
+    if heads:
+        return "prompt_lookup", f"the Medusa heads folder `{heads}` was not found; {copies}"
+    return "prompt_lookup", f"no draft model or Medusa heads are picked; {copies}"
 
 
 def _settings(has_draft: bool) -> tuple[str, int | None, dict[str, Any], str]:
@@ -521,18 +522,30 @@ def build_generator(target: Any, tokenizer: Any) -> Any:
 
     from specdec.errors import SpecdecError
 
-    settings = (*sorted((k, repr(v)) for k, v in params.items()), *_files_stamp())
+    settings = _build_settings()
     with _cache_lock:
-        failed = _generator.failed
-        if failed is not None and failed.target() is target and failed.tokenizer() is tokenizer:
-            if failed.settings == settings:  # noted already: building again would fail the same way (a draft
-                raise SpecdecError(failed.message, "")  # load that fails costs its whole load on every reply)
+        message = _remembered_failure(target, tokenizer, settings)
+        if message is not None:  # noted already: building again would fail the same way (a draft
+            raise SpecdecError(message, "")  # load that fails costs its whole load on every reply)
         try:
             return _build_generator(target, tokenizer)
         except Exception as e:
             message = e.message if isinstance(e, SpecdecError) else f"{type(e).__name__}: {e}"
             _generator.failed = _Failure(weakref.ref(target), weakref.ref(tokenizer), settings, message)
             raise
+
+
+def _build_settings() -> tuple[tuple[str, str], ...]:
+    """Every param, and the stamps of the files they name: what a remembered failure is keyed on."""
+    return (*sorted((k, repr(v)) for k, v in params.items()), *_files_stamp())
+
+
+def _remembered_failure(target: Any, tokenizer: Any, settings: tuple[tuple[str, str], ...]) -> str | None:
+    """Why the generator for this model and these settings could not be built, if that was tried."""
+    failed = _generator.failed
+    if failed is None or failed.target() is not target or failed.tokenizer() is not tokenizer:
+        return None
+    return failed.message if failed.settings == settings else None
 
 
 def _files_stamp() -> tuple[tuple[str, str], ...]:
@@ -1011,4 +1024,7 @@ def method_in_use() -> str:
             f"**In use:** the webui's own generation: the Medusa heads folder `{heads}` was not found; "
             "give the folder `specdec-local train-medusa` wrote (or pick another method)."
         )
+    failure = _remembered_failure(getattr(shared, "model", None), getattr(shared, "tokenizer", None), _build_settings())
+    if failure is not None:  # known only once a reply tried: a draft or heads folder that does not load
+        return f"**In use:** the webui's own generation: {failure}"
     return f"**In use:** `{method}`, {chosen}."

@@ -424,22 +424,29 @@ def test_a_draft_that_fails_to_load_is_not_loaded_again_for_every_reply(ext, web
 
     def failing(*args: Any, **kwargs: Any):
         tries.append(args[0])
+        shown.append(ext.last_reply.markdown())  # what the panel's stats line shows meanwhile
         raise ValueError("GenerationConfig is invalid")
+
+    shown: list[str] = []
 
     monkeypatch.setattr(specdec.loading, "load_model", failing)
     ext.params.update(draft_model="broken-draft")
     for _ in range(3):
         assert reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)[-1] == "webui reply"
     assert len(tries) == 1 and "GenerationConfig is invalid" in ext.last_reply.note
+    assert shown[0].startswith("**Loading:** the draft model `broken-draft`")  # not a silent wait
+    assert "Loading" not in ext.last_reply.markdown()
     in_use = ext.method_in_use()  # the panel's "In use" line no longer names the draft it cannot load
     assert in_use.startswith("**In use:** the webui's own generation") and "GenerationConfig is invalid" in in_use
     assert sum("generation failed" in r.message for r in caplog.records) == 1  # one traceback, not one a reply
     assert not any(r.message.startswith("specdec: specdec") for r in caplog.records)
-    ext.params.update(draft_model="other-draft")
+    ext.params.update(draft_model="other-draft.gguf")
     assert "`draft`" in ext.method_in_use()  # another draft: not known to fail until a reply tries it
     reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
-    assert len(tries) == 2
-    (Path(webui.shared.args.model_dir) / "other-draft").mkdir(parents=True)  # the user puts the right files there
+    assert len(tries) == 2 and "de-quantizes" in shown[1]  # a .gguf's first load is slow: the panel says why
+    models = Path(webui.shared.args.model_dir)
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "other-draft.gguf").write_bytes(b"GGUF")  # the user puts the file there
     reply(ext, PROMPT, PROMPT, state(), None, is_chat=True)
     assert len(tries) == 3
 

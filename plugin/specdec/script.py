@@ -111,9 +111,14 @@ class LastReply:
     note: str = ""  # why the webui's own generation was used, if it was
     choice: str = ""  # the method specdec used and why
     advice: str = ""  # what a setting of the panel would have saved in this reply
+    loading: str = ""  # what is being loaded for the reply under way (a draft's first load can take a minute)
 
     def markdown(self) -> str:
-        """The stats as a short Markdown block."""
+        """The stats as a short Markdown block (after what is being loaded, while it is)."""
+        stats = self._stats()
+        return f"**Loading:** {self.loading}\n\n{stats}" if self.loading else stats
+
+    def _stats(self) -> str:
         if not self.method and not self.note:
             return "*No reply generated with specdec yet.*"
         if self.method == "webui":
@@ -286,7 +291,15 @@ def _load_draft(name: str, target: Any) -> tuple[Any, Any]:
             _draft.key = _draft.model = _draft.tokenizer = None
             path = models_dir() / name
             logger.info(f"specdec: loading the draft model {path}")
-            _draft.model, _draft.tokenizer = load_model(str(path), dtype=target.dtype, device=str(device))
+            last_reply.loading = f"the draft model `{name}`, for this reply" + (
+                " (a .gguf file: its first load de-quantizes it, about a minute on a CPU; later loads take seconds)"
+                if path.suffix == ".gguf"
+                else ""
+            )
+            try:
+                _draft.model, _draft.tokenizer = load_model(str(path), dtype=target.dtype, device=str(device))
+            finally:
+                last_reply.loading = ""
             _draft.key = key
         return _draft.model, _draft.tokenizer
 

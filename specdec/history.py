@@ -69,16 +69,17 @@ def fit_history(
     message alone leaves less room) and how many exchanges were dropped beyond ``cut``.
 
     Raises:
-        ContextLengthError: the newest message alone fills the context.
+        ContextLengthError: the newest message alone fills the context (``messages`` are left as they were:
+            a chat that refuses one message keeps its conversation).
     """
     first = opening(messages)
-    del messages[first : first + max(0, min(cut, len(messages) - first - 1))]
-    last = len(messages) - 1  # the new message
+    whole = messages[:first] + messages[first + max(0, min(cut, len(messages) - first - 1)) :]
+    last = len(whole) - 1  # the new message
     # where each droppable exchange ends: at the next user message, the last one at the new message
-    ends = [i for i in range(first + 1, last) if messages[i]["role"] == "user"] + [last] if last > first else []
+    ends = [i for i in range(first + 1, last) if whole[i]["role"] == "user"] + [last] if last > first else []
 
     def kept(k: int) -> Messages:
-        return messages[:first] + messages[ends[k - 1] if k else first :]
+        return whole[:first] + whole[ends[k - 1] if k else first :]
 
     encoded: dict[int, list[int]] = {}  # the prompts measured, by parts dropped
 
@@ -87,8 +88,8 @@ def fit_history(
         return len(encoded[k])
 
     dropped = drop_count(length, len(ends), max_new_tokens, gen.context_length)
-    messages[:] = kept(dropped)
-    ids = encoded[dropped] if dropped in encoded else gen.encode(messages)
+    fitted = kept(dropped)
+    ids = encoded[dropped] if dropped in encoded else gen.encode(fitted)
     room = gen.context_length - len(ids)
     if room < 1:
         raise ContextLengthError(
@@ -96,6 +97,7 @@ def fit_history(
             f"{gen.context_length} tokens",
             "send a shorter message",
         )
+    messages[:] = fitted
     return ids, min(room, max_new_tokens), dropped
 
 

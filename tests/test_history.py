@@ -62,6 +62,13 @@ def test_a_cut_given_goes_first_and_stays_while_the_reply_fits(gen):
     assert fitted == [messages[0], messages[-1]]
     with pytest.raises(ContextLengthError, match="fills the model's context"):
         fit_history(gen, [{"role": "user", "content": "word " * 9000}], 16)
+    # a message too long for any cut is refused, and the conversation before it is left whole (a chat
+    # removes the refused message and goes on with its history)
+    chat = [*messages[:-1], {"role": "user", "content": "word " * 9000}]
+    before = list(chat)
+    with pytest.raises(ContextLengthError):
+        fit_history(gen, chat, 16, cut=2)
+    assert chat == before
 
 
 def _dropped_one_by_one(length, parts: int, room: int, context: int, cut: int) -> int:

@@ -841,6 +841,11 @@ def test_cli_train_medusa(tmp_path):
     res = runner.invoke(main, [*args, "--overwrite", "--steps", "2"])
     assert res.exit_code == 0, res.output
     assert (out / "medusa_heads.safetensors").read_bytes() != trained
+    res = runner.invoke(main, [*args, "--resume", "--steps", "2"])  # the checkpoint is at step 2 already
+    assert res.exit_code == 1 and "nothing to train" in res.output, res.output
+    # an --overwrite run that stops before its first checkpoint leaves none of the run it replaces to resume
+    res = runner.invoke(main, [*args, "--overwrite", "--seq-len", "1024", "--cache-tokens", "4096"])
+    assert res.exit_code == 1 and not (out / "checkpoint").exists(), res.output
 
     fresh = tmp_path / "fresh"
     empty = tmp_path / "empty.txt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import click
 
 from ..errors import SpecdecError
 from ..files import check_writable
-from ..medusa.train import Progress, TrainConfig
+from ..medusa.train import CHECKPOINT_DIR, Progress, TrainConfig
 from .common import quiet_libraries, report_errors
 
 _D = TrainConfig.__dataclass_fields__  # defaults are defined once, in TrainConfig
@@ -128,7 +129,8 @@ def _default(name: str) -> Any:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Train afresh into an OUT that holds trained heads, replacing them (without it such an OUT is refused).",
+    help="Train afresh into an OUT that holds trained heads, replacing them and dropping OUT/checkpoint at once "
+    "(without it such an OUT is refused).",
 )
 @click.option(
     "--cache-only",
@@ -167,6 +169,8 @@ def train_medusa(
     check_writable(out, "--out", folder=True)  # before the slow load
     if not (resume or overwrite or cache_only):
         _refuse_trained(Path(out))
+    if overwrite:  # afresh: a checkpoint of the run replaced must not be resumed later as if it were this one's
+        shutil.rmtree(Path(out) / CHECKPOINT_DIR, ignore_errors=True)
     with _removed_if_left_empty(Path(out)):
         _train_into(target, data, out, resume, cache_only, dtype, device, threads, cfg)
 

@@ -752,6 +752,11 @@ def start_heads(
                 "resume with the same --heads, --layers and --sequential",
             )
         state = _read_train_state(ck)
+        if state["step"] >= cfg.steps:  # else the run would save the checkpoint's heads under this run's config
+            raise SpecdecError(
+                f"the checkpoint in {ck} is at step {state['step']}, at or past --steps {cfg.steps}: nothing to train",
+                "give more --steps to go on training it, or --overwrite to train afresh",
+            )
     else:
         heads = MedusaHeads.init(
             target,

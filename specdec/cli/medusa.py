@@ -342,7 +342,7 @@ class _ProgressView:
         info = ""
         if p.loss is not None:
             accs = " ".join(f"{a:.0%}" for a in (p.head_acc or []))
-            info = f"loss {p.loss:.3f}  top-1 {accs}  lr {p.lr:.2e}"
+            info = f"loss {p.loss:.3f}  top-1 on training batches {accs}  lr {p.lr:.2e}"
         self.bar.update(self.tasks[p.phase], completed=p.done, total=p.total, info=info)
         now = time.monotonic()
         if not self.bar.console.is_terminal and (

@@ -619,7 +619,7 @@ def _save_checkpoint(heads: MedusaHeads, opt: torch.optim.Optimizer, step: int, 
 def _read_train_state(ck: Path) -> dict[str, Any]:
     """The step and optimizer state of a checkpoint; a damaged file is a :class:`SpecdecError`."""
     file = ck / "train_state.pt"
-    hint = f"start afresh without --resume, or delete {ck}"
+    hint = f"train afresh with --overwrite instead of --resume, or delete {ck}"
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, refused by weights_only

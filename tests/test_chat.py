@@ -142,3 +142,10 @@ def test_a_model_without_a_chat_template_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(main, ["chat", "--target", str(folder), "--dtype", "float32"], input="hi\n")
     assert res.exit_code == 1, res.output
     assert "no chat template" in res.stderr and "generate --raw" in res.stderr and "Traceback" not in res.output
+
+
+def test_a_path_is_a_message_not_a_command():
+    from specdec.cli.chat import is_command
+
+    assert is_command("/reset") and is_command("/undo") and is_command("/help")
+    assert not is_command("/usr/bin/python") and not is_command("/ what") and not is_command("/etc/hosts?")

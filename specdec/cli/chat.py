@@ -9,6 +9,7 @@ stats line go to stderr, so ``chat < questions.txt > answers.txt`` works too.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -137,7 +138,7 @@ def chat(system: str | None, **kwargs: Any) -> None:
             messages = list(opening)
             click.echo("[new conversation]", err=True)
             continue
-        if command.startswith("/") and " " not in command:
+        if is_command(command):
             unknown = [f"[unknown command {command}]"] if command != "/help" else []
             click.echo("\n".join(unknown + [f"  {name:<7} {what}" for name, what in COMMANDS.items()]), err=True)
             continue
@@ -151,6 +152,12 @@ def chat(system: str | None, **kwargs: Any) -> None:
         if dropped:
             click.echo(f"[the {dropped} oldest exchange(s) left the conversation to fit the context]", err=True)
         messages.append({"role": "assistant", "content": reply(gen, prompt_ids, dict(sampling, max_new_tokens=budget))})
+
+
+def is_command(line: str) -> bool:
+    """Whether a typed line is meant as a chat command (``/reset``, or a mistyped ``/rest``): a slash and a
+    word. A path such as ``/usr/bin/python`` or ``/ what`` is a message."""
+    return re.fullmatch(r"/[A-Za-z]+", line) is not None
 
 
 commands = [chat]

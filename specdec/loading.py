@@ -151,7 +151,7 @@ def load_model(
     if unpacked_copy and not loaded:
         unpacked.store(model, tokenizer, unpacked_copy)
     if gguf_file:  # the model's name is the one the user gave, not the cache folder or unpacked copy it came from
-        model.config._name_or_path = model.name_or_path = str(name_or_path)
+        model.config.name_or_path = model.name_or_path = str(name_or_path)
     if quantization_config is None and model.device != dev:
         model = model.to(dev)
     if model.device.type == "cpu" and model.dtype == torch.float32:

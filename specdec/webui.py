@@ -286,9 +286,10 @@ def visible_prompt(prompt_ids: list[int], model: Any, eos_ids: list[int]) -> lis
         pad = pad[0] if pad else None
     if pad is None or int(pad) in eos_ids:
         return prompt_ids  # no pad: transformers pads with eos_ids[0], and pad == EOS infers no mask
-    if prompt_ids and prompt_ids[-1] == int(pad):
+    pad = int(pad)
+    if prompt_ids and prompt_ids[-1] == pad:
         return None
-    return [t for t in prompt_ids if t != int(pad)]
+    return [t for t in prompt_ids if t != pad]
 
 
 # --------------------------------------------------------------------------- what generate is given

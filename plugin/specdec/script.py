@@ -768,7 +768,8 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     eos = webui_eos_ids(tokenizer)
     problems = unsupported_settings(state, len(prompt_ids) + max_new) + generation_config_problems(model)
     visible = visible_prompt(prompt_ids, model, eos)
-    penalized = sampling_arguments(state)["repetition_penalty"] != 1.0  # it counts masked tokens too
+    sampling = sampling_arguments(state)
+    penalized = sampling["repetition_penalty"] != 1.0  # it counts masked tokens too
     if visible is None or (len(visible) < len(prompt_ids) and penalized):
         problems.append(
             f"a prompt holding pad_token_id {model.generation_config.pad_token_id}, which transformers masks out "
@@ -797,7 +798,7 @@ def _speculative_reply(request: Request, model: Any, tokenizer: Any) -> Iterator
     stream = generator.stream(
         visible,  # not None: refused above
         max_new_tokens=max_new,
-        **sampling_arguments(state),
+        **sampling,
         seed=seed,
         eos_token_id=eos,
         suppress_tokens=token_bans(state, tokenizer, model),

@@ -6,8 +6,8 @@ import contextlib
 import json
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
